@@ -1,0 +1,251 @@
+"""Driver side of one split virtqueue, in pure Python: the mock guest for tests and benchmarks.
+
+A DriverQueue writes descriptors and the avail ring into guest memory and reads the used ring,
+exactly as a guest virtio driver would (VIRTIO 1.2, 2.7). It is not a data-path component: it
+runs once per call from whichever thread owns it (one thread per queue at a time).
+
+Memory layout (see `layout`): the view `mem` passed to the constructor starts at guest physical
+address `base_gpa` and holds, in order, the descriptor table, the avail ring, the used ring
+(4-aligned) and a private area of indirect tables (INDIRECT_MAX entries per descriptor slot).
+
+Memory ordering: Python has no explicit fences; on x86 (TSO) stores are seen in program order,
+which gives the write barrier before avail->idx for free. The store->load barrier between
+publishing avail->idx and reading the device's suppression fields is not guaranteed in pure
+Python; tests that depend on it use the C helpers instead.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+from virtio.errors import VhostError
+
+__all__ = [
+    "DriverQueue",
+    "VRING_DESC_F_NEXT",
+    "VRING_DESC_F_WRITE",
+    "VRING_DESC_F_INDIRECT",
+    "VRING_USED_F_NO_NOTIFY",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "vring_need_event",
+]
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_USED_F_NO_NOTIFY = 1
+VRING_AVAIL_F_NO_INTERRUPT = 1
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """The spec's vring_need_event: (u16)(new - event - 1) < (u16)(new - old)."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class DriverQueue:
+    """Driver side of one split virtqueue laid out in `mem` (first byte = guest address base_gpa)."""
+
+    INDIRECT_MAX = 16  # entries per indirect table this driver writes
+
+    def __init__(
+        self,
+        mem: memoryview,
+        base_gpa: int,
+        size: int,
+        *,
+        event_idx: bool = False,
+        start_idx: int = 0,
+    ) -> None:
+        if size <= 0 or size > 32768 or size & (size - 1):
+            raise ValueError(f"queue size must be a power of two in 1..32768, got {size}")
+        desc_off, avail_off, used_off, total = self.layout(size)
+        if len(mem) < total:
+            raise ValueError(f"ring memory needs {total} bytes, got {len(mem)}")
+        if mem.readonly:
+            raise ValueError("ring memory must be writable")
+        self._mem = mem.cast("B") if mem.format != "B" else mem
+        self.base_gpa = base_gpa
+        self.size = size
+        self.event_idx = event_idx
+        self.desc_gpa = base_gpa + desc_off
+        self.avail_gpa = base_gpa + avail_off
+        self.used_gpa = base_gpa + used_off
+        self._desc_off = desc_off
+        self._avail_off = avail_off
+        self._used_off = used_off
+        self._ind_off = used_off + 6 + 8 * size
+        self._ind_off = (self._ind_off + 15) & ~15
+        self._avail_idx = start_idx & 0xFFFF  # next avail slot (not yet published)
+        self._published = start_idx & 0xFFFF  # last published avail->idx
+        self._last_used = start_idx & 0xFFFF
+        self._irq_enabled = True
+        self._free: list[int] = list(range(size - 1, -1, -1))  # stack of free descriptor ids
+        self._chains: dict[int, list[int]] = {}  # head -> descriptor ids it holds
+        # zero the rings, then write the starting indexes
+        self._mem[desc_off:total] = bytes(total - desc_off)
+        _U16.pack_into(self._mem, avail_off + 2, self._avail_idx)
+        _U16.pack_into(self._mem, used_off + 2, self._last_used)
+        if event_idx:
+            self._write_used_event(self._last_used)
+
+    @staticmethod
+    def layout(size: int) -> tuple[int, int, int, int]:
+        """(desc_off, avail_off, used_off, total_bytes) of a ring of `size` entries."""
+        desc_off = 0
+        avail_off = 16 * size
+        used_off = (avail_off + 6 + 2 * size + 3) & ~3
+        ind_off = (used_off + 6 + 8 * size + 15) & ~15
+        total = ind_off + size * DriverQueue.INDIRECT_MAX * 16
+        return desc_off, avail_off, used_off, total
+
+    # ---- state -------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def avail_idx(self) -> int:
+        """Next avail index the driver will publish (its shadow of avail->idx)."""
+        return self._avail_idx
+
+    @property
+    def last_used(self) -> int:
+        return self._last_used
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._chains)
+
+    # ---- normal operation --------------------------------------------------------------------
+    def add(
+        self,
+        out: Sequence[tuple[int, int]],
+        in_: Sequence[tuple[int, int]] = (),
+        *,
+        indirect: bool = False,
+    ) -> int:
+        """Add a chain of (gpa, len) buffers: `out` device-readable, then `in_` device-writable.
+
+        Writes the avail entry but does not publish it (see publish). Returns the head id.
+        Raises ValueError if the ring has no room.
+        """
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, VRING_DESC_F_WRITE) for a, n in in_]
+        if not bufs:
+            raise ValueError("a chain needs at least one buffer")
+        if indirect:
+            if len(bufs) > self.INDIRECT_MAX:
+                raise ValueError(f"indirect chain of {len(bufs)} > {self.INDIRECT_MAX} buffers")
+            if not self._free:
+                raise ValueError("ring full")
+            head = self._free.pop()
+            table_off = self._ind_off + head * self.INDIRECT_MAX * 16
+            for i, (addr, length, flags) in enumerate(bufs):
+                nxt = i + 1 if i + 1 < len(bufs) else 0
+                fl = flags | (VRING_DESC_F_NEXT if i + 1 < len(bufs) else 0)
+                _DESC.pack_into(self._mem, table_off + 16 * i, addr, length, fl, nxt)
+            self.write_desc(head, self.base_gpa + table_off, 16 * len(bufs), VRING_DESC_F_INDIRECT, 0)
+            self._chains[head] = [head]
+        else:
+            if len(bufs) > len(self._free):
+                raise ValueError(f"ring full: chain of {len(bufs)} with {len(self._free)} free")
+            ids = [self._free.pop() for _ in bufs]
+            for i, (addr, length, flags) in enumerate(bufs):
+                last = i + 1 == len(bufs)
+                fl = flags | (0 if last else VRING_DESC_F_NEXT)
+                self.write_desc(ids[i], addr, length, fl, 0 if last else ids[i + 1])
+            head = ids[0]
+            self._chains[head] = ids
+        self.push_avail(head)
+        return head
+
+    def publish(self) -> bool:
+        """Publish added entries (bump avail->idx); True if the device wants a kick."""
+        old, new = self._published, self._avail_idx
+        if old == new:
+            return False
+        _U16.pack_into(self._mem, self._avail_off + 2, new)
+        self._published = new
+        if self.event_idx:
+            event = _U16.unpack_from(self._mem, self._used_off + 4 + 8 * self.size)[0]
+            return vring_need_event(event, new, old)
+        flags = _U16.unpack_from(self._mem, self._used_off)[0]
+        return not flags & VRING_USED_F_NO_NOTIFY
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """(head id, len) of each newly used entry; frees their descriptors."""
+        used_idx = _U16.unpack_from(self._mem, self._used_off + 2)[0]
+        n = (used_idx - self._last_used) & 0xFFFF
+        if n > len(self._chains):
+            raise VhostError(
+                f"device published {n} used entries but only {len(self._chains)} are in flight"
+            )
+        res: list[tuple[int, int]] = []
+        for k in range(n):
+            slot = (self._last_used + k) % self.size
+            hid, length = _USED_ELEM.unpack_from(self._mem, self._used_off + 4 + 8 * slot)
+            ids = self._chains.pop(hid, None)
+            if ids is None:
+                raise VhostError(f"device returned head {hid} which is not in flight")
+            self._free.extend(reversed(ids))
+            res.append((hid, length))
+        self._last_used = used_idx
+        if self.event_idx and self._irq_enabled:
+            self._write_used_event(self._last_used)
+        return res
+
+    def set_interrupts(self, enable: bool) -> None:
+        """Ask the device for interrupts (or not): avail flags, or used_event under EVENT_IDX."""
+        self._irq_enabled = enable
+        if self.event_idx:
+            # disabled: an event index just behind us never matches until 64 Ki entries pass
+            self._write_used_event(self._last_used if enable else (self._last_used - 1) & 0xFFFF)
+        else:
+            _U16.pack_into(self._mem, self._avail_off, 0 if enable else VRING_AVAIL_F_NO_INTERRUPT)
+
+    def device_wants_interrupt_check(self, old: int, new: int) -> bool:
+        """What the spec says the device must decide when moving used->idx from old to new."""
+        if self.event_idx:
+            return vring_need_event(self.read_used_event(), new, old)
+        flags = _U16.unpack_from(self._mem, self._avail_off)[0]
+        return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+    # ---- raw access (hostile tests) ----------------------------------------------------------
+    def write_desc(self, i: int, addr: int, length: int, flags: int, next_: int) -> None:
+        """Write descriptor i raw (no bookkeeping, no checks beyond i < size)."""
+        if not 0 <= i < self.size:
+            raise IndexError(f"descriptor {i} outside a ring of {self.size}")
+        _DESC.pack_into(
+            self._mem, self._desc_off + 16 * i, addr & (2**64 - 1), length & 0xFFFFFFFF,
+            flags & 0xFFFF, next_ & 0xFFFF,
+        )
+
+    def push_avail(self, head: int) -> None:
+        """Write `head` into the next avail slot (not published until publish())."""
+        slot = self._avail_idx % self.size
+        _U16.pack_into(self._mem, self._avail_off + 4 + 2 * slot, head & 0xFFFF)
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+
+    def write_avail_idx(self, idx: int) -> None:
+        """Write avail->idx raw (hostile tests: jumps, rewinds)."""
+        _U16.pack_into(self._mem, self._avail_off + 2, idx & 0xFFFF)
+        self._published = self._avail_idx = idx & 0xFFFF
+
+    def read_used_idx(self) -> int:
+        return _U16.unpack_from(self._mem, self._used_off + 2)[0]
+
+    def read_used_flags(self) -> int:
+        return _U16.unpack_from(self._mem, self._used_off)[0]
+
+    def read_avail_event(self) -> int:
+        return _U16.unpack_from(self._mem, self._used_off + 4 + 8 * self.size)[0]
+
+    def read_used_event(self) -> int:
+        return _U16.unpack_from(self._mem, self._avail_off + 4 + 2 * self.size)[0]
+
+    def _write_used_event(self, value: int) -> None:
+        _U16.pack_into(self._mem, self._avail_off + 4 + 2 * self.size, value & 0xFFFF)

@@ -1,0 +1,221 @@
+"""Guest memory: the frontend's memory table mmapped into this process.
+
+A GuestMemory is an immutable snapshot: SET_MEM_TABLE builds a new one, ADD_MEM_REG / REM_MEM_REG
+derive a new one that shares the mmaps of the regions it keeps. Each mapping is reference
+counted; it is unmapped when the last snapshot using it is closed.
+
+Thread use: snapshots are built and closed by the main (control) thread; translation methods and
+`c_table` are read-only and may be called from any thread. A snapshot must not be closed while a
+queue still uses it (the device swaps queues to the new snapshot first).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from virtio.errors import GuestError
+
+__all__ = ["MemoryRegion", "GuestMemory"]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_PAGE = mmap.PAGESIZE
+_U64 = 2**64
+
+
+@dataclass(frozen=True)
+class MemoryRegion:
+    """One entry of the frontend's memory table."""
+
+    gpa: int  # guest physical address
+    size: int
+    uva: int  # frontend (QEMU / DPDK process) virtual address
+    mmap_offset: int  # offset into the fd
+
+
+class _Mapping:
+    """One mmap of one region, shared by snapshots; unmapped when its count drops to zero."""
+
+    __slots__ = ("base", "length", "host", "refs")
+
+    def __init__(self, fd: int, region: MemoryRegion) -> None:
+        start = region.mmap_offset & ~(_PAGE - 1)
+        delta = region.mmap_offset - start
+        length = region.size + delta
+        addr = _libc.mmap(
+            None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, start
+        )
+        if addr is None or addr == _MAP_FAILED:
+            err = ctypes.get_errno()
+            raise GuestError(
+                f"mmap of region gpa={region.gpa:#x} size={region.size:#x} "
+                f"offset={region.mmap_offset:#x} from fd {fd} failed: {os.strerror(err)}"
+            )
+        self.base: int = addr
+        self.length = length
+        self.host: int = addr + delta
+        self.refs = 0
+
+
+_lock = threading.Lock()
+
+
+def _check_region(r: MemoryRegion) -> None:
+    for name in ("gpa", "size", "uva", "mmap_offset"):
+        v = getattr(r, name)
+        if not isinstance(v, int) or not 0 <= v < _U64:
+            raise GuestError(f"memory region {name} must be a u64, got {v!r}")
+    if r.size == 0:
+        raise GuestError(f"memory region at gpa={r.gpa:#x} has size 0")
+    if r.gpa + r.size > _U64 or r.uva + r.size > _U64 or r.mmap_offset + r.size > _U64:
+        raise GuestError(
+            f"memory region gpa={r.gpa:#x} uva={r.uva:#x} size={r.size:#x} overflows 64 bits"
+        )
+
+
+def _check_overlaps(regions: Sequence[MemoryRegion]) -> None:
+    for key in ("gpa", "uva"):
+        spans = sorted((getattr(r, key), getattr(r, key) + r.size) for r in regions)
+        for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise GuestError(
+                    f"memory regions overlap in {key}: [{a0:#x},{a1:#x}) and [{b0:#x},{b1:#x})"
+                )
+
+
+class GuestMemory:
+    """Immutable snapshot of the frontend's memory table; replaced, never mutated."""
+
+    def __init__(self, regions: Sequence[MemoryRegion], maps: Sequence[_Mapping]) -> None:
+        # private: use map(), empty(), with_region(), without_region()
+        self.regions: tuple[MemoryRegion, ...] = tuple(regions)
+        self._maps: tuple[_Mapping, ...] = tuple(maps)
+        self._closed = False
+        self._c_table: Any = None
+        with _lock:
+            for m in self._maps:
+                m.refs += 1
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def map(cls, regions: Sequence[MemoryRegion], fds: Sequence[int]) -> GuestMemory:
+        """mmap region i from fds[i] (MAP_SHARED, RW) at its mmap_offset. Closes no fd."""
+        if len(regions) != len(fds):
+            raise GuestError(f"{len(regions)} memory regions but {len(fds)} fds")
+        for r in regions:
+            _check_region(r)
+        _check_overlaps(regions)
+        maps: list[_Mapping] = []
+        try:
+            for r, fd in zip(regions, fds):
+                maps.append(_Mapping(fd, r))
+        except BaseException:
+            for m in maps:
+                _libc.munmap(m.base, m.length)
+            raise
+        return cls(regions, maps)
+
+    @classmethod
+    def empty(cls) -> GuestMemory:
+        return cls((), ())
+
+    def with_region(self, region: MemoryRegion, fd: int) -> GuestMemory:
+        """A new snapshot with `region` added (ADD_MEM_REG); this one is left unchanged."""
+        self._check_open()
+        _check_region(region)
+        _check_overlaps(self.regions + (region,))
+        m = _Mapping(fd, region)
+        return GuestMemory(self.regions + (region,), self._maps + (m,))
+
+    def without_region(self, region: MemoryRegion) -> GuestMemory:
+        """A new snapshot without the region matching gpa, size and uva (REM_MEM_REG)."""
+        self._check_open()
+        for i, r in enumerate(self.regions):
+            if (r.gpa, r.size, r.uva) == (region.gpa, region.size, region.uva):
+                return GuestMemory(
+                    self.regions[:i] + self.regions[i + 1 :], self._maps[:i] + self._maps[i + 1 :]
+                )
+        raise GuestError(
+            f"no memory region gpa={region.gpa:#x} size={region.size:#x} uva={region.uva:#x} "
+            f"to remove"
+        )
+
+    def close(self) -> None:
+        """Drop this snapshot's references; unmap regions nobody uses any more. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._c_table = None
+        with _lock:
+            for m in self._maps:
+                m.refs -= 1
+                if m.refs == 0:
+                    _libc.munmap(m.base, m.length)
+                    m.host = m.base = 0
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GuestError("guest memory snapshot already closed")
+
+    # ---- translation -------------------------------------------------------------------------
+    def _translate(self, key: str, addr: int, length: int) -> int:
+        self._check_open()
+        if length < 0 or addr < 0:
+            raise GuestError(f"bad range {addr:#x}+{length:#x}")
+        for r, m in zip(self.regions, self._maps):
+            off = addr - getattr(r, key)
+            if 0 <= off < r.size and length <= r.size - off:
+                return m.host + off
+        raise GuestError(
+            f"{key} range {addr:#x}+{length:#x} is not inside one memory region "
+            f"({len(self.regions)} regions)"
+        )
+
+    def uva_to_host(self, uva: int, length: int) -> int:
+        """Host pointer (as int) of [uva, uva+length); GuestError unless inside one region."""
+        return self._translate("uva", uva, length)
+
+    def gpa_to_host(self, gpa: int, length: int) -> int:
+        """Host pointer (as int) of [gpa, gpa+length); GuestError unless inside one region."""
+        return self._translate("gpa", gpa, length)
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable memoryview of guest memory (tests, driver side). Invalid after close()."""
+        host = self.gpa_to_host(gpa, length)
+        return memoryview((ctypes.c_char * length).from_address(host)).cast("B")
+
+    def host_regions(self) -> list[tuple[int, int, int, int]]:
+        """(gpa, size, uva, host) per region, for the C table."""
+        self._check_open()
+        return [(r.gpa, r.size, r.uva, m.host) for r, m in zip(self.regions, self._maps)]
+
+    @property
+    def c_table(self) -> Any:
+        """cffi `struct vx_mem *` describing all regions; built once, lives as long as self."""
+        self._check_open()
+        if self._c_table is None:
+            from virtio import ring  # the only importer of the C lib; lazy to keep layers clean
+
+            self._c_table = ring.make_mem_table(self)
+        return self._c_table
+
+    def __repr__(self) -> str:
+        regs = ", ".join(f"gpa={r.gpa:#x}+{r.size:#x}" for r in self.regions)
+        return f"GuestMemory([{regs}]{', closed' if self._closed else ''})"
