@@ -1,0 +1,7 @@
+"""`python -m vhostx` is the `vhostx` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

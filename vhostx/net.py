@@ -1,0 +1,296 @@
+"""virtio-net over vhost-user: features, config space, and the works that connect rings to ports.
+
+Ports (what the guest's queues are connected to):
+  sink    copy each TX packet out of guest memory, count it, drop it
+  echo    return each TX packet to the same guest's RX queue with the MACs swapped
+  source  fill the guest's RX queues with generated frames at full rate (and sink its TX)
+  switch  an L2 learning switch between the daemon's devices, guest to guest in one copy
+  tap     a TAP device (optionally in a network namespace), net header passed through
+
+Queue 2i is RX of pair i (guest receives), 2i+1 is TX (guest sends).
+Threads: construction, feature changes and `make_works` run on the asyncio thread; the works'
+methods run on the worker that owns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from sched.worker import QueueWork, WorkStats, Worker
+from virtio import features as vf
+from virtio import net as vnet
+from virtio.errors import ConfigError, GuestError
+from virtio.ring import DeviceQueue
+from virtio.vhost_user import ProtocolFeature as PF
+
+from .config import DeviceConfig
+from .device import Refused, VhostUserDevice
+
+__all__ = ["NetDevice", "QueueWorkItem", "SwitchRegistry", "make_udp_frame"]
+
+log = logging.getLogger("vhostx.control")
+
+_BASE_FEATURES = (
+    (1 << vf.VIRTIO_F_VERSION_1)
+    | (1 << vf.VIRTIO_RING_F_EVENT_IDX)
+    | (1 << vf.VIRTIO_RING_F_INDIRECT_DESC)
+    | (1 << vf.VIRTIO_NET_F_MRG_RXBUF)
+    | (1 << vf.VIRTIO_NET_F_MTU)
+    | (1 << vf.VIRTIO_NET_F_MAC)
+    | (1 << vf.VIRTIO_NET_F_STATUS)
+)
+# Offloads only make sense where a real stack sits behind the port.
+_TAP_OFFLOADS = (
+    (1 << vf.VIRTIO_NET_F_CSUM)
+    | (1 << vf.VIRTIO_NET_F_GUEST_CSUM)
+    | (1 << vf.VIRTIO_NET_F_GUEST_TSO4)
+    | (1 << vf.VIRTIO_NET_F_GUEST_TSO6)
+    | (1 << vf.VIRTIO_NET_F_GUEST_ECN)
+    | (1 << vf.VIRTIO_NET_F_HOST_TSO4)
+    | (1 << vf.VIRTIO_NET_F_HOST_TSO6)
+    | (1 << vf.VIRTIO_NET_F_HOST_ECN)
+)
+_PROTOCOL_FEATURES = (
+    (1 << PF.MQ)
+    | (1 << PF.REPLY_ACK)
+    | (1 << PF.RARP)
+    | (1 << PF.MTU)
+    | (1 << PF.CONFIG)
+    | (1 << PF.RESET_DEVICE)
+    | (1 << PF.CONFIGURE_MEM_SLOTS)
+    | (1 << PF.STATUS)
+)
+# TUNSETOFFLOAD flags
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+
+
+def make_udp_frame(dst: bytes, src: bytes, size: int) -> bytes:
+    """An Ethernet/IPv4/UDP frame of `size` bytes (checksums filled), for the source port."""
+    size = max(size, 60)
+    payload_len = size - 14 - 20 - 8
+    ip_len = 20 + 8 + payload_len
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 0, 0x4000, 64, 17, 0,
+                               bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])))
+    csum = sum(struct.unpack("!10H", ip))
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    struct.pack_into("!H", ip, 10, ~csum & 0xFFFF)
+    udp = struct.pack("!HHHH", 9, 9, 8 + payload_len, 0)  # checksum 0: none (IPv4)
+    body = bytes((i & 0xFF) for i in range(payload_len))
+    return dst + src + b"\x08\x00" + bytes(ip) + udp + body
+
+
+class QueueWorkItem:
+    """A QueueWork made of a queue and the port operation that serves it."""
+
+    def __init__(
+        self,
+        name: str,
+        queue: DeviceQueue,
+        run: Callable[[int, int], int],
+        *,
+        kick_fd: int,
+        data_fds: tuple[int, ...] = (),
+        pending: Callable[[], bool] | None = None,
+        on_broken: Callable[[QueueWork, GuestError], None] | None = None,
+    ) -> None:
+        self.name = name
+        self._on_broken = on_broken
+        self.queue = queue
+        self.stats = WorkStats()
+        self._run = run
+        self._kick_fd = kick_fd
+        self._data_fds = data_fds
+        self._pending = pending or (lambda: queue.pending() > 0)
+        # "No fd" kick (polling mode frontends): nothing will ever wake us, so never stop polling.
+        self.poll_only = kick_fd < 0
+
+    def kick_fds(self) -> list[int]:
+        return [self._kick_fd] if self._kick_fd >= 0 else []
+
+    def data_fds(self) -> list[int]:
+        return list(self._data_fds)
+
+    def run(self, budget_pkts: int, budget_bytes: int) -> int:
+        return self._run(budget_pkts, budget_bytes)
+
+    def pending(self) -> bool:
+        return self._pending()
+
+    def set_notify(self, enable: bool) -> None:
+        self.queue.set_notify(enable)
+
+    def broken(self, err: GuestError) -> None:
+        if self._on_broken is not None:
+            self._on_broken(self, err)
+
+
+class SwitchRegistry:
+    """Named L2 switches shared by the daemon's switch-port devices."""
+
+    def __init__(self) -> None:
+        self._switches: dict[str, vnet.Switch] = {}
+
+    def get(self, name: str) -> vnet.Switch:
+        sw = self._switches.get(name)
+        if sw is None:
+            sw = self._switches[name] = vnet.Switch()
+        return sw
+
+
+def _fd_readable(fd: int) -> bool:
+    r, _, _ = select.select([fd], [], [], 0)
+    return bool(r)
+
+
+class NetDevice(VhostUserDevice):
+    """A virtio-net device whose queues are served by one port."""
+
+    def __init__(self, cfg: DeviceConfig, worker: Worker, switches: SwitchRegistry) -> None:
+        self.cfg = cfg
+        self.num_queues = 2 * cfg.queues
+        self.mac = cfg.effective_mac()
+        self.mtu = cfg.mtu
+        feats = _BASE_FEATURES
+        if cfg.queues > 1:
+            feats |= 1 << vf.VIRTIO_NET_F_MQ
+        self.tap: Any = None
+        if cfg.port == "tap":
+            feats |= _TAP_OFFLOADS
+        self.device_features = feats
+        self.protocol_features = _PROTOCOL_FEATURES
+        self._switch = switches.get(cfg.switch) if cfg.port == "switch" else None
+        self._switch_port: int | None = None
+        self._frame = make_udp_frame(self.mac, b"\x02\x00\x00\x00\x00\x01", cfg.frame_size)
+        super().__init__(cfg.name, worker)
+        if cfg.port == "tap":
+            self._open_tap()
+
+    def _open_tap(self) -> None:
+        from . import netdev  # pyroute2 is only needed for tap ports
+
+        try:
+            self.tap = netdev.open_tap(
+                self.cfg.tap_name or None,
+                vnet_hdr_len=12,
+                netns=self.cfg.tap_netns or None,
+                address=self.cfg.tap_address or None,
+            )
+        except OSError as err:
+            raise ConfigError(f"device {self.name}: cannot create its TAP device: {err}") from err
+
+    # ---- negotiation ------------------------------------------------------------------------
+
+    def hdr_len(self) -> int:
+        if self.has_feature(vf.VIRTIO_F_VERSION_1) or self.has_feature(vf.VIRTIO_NET_F_MRG_RXBUF):
+            return 12
+        return 10
+
+    def queue_options(self, index: int) -> dict[str, Any]:
+        return {"hdr_len": self.hdr_len(), "mrg_rxbuf": self.has_feature(vf.VIRTIO_NET_F_MRG_RXBUF)}
+
+    def _features_changed(self) -> None:
+        if self.tap is None:
+            return
+        offload = 0
+        if self.has_feature(vf.VIRTIO_NET_F_GUEST_CSUM):
+            offload |= TUN_F_CSUM
+            if self.has_feature(vf.VIRTIO_NET_F_GUEST_TSO4):
+                offload |= TUN_F_TSO4
+            if self.has_feature(vf.VIRTIO_NET_F_GUEST_TSO6):
+                offload |= TUN_F_TSO6
+            if self.has_feature(vf.VIRTIO_NET_F_GUEST_ECN):
+                offload |= TUN_F_TSO_ECN
+        self.tap.set_vnet_hdr_len(self.hdr_len())
+        self.tap.set_offloads(offload)
+
+    def config_space(self) -> bytes:
+        # struct virtio_net_config { u8 mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu; }
+        return self.mac + struct.pack("<HHH", 1, self.cfg.queues, self.mtu)
+
+    async def h_net_set_mtu(self, msg: Any) -> None:
+        mtu: int = msg.payload
+        if not 68 <= mtu <= 65535:
+            raise Refused(f"MTU {mtu} outside [68, 65535]")
+        self.mtu = mtu
+
+    # ---- works ------------------------------------------------------------------------------
+
+    def release_works(self) -> None:
+        if self._switch is not None and self._switch_port is not None:
+            self._switch.remove_port(self._switch_port)
+            self._switch_port = None
+
+    def make_works(self, running: dict[int, DeviceQueue]) -> list[QueueWork]:
+        works: list[QueueWork] = []
+        port = self.cfg.port
+        if self._switch is not None:
+            rx_all = [running[i] for i in range(0, self.num_queues, 2) if i in running]
+            self._switch_port = self._switch.add_port(rx_all)
+        for pair in range(self.cfg.queues):
+            rx = running.get(2 * pair)
+            tx = running.get(2 * pair + 1)
+            rx_kick = self.vrings[2 * pair].kick_fd
+            tx_kick = self.vrings[2 * pair + 1].kick_fd
+            if tx is not None:
+                works.append(self._tx_work(pair, tx, rx, tx_kick))
+            if rx is not None:
+                if port == "source":
+                    works.append(self._source_work(pair, rx, rx_kick))
+                elif port == "tap":
+                    works.append(self._tap_rx_work(pair, rx, rx_kick))
+        return works
+
+    def _tx_work(self, pair: int, tx: DeviceQueue, rx: DeviceQueue | None, kick: int) -> QueueWork:
+        name = f"{self.name}.tx{pair}"
+        port = self.cfg.port
+        run: Callable[[int, int], int]
+        if port == "echo" and rx is not None:
+            def run(p: int, b: int, tx: DeviceQueue = tx, rx: DeviceQueue = rx) -> int:
+                return vnet.echo(tx, rx, p, b)
+        elif port == "switch" and self._switch is not None and self._switch_port is not None:
+            sw, sp = self._switch, self._switch_port
+
+            def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
+                return sw.tx(sp, tx, p, b)
+        elif port == "tap":
+            fd = self.tap.fd
+
+            def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
+                return vnet.tx_to_fd(tx, fd, p, b)
+        else:  # sink, source (its TX is drained), echo whose RX ring is not running yet
+            def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
+                return vnet.tx_sink(tx, p, b)
+        return QueueWorkItem(name, tx, run, kick_fd=kick, on_broken=self.guest_error)
+
+    def _source_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
+        frame = self._frame
+
+        def run(p: int, b: int) -> int:
+            return vnet.rx_fill(rx, frame, p)
+
+        return QueueWorkItem(f"{self.name}.rx{pair}", rx, run, kick_fd=kick, on_broken=self.guest_error)
+
+    def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
+        fd = self.tap.fd
+
+        def run(p: int, b: int) -> int:
+            return vnet.rx_from_fd(rx, fd, p)
+
+        def pending() -> bool:
+            return rx.pending() > 0 and _fd_readable(fd)
+
+        return QueueWorkItem(
+            f"{self.name}.rx{pair}", rx, run, kick_fd=kick, data_fds=(fd,), pending=pending,
+            on_broken=self.guest_error,
+        )
+
+    async def close(self) -> None:
+        await super().close()
+        if self.tap is not None:
+            self.tap.close()
+            self.tap = None

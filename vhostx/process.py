@@ -1,0 +1,158 @@
+"""Run the daemon as a child process: used by tests, benchmarks and the demo.
+
+`DaemonProcess` starts `python -m vhostx serve` with a control socket and a ready file in a private
+directory, waits until every socket listens, offers live stats over the control socket, and stops
+the daemon with SIGTERM (then SIGKILL) — returning the final statistics it wrote on exit.
+
+Threads: the caller's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .cli import control_request
+
+__all__ = ["DaemonProcess", "DaemonFailed"]
+
+
+class DaemonFailed(RuntimeError):
+    """The daemon exited early or did not become ready; the message carries its log tail."""
+
+
+class DaemonProcess:
+    def __init__(
+        self,
+        devices: Sequence[str] = (),
+        *,
+        config: str | None = None,
+        params: Sequence[str] = (),
+        cpus: set[int] | None = None,
+        workdir: str | None = None,
+        extra_args: Sequence[str] = (),
+        log_level: str = "INFO",
+    ) -> None:
+        self._own_dir = workdir is None
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="vhostx-"))
+        self.control = str(self.dir / "control.sock")
+        self.ready_file = self.dir / "ready"
+        self.stats_file = self.dir / "final-stats.json"
+        self.log_path = self.dir / "daemon.log"
+        self.devices = list(devices)
+        self.config = config
+        self.params = list(params)
+        self.extra_args = list(extra_args)
+        self.log_level = log_level
+        self.cpus = cpus
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.final_stats: dict[str, Any] | None = None
+
+    def sock(self, name: str) -> str:
+        """A socket path inside the private directory (short enough for AF_UNIX)."""
+        return str(self.dir / f"{name}.sock")
+
+    def add_device(self, name: str, port: str = "sink", **options: object) -> str:
+        """Add a net device (before start) with its socket in the private dir; return the path."""
+        path = self.sock(name)
+        opts = "".join(f",{k}={v}" for k, v in options.items())
+        self.devices.append(f"name={name},type=net,socket={path},port={port}{opts}")
+        return path
+
+    def command(self) -> list[str]:
+        args = [sys.executable, "-m", "vhostx", "--log-level", self.log_level, "serve",
+                "--control", self.control, "--ready-file", str(self.ready_file),
+                "--stats-file", str(self.stats_file)]
+        if self.config:
+            args += ["--config", self.config]
+        for dev in self.devices:
+            args += ["--device", dev]
+        for p in self.params:
+            args += ["--param", p]
+        return args + self.extra_args
+
+    def start(self, timeout: float = 15.0) -> DaemonProcess:
+        logf = open(self.log_path, "wb")
+        cpus = self.cpus
+
+        def preexec() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec, stdin=subprocess.DEVNULL)
+        logf.close()
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise DaemonFailed(f"daemon exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise DaemonFailed(f"daemon not ready after {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        return control_request(self.control, req)
+
+    def stats(self) -> dict[str, Any]:
+        return self.request({"cmd": "stats"})
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-n:])
+
+    def stop(self, timeout: float = 10.0) -> dict[str, Any] | None:
+        """SIGTERM, wait, SIGKILL if needed; return the final stats (None if none written)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.stats_file.exists():
+            self.final_stats = json.loads(self.stats_file.read_text())
+        return self.final_stats
+
+    @property
+    def returncode(self) -> int | None:
+        return None if self.proc is None else self.proc.returncode
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._own_dir:
+            for p in sorted(self.dir.glob("*")):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            try:
+                self.dir.rmdir()
+            except OSError:
+                pass
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

@@ -1,0 +1,162 @@
+"""asyncio transport for vhost-user: UNIX stream sockets carrying bytes plus SCM_RIGHTS fds.
+
+`listen_unix` serves a path (one frontend at a time per device: a second connection is refused);
+`connect_unix` dials a listening frontend (QEMU `server=on`, DPDK `server=1`) and dials again after
+every disconnect. Both hand each connection to `serve(recv, send)` until it returns.
+
+Threads: the asyncio loop thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from virtio.errors import ConfigError, RemoteProtocolError
+
+__all__ = ["Channel", "listen_unix", "connect_unix", "MAX_FDS"]
+
+log = logging.getLogger("vhostx.control")
+
+MAX_FDS = 32  # more than any vhost-user message carries (SET_MEM_TABLE: 8)
+RECV_SIZE = 65536
+
+Serve = Callable[[Callable[[], Awaitable[tuple[bytes, list[int]]]], Callable[[bytes], Awaitable[None]]], Awaitable[None]]
+
+
+class Channel:
+    """One connected non-blocking UNIX stream socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self._loop = asyncio.get_running_loop()
+
+    async def recv(self) -> tuple[bytes, list[int]]:
+        """Bytes and the fds that came with them; b"" at EOF."""
+        fd = self.sock.fileno()
+        while True:
+            try:
+                data, fds, flags, _ = socket.recv_fds(self.sock, RECV_SIZE, MAX_FDS)
+            except (BlockingIOError, InterruptedError):
+                fut: asyncio.Future[None] = self._loop.create_future()
+
+                def ready() -> None:
+                    if not fut.done():
+                        fut.set_result(None)
+
+                self._loop.add_reader(fd, ready)
+                try:
+                    await fut
+                finally:
+                    self._loop.remove_reader(fd)
+                continue
+            except ConnectionResetError:
+                return b"", []
+            if flags & socket.MSG_CTRUNC:
+                for f in fds:
+                    os.close(f)
+                raise RemoteProtocolError(
+                    f"the frontend sent more than {MAX_FDS} fds in one message; fds were lost"
+                )
+            return data, list(fds)
+
+    async def send(self, data: bytes) -> None:
+        await self._loop.sock_sendall(self.sock, data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+async def _run_connection(sock: socket.socket, serve: Serve) -> None:
+    ch = Channel(sock)
+    try:
+        await serve(ch.recv, ch.send)
+    except (ConnectionError, BrokenPipeError) as err:
+        log.info("connection lost: %s", err)
+    finally:
+        ch.close()
+
+
+def _bind(path: str) -> socket.socket:
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"socket {path}: cannot create directory {p.parent}: {err.strerror}") from err
+    if p.is_socket():
+        # A stale socket from an earlier run, unless somebody still listens on it.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            p.unlink()
+        else:
+            raise ConfigError(f"socket {path}: another process is already listening on it")
+        finally:
+            probe.close()
+    elif p.exists():
+        raise ConfigError(f"socket {path}: exists and is not a socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(4)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"socket {path}: cannot listen: {err.strerror}") from err
+    sock.setblocking(False)
+    return sock
+
+
+async def listen_unix(path: str, serve: Serve, started: asyncio.Event | None = None) -> None:
+    """Accept frontends on `path` forever, one connection served at a time."""
+    loop = asyncio.get_running_loop()
+    lsock = _bind(path)
+    busy: asyncio.Task[None] | None = None
+    try:
+        if started is not None:
+            started.set()
+        while True:
+            conn, _ = await loop.sock_accept(lsock)
+            if busy is not None and not busy.done():
+                log.warning("%s: a frontend is already connected; refusing another", path)
+                conn.close()
+                continue
+            busy = loop.create_task(_run_connection(conn, serve))
+    finally:
+        if busy is not None and not busy.done():
+            busy.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await busy
+        lsock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
+async def connect_unix(path: str, serve: Serve, *, retry_s: float = 0.2, max_retry_s: float = 2.0) -> None:
+    """Dial `path` (the frontend listens), serve, and dial again after every disconnect."""
+    loop = asyncio.get_running_loop()
+    delay = retry_s
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, path)
+        except OSError as err:
+            sock.close()
+            if err.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                log.warning("%s: connect failed: %s", path, err)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_retry_s)
+            continue
+        delay = retry_s
+        log.info("%s: connected to the frontend", path)
+        await _run_connection(sock, serve)
+        await asyncio.sleep(retry_s)
