@@ -1,0 +1,44 @@
+"""cffi builder of the C core: `python tools/build_core.py` builds virtio/_vx_core*.so in place.
+
+vx_core.h is the single source of truth: its preprocessor lines are stripped and the rest is the
+cdef. setup.py names `tools/build_core.py:ffibuilder` in cffi_modules. Runs at build time only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from cffi import FFI
+
+__all__ = ["ffibuilder", "cdef_from_header"]
+
+ROOT = Path(__file__).resolve().parent.parent
+CORE = ROOT / "virtio" / "_core"
+SOURCES = ["vx_core.c", "vx_drv.c"]
+
+
+def cdef_from_header(text: str) -> str:
+    """The header without comments and preprocessor lines."""
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(cdef_from_header((CORE / "vx_core.h").read_text()))
+ffibuilder.set_source(
+    "virtio._vx_core",
+    '#include "vx_core.h"\n',
+    sources=[os.path.relpath(CORE / s, ROOT) for s in SOURCES],
+    include_dirs=[os.path.relpath(CORE, ROOT)],
+    extra_compile_args=["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"],
+)
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    ffibuilder.compile(tmpdir=str(ROOT), verbose=False)
+    print("built", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "virtio").glob("_vx_core*.so")))

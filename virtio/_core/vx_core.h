@@ -1,0 +1,124 @@
+/*
+ * vx_core.h - the C core of vhostx: split virtqueue device side, net data path, L2 switch.
+ *
+ * This header is the single source of truth for the cffi cdef: tools/build_core.py strips the
+ * preprocessor lines and feeds the rest to ffibuilder.cdef(). Keep it plain C declarations that
+ * cffi can parse (no macros, no inline functions, no attributes).
+ *
+ * Return codes: >= 0 success (a count), -1 the queue (or the TX queue of a pair) is broken; the
+ * message is in vx_vq_error(). A broken queue never touches guest memory again.
+ * Threads: a vx_vq belongs to one worker thread, except RX queues fed by a vx_switch or
+ * vx_net_fwd, which are written under the queue's internal lock.
+ */
+#ifndef VX_CORE_H
+#define VX_CORE_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+/* one region of guest memory as mapped in this process */
+struct vx_region {
+    uint64_t gpa;
+    uint64_t size;
+    uint64_t uva;
+    uint64_t host;
+};
+
+struct vx_mem {
+    uint32_t nregions;
+    struct vx_region *regions;
+};
+
+/* per-queue counters, read directly from Python (no call) */
+struct vx_stats {
+    uint64_t packets;               /* frames handled (TX consumed, RX delivered) */
+    uint64_t bytes;                 /* frame bytes, net header excluded */
+    uint64_t chains;                /* descriptor chains used */
+    uint64_t batches;               /* calls that published used entries */
+    uint64_t interrupts;            /* call eventfd writes */
+    uint64_t interrupts_suppressed; /* publications the driver did not want signalled */
+    uint64_t ring_empty;            /* calls that found no avail entry */
+    uint64_t ring_full;             /* RX frames dropped: no (or not enough) RX buffers */
+    uint64_t errors;                /* guest errors (0 or 1: the queue breaks) */
+    uint64_t notify_off;            /* set_notify(0) calls */
+    uint64_t notify_on;             /* set_notify(1) calls */
+    uint64_t dropped;               /* TX frames dropped (malformed, no destination, ...) */
+    uint64_t too_big;               /* frames dropped for not fitting (scratch or RX chain) */
+    uint64_t eagain;                /* fd calls stopped by EAGAIN */
+    uint64_t io_errors;             /* fd calls failed otherwise */
+    uint64_t lock_contended;        /* RX lock acquisitions that had to spin */
+};
+
+enum {
+    VX_F_EVENT_IDX = 1,
+    VX_F_MRG_RXBUF = 2,
+    VX_MAX_BUF_LEN = 16777216,      /* cap on one descriptor's len */
+    VX_SCRATCH_LEN = 131072,        /* TX copy-out / RX bounce buffer per queue */
+    VX_SWITCH_MAX_PORTS = 64,
+    VX_SWITCH_MAX_RXQ = 16,
+    VX_SWITCH_FDB_SIZE = 8192
+};
+
+struct vx_vq;
+struct vx_switch;
+
+struct vx_switch_stats {
+    uint64_t unicast;       /* frames sent to one learned port */
+    uint64_t flooded;       /* frames flooded (broadcast, multicast, unknown) */
+    uint64_t learned;       /* new FDB entries */
+    uint64_t moved;         /* FDB entries that changed port */
+    uint64_t fdb_full;      /* learning failed: no free slot */
+    uint64_t hairpin;       /* frames whose destination is their source port (dropped) */
+    uint64_t dest_down;     /* deliveries skipped: destination removed or broken */
+};
+
+/* ---- queue life cycle (control thread, queue stopped) ---- */
+struct vx_vq *vx_vq_new(uint32_t size);
+void vx_vq_free(struct vx_vq *vq);
+int vx_vq_start(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *avail, void *used,
+                uint16_t last_avail_idx, uint32_t flags, uint32_t hdr_len, int call_fd);
+int vx_vq_remap(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *avail, void *used);
+void vx_vq_set_call_fd(struct vx_vq *vq, int call_fd);
+
+/* ---- owning worker thread ---- */
+int vx_vq_pending(struct vx_vq *vq);
+int vx_vq_set_notify(struct vx_vq *vq, int enable);
+int vx_vq_signal(struct vx_vq *vq);
+uint16_t vx_vq_last_avail_idx(const struct vx_vq *vq);
+uint16_t vx_vq_used_idx(const struct vx_vq *vq);
+const char *vx_vq_error(const struct vx_vq *vq);
+struct vx_stats *vx_vq_stats(struct vx_vq *vq);
+
+/* ---- net data path ---- */
+int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes);
+int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts);
+int vx_net_echo(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes);
+int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes);
+int vx_net_tx_to_fd(struct vx_vq *tx, int fd, uint32_t max_pkts, uint64_t max_bytes);
+int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts);
+
+/* ---- L2 learning switch ---- */
+struct vx_switch *vx_switch_new(void);
+void vx_switch_free(struct vx_switch *sw);
+int vx_switch_add_port(struct vx_switch *sw, struct vx_vq **rxqs, uint32_t nrxq);
+int vx_switch_remove_port(struct vx_switch *sw, int port);
+int vx_switch_tx(struct vx_switch *sw, int port, struct vx_vq *tx, uint32_t max_pkts,
+                 uint64_t max_bytes);
+int vx_switch_lookup(struct vx_switch *sw, const uint8_t *mac);
+struct vx_switch_stats *vx_switch_stats(struct vx_switch *sw);
+
+/* ---- driver-side TEST SUPPORT (benchmarks): a trivial guest that recycles fixed buffers ---- */
+struct vx_drv {
+    void *desc;
+    void *avail;
+    void *used;
+    uint32_t size;
+    uint16_t avail_idx;
+    uint16_t last_used;
+};
+void vx_drv_fill_descs(struct vx_drv *d, uint64_t buf_gpa, uint32_t stride, uint32_t len,
+                       uint16_t flags);
+uint32_t vx_drv_post_all(struct vx_drv *d);
+uint32_t vx_drv_recycle(struct vx_drv *d);
+
+#endif
