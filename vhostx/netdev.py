@@ -1,0 +1,456 @@
+"""Host network plumbing for tap ports: TAP devices, bridges and network namespaces (pyroute2).
+
+Role: ``open_tap()`` creates a TAP interface opened by this process (``IFF_TAP | IFF_NO_PI |
+IFF_VNET_HDR``, non-blocking fd, vnet header length and offloads set by ioctl), optionally moves it
+into a network namespace (created if absent) and gives it an address there; the fd keeps working
+after the move. ``Bridge`` creates a Linux bridge and enslaves interfaces. ``Netns`` creates and
+deletes a namespace and runs commands (``ip netns exec``) or Python callables inside it.
+
+Threads: the daemon's main thread calls this at device setup and teardown (and ``Tap.set_offloads``
+/ ``set_vnet_hdr_len`` after feature negotiation). The calls block briefly on netlink and ioctls; a
+worker thread only ever reads and writes ``Tap.fd``. ``Netns.call`` runs its callable on a fresh
+thread that has entered the namespace, never on the caller's thread.
+
+Errors: every failure raises ``virtio.errors.ConfigError`` naming the interface or namespace, what
+was asked and what the kernel answered.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import itertools
+import os
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Sequence
+from enum import IntFlag
+from types import TracebackType
+from typing import Any, TypeVar
+
+from pyroute2 import IPRoute, NetNS
+from pyroute2 import netns as _netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+from virtio.errors import ConfigError
+
+__all__ = [
+    "Bridge",
+    "Netns",
+    "Offload",
+    "Tap",
+    "TUNSETIFF",
+    "TUNSETOFFLOAD",
+    "TUNSETVNETHDRSZ",
+    "IFF_TAP",
+    "IFF_NO_PI",
+    "IFF_VNET_HDR",
+    "netns_exists",
+    "open_tap",
+    "unique_name",
+]
+
+# <linux/if_tun.h>
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNGETIFF = 0x800454D2
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+_IFNAMSIZ = 16
+_IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, short flags, padding to 40 bytes
+_CLONE_NEWNET = 0x40000000
+_NETNS_DIR = "/run/netns"
+
+T = TypeVar("T")
+
+
+class Offload(IntFlag):
+    """TUNSETOFFLOAD flags: which offloaded packets the reader of the TAP fd accepts (set from the
+    guest's RX features: GUEST_CSUM -> CSUM, GUEST_TSO4 -> TSO4, ...)."""
+
+    CSUM = 0x01
+    TSO4 = 0x02
+    TSO6 = 0x04
+    TSO_ECN = 0x08
+    UFO = 0x10
+
+
+_counter = itertools.count(1)
+
+
+def unique_name(prefix: str = "vx") -> str:
+    """A name unique in this host for this process: ``prefix`` + pid + counter, at most 15
+    characters (the interface name limit)."""
+    name = f"{prefix}{os.getpid()}x{next(_counter)}"
+    if len(name) > _IFNAMSIZ - 1:
+        raise ConfigError(f"generated name {name!r} is longer than 15 characters; "
+                          f"use a shorter prefix than {prefix!r}")
+    return name
+
+
+def _errmsg(err: BaseException) -> str:
+    if isinstance(err, NetlinkError):
+        return f"netlink error {err.code} ({os.strerror(err.code)})"
+    if isinstance(err, OSError) and err.errno is not None:
+        return f"{errno.errorcode.get(err.errno, err.errno)} ({err.strerror})"
+    return str(err)
+
+
+def _check_address(address: str, where: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    try:
+        iface = ipaddress.ip_interface(address)
+    except ValueError as e:
+        raise ConfigError(f"{where}: address={address!r}: expected ADDRESS/PREFIX such as "
+                          f"10.200.1.1/24 ({e})") from e
+    if "/" not in address:
+        raise ConfigError(f"{where}: address={address!r}: expected ADDRESS/PREFIX with an explicit "
+                          "prefix length, such as 10.200.1.1/24")
+    return iface
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(os.path.join(_NETNS_DIR, name))
+
+
+def _check_netns_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or len(name) > 64:
+        raise ConfigError(f"netns={name!r}: expected a namespace name of 1-64 characters "
+                          "without '/'")
+
+
+def _create_netns(name: str) -> None:
+    _check_netns_name(name)
+    try:
+        _netns.create(name)
+    except (OSError, NetlinkError) as e:
+        raise ConfigError(f"netns={name!r}: cannot create the namespace: {_errmsg(e)}") from e
+
+
+def _remove_netns(name: str) -> None:
+    if not netns_exists(name):
+        return
+    try:
+        _netns.remove(name)
+    except (OSError, NetlinkError) as e:
+        raise ConfigError(f"netns={name!r}: cannot delete the namespace: {_errmsg(e)}") from e
+
+
+def _configure_in(netns: str | None, ifname: str, address: str | None, up: bool,
+                  mtu: int | None = None) -> None:
+    """Give ``ifname`` (in ``netns`` or the current namespace) an address and bring it up."""
+    where = f"interface {ifname}" + (f" in netns {netns}" if netns else "")
+    ipr: IPRoute | NetNS = NetNS(netns) if netns else IPRoute()
+    try:
+        idx = ipr.link_lookup(ifname=ifname)
+        if not idx:
+            raise ConfigError(f"{where}: no such interface")
+        if mtu is not None:
+            ipr.link("set", index=idx[0], mtu=mtu)
+        if address:
+            iface = _check_address(address, where)
+            ipr.addr("add", index=idx[0], address=str(iface.ip), prefixlen=iface.network.prefixlen)
+        if up:
+            ipr.link("set", index=idx[0], state="up")
+            if netns:
+                lo = ipr.link_lookup(ifname="lo")
+                if lo:
+                    ipr.link("set", index=lo[0], state="up")
+    except NetlinkError as e:
+        raise ConfigError(f"{where}: cannot configure (address={address!r}, up={up}, mtu={mtu}): "
+                          f"{_errmsg(e)}") from e
+    finally:
+        ipr.close()
+
+
+class Tap:
+    """An open TAP device. ``fd`` is non-blocking; frames carry a virtio-net header of
+    ``vnet_hdr_len`` bytes. Closing the fd destroys the interface (it is not persistent)."""
+
+    def __init__(self, fd: int, name: str, *, vnet_hdr_len: int, offloads: int,
+                 netns: str | None, owns_netns: bool) -> None:
+        self.fd = fd
+        self.name = name
+        self.vnet_hdr_len = vnet_hdr_len
+        self.offloads = Offload(offloads)
+        self.netns = netns
+        self._owns_netns = owns_netns
+
+    def __repr__(self) -> str:
+        where = f" netns={self.netns}" if self.netns else ""
+        return f"<Tap {self.name} fd={self.fd}{where} hdr={self.vnet_hdr_len} {self.offloads!r}>"
+
+    def set_vnet_hdr_len(self, length: int) -> None:
+        """TUNSETVNETHDRSZ: 10 (legacy), 12 (VERSION_1 / MRG_RXBUF) or 20 (hash report)."""
+        if length not in (10, 12, 20):
+            raise ConfigError(f"tap {self.name}: vnet_hdr_len={length}: expected 10, 12 or 20")
+        try:
+            fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", length))
+        except OSError as e:
+            raise ConfigError(f"tap {self.name}: TUNSETVNETHDRSZ {length} failed: "
+                              f"{_errmsg(e)}") from e
+        self.vnet_hdr_len = length
+
+    def set_offloads(self, offloads: int) -> None:
+        """TUNSETOFFLOAD: the offloaded packets (``Offload`` flags) this fd's reader accepts."""
+        flags = Offload(offloads)
+        if flags & (Offload.TSO4 | Offload.TSO6 | Offload.TSO_ECN | Offload.UFO) and not (
+                flags & Offload.CSUM):
+            raise ConfigError(f"tap {self.name}: offloads={flags!r}: TSO/UFO need CSUM as well")
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, int(flags))
+        except OSError as e:
+            raise ConfigError(f"tap {self.name}: TUNSETOFFLOAD {flags!r} failed: "
+                              f"{_errmsg(e)}") from e
+        self.offloads = flags
+
+    def close(self) -> None:
+        """Close the fd (the kernel deletes the interface) and delete the namespace if
+        ``open_tap`` created it. Idempotent."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._owns_netns and self.netns:
+            self._owns_netns = False
+            _remove_netns(self.netns)
+
+    def __enter__(self) -> "Tap":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def open_tap(name: str | None = None, *, vnet_hdr_len: int = 12, offloads: int = 0,
+             netns: str | None = None, address: str | None = None, mtu: int | None = None,
+             up: bool = True) -> Tap:
+    """Create a TAP interface (``name``, or ``tapN`` chosen by the kernel) opened by this process.
+
+    With ``netns`` the interface is moved into that namespace (created if absent, and then deleted
+    again by ``Tap.close``); ``address`` (``10.200.1.1/24``) and ``up`` apply where the interface
+    ends up."""
+    if name is not None and (not name or len(name) > _IFNAMSIZ - 1 or "/" in name or " " in name):
+        raise ConfigError(f"tap name={name!r}: expected 1-15 characters without '/' or spaces")
+    if address is not None:
+        _check_address(address, f"tap {name or '(new)'}")
+    if netns is not None:
+        _check_netns_name(netns)
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"tap {name or '(new)'}: cannot open /dev/net/tun: {_errmsg(e)}") from e
+    created_netns = False
+    tap: Tap | None = None
+    try:
+        ifr = _IFREQ.pack((name or "").encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        try:
+            ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as e:
+            raise ConfigError(f"tap {name or '(new)'}: TUNSETIFF failed: {_errmsg(e)}") from e
+        actual = _IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
+        tap = Tap(fd, actual, vnet_hdr_len=vnet_hdr_len, offloads=0, netns=None,
+                  owns_netns=False)
+        tap.set_vnet_hdr_len(vnet_hdr_len)
+        tap.set_offloads(offloads)
+        if netns is not None:
+            if not netns_exists(netns):
+                _create_netns(netns)
+                created_netns = True
+            with IPRoute() as ipr:
+                try:
+                    idx = ipr.link_lookup(ifname=actual)
+                    if not idx:
+                        raise ConfigError(f"tap {actual}: vanished after TUNSETIFF")
+                    ipr.link("set", index=idx[0], net_ns_fd=netns)
+                except NetlinkError as e:
+                    raise ConfigError(f"tap {actual}: cannot move it into netns {netns!r}: "
+                                      f"{_errmsg(e)}") from e
+            tap.netns = netns
+            tap._owns_netns = created_netns
+        _configure_in(netns, actual, address, up, mtu)
+        return tap
+    except BaseException:
+        if tap is not None:
+            tap._owns_netns = created_netns
+            tap.close()
+        else:
+            os.close(fd)
+            if created_netns:
+                _remove_netns(netns)  # type: ignore[arg-type]
+        raise
+
+
+class Bridge:
+    """A Linux bridge (in ``netns`` or the current namespace); ``close`` deletes it."""
+
+    def __init__(self, name: str, *, netns: str | None = None, address: str | None = None,
+                 up: bool = True) -> None:
+        if not name or len(name) > _IFNAMSIZ - 1:
+            raise ConfigError(f"bridge name={name!r}: expected 1-15 characters")
+        self.name = name
+        self.netns = netns
+        self._closed = False
+        with self._ipr() as ipr:
+            try:
+                ipr.link("add", ifname=name, kind="bridge")
+            except NetlinkError as e:
+                raise ConfigError(f"bridge {name}: cannot create it"
+                                  f"{' in netns ' + netns if netns else ''}: {_errmsg(e)}") from e
+        try:
+            _configure_in(netns, name, address, up)
+        except ConfigError:
+            self.close()
+            raise
+
+    def _ipr(self) -> IPRoute | NetNS:
+        return NetNS(self.netns) if self.netns else IPRoute()
+
+    def add_port(self, ifname: str) -> None:
+        """Enslave ``ifname`` (in the bridge's namespace) to the bridge and bring it up."""
+        with self._ipr() as ipr:
+            try:
+                br = ipr.link_lookup(ifname=self.name)
+                idx = ipr.link_lookup(ifname=ifname)
+                if not br or not idx:
+                    raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
+                                      f"{'bridge' if not br else 'interface'} not found")
+                ipr.link("set", index=idx[0], master=br[0], state="up")
+            except NetlinkError as e:
+                raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
+                                  f"{_errmsg(e)}") from e
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.netns and not netns_exists(self.netns):
+            return
+        with self._ipr() as ipr:
+            try:
+                idx = ipr.link_lookup(ifname=self.name)
+                if idx:
+                    ipr.link("del", index=idx[0])
+            except NetlinkError as e:
+                raise ConfigError(f"bridge {self.name}: cannot delete it: {_errmsg(e)}") from e
+
+    def __enter__(self) -> "Bridge":
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _libc_setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Netns:
+    """A network namespace: created on ``create()``/``__enter__``, deleted on ``delete()``/
+    ``__exit__`` (only if this object created it). Processes started with ``popen`` are killed
+    on delete."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or unique_name("vxns")
+        _check_netns_name(self.name)
+        self._created = False
+        self._procs: list[subprocess.Popen[Any]] = []
+
+    def __repr__(self) -> str:
+        return f"<Netns {self.name}{' (owned)' if self._created else ''}>"
+
+    @property
+    def path(self) -> str:
+        return os.path.join(_NETNS_DIR, self.name)
+
+    def create(self) -> "Netns":
+        if netns_exists(self.name):
+            raise ConfigError(f"netns={self.name!r}: already exists")
+        _create_netns(self.name)
+        self._created = True
+        _configure_in(self.name, "lo", None, True)
+        return self
+
+    def delete(self) -> None:
+        """Kill processes started by ``popen``, then delete the namespace. Idempotent."""
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        self._procs.clear()
+        if self._created:
+            self._created = False
+            _remove_netns(self.name)
+
+    def __enter__(self) -> "Netns":
+        return self.create()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.delete()
+
+    def exec_prefix(self) -> list[str]:
+        return ["ip", "netns", "exec", self.name]
+
+    def run(self, cmd: Sequence[str], *, check: bool = True, timeout: float | None = 60,
+            **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``cmd`` inside the namespace (``ip netns exec``) and wait for it."""
+        kwargs.setdefault("capture_output", True)
+        kwargs.setdefault("text", True)
+        try:
+            return subprocess.run(self.exec_prefix() + list(cmd), check=check, timeout=timeout,
+                                  **kwargs)
+        except subprocess.CalledProcessError as e:
+            raise ConfigError(f"netns {self.name}: {' '.join(cmd)} exited {e.returncode}: "
+                              f"{(e.stderr or '').strip()[-300:]}") from e
+
+    def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``cmd`` inside the namespace; it is killed by ``delete()``."""
+        proc = subprocess.Popen(self.exec_prefix() + list(cmd), **kwargs)
+        self._procs.append(proc)
+        return proc
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
+        """Run ``fn(*args)`` on a fresh thread that has entered the namespace and return its
+        result (or raise its exception). Sockets it creates stay in the namespace after it
+        returns, so ``ns.call(socket.create_server, ("10.200.1.1", 5000))`` gives a listening
+        socket inside the namespace to use from any thread."""
+        box: dict[str, Any] = {}
+
+        def body() -> None:
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _libc_setns(fd)
+                finally:
+                    os.close(fd)
+                box["value"] = fn(*args)
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+
+        thread = threading.Thread(target=body, name=f"netns-{self.name}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if thread.is_alive():
+            raise TimeoutError(f"netns {self.name}: {fn!r} still running after {timeout} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
+
+    def links(self) -> list[str]:
+        """Interface names in the namespace."""
+        with NetNS(self.name) as ns:
+            return [str(link.get("ifname")) for link in ns.get_links()]
+
+    def configure(self, ifname: str, address: str | None = None, *, up: bool = True,
+                  mtu: int | None = None) -> None:
+        """Give ``ifname`` inside the namespace an address and bring it up."""
+        _configure_in(self.name, ifname, address, up, mtu)
