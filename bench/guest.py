@@ -21,7 +21,8 @@ Guest protocol (kernel command line and serial console):
   ``vx.mtu=N`` sets the MTU of every configured interface;
 - ``vx.run=BASE64`` is a shell snippet to run (for short jobs); a job file ``/job.sh`` appended to
   the initramfs (``GuestImage.initrd_with_job``) takes precedence;
-- the console prints ``VX-BOOT <kernel release>``, ``VX-NET <if> <mac> <addr>``, ``VX-READY``,
+- the console prints ``VX-BOOT <kernel release> uptime <s>``, ``VX-NET <if> <mac> <addr>``,
+  ``VX-READY uptime <s>`` (guest seconds since boot),
   then whatever the job prints, ``VX-RESULT <name> <value>`` lines from ``vx_result``,
   ``VX-EXIT <status>`` and ``VX-DONE``, and the guest powers off (``poweroff -f``). A failed
   module load prints ``VX-ERROR ...``.
@@ -96,7 +97,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 mkdir -p /tmp /run
 exec </dev/console >/dev/console 2>&1
 dmesg -n 1
-echo "VX-BOOT $(uname -r)"
+echo "VX-BOOT $(uname -r) uptime $(cut -d' ' -f1 /proc/uptime)"
 for m in $(cat /etc/vx-modules); do
     insmod "/lib/modules/$m.ko" || echo "VX-ERROR insmod $m"
 done
@@ -125,7 +126,7 @@ fi
 if [ ! -f /job.sh ] && [ -n "$VX_RUN" ]; then
     echo "$VX_RUN" | base64 -d > /job.sh
 fi
-echo "VX-READY"
+echo "VX-READY uptime $(cut -d' ' -f1 /proc/uptime)"
 if [ -f /job.sh ]; then
     ( cd /tmp && . /etc/vx-lib.sh && . /job.sh )
     echo "VX-EXIT $?"

@@ -124,7 +124,7 @@ class Guest:
             elif nic.reconnect:
                 chardev += f",reconnect={nic.reconnect}"
             netdev = f"vhost-user,id=net{i},chardev=chr{i}"
-            device = f"virtio-net-pci,netdev=net{i},vectors=0"
+            device = f"virtio-net-pci,netdev=net{i},vectors=0,romfile="
             if nic.queues > 1:
                 netdev += f",queues={nic.queues}"
                 device += ",mq=on"

@@ -1,0 +1,123 @@
+"""Fixtures for end-to-end tests with real peers: the QEMU guest image, a scratch directory with
+short socket paths, a network namespace, and the daemon as a child process.
+
+Threads: pytest's main thread only (QEMU and testpmd children are tied to the thread that starts
+them through PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+__all__ = ["guest_image", "e2e_dir", "netns", "unique", "subnet", "vhostx_daemon", "need_qemu"]
+
+_serial = itertools.count(1)
+_subnets = itertools.count(10)
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def need_qemu() -> str:
+    """Path of qemu-system-x86_64, or skip the test."""
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        pytest.skip("qemu-system-x86_64 not found (install the Debian package qemu-system-x86)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Any:
+    """The test guest (kernel + busybox initramfs), built once into the cache
+    ($VHOSTX_CACHE or ~/.cache/vhostx) and reused across sessions."""
+    need_qemu()
+    from bench.guest import build_image
+
+    return build_image()
+
+
+@pytest.fixture
+def unique() -> Callable[[str], str]:
+    """unique(prefix) -> a name with this process's pid, at most 15 characters (ifname limit)."""
+    def make(prefix: str) -> str:
+        name = f"{prefix}{os.getpid()}x{next(_serial)}"
+        assert len(name) <= 15, name
+        return name
+    return make
+
+
+@pytest.fixture
+def subnet() -> str:
+    """A /24 prefix "10.200.N" unique within this session (only used inside our namespaces)."""
+    return f"10.200.{next(_subnets) % 250}"
+
+
+@pytest.fixture
+def e2e_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A fresh directory with a short path (AF_UNIX socket paths must stay under 108 bytes).
+    Removed after a passing test; kept, and its path printed, after a failure."""
+    path = Path(tempfile.mkdtemp(prefix=f"vxe2e{os.getpid()}-"))
+    yield path
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"\nkept {path} for inspection (console logs, daemon log)")
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def netns() -> Iterator[Any]:
+    """A fresh network namespace (vhostx.netdev.Netns), deleted afterwards; skips when TUN or
+    namespaces are unavailable."""
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("/dev/net/tun does not exist")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for network namespaces")
+    from vhostx import netdev
+
+    ns = netdev.Netns()
+    try:
+        ns.create()
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"cannot create a network namespace: {e}")
+    try:
+        yield ns
+    finally:
+        ns.delete()
+    assert not os.path.exists(ns.path), f"namespace {ns.name} left behind"
+
+
+@pytest.fixture
+def vhostx_daemon(e2e_dir: Path) -> Iterator[Callable[..., Any]]:
+    """start(devices: list[str], **kw) -> a started vhostx.process.DaemonProcess in e2e_dir;
+    every daemon started is stopped (SIGTERM, then SIGKILL) at teardown. Skips when the daemon's
+    CLI does not exist yet."""
+    try:
+        from vhostx.process import DaemonProcess
+    except ImportError as e:
+        pytest.skip(f"the daemon is not available yet: {e}")
+    started: list[Any] = []
+
+    def start(devices: list[str], **kw: Any) -> Any:
+        workdir = e2e_dir / f"daemon{len(started)}"
+        workdir.mkdir()
+        d = DaemonProcess(devices, workdir=str(workdir), **kw)
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in reversed(started):
+        d.stop()
+        assert not d.alive()
