@@ -580,9 +580,17 @@ class Testpmd:
         first, _, rest = reply.partition("\n")
         return rest if cmd in first else reply
 
-    def start_forwarding(self) -> None:
-        self.command("start")
+    def start_forwarding(self, tx_first: int | None = None) -> None:
+        """`start`, or `start tx_first N`: send N bursts first (to seed io/mac/macswap loops)."""
+        self.command("start" if tx_first is None else f"start tx_first {tx_first}")
         self._forwarding = True
+
+    def set_forward_mode(self, mode: str) -> None:
+        """`set fwd MODE` (while stopped)."""
+        reply = self.command(f"set fwd {mode}")
+        if "Invalid" in reply or "Bad arguments" in reply:
+            raise self._error(f"refused forward mode {mode!r}: {reply.strip()}")
+        self.forward_mode = mode
 
     def stop_forwarding(self) -> FwdStats:
         """`stop`: the forwarding lcores finish; returns the forward statistics it prints."""
