@@ -138,8 +138,9 @@ class DriverQueue:
         if not bufs:
             raise ValueError("a chain needs at least one buffer")
         if indirect:
-            if len(bufs) > self.INDIRECT_MAX:
-                raise ValueError(f"indirect chain of {len(bufs)} > {self.INDIRECT_MAX} buffers")
+            limit = min(self.INDIRECT_MAX, self.size)  # spec: a chain is at most queue size long
+            if len(bufs) > limit:
+                raise ValueError(f"indirect chain of {len(bufs)} > {limit} buffers")
             if not self._free:
                 raise ValueError("ring full")
             head = self._free.pop()
