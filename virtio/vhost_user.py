@@ -740,13 +740,14 @@ class _Parser:
     """Framing, fd bookkeeping and failure state shared by both roles."""
 
     role = "peer"
+    _enum: type[IntEnum] = Request  # names requests in error messages
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._held: list[int] = []  # fds that belong to the message in progress
         self._failed: RemoteProtocolError | None = None
         self._eof = False
-        # (codec, fd range, spec) of the message whose header is in, or None
+        # (request, flags, size, spec) of the message whose header is in, or None
         self._cur: tuple[int, int, int, Spec] | None = None
 
     # -- hooks ------------------------------------------------------------
@@ -825,8 +826,6 @@ class _Parser:
             err = RemoteProtocolError(f"malformed message: {e}")
             self._fail(err, out, fds)
             raise err from e
-
-    _enum: type[IntEnum] = Request
 
     def _fail(self, err: RemoteProtocolError, out: list[Message], fds: list[int]) -> None:
         self._failed = err
