@@ -52,7 +52,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from bench.demo import run_demo  # the CLI is the top of the stack: demo and bench live in bench/
 
     return run_demo(seconds=args.seconds, port=args.port, size=args.size)
 

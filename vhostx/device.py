@@ -77,9 +77,7 @@ class Rule:
 
     handler: str
     feature: PF | None = None  # protocol feature the request requires
-    needs_protocol_features: bool = False  # requires virtio bit 30 negotiated
     quiesce: bool = False  # rings stopped (works detached) while it runs
-    owner: bool = False  # requires SET_OWNER first
 
 
 DISPATCH: dict[R, Rule] = {
@@ -95,10 +93,10 @@ DISPATCH: dict[R, Rule] = {
     R.SET_VRING_KICK: Rule("set_vring_kick"),
     R.SET_VRING_CALL: Rule("set_vring_call"),
     R.SET_VRING_ERR: Rule("set_vring_err"),
-    R.GET_PROTOCOL_FEATURES: Rule("get_protocol_features", needs_protocol_features=False),
+    R.GET_PROTOCOL_FEATURES: Rule("get_protocol_features"),
     R.SET_PROTOCOL_FEATURES: Rule("set_protocol_features"),
     R.GET_QUEUE_NUM: Rule("get_queue_num", feature=PF.MQ),
-    R.SET_VRING_ENABLE: Rule("set_vring_enable", needs_protocol_features=True),
+    R.SET_VRING_ENABLE: Rule("set_vring_enable"),
     R.SEND_RARP: Rule("send_rarp", feature=PF.RARP),
     R.NET_SET_MTU: Rule("net_set_mtu", feature=PF.MTU),
     R.GET_CONFIG: Rule("get_config", feature=PF.CONFIG),
@@ -161,7 +159,9 @@ class VhostUserDevice:
         return bool(self.acked_features & VHOST_USER_F_PROTOCOL_FEATURES)
 
     def has_pf(self, bit: PF) -> bool:
-        return self.has_protocol_features() and bool(self.acked_protocol_features & (1 << bit))
+        # Protocol features are negotiated when bit 30 is *offered* (always, here), and QEMU does
+        # it before SET_FEATURES: they are in force from SET_PROTOCOL_FEATURES on.
+        return bool(self.acked_protocol_features & (1 << bit))
 
     def has_feature(self, bit: int) -> bool:
         return bool(self.acked_features & (1 << bit))
@@ -244,10 +244,6 @@ class VhostUserDevice:
                 f"request {msg.request} is not supported by a {type(self).__name__}"
             ) from None
         try:
-            if rule.needs_protocol_features and not self.has_protocol_features():
-                raise RemoteProtocolError(
-                    f"{req.name} needs VHOST_USER_F_PROTOCOL_FEATURES (bit 30) negotiated first"
-                )
             if rule.feature is not None and not self.has_pf(rule.feature):
                 raise RemoteProtocolError(
                     f"{req.name} needs protocol feature {rule.feature.name}, which was not negotiated"
@@ -303,8 +299,7 @@ class VhostUserDevice:
         works, self._works = self._works, []
         for work in works:
             await asyncio.wrap_future(self.worker.detach(work))
-        if works:
-            self.release_works()
+        self.release_works()  # idempotent; a plan may hold resources without any work
 
     def _start_queue(self, vr: Vring) -> None:
         assert self.memory is not None and vr.addr is not None

@@ -126,6 +126,10 @@ async def listen_unix(path: str, serve: Serve, started: asyncio.Event | None = N
         while True:
             conn, _ = await loop.sock_accept(lsock)
             if busy is not None and not busy.done():
+                # The previous frontend may have just hung up and be in its clean-up.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(busy), 1.0)
+            if busy is not None and not busy.done():
                 log.warning("%s: a frontend is already connected; refusing another", path)
                 conn.close()
                 continue

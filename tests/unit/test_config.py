@@ -1,0 +1,101 @@
+"""Configuration parsing: every bad value is refused naming the key, the value and the range."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vhostx.config import load_config, parse_device_spec
+from virtio.errors import ConfigError
+
+
+def test_device_spec_round_trip() -> None:
+    d = parse_device_spec("name=net0,type=net,socket=/tmp/x.sock,port=echo,queues=2")
+    assert (d.name, d.type, d.socket, d.port, d.queues) == ("net0", "net", "/tmp/x.sock", "echo", 2)
+    assert len(d.effective_mac()) == 6 and not d.effective_mac()[0] & 1
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("name=a,socket=/tmp/a,port=bogus", ["port", "bogus", "sink"]),
+        ("name=a,socket=/tmp/a,queues=0", ["queues", "0", "[1, 64]"]),
+        ("name=a,socket=/tmp/a,queues=x", ["queues", "integer"]),
+        ("name=a,socket=/tmp/a,colour=red", ["unknown key", "colour"]),
+        ("name=a,port=sink", ["socket"]),
+        ("name=a b,socket=/tmp/a", ["name"]),
+        ("name=a,socket=/tmp/a,mac=01:00:00:00:00:01", ["multicast"]),
+        ("name=a,socket=/tmp/a,mac=zz", ["mac"]),
+        ("name=a,socket=/tmp/a,tap_netns=ns1", ["tap_netns", "tap"]),
+        ("name=a,socket=/tmp/a,client=maybe", ["client", "true or false"]),
+        ("name=a,socket=" + "/x" * 60, ["107"]),
+    ],
+)
+def test_bad_device_specs_are_refused_clearly(spec: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_device_spec(spec)
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_toml_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[daemon]\ncontrol = "/tmp/ctl"\n[params]\nfoo = 1\n'
+        '[[device]]\nname = "net0"\ntype = "net"\nsocket = "/tmp/n0"\nport = "sink"\nqueues = 1\n'
+        '[[device]]\nname = "net1"\nsocket = "/tmp/n1"\nport = "switch"\nclient = true\n'
+    )
+    cfg = load_config(str(f), ["name=net2,socket=/tmp/n2"], None, ["foo=2"])
+    assert [d.name for d in cfg.devices] == ["net0", "net1", "net2"]
+    assert cfg.devices[1].client is True
+    assert cfg.control == "/tmp/ctl"
+    assert cfg.params == {"foo": "2"}  # the command line wins over the file
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("[[device]]\nname = 1\nsocket = '/tmp/a'\n", ["name", "string"]),
+        ("[[device]\n", ["invalid TOML"]),
+        ("[whatever]\n", ["unknown table"]),
+        ("[[device]]\nname='a'\nsocket='/tmp/a'\n[[device]]\nname='a'\nsocket='/tmp/b'\n", ["twice"]),
+        ("[[device]]\nname='a'\nsocket='/tmp/a'\n[[device]]\nname='b'\nsocket='/tmp/a'\n", ["two devices"]),
+        ("[[device]]\nname='a'\nsocket='/tmp/a'\nqueues=true\n", ["queues"]),
+    ],
+)
+def test_bad_toml_is_refused(tmp_path: Path, text: str, words: list[str]) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(f))
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_no_devices_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="no devices"):
+        load_config(None, [])
+
+
+def test_cli_exits_2_on_bad_config(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "vhostx", "serve", "--device",
+         f"name=a,socket={tmp_path}/a.sock,port=nowhere"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2
+    assert "port='nowhere'" in r.stderr and "sink | echo" in r.stderr
+
+
+def test_cli_exits_2_when_socket_path_is_not_a_socket(tmp_path: Path) -> None:
+    f = tmp_path / "plain"
+    f.write_text("x")
+    r = subprocess.run(
+        [sys.executable, "-m", "vhostx", "serve", "--device", f"name=a,socket={f}"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2
+    assert "not a socket" in r.stderr
