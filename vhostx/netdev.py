@@ -8,7 +8,9 @@ deletes a namespace and runs commands (``ip netns exec``) or Python callables in
 
 Threads: the daemon's main thread calls this at device setup and teardown (and ``Tap.set_offloads``
 / ``set_vnet_hdr_len`` after feature negotiation). The calls block briefly on netlink and ioctls; a
-worker thread only ever reads and writes ``Tap.fd``. ``Netns.call`` runs its callable on a fresh
+worker thread only ever reads and writes ``Tap.fd``. pyroute2 0.9's synchronous API cannot run on a
+thread whose asyncio loop is running (the daemon's main thread), so netlink work called from such a
+thread is done on a short-lived helper thread while the caller waits. ``Netns.call`` runs its callable on a fresh
 thread that has entered the namespace, never on the caller's thread.
 
 Errors: every failure raises ``virtio.errors.ConfigError`` naming the interface or namespace, what
@@ -17,8 +19,10 @@ was asked and what the kernel answered.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
+import functools
 import fcntl
 import ipaddress
 import itertools
@@ -67,6 +71,37 @@ _CLONE_NEWNET = 0x40000000
 _NETNS_DIR = "/run/netns"
 
 T = TypeVar("T")
+
+
+def _off_loop(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` on a short-lived helper thread when the calling thread runs an asyncio loop.
+
+    pyroute2 0.9's synchronous IPRoute/NetNS drive an event loop of their own and fail with
+    "this event loop is already running" on the daemon's main thread (uvloop); a thread without
+    a loop is fine. The caller blocks until the netlink work is done (milliseconds, at setup)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return fn(*args, **kwargs)
+        box: dict[str, Any] = {}
+
+        def body() -> None:
+            try:
+                box["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # handed to the caller
+                box["error"] = e
+
+        thread = threading.Thread(target=body, name=f"netlink-{fn.__name__}")
+        thread.start()
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        return box["value"]  # type: ignore[no-any-return]
+
+    return wrapper
 
 
 class Offload(IntFlag):
@@ -123,6 +158,7 @@ def _check_netns_name(name: str) -> None:
                           "without '/'")
 
 
+@_off_loop
 def _create_netns(name: str) -> None:
     _check_netns_name(name)
     try:
@@ -131,6 +167,7 @@ def _create_netns(name: str) -> None:
         raise ConfigError(f"netns={name!r}: cannot create the namespace: {_errmsg(e)}") from e
 
 
+@_off_loop
 def _remove_netns(name: str) -> None:
     if not netns_exists(name):
         return
@@ -140,6 +177,7 @@ def _remove_netns(name: str) -> None:
         raise ConfigError(f"netns={name!r}: cannot delete the namespace: {_errmsg(e)}") from e
 
 
+@_off_loop
 def _configure_in(netns: str | None, ifname: str, address: str | None, up: bool,
                   mtu: int | None = None) -> None:
     """Give ``ifname`` (in ``netns`` or the current namespace) an address and bring it up."""
@@ -165,6 +203,19 @@ def _configure_in(netns: str | None, ifname: str, address: str | None, up: bool,
                           f"{_errmsg(e)}") from e
     finally:
         ipr.close()
+
+
+@_off_loop
+def _move_to_netns(ifname: str, netns: str) -> None:
+    with IPRoute() as ipr:
+        try:
+            idx = ipr.link_lookup(ifname=ifname)
+            if not idx:
+                raise ConfigError(f"tap {ifname}: vanished after TUNSETIFF")
+            ipr.link("set", index=idx[0], net_ns_fd=netns)
+        except NetlinkError as e:
+            raise ConfigError(f"tap {ifname}: cannot move it into netns {netns!r}: "
+                              f"{_errmsg(e)}") from e
 
 
 class Tap:
@@ -261,15 +312,7 @@ def open_tap(name: str | None = None, *, vnet_hdr_len: int = 12, offloads: int =
             if not netns_exists(netns):
                 _create_netns(netns)
                 created_netns = True
-            with IPRoute() as ipr:
-                try:
-                    idx = ipr.link_lookup(ifname=actual)
-                    if not idx:
-                        raise ConfigError(f"tap {actual}: vanished after TUNSETIFF")
-                    ipr.link("set", index=idx[0], net_ns_fd=netns)
-                except NetlinkError as e:
-                    raise ConfigError(f"tap {actual}: cannot move it into netns {netns!r}: "
-                                      f"{_errmsg(e)}") from e
+            _move_to_netns(actual, netns)
             tap.netns = netns
             tap._owns_netns = created_netns
         _configure_in(netns, actual, address, up, mtu)
@@ -295,6 +338,11 @@ class Bridge:
         self.name = name
         self.netns = netns
         self._closed = False
+        self._create(address, up)
+
+    @_off_loop
+    def _create(self, address: str | None, up: bool) -> None:
+        name, netns = self.name, self.netns
         with self._ipr() as ipr:
             try:
                 ipr.link("add", ifname=name, kind="bridge")
@@ -310,6 +358,7 @@ class Bridge:
     def _ipr(self) -> IPRoute | NetNS:
         return NetNS(self.netns) if self.netns else IPRoute()
 
+    @_off_loop
     def add_port(self, ifname: str) -> None:
         """Enslave ``ifname`` (in the bridge's namespace) to the bridge and bring it up."""
         with self._ipr() as ipr:
@@ -324,6 +373,7 @@ class Bridge:
                 raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
                                   f"{_errmsg(e)}") from e
 
+    @_off_loop
     def close(self) -> None:
         if self._closed:
             return
@@ -445,6 +495,7 @@ class Netns:
             raise box["error"]
         return box["value"]  # type: ignore[no-any-return]
 
+    @_off_loop
     def links(self) -> list[str]:
         """Interface names in the namespace."""
         with NetNS(self.name) as ns:

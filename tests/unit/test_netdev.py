@@ -7,6 +7,7 @@ do not collide, and every test checks that teardown leaves nothing behind where 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 import socket
@@ -292,3 +293,26 @@ def test_name_clash_is_a_config_error(ns: netdev.Netns) -> None:
         with pytest.raises(ConfigError, match=f"cannot move it into netns {ns.name!r}"):
             netdev.open_tap(name if name not in _host_links() else None, netns=ns.name)
     assert name not in _host_links()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_open_tap_inside_running_event_loop(loop: str, subnet: str) -> None:
+    """pyroute2 0.9's sync API fails with "this event loop is already running" when called on a
+    thread that runs a loop, which is exactly the daemon's main thread at device setup."""
+    ns_name = netdev.unique_name("vxns")
+
+    async def setup() -> tuple[str, list[str], str]:
+        with netdev.open_tap(None, netns=ns_name, address=f"{subnet}.1/24") as tap:
+            links = netdev.Netns(ns_name).links()
+            br = netdev.Bridge(netdev.unique_name("vxb"), netns=ns_name)
+            br.add_port(tap.name)
+            br.close()
+            return tap.name, links, br.name
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        name, links, br_name = uvloop.run(setup())
+    else:
+        name, links, br_name = asyncio.run(setup())
+    assert name in links and br_name not in links
+    assert not netdev.netns_exists(ns_name)
