@@ -212,6 +212,10 @@ class NetDevice(VhostUserDevice):
         # struct virtio_net_config { u8 mac[6]; le16 status; le16 max_virtqueue_pairs; le16 mtu; }
         return self.mac + struct.pack("<HHH", 1, self.cfg.queues, self.mtu)
 
+    async def h_get_queue_num(self, msg: Any) -> int:
+        # QEMU 7.2 and DPDK read the answer as queue *pairs* for net.
+        return self.cfg.queues
+
     async def h_net_set_mtu(self, msg: Any) -> None:
         mtu: int = msg.payload
         if not 68 <= mtu <= 65535:

@@ -156,6 +156,21 @@ class VhostUserFrontend:
                         f"could not connect to {self.path} within {timeout} s: {e}"
                     ) from e
                 time.sleep(0.02)
+        self._setup(sock)
+
+    def accept(self, listener: socket.socket, timeout: float = 10.0) -> None:
+        """Server mode (QEMU `server=on`, DPDK `server=1`): wait for the backend to dial
+        `listener`, then negotiate, share memory and start rings as `connect` does."""
+        self.timeout = timeout
+        listener.settimeout(timeout)
+        try:
+            sock, _ = listener.accept()
+        except TimeoutError as e:
+            raise VhostError(f"no backend connected within {timeout} s") from e
+        sock.settimeout(None)
+        self._setup(sock)
+
+    def _setup(self, sock: socket.socket) -> None:
         self.sock = sock
         try:
             self._setup_memory()

@@ -251,3 +251,24 @@ def test_get_config_reports_mac_and_pairs(daemon_factory) -> None:
         reply = fe.call(Request.GET_CONFIG, Config(0, 12, 0, bytes(12)))
         mac, status, pairs, mtu = struct.unpack("<6sHHH", reply.payload)
         assert (mac.hex(), pairs, mtu) == ("525400123456", 2, 9000)
+
+
+def test_client_mode_dials_the_frontend_and_redials_after_disconnect(daemon_factory, tmp_path) -> None:
+    path = str(tmp_path / "fe.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        d = daemon_factory()
+        d.devices.append(f"name=net0,type=net,socket={path},port=sink,client=true")
+        d.start()
+        for round_ in range(2):
+            fe = VhostUserFrontend(path)
+            fe.accept(listener)
+            try:
+                NetDriver(fe).send([frame(MAC_B, MAC_A, i) for i in range(6)])
+                assert wait_until(lambda: queue_packets(d, "net0", "1") == 6), f"round {round_}"
+            finally:
+                fe.close()
+    finally:
+        listener.close()
