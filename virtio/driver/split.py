@@ -9,14 +9,16 @@ address `base_gpa` and holds, in order, the descriptor table, the avail ring, th
 (4-aligned) and a private area of indirect tables (INDIRECT_MAX entries per descriptor slot).
 
 Memory ordering: Python has no explicit fences; on x86 (TSO) stores are seen in program order,
-which gives the write barrier before avail->idx for free. The store->load barrier between
-publishing avail->idx and reading the device's suppression fields is not guaranteed in pure
-Python; tests that depend on it use the C helpers instead.
+which gives the write barrier before avail->idx for free. The store->load (full) barrier between
+publishing avail->idx and reading the device's suppression fields, and between re-enabling
+interrupts and re-reading used->idx, comes from acquiring and releasing a threading.Lock, whose
+implementation uses a locked (full-barrier) instruction on x86.
 """
 
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Sequence
 
 from virtio.errors import VhostError
@@ -36,6 +38,15 @@ VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 VRING_USED_F_NO_NOTIFY = 1
 VRING_AVAIL_F_NO_INTERRUPT = 1
+
+_fence_lock = threading.Lock()
+
+
+def _full_barrier() -> None:
+    """A store->load barrier on x86: the lock's atomic read-modify-write drains the store buffer."""
+    _fence_lock.acquire()
+    _fence_lock.release()
+
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -171,6 +182,7 @@ class DriverQueue:
             return False
         _U16.pack_into(self._mem, self._avail_off + 2, new)
         self._published = new
+        _full_barrier()
         if self.event_idx:
             event = _U16.unpack_from(self._mem, self._used_off + 4 + 8 * self.size)[0]
             return vring_need_event(event, new, old)
@@ -207,6 +219,12 @@ class DriverQueue:
             self._write_used_event(self._last_used if enable else (self._last_used - 1) & 0xFFFF)
         else:
             _U16.pack_into(self._mem, self._avail_off, 0 if enable else VRING_AVAIL_F_NO_INTERRUPT)
+        if enable:
+            _full_barrier()  # the caller re-checks used entries after this
+
+    def more_used(self) -> bool:
+        """True if the device published used entries not yet collected by get_used()."""
+        return _U16.unpack_from(self._mem, self._used_off + 2)[0] != self._last_used
 
     def device_wants_interrupt_check(self, old: int, new: int) -> bool:
         """What the spec says the device must decide when moving used->idx from old to new."""
