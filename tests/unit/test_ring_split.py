@@ -434,6 +434,7 @@ def test_no_lost_kicks(event_idx):
     driver that kicks only when asked must never deadlock: every chain gets consumed."""
     import select
     import threading
+    import time
 
     env = Env(size=1 << 20)
     kick = os.eventfd(0, os.EFD_NONBLOCK)
@@ -444,16 +445,19 @@ def test_no_lost_kicks(event_idx):
         buf = env.alloc(128)
         stop = threading.Event()
         stalls: list[str] = []
+        irq_stalls: list[str] = []
 
         def device() -> None:
             served = 0
             dev.set_notify(True)
             while served < total and not stop.is_set():
-                r, _, _ = select.select([kick], [], [], 5.0)
-                if not r:
-                    stalls.append(f"device slept 5 s with {dev.pending()} pending, served {served}")
-                    return
-                os.read(kick, 8)
+                if dev.pending() == 0:  # re-check after enabling, then sleep
+                    r, _, _ = select.select([kick], [], [], 5.0)
+                    if not r:
+                        stalls.append(f"device slept 5 s with {dev.pending()} pending, "
+                                      f"served {served}")
+                        return
+                    os.read(kick, 8)
                 while True:
                     dev.set_notify(False)
                     served += net.tx_sink(dev, 1000, 1 << 40)
@@ -477,7 +481,11 @@ def test_no_lost_kicks(event_idx):
             if not drv.num_free:
                 drv.set_interrupts(True)
                 if not drv.more_used():
-                    select.select([call], [], [], 5.0)
+                    t0 = time.monotonic()
+                    r, _, _ = select.select([call], [], [], 5.0)
+                    if not r and not drv.more_used():
+                        irq_stalls.append(f"driver waited {time.monotonic() - t0:.1f} s for an "
+                                          f"interrupt, used {drv.read_used_idx()}")
                 try:
                     os.read(call, 8)
                 except BlockingIOError:
@@ -486,6 +494,7 @@ def test_no_lost_kicks(event_idx):
         t.join(30)
         stop.set()
         assert not stalls, stalls
+        assert not irq_stalls, irq_stalls
         assert dev.stats()["packets"] == total
         assert kicks < total  # suppression did something
     finally:

@@ -231,6 +231,9 @@ int vx_vq_start(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *av
     vq->nshadow = 0;
     vq->notify_enabled = 1;
     vq->started = 1;
+    if (flags & VX_F_EVENT_IDX) /* kicks on: a stale avail_event could swallow the first kick */
+        __atomic_store_n(vq->avail_event, last_avail_idx, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return 0;
 }
 
