@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from virtio import net  # noqa: E402
-from virtio.driver.split import VRING_DESC_F_WRITE, DriverQueue  # noqa: E402
-from virtio.memory import GuestMemory, MemoryRegion  # noqa: E402
-from virtio.ring import DeviceQueue, RecyclingDriver  # noqa: E402
+from virtio import net
+from virtio.driver.split import VRING_DESC_F_WRITE, DriverQueue
+from virtio.memory import GuestMemory, MemoryRegion
+from virtio.ring import DeviceQueue, RecyclingDriver
 
 __all__ = ["main"]
 
@@ -40,15 +40,26 @@ def _setup(size: int, buf_len: int, *, rx: bool, mrg: bool, hdr_len: int):
     drv.fill_descs(bufs, stride, buf_len, VRING_DESC_F_WRITE if rx else 0)
     if not rx:  # TX payload: header + bytes, written once
         for i in range(size):
-            mem.view(bufs + i * stride, buf_len)[:] = bytes(hdr_len) + bytes([i & 0xFF]) * (buf_len - hdr_len)
-    dq = DeviceQueue(mem, index=0, size=size, desc_uva=uva + d_off, avail_uva=uva + a_off,
-                     used_uva=uva + u_off, hdr_len=hdr_len, mrg_rxbuf=mrg)
+            mem.view(bufs + i * stride, buf_len)[:] = bytes(hdr_len) + bytes([i & 0xFF]) * (
+                buf_len - hdr_len
+            )
+    dq = DeviceQueue(
+        mem,
+        index=0,
+        size=size,
+        desc_uva=uva + d_off,
+        avail_uva=uva + a_off,
+        used_uva=uva + u_off,
+        hdr_len=hdr_len,
+        mrg_rxbuf=mrg,
+    )
     drv.post_all()
     return mem, fd, drv, dq
 
 
-def run_case(name: str, seconds: float, size: int, pkt: int, batch: int, *, rx: bool,
-             mrg: bool = False) -> float:
+def run_case(
+    name: str, seconds: float, size: int, pkt: int, batch: int, *, rx: bool, mrg: bool = False
+) -> float:
     hdr_len = 12
     buf_len = hdr_len + pkt if not rx else max(2048, hdr_len + pkt)
     mem, fd, drv, dq = _setup(size, buf_len, rx=rx, mrg=mrg, hdr_len=hdr_len)
@@ -70,9 +81,11 @@ def run_case(name: str, seconds: float, size: int, pkt: int, batch: int, *, rx: 
     dt = time.perf_counter() - t0
     pps = n / dt
     st = dq.stats()
-    print(f"{name:10s} pkt={pkt:5d}B ring={size:5d} batch={batch:4d} mrg={int(mrg)}  "
-          f"{pps / 1e6:7.2f} Mpps  {pps * pkt * 8 / 1e9:7.2f} Gbit/s  "
-          f"(pkts={n} batches={st['batches']} drops={st['dropped'] + st['too_big'] + st['ring_full']})")
+    print(
+        f"{name:10s} pkt={pkt:5d}B ring={size:5d} batch={batch:4d} mrg={int(mrg)}  "
+        f"{pps / 1e6:7.2f} Mpps  {pps * pkt * 8 / 1e9:7.2f} Gbit/s  "
+        f"(pkts={n} batches={st['batches']} drops={st['dropped'] + st['too_big'] + st['ring_full']})"
+    )
     del dq
     mem.close()
     os.close(fd)
@@ -87,12 +100,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     a = ap.parse_args(argv)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except OSError:
         commit = "?"
-    print(f"# micro_core commit={commit} cpu={os.cpu_count()} seconds={a.seconds} (one thread, "
-          f"C refill helper)")
+    print(
+        f"# micro_core commit={commit} cpu={os.cpu_count()} seconds={a.seconds} (one thread, "
+        f"C refill helper)"
+    )
     for pkt in a.pkt:
         run_case("tx_sink", a.seconds, a.size, pkt, a.batch, rx=False)
         run_case("rx_fill", a.seconds, a.size, pkt, a.batch, rx=True)

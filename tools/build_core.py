@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cffi import FFI
 
-__all__ = ["ffibuilder", "cdef_from_header"]
+__all__ = ["cdef_from_header", "ffibuilder"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "virtio" / "_core"
@@ -22,7 +22,7 @@ SOURCES = ["vx_core.c", "vx_drv.c"]
 
 def cdef_from_header(text: str) -> str:
     """The header without comments and preprocessor lines."""
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+    text = re.sub(r"/\*.*?\*/", "", text, flags=re.DOTALL)
     text = re.sub(r"//[^\n]*", "", text)
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
@@ -41,4 +41,6 @@ if __name__ == "__main__":
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     ffibuilder.compile(tmpdir=str(ROOT), verbose=False)
-    print("built", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "virtio").glob("_vx_core*.so")))
+    print(
+        "built", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "virtio").glob("_vx_core*.so"))
+    )

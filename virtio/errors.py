@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["VhostError", "RemoteProtocolError", "GuestError", "ConfigError"]
+__all__ = ["ConfigError", "GuestError", "RemoteProtocolError", "VhostError"]
 
 
 class VhostError(Exception):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import mmap
 import os
 import threading
@@ -22,12 +23,17 @@ from typing import Any
 
 from virtio.errors import GuestError
 
-__all__ = ["MemoryRegion", "GuestMemory"]
+__all__ = ["GuestMemory", "MemoryRegion"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
 ]
 _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -49,7 +55,7 @@ class MemoryRegion:
 class _Mapping:
     """One mmap of one region, shared by snapshots; unmapped when its count drops to zero."""
 
-    __slots__ = ("base", "length", "host", "refs")
+    __slots__ = ("base", "host", "length", "refs")
 
     def __init__(self, fd: int, region: MemoryRegion) -> None:
         start = region.mmap_offset & ~(_PAGE - 1)
@@ -89,7 +95,7 @@ def _check_region(r: MemoryRegion) -> None:
 def _check_overlaps(regions: Sequence[MemoryRegion]) -> None:
     for key in ("gpa", "uva"):
         spans = sorted((getattr(r, key), getattr(r, key) + r.size) for r in regions)
-        for (a0, a1), (b0, b1) in zip(spans, spans[1:]):
+        for (a0, a1), (b0, b1) in itertools.pairwise(spans):
             if b0 < a1:
                 raise GuestError(
                     f"memory regions overlap in {key}: [{a0:#x},{a1:#x}) and [{b0:#x},{b1:#x})"

@@ -18,7 +18,7 @@ from virtio._vx_core import ffi, lib
 from virtio.errors import ConfigError, GuestError
 from virtio.ring import DeviceQueue
 
-__all__ = ["tx_sink", "rx_fill", "echo", "fwd", "tx_to_fd", "rx_from_fd", "Switch"]
+__all__ = ["Switch", "echo", "fwd", "rx_fill", "rx_from_fd", "tx_sink", "tx_to_fd"]
 
 _U64_MAX = 2**64 - 1
 
@@ -136,4 +136,6 @@ class Switch:
 
     def stats(self) -> dict[str, int]:
         s = self._stats
-        return {name: int(getattr(s, name)) for name, _ in ffi.typeof("struct vx_switch_stats").fields}
+        return {
+            name: int(getattr(s, name)) for name, _ in ffi.typeof("struct vx_switch_stats").fields
+        }

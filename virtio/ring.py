@@ -17,7 +17,7 @@ from virtio._vx_core import ffi, lib
 from virtio.errors import GuestError
 from virtio.memory import GuestMemory
 
-__all__ = ["DeviceQueue", "RecyclingDriver", "make_mem_table", "STATS_FIELDS"]
+__all__ = ["STATS_FIELDS", "DeviceQueue", "RecyclingDriver", "make_mem_table"]
 
 STATS_FIELDS: tuple[str, ...] = tuple(name for name, _ in ffi.typeof("struct vx_stats").fields)
 
@@ -63,7 +63,9 @@ class DeviceQueue:
         if not isinstance(size, int) or size <= 0 or size > 32768 or size & (size - 1):
             raise GuestError(f"queue {index}: size must be a power of two in 1..32768, got {size}")
         if hdr_len not in (0, 10, 12, 20):
-            raise GuestError(f"queue {index}: net header length must be 0, 10, 12 or 20, got {hdr_len}")
+            raise GuestError(
+                f"queue {index}: net header length must be 0, 10, 12 or 20, got {hdr_len}"
+            )
         self.index = index
         self.size = size
         self.event_idx = event_idx
@@ -80,10 +82,20 @@ class DeviceQueue:
         self.mem = mem
         desc, avail, used = self._translate(mem)
         flags = (lib.VX_F_EVENT_IDX if event_idx else 0) | (lib.VX_F_MRG_RXBUF if mrg_rxbuf else 0)
-        if lib.vx_vq_start(
-            self._vq, mem.c_table, desc, avail, used, last_avail_idx & 0xFFFF, flags, hdr_len,
-            call_fd,
-        ) < 0:
+        if (
+            lib.vx_vq_start(
+                self._vq,
+                mem.c_table,
+                desc,
+                avail,
+                used,
+                last_avail_idx & 0xFFFF,
+                flags,
+                hdr_len,
+                call_fd,
+            )
+            < 0
+        ):
             raise _err(self._vq, f"queue {index}: start")
 
     def _translate(self, mem: GuestMemory) -> tuple[Any, Any, Any]:
@@ -174,8 +186,15 @@ class RecyclingDriver:
     and publishes avail->idx once. Lays its ring out like DriverQueue (desc, avail, used).
     """
 
-    def __init__(self, mem: GuestMemory, desc_gpa: int, avail_gpa: int, used_gpa: int, size: int,
-                 start_idx: int = 0) -> None:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        size: int,
+        start_idx: int = 0,
+    ) -> None:
         self._d = ffi.new("struct vx_drv *")
         self._d.desc = ffi.cast("void *", mem.gpa_to_host(desc_gpa, 16 * size))
         self._d.avail = ffi.cast("void *", mem.gpa_to_host(avail_gpa, 6 + 2 * size))

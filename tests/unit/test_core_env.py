@@ -57,11 +57,20 @@ class Env:
     ) -> tuple[DriverQueue, DeviceQueue]:
         total = DriverQueue.layout(size)[3]
         base = self.alloc(total, 4096)
-        drv = DriverQueue(self.view(base, total), base, size, event_idx=event_idx, start_idx=start_idx)
+        drv = DriverQueue(
+            self.view(base, total), base, size, event_idx=event_idx, start_idx=start_idx
+        )
         dev = DeviceQueue(
-            self.mem, index=index, size=size, desc_uva=self.uva(drv.desc_gpa),
-            avail_uva=self.uva(drv.avail_gpa), used_uva=self.uva(drv.used_gpa),
-            last_avail_idx=start_idx, event_idx=event_idx, hdr_len=hdr_len, mrg_rxbuf=mrg_rxbuf,
+            self.mem,
+            index=index,
+            size=size,
+            desc_uva=self.uva(drv.desc_gpa),
+            avail_uva=self.uva(drv.avail_gpa),
+            used_uva=self.uva(drv.used_gpa),
+            last_avail_idx=start_idx,
+            event_idx=event_idx,
+            hdr_len=hdr_len,
+            mrg_rxbuf=mrg_rxbuf,
             call_fd=call_fd,
         )
         self.queues.append(dev)

@@ -44,8 +44,14 @@ def test_translate_bounds(fds):
     base = m.gpa_to_host(0x10000, 1)
     assert m.uva_to_host(0x7000_0000, MB) == base
     assert m.gpa_to_host(0x10000 + MB - 1, 1) == base + MB - 1
-    for gpa, n in [(0x10000 - 1, 1), (0x10000 + MB, 1), (0x10000 + MB - 1, 2), (0x10000, MB + 1),
-                   (2**64 - 1, 2), (0, 2**64 - 1)]:
+    for gpa, n in [
+        (0x10000 - 1, 1),
+        (0x10000 + MB, 1),
+        (0x10000 + MB - 1, 2),
+        (0x10000, MB + 1),
+        (2**64 - 1, 2),
+        (0, 2**64 - 1),
+    ]:
         with pytest.raises(GuestError):
             m.gpa_to_host(gpa, n)
     with pytest.raises(GuestError):
@@ -148,8 +154,10 @@ def test_without_unknown_region(fds):
 
 
 def test_c_table(fds):
-    m = GuestMemory.map([MemoryRegion(0x1000, MB, 0x5000, 0), MemoryRegion(8 * MB, MB, 0x9000_0000, 0)],
-                        [fds(), fds()])
+    m = GuestMemory.map(
+        [MemoryRegion(0x1000, MB, 0x5000, 0), MemoryRegion(8 * MB, MB, 0x9000_0000, 0)],
+        [fds(), fds()],
+    )
     t = m.c_table
     assert t.nregions == 2
     assert t.regions[1].gpa == 8 * MB and t.regions[1].host == m.gpa_to_host(8 * MB, 1)

@@ -39,8 +39,9 @@ BCAST = b"\xff" * 6
 class Guest:
     """RX/TX pair of one guest on an Env, with helpers to send and receive frames."""
 
-    def __init__(self, env: Env, *, mrg: bool = False, size: int = 64, rx_buf: int = 2048,
-                 nrx: int = 1) -> None:
+    def __init__(
+        self, env: Env, *, mrg: bool = False, size: int = 64, rx_buf: int = 2048, nrx: int = 1
+    ) -> None:
         self.env = env
         self.rxs = [env.pair(size, mrg_rxbuf=mrg, index=2 * i) for i in range(nrx)]
         self.rx_drv, self.rx = self.rxs[0]
@@ -60,7 +61,7 @@ class Guest:
         for f in frames:
             data = hdr + f
             if split:
-                parts = [data[i:i + split] for i in range(0, len(data), split)]
+                parts = [data[i : i + split] for i in range(0, len(data), split)]
             else:
                 parts = [data]
             outs = []
@@ -91,6 +92,7 @@ class Guest:
 
 
 # ---- rx_fill and MRG_RXBUF ----------------------------------------------------------------------
+
 
 def test_mrg_rxbuf_spans_chains(env):
     g = Guest(env, mrg=True, rx_buf=1024)
@@ -131,9 +133,15 @@ def test_rx_fill_empty_ring(env):
 
 # ---- echo -------------------------------------------------------------------------------------
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(sizes=st.lists(st.integers(14, 1500), min_size=1, max_size=10),
-       split=st.sampled_from([0, 1, 5, 64, 300, 1000]), mrg=st.booleans())
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sizes=st.lists(st.integers(14, 1500), min_size=1, max_size=10),
+    split=st.sampled_from([0, 1, 5, 64, 300, 1000]),
+    mrg=st.booleans(),
+)
 def test_echo_swaps_macs(sizes, split, mrg):
     env = Env(size=8 << 20)
     try:
@@ -161,8 +169,12 @@ def test_echo_budget_bytes(env):
 
 # ---- fwd between two memories -------------------------------------------------------------------
 
+
 def test_fwd_between_two_memories():
-    e1, e2 = Env(size=4 << 20, gpa=0x100000), Env(size=4 << 20, gpa=0x40000000, uva=0x5000_0000_0000)
+    e1, e2 = (
+        Env(size=4 << 20, gpa=0x100000),
+        Env(size=4 << 20, gpa=0x40000000, uva=0x5000_0000_0000),
+    )
     try:
         g1, g2 = Guest(e1), Guest(e2, mrg=True, rx_buf=700)
         g2.post_rx(8)
@@ -177,7 +189,7 @@ def test_fwd_between_two_memories():
         out, i = [], 0
         while i < len(raws):
             nb = int.from_bytes(raws[i][10:12], "little")
-            out.append(b"".join(raws[i:i + nb])[HDR:])
+            out.append(b"".join(raws[i : i + nb])[HDR:])
             i += nb
         assert out == frames
         assert len(g1.tx_drv.get_used()) == 3
@@ -207,6 +219,7 @@ def test_fwd_broken_rx_does_not_break_tx(env):
 
 
 # ---- fd paths -----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def seqpacket():
@@ -273,7 +286,7 @@ def test_rx_from_fd(env, seqpacket, mrg):
     while i < len(raws):
         nb = int.from_bytes(raws[i][10:12], "little")
         assert nb == (2 if mrg and len(frames[len(out)]) > 1000 else 1)
-        out.append(b"".join(raws[i:i + nb])[HDR:])
+        out.append(b"".join(raws[i : i + nb])[HDR:])
         i += nb
     assert out == frames
 
@@ -300,6 +313,7 @@ def test_rx_from_pipe(env):
 
 
 # ---- switch -------------------------------------------------------------------------------------
+
 
 def test_switch_learning_and_flooding(env):
     a, b, c = Guest(env), Guest(env), Guest(env)

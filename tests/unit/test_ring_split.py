@@ -50,8 +50,9 @@ def _irqs(fd: int) -> int:
 
 OPS = st.lists(
     st.one_of(
-        st.tuples(st.just("add"), st.integers(1, 4), st.integers(0, 2), st.booleans(),
-                  st.integers(0, 200)),
+        st.tuples(
+            st.just("add"), st.integers(1, 4), st.integers(0, 2), st.booleans(), st.integers(0, 200)
+        ),
         st.tuples(st.just("publish")),
         st.tuples(st.just("serve"), st.integers(0, 40)),
         st.tuples(st.just("used")),
@@ -116,8 +117,11 @@ def test_random_tx_sequences(ops, start, event_idx, size):
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     start=START_IDX,
-    chains=st.lists(st.tuples(st.lists(st.integers(1, 40), min_size=1, max_size=4), st.booleans()),
-                    min_size=1, max_size=20),
+    chains=st.lists(
+        st.tuples(st.lists(st.integers(1, 40), min_size=1, max_size=4), st.booleans()),
+        min_size=1,
+        max_size=20,
+    ),
     frame_len=st.integers(0, 100),
 )
 def test_rx_fill_writes_header_and_frame(start, chains, frame_len):
@@ -149,6 +153,7 @@ def test_rx_fill_writes_header_and_frame(start, chains, frame_len):
 
 # ---- notification suppression -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("start", [0, 65533])
 def test_kick_suppression_flags(env, start):
     drv, dev = env.pair(16, start_idx=start)
@@ -162,9 +167,13 @@ def test_kick_suppression_flags(env, start):
     assert dev.pending() == 2
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(start=START_IDX, rounds=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 6)),
-                                        max_size=30))
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    start=START_IDX,
+    rounds=st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.integers(0, 6)), max_size=30),
+)
 def test_kick_suppression_event_idx(env, start, rounds):
     """publish() says kick exactly when vring_need_event(avail_event, new, old) holds."""
     env2 = Env(size=1 << 20)
@@ -196,7 +205,9 @@ def test_kick_suppression_event_idx(env, start, rounds):
 @given(
     start=START_IDX,
     event_idx=st.booleans(),
-    rounds=st.lists(st.tuples(st.integers(0, 6), st.integers(0, 65535), st.booleans()), max_size=30),
+    rounds=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(0, 65535), st.booleans()), max_size=30
+    ),
 )
 def test_interrupt_suppression(start, event_idx, rounds):
     """The device writes the call fd exactly when the spec says the driver wants it."""
@@ -258,6 +269,7 @@ def test_signal_publishes_nothing_twice(env):
 
 # ---- hostile guests -----------------------------------------------------------------------------
 
+
 def _loop(drv, env, size):
     drv.write_desc(0, env.buf, 64, VRING_DESC_F_NEXT, 1)
     drv.write_desc(1, env.buf, 64, VRING_DESC_F_NEXT, 0)
@@ -273,18 +285,30 @@ def _head_out_of_range(drv, env, size):
     drv.push_avail(size + 3)
 
 
-def _indirect(drv, env, table: list[tuple[int, int, int, int]], length: int | None = None,
-              flags: int = VRING_DESC_F_INDIRECT):
+def _indirect(
+    drv,
+    env,
+    table: list[tuple[int, int, int, int]],
+    length: int | None = None,
+    flags: int = VRING_DESC_F_INDIRECT,
+):
     t = env.alloc(16 * max(1, len(table)), 16)
     for i, (a, n, f, nx) in enumerate(table):
-        env.write(t + 16 * i, a.to_bytes(8, "little") + n.to_bytes(4, "little")
-                  + f.to_bytes(2, "little") + nx.to_bytes(2, "little"))
+        env.write(
+            t + 16 * i,
+            a.to_bytes(8, "little")
+            + n.to_bytes(4, "little")
+            + f.to_bytes(2, "little")
+            + nx.to_bytes(2, "little"),
+        )
     drv.write_desc(0, t, 16 * len(table) if length is None else length, flags, 0)
     drv.push_avail(0)
 
 
 def _nested_indirect(drv, env, size):
-    _indirect(drv, env, [(env.buf, 64, VRING_DESC_F_NEXT, 1), (env.buf, 16, VRING_DESC_F_INDIRECT, 0)])
+    _indirect(
+        drv, env, [(env.buf, 64, VRING_DESC_F_NEXT, 1), (env.buf, 16, VRING_DESC_F_INDIRECT, 0)]
+    )
 
 
 def _indirect_len_not_16(drv, env, size):
@@ -343,10 +367,22 @@ def _avail_jump(drv, env, size):
 
 
 HOSTILE = [
-    _loop, _next_out_of_range, _head_out_of_range, _nested_indirect, _indirect_len_not_16,
-    _indirect_too_big, _indirect_with_next, _indirect_loop, _indirect_next_outside,
-    _indirect_table_outside, _addr_below_region, _addr_overflow, _straddles_end, _huge_len,
-    _readable_after_writable, _avail_jump,
+    _loop,
+    _next_out_of_range,
+    _head_out_of_range,
+    _nested_indirect,
+    _indirect_len_not_16,
+    _indirect_too_big,
+    _indirect_with_next,
+    _indirect_loop,
+    _indirect_next_outside,
+    _indirect_table_outside,
+    _addr_below_region,
+    _addr_overflow,
+    _straddles_end,
+    _huge_len,
+    _readable_after_writable,
+    _avail_jump,
 ]
 
 
@@ -365,8 +401,12 @@ def test_hostile_breaks_only_that_queue(env, corrupt, start):
         net.tx_sink(dev, 8, 1 << 20)
     assert dev.broken and dev.broken in str(ei.value)
     used_before = drv.read_used_idx()
-    for op in (lambda: net.tx_sink(dev, 8, 1 << 20), dev.pending, dev.signal,
-               lambda: net.rx_fill(dev, b"x" * 60, 4)):
+    for op in (
+        lambda: net.tx_sink(dev, 8, 1 << 20),
+        dev.pending,
+        dev.signal,
+        lambda: net.rx_fill(dev, b"x" * 60, 4),
+    ):
         with pytest.raises(GuestError):
             op()
     assert drv.read_used_idx() == used_before  # a broken queue publishes nothing more
@@ -389,10 +429,21 @@ def test_rx_chain_with_readable_buffer_breaks(env):
 
 
 @settings(max_examples=300, deadline=None)
-@given(descs=st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1),
-                                st.integers(0, 7), st.integers(0, 20)), min_size=8, max_size=8),
-       heads=st.lists(st.integers(0, 20), max_size=8),
-       jump=st.integers(0, 65535), table=st.binary(min_size=0, max_size=256))
+@given(
+    descs=st.lists(
+        st.tuples(
+            st.integers(0, 2**64 - 1),
+            st.integers(0, 2**32 - 1),
+            st.integers(0, 7),
+            st.integers(0, 20),
+        ),
+        min_size=8,
+        max_size=8,
+    ),
+    heads=st.lists(st.integers(0, 20), max_size=8),
+    jump=st.integers(0, 65535),
+    table=st.binary(min_size=0, max_size=256),
+)
 def test_fuzz_never_crashes(descs, heads, jump, table):
     """Random descriptor tables: either served or a GuestError, never a crash or a hang."""
     env = Env(size=1 << 20)
@@ -428,6 +479,7 @@ def test_layout_matches_spec():
 
 # ---- regression: notification races -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_no_lost_kicks(event_idx):
     """A device that sleeps on its kick fd between batches (disable, drain, enable, re-check) and a
@@ -454,8 +506,9 @@ def test_no_lost_kicks(event_idx):
                 if dev.pending() == 0:  # re-check after enabling, then sleep
                     r, _, _ = select.select([kick], [], [], 5.0)
                     if not r:
-                        stalls.append(f"device slept 5 s with {dev.pending()} pending, "
-                                      f"served {served}")
+                        stalls.append(
+                            f"device slept 5 s with {dev.pending()} pending, served {served}"
+                        )
                         return
                     os.read(kick, 8)
                 while True:
@@ -484,8 +537,10 @@ def test_no_lost_kicks(event_idx):
                     t0 = time.monotonic()
                     r, _, _ = select.select([call], [], [], 5.0)
                     if not r and not drv.more_used():
-                        irq_stalls.append(f"driver waited {time.monotonic() - t0:.1f} s for an "
-                                          f"interrupt, used {drv.read_used_idx()}")
+                        irq_stalls.append(
+                            f"driver waited {time.monotonic() - t0:.1f} s for an "
+                            f"interrupt, used {drv.read_used_idx()}"
+                        )
                 try:
                     os.read(call, 8)
                 except BlockingIOError:

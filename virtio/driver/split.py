@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from virtio.errors import VhostError
 
 __all__ = [
-    "DriverQueue",
+    "VRING_AVAIL_F_NO_INTERRUPT",
+    "VRING_DESC_F_INDIRECT",
     "VRING_DESC_F_NEXT",
     "VRING_DESC_F_WRITE",
-    "VRING_DESC_F_INDIRECT",
     "VRING_USED_F_NO_NOTIFY",
-    "VRING_AVAIL_F_NO_INTERRUPT",
+    "DriverQueue",
     "vring_need_event",
 ]
 
@@ -160,7 +160,9 @@ class DriverQueue:
                 nxt = i + 1 if i + 1 < len(bufs) else 0
                 fl = flags | (VRING_DESC_F_NEXT if i + 1 < len(bufs) else 0)
                 _DESC.pack_into(self._mem, table_off + 16 * i, addr, length, fl, nxt)
-            self.write_desc(head, self.base_gpa + table_off, 16 * len(bufs), VRING_DESC_F_INDIRECT, 0)
+            self.write_desc(
+                head, self.base_gpa + table_off, 16 * len(bufs), VRING_DESC_F_INDIRECT, 0
+            )
             self._chains[head] = [head]
         else:
             if len(bufs) > len(self._free):
@@ -239,8 +241,12 @@ class DriverQueue:
         if not 0 <= i < self.size:
             raise IndexError(f"descriptor {i} outside a ring of {self.size}")
         _DESC.pack_into(
-            self._mem, self._desc_off + 16 * i, addr & (2**64 - 1), length & 0xFFFFFFFF,
-            flags & 0xFFFF, next_ & 0xFFFF,
+            self._mem,
+            self._desc_off + 16 * i,
+            addr & (2**64 - 1),
+            length & 0xFFFFFFFF,
+            flags & 0xFFFF,
+            next_ & 0xFFFF,
         )
 
     def push_avail(self, head: int) -> None:
