@@ -52,11 +52,11 @@ from pathlib import Path
 __all__ = [
     "BUILDER_VERSION",
     "DEFAULT_MODULES",
-    "GuestBuildError",
-    "GuestImage",
     "INIT_SCRIPT",
     "JOB_LIB",
     "CpioWriter",
+    "GuestBuildError",
+    "GuestImage",
     "build_image",
     "cache_dir",
     "module_depends",

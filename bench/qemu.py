@@ -144,7 +144,7 @@ class Guest:
         return args + list(self.extra_args)
 
     # ---------------------------------------------------------------- life cycle
-    def start(self) -> "Guest":
+    def start(self) -> Guest:
         if self._proc is not None:
             raise RuntimeError(f"guest {self.name} already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +207,7 @@ class Guest:
             self._reader.join(timeout=5)
         return proc.returncode
 
-    def __enter__(self) -> "Guest":
+    def __enter__(self) -> Guest:
         return self.start()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

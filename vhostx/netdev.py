@@ -19,10 +19,8 @@ was asked and what the kernel answered.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
-import functools
 import fcntl
 import ipaddress
 import itertools
@@ -35,23 +33,22 @@ from enum import IntFlag
 from types import TracebackType
 from typing import Any, TypeVar
 
-from pyroute2 import IPRoute, NetNS
-from pyroute2 import netns as _netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from virtio.errors import ConfigError
 
 __all__ = [
+    "IFF_NO_PI",
+    "IFF_TAP",
+    "IFF_VNET_HDR",
+    "TUNSETIFF",
+    "TUNSETOFFLOAD",
+    "TUNSETVNETHDRSZ",
     "Bridge",
     "Netns",
     "Offload",
     "Tap",
-    "TUNSETIFF",
-    "TUNSETOFFLOAD",
-    "TUNSETVNETHDRSZ",
-    "IFF_TAP",
-    "IFF_NO_PI",
-    "IFF_VNET_HDR",
     "netns_exists",
     "open_tap",
     "unique_name",
@@ -73,35 +70,42 @@ _NETNS_DIR = "/run/netns"
 T = TypeVar("T")
 
 
-def _off_loop(fn: Callable[..., T]) -> Callable[..., T]:
-    """Run ``fn`` on a short-lived helper thread when the calling thread runs an asyncio loop.
+def _in_thread(netns: str | None, fn: Callable[[], T], *, timeout: float | None = None,
+               what: str = "netlink") -> T:
+    """Run ``fn()`` on a fresh short-lived thread, inside network namespace ``netns`` (setns on
+    that thread only) or in this process's namespace, and return its result or raise its error.
 
-    pyroute2 0.9's synchronous IPRoute/NetNS drive an event loop of their own and fail with
-    "this event loop is already running" on the daemon's main thread (uvloop); a thread without
-    a loop is fine. The caller blocks until the netlink work is done (milliseconds, at setup)."""
+    Why a thread: pyroute2 0.9's synchronous IPRoute drives an event loop of its own and fails
+    with "this event loop is already running" on a thread whose loop runs (the daemon's main
+    thread); and entering a namespace must not move the caller's thread. pyroute2's own NetNS is
+    not used: it forks a helper process with a short timeout and retries, which proved fragile
+    on a loaded 2-core machine (interfaces configured in the wrong namespace)."""
+    box: dict[str, Any] = {}
 
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
+    def body() -> None:
         try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return fn(*args, **kwargs)
-        box: dict[str, Any] = {}
+            if netns is not None:
+                try:
+                    fd = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError as e:
+                    raise ConfigError(f"netns={netns!r}: no such namespace "
+                                      f"({_NETNS_DIR}/{netns} does not exist)") from e
+                try:
+                    _libc_setns(fd)
+                finally:
+                    os.close(fd)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller
+            box["error"] = e
 
-        def body() -> None:
-            try:
-                box["value"] = fn(*args, **kwargs)
-            except BaseException as e:  # handed to the caller
-                box["error"] = e
-
-        thread = threading.Thread(target=body, name=f"netlink-{fn.__name__}")
-        thread.start()
-        thread.join()
-        if "error" in box:
-            raise box["error"]
-        return box["value"]  # type: ignore[no-any-return]
-
-    return wrapper
+    thread = threading.Thread(target=body, name=f"{what}-{netns or 'host'}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"netns {netns}: {what} still running after {timeout} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 class Offload(IntFlag):
@@ -158,64 +162,74 @@ def _check_netns_name(name: str) -> None:
                           "without '/'")
 
 
-@_off_loop
+def _ip_netns(action: str, name: str) -> None:
+    try:
+        subprocess.run(["ip", "netns", action, name], check=True, capture_output=True, text=True,
+                       timeout=30)
+    except FileNotFoundError as e:
+        raise ConfigError(f"netns={name!r}: cannot {action} it: the ip command (iproute2) "
+                          "is not installed") from e
+    except subprocess.CalledProcessError as e:
+        raise ConfigError(f"netns={name!r}: ip netns {action} failed with status "
+                          f"{e.returncode}: {e.stderr.strip()}") from e
+
+
 def _create_netns(name: str) -> None:
     _check_netns_name(name)
-    try:
-        _netns.create(name)
-    except (OSError, NetlinkError) as e:
-        raise ConfigError(f"netns={name!r}: cannot create the namespace: {_errmsg(e)}") from e
+    _ip_netns("add", name)
 
 
-@_off_loop
 def _remove_netns(name: str) -> None:
-    if not netns_exists(name):
-        return
-    try:
-        _netns.remove(name)
-    except (OSError, NetlinkError) as e:
-        raise ConfigError(f"netns={name!r}: cannot delete the namespace: {_errmsg(e)}") from e
+    if netns_exists(name):
+        _ip_netns("delete", name)
 
 
-@_off_loop
 def _configure_in(netns: str | None, ifname: str, address: str | None, up: bool,
                   mtu: int | None = None) -> None:
-    """Give ``ifname`` (in ``netns`` or the current namespace) an address and bring it up."""
+    """Give ``ifname`` (in ``netns`` or this process's namespace) an address and bring it up."""
     where = f"interface {ifname}" + (f" in netns {netns}" if netns else "")
-    ipr: IPRoute | NetNS = NetNS(netns) if netns else IPRoute()
-    try:
-        idx = ipr.link_lookup(ifname=ifname)
-        if not idx:
-            raise ConfigError(f"{where}: no such interface")
-        if mtu is not None:
-            ipr.link("set", index=idx[0], mtu=mtu)
-        if address:
-            iface = _check_address(address, where)
-            ipr.addr("add", index=idx[0], address=str(iface.ip), prefixlen=iface.network.prefixlen)
-        if up:
-            ipr.link("set", index=idx[0], state="up")
-            if netns:
-                lo = ipr.link_lookup(ifname="lo")
-                if lo:
-                    ipr.link("set", index=lo[0], state="up")
-    except NetlinkError as e:
-        raise ConfigError(f"{where}: cannot configure (address={address!r}, up={up}, mtu={mtu}): "
-                          f"{_errmsg(e)}") from e
-    finally:
-        ipr.close()
+    iface = _check_address(address, where) if address else None
+
+    def body() -> None:
+        with IPRoute() as ipr:
+            try:
+                idx = ipr.link_lookup(ifname=ifname)
+                if not idx:
+                    raise ConfigError(f"{where}: no such interface")
+                if mtu is not None:
+                    ipr.link("set", index=idx[0], mtu=mtu)
+                if iface is not None:
+                    ipr.addr("add", index=idx[0], address=str(iface.ip),
+                             prefixlen=iface.network.prefixlen)
+                if up:
+                    ipr.link("set", index=idx[0], state="up")
+                    if netns:
+                        lo = ipr.link_lookup(ifname="lo")
+                        if lo:
+                            ipr.link("set", index=lo[0], state="up")
+            except NetlinkError as e:
+                raise ConfigError(f"{where}: cannot configure (address={address!r}, up={up}, "
+                                  f"mtu={mtu}): {_errmsg(e)}") from e
+
+    _in_thread(netns, body, what="configure")
 
 
-@_off_loop
 def _move_to_netns(ifname: str, netns: str) -> None:
-    with IPRoute() as ipr:
+    def body() -> None:
+        nsfd = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
         try:
-            idx = ipr.link_lookup(ifname=ifname)
-            if not idx:
-                raise ConfigError(f"tap {ifname}: vanished after TUNSETIFF")
-            ipr.link("set", index=idx[0], net_ns_fd=netns)
-        except NetlinkError as e:
+            with IPRoute() as ipr:
+                idx = ipr.link_lookup(ifname=ifname)
+                if not idx:
+                    raise ConfigError(f"tap {ifname}: vanished after TUNSETIFF")
+                ipr.link("set", index=idx[0], net_ns_fd=nsfd)
+        except (NetlinkError, OSError) as e:
             raise ConfigError(f"tap {ifname}: cannot move it into netns {netns!r}: "
                               f"{_errmsg(e)}") from e
+        finally:
+            os.close(nsfd)
+
+    _in_thread(None, body, what="move")
 
 
 class Tap:
@@ -269,7 +283,7 @@ class Tap:
             self._owns_netns = False
             _remove_netns(self.netns)
 
-    def __enter__(self) -> "Tap":
+    def __enter__(self) -> Tap:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -340,55 +354,63 @@ class Bridge:
         self._closed = False
         self._create(address, up)
 
-    @_off_loop
     def _create(self, address: str | None, up: bool) -> None:
         name, netns = self.name, self.netns
-        with self._ipr() as ipr:
-            try:
-                ipr.link("add", ifname=name, kind="bridge")
-            except NetlinkError as e:
-                raise ConfigError(f"bridge {name}: cannot create it"
-                                  f"{' in netns ' + netns if netns else ''}: {_errmsg(e)}") from e
+
+        def body() -> None:
+            with IPRoute() as ipr:
+                try:
+                    ipr.link("add", ifname=name, kind="bridge")
+                except NetlinkError as e:
+                    raise ConfigError(f"bridge {name}: cannot create it"
+                                      f"{' in netns ' + netns if netns else ''}: "
+                                      f"{_errmsg(e)}") from e
+
+        _in_thread(netns, body, what="bridge")
         try:
             _configure_in(netns, name, address, up)
         except ConfigError:
             self.close()
             raise
 
-    def _ipr(self) -> IPRoute | NetNS:
-        return NetNS(self.netns) if self.netns else IPRoute()
-
-    @_off_loop
     def add_port(self, ifname: str) -> None:
         """Enslave ``ifname`` (in the bridge's namespace) to the bridge and bring it up."""
-        with self._ipr() as ipr:
-            try:
-                br = ipr.link_lookup(ifname=self.name)
-                idx = ipr.link_lookup(ifname=ifname)
-                if not br or not idx:
+        def body() -> None:
+            with IPRoute() as ipr:
+                try:
+                    br = ipr.link_lookup(ifname=self.name)
+                    idx = ipr.link_lookup(ifname=ifname)
+                    if not br or not idx:
+                        raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
+                                          f"{'bridge' if not br else 'interface'} not found")
+                    ipr.link("set", index=idx[0], master=br[0], state="up")
+                except NetlinkError as e:
                     raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
-                                      f"{'bridge' if not br else 'interface'} not found")
-                ipr.link("set", index=idx[0], master=br[0], state="up")
-            except NetlinkError as e:
-                raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
-                                  f"{_errmsg(e)}") from e
+                                      f"{_errmsg(e)}") from e
 
-    @_off_loop
+        _in_thread(self.netns, body, what="bridge")
+
     def close(self) -> None:
+        """Delete the bridge (its ports are released, not deleted). Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self.netns and not netns_exists(self.netns):
             return
-        with self._ipr() as ipr:
-            try:
-                idx = ipr.link_lookup(ifname=self.name)
-                if idx:
-                    ipr.link("del", index=idx[0])
-            except NetlinkError as e:
-                raise ConfigError(f"bridge {self.name}: cannot delete it: {_errmsg(e)}") from e
 
-    def __enter__(self) -> "Bridge":
+        def body() -> None:
+            with IPRoute() as ipr:
+                try:
+                    idx = ipr.link_lookup(ifname=self.name)
+                    if idx:
+                        ipr.link("del", index=idx[0])
+                except NetlinkError as e:
+                    raise ConfigError(f"bridge {self.name}: cannot delete it: "
+                                      f"{_errmsg(e)}") from e
+
+        _in_thread(self.netns, body, what="bridge")
+
+    def __enter__(self) -> Bridge:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -421,7 +443,7 @@ class Netns:
     def path(self) -> str:
         return os.path.join(_NETNS_DIR, self.name)
 
-    def create(self) -> "Netns":
+    def create(self) -> Netns:
         if netns_exists(self.name):
             raise ConfigError(f"netns={self.name!r}: already exists")
         _create_netns(self.name)
@@ -440,7 +462,7 @@ class Netns:
             self._created = False
             _remove_netns(self.name)
 
-    def __enter__(self) -> "Netns":
+    def __enter__(self) -> Netns:
         return self.create()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -473,33 +495,15 @@ class Netns:
         result (or raise its exception). Sockets it creates stay in the namespace after it
         returns, so ``ns.call(socket.create_server, ("10.200.1.1", 5000))`` gives a listening
         socket inside the namespace to use from any thread."""
-        box: dict[str, Any] = {}
+        return _in_thread(self.name, lambda: fn(*args), timeout=timeout, what="call")
 
-        def body() -> None:
-            try:
-                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _libc_setns(fd)
-                finally:
-                    os.close(fd)
-                box["value"] = fn(*args)
-            except BaseException as e:  # handed to the caller
-                box["error"] = e
-
-        thread = threading.Thread(target=body, name=f"netns-{self.name}", daemon=True)
-        thread.start()
-        thread.join(timeout)
-        if thread.is_alive():
-            raise TimeoutError(f"netns {self.name}: {fn!r} still running after {timeout} s")
-        if "error" in box:
-            raise box["error"]
-        return box["value"]  # type: ignore[no-any-return]
-
-    @_off_loop
     def links(self) -> list[str]:
         """Interface names in the namespace."""
-        with NetNS(self.name) as ns:
-            return [str(link.get("ifname")) for link in ns.get_links()]
+        def body() -> list[str]:
+            with IPRoute() as ipr:
+                return [str(link.get("ifname")) for link in ipr.get_links()]
+
+        return _in_thread(self.name, body, what="links")
 
     def configure(self, ifname: str, address: str | None = None, *, up: bool = True,
                   mtu: int | None = None) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-__all__ = ["guest_image", "e2e_dir", "netns", "unique", "subnet", "vhostx_daemon", "need_qemu"]
+__all__ = ["e2e_dir", "guest_image", "need_qemu", "netns", "subnet", "unique", "vhostx_daemon"]
 
 _serial = itertools.count(1)
 _subnets = itertools.count(10)
