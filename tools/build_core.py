@@ -34,6 +34,7 @@ ffibuilder.set_source(
     '#include "vx_core.h"\n',
     sources=[os.path.relpath(CORE / s, ROOT) for s in SOURCES],
     include_dirs=[os.path.relpath(CORE, ROOT)],
+    py_limited_api=False,  # same file name from setup.py build_ext and from this script
     extra_compile_args=["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"],
 )
 
