@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -31,7 +32,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
     "RunResult",
     "Scenario",
     "ScenarioSummary",
+    "cpu_seconds",
     "daemon_memory",
     "guest_mapping_rss_kb",
     "main",
@@ -65,6 +67,9 @@ BACKENDS = ("vhostx", "dpdk")
 CLIENT_CORE = 0
 BACKEND_CORE = 1
 MEMORY_TARGET_MB = 80.0
+# A run is "clean" when the busy-polling client had its core: other load on a 2-core machine
+# shows first as a client that got less than a full core during the window.
+CLEAN_CLIENT_CPU = 0.9
 
 
 @dataclass(frozen=True)
@@ -109,9 +114,12 @@ class RunResult:
     backend_pps: float | None  # the backend's own count of the same traffic, if it has one
     window_s: float
     client_tx_drops: int  # packets txonly could not enqueue (ring full) during the whole run
+    client_cpu: float | None  # cores the client process used during the window (ideal: 1.0)
+    backend_cpu: float | None  # cores the backend process used (DPDK polls: 1.0; vhostx may sleep)
     loadavg_before: tuple[float, float, float]
     started_at: float
     error: str | None = None
+    clean: bool = False  # client_cpu >= CLEAN_CLIENT_CPU
     client_log: str = ""
     backend_log: str = ""
 
@@ -130,6 +138,8 @@ class ScenarioSummary:
     ratio_min: float
     ratio_max: float
     ratio_spread_pct: float  # (max - min) / median * 100
+    clean_ratios: list[float]  # pairs where both runs were clean
+    clean_median_ratio: float
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,22 +257,40 @@ def _client(sock: str, sc: Scenario, args: argparse.Namespace, logs: Path) -> Te
     )
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process (all its threads), None if unreadable."""
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the command name may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _measure(client: Testpmd, sc: Scenario, warmup: float, duration: float,
-             backend_count: Any) -> tuple[float, float, float, float | None]:
-    """(pps, bps, window, backend_pps) over `duration` after `warmup`."""
+             backend_count: Any, backend_pid: int | None, result: RunResult) -> None:
+    """Fill result's pps, bps, window, backend_pps and CPU shares over `duration` after `warmup`."""
     time.sleep(warmup)
+    c0, k0 = cpu_seconds(client.pid), cpu_seconds(backend_pid)
     s0: StatsSample = client.port_stats()
     b0 = backend_count()
     time.sleep(duration)
     s1: StatsSample = client.port_stats()
     b1 = backend_count()
+    c1, k1 = cpu_seconds(client.pid), cpu_seconds(backend_pid)
     rates = s1.rates_since(s0)[0]
     key = "tx" if sc.direction == "guest_tx" else "rx"
-    window = s1.t - s0.t
-    backend_pps = None
+    result.window_s = s1.t - s0.t
+    result.pps, result.bps = rates[f"{key}_pps"], rates[f"{key}_bps"]
     if b0 is not None and b1 is not None:
-        backend_pps = (b1[1] - b0[1]) / (b1[0] - b0[0])
-    return rates[f"{key}_pps"], rates[f"{key}_bps"], window, backend_pps
+        result.backend_pps = (b1[1] - b0[1]) / (b1[0] - b0[0])
+    if c0 is not None and c1 is not None:
+        result.client_cpu = (c1 - c0) / result.window_s
+        result.clean = result.client_cpu >= CLEAN_CLIENT_CPU
+    if k0 is not None and k1 is not None:
+        result.backend_cpu = (k1 - k0) / result.window_s
 
 
 def run_once(backend: str, label: str, sc: Scenario, rep: int, args: argparse.Namespace,
@@ -272,7 +300,7 @@ def run_once(backend: str, label: str, sc: Scenario, rep: int, args: argparse.Na
     logs.mkdir(parents=True, exist_ok=True)
     rundir = Path(tempfile.mkdtemp(prefix=f"{backend}-{sc.name}-{rep}-", dir=workdir / "sockets"))
     sock = str(rundir / "net0.sock")
-    result = RunResult(backend, label, sc.name, rep, 0.0, 0.0, None, 0.0, 0,
+    result = RunResult(backend, label, sc.name, rep, 0.0, 0.0, None, 0.0, 0, None, None,
                        os.getloadavg(), time.time())
     client: Testpmd | None = None
     with ExitStack() as stack:
@@ -289,7 +317,10 @@ def run_once(backend: str, label: str, sc: Scenario, rep: int, args: argparse.Na
                     p = s.ports[0]
                     return s.t, (p.rx_packets if sc.direction == "guest_tx" else p.tx_packets)
 
-                start_backend = peer.start_forwarding
+                def start_backend() -> None:
+                    peer.start_forwarding()
+
+                backend_pid = peer.pid
             elif backend == "vhostx":
                 opts: dict[str, object] = {}
                 if sc.vhostx_port == "source":
@@ -308,8 +339,10 @@ def run_once(backend: str, label: str, sc: Scenario, rep: int, args: argparse.Na
                         return None
                     return None if n is None else (t, n)
 
-                def start_backend() -> None:
+                def start_backend() -> None:  # the daemon serves as soon as rings start
                     return None
+
+                backend_pid = daemon.pid
             else:
                 raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
 
@@ -321,9 +354,7 @@ def run_once(backend: str, label: str, sc: Scenario, rep: int, args: argparse.Na
             else:
                 client.start_forwarding()
                 start_backend()
-            pps, bps, window, bpps = _measure(client, sc, args.warmup, args.duration,
-                                              backend_count)
-            result.pps, result.bps, result.window_s, result.backend_pps = pps, bps, window, bpps
+            _measure(client, sc, args.warmup, args.duration, backend_count, backend_pid, result)
             fwd = client.stop_forwarding()
             result.client_tx_drops = sum(p.tx_dropped for p in fwd.ports.values())
         except (TestpmdError, OSError, RuntimeError, TimeoutError, ValueError) as exc:
@@ -340,8 +371,10 @@ def summarize(results: Sequence[RunResult], scenario: str, a: str, b: str) -> Sc
     ok = [r for r in results if r.scenario == scenario and r.error is None and r.pps > 0]
     a_by = {r.rep: r.pps for r in ok if r.label == "A"}
     b_by = {r.rep: r.pps for r in ok if r.label == "B"}
+    clean = {(r.label, r.rep) for r in ok if r.clean}
     reps = sorted(set(a_by) & set(b_by))
     ratios = [a_by[i] / b_by[i] for i in reps]
+    clean_ratios = [a_by[i] / b_by[i] for i in reps if ("A", i) in clean and ("B", i) in clean]
     med = statistics.median(ratios) if ratios else float("nan")
     lo = min(ratios) if ratios else float("nan")
     hi = max(ratios) if ratios else float("nan")
@@ -350,29 +383,38 @@ def summarize(results: Sequence[RunResult], scenario: str, a: str, b: str) -> Sc
         statistics.median(a_by.values()) if a_by else float("nan"),
         statistics.median(b_by.values()) if b_by else float("nan"),
         med, lo, hi, (hi - lo) / med * 100 if ratios and med > 0 else float("nan"),
+        clean_ratios, statistics.median(clean_ratios) if clean_ratios else float("nan"),
     )
 
 
 def _mpps(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{x / 1e6:.3f}"
+    return "-" if x is None or math.isnan(x) else f"{x / 1e6:.3f}"
+
+
+def _cpu(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def format_table(results: Sequence[RunResult], summaries: Sequence[ScenarioSummary]) -> str:
-    lines = [f"{'scenario':<15} {'rep':>3} {'backend':<10} {'Mpps':>8} {'Gbit/s':>7} "
-             f"{'backend Mpps':>12} {'load1':>5}  note"]
+    lines = [(f"{'scenario':<15} {'rep':>3} {'backend':<10} {'Mpps':>8} {'Gbit/s':>7} "
+              f"{'backend Mpps':>12} {'cpu c/b':>9} {'load1':>5}  note")]
     for r in results:
         label = f"{r.label}:{r.backend}"
         note = r.error.splitlines()[0][:60] if r.error else ""
         lines.append(f"{r.scenario:<15} {r.rep:>3} {label:<10} {_mpps(r.pps):>8} "
                      f"{r.bps / 1e9:>7.2f} {_mpps(r.backend_pps):>12} "
+                     f"{_cpu(r.client_cpu):>4}/{_cpu(r.backend_cpu):<4} "
                      f"{r.loadavg_before[0]:>5.2f}  {note}")
     lines.append("")
     lines.append(f"{'scenario':<15} {'A':<7} {'B':<7} {'median A Mpps':>13} {'median B Mpps':>13} "
-                 f"{'A/B median':>10} {'min':>6} {'max':>6} {'spread':>7} pairs")
+                 f"{'A/B median':>10} {'min':>6} {'max':>6} {'spread':>7} pairs  clean pairs: median")
     for s in summaries:
         lines.append(f"{s.scenario:<15} {s.a:<7} {s.b:<7} {_mpps(s.median_a):>13} "
                      f"{_mpps(s.median_b):>13} {s.median_ratio:>10.3f} {s.ratio_min:>6.3f} "
-                     f"{s.ratio_max:>6.3f} {s.ratio_spread_pct:>6.1f}% {len(s.ratios)}")
+                     f"{s.ratio_max:>6.3f} {s.ratio_spread_pct:>6.1f}% {len(s.ratios):>5}  "
+                     f"{len(s.clean_ratios):>11}: {s.clean_median_ratio:.3f}")
+    lines.append(f"(a run is clean when the client process got >= {CLEAN_CLIENT_CPU} of a core "
+                 "during its window: cpu c/b = client/backend cores used)")
     return "\n".join(lines)
 
 

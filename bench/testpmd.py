@@ -37,6 +37,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Self
 
 __all__ = [
     "PROMPT",
@@ -353,12 +354,16 @@ class StatsSample:
 # the process
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except OSError:
-        pass
+_prctl: Any = None
+try:  # resolved once here, so that the child only makes one foreign call before exec
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+    pass
+
+
+def _set_pdeathsig() -> None:  # runs in the child between fork and exec: no locks, no imports
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 @dataclass
@@ -472,7 +477,7 @@ class Testpmd:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> Testpmd:
+    def __enter__(self) -> Self:
         try:
             self.launch()
         except BaseException:
@@ -504,7 +509,7 @@ class Testpmd:
             argv = [stdbuf, "-o0", "-e0", *argv]
         self.proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            preexec_fn=_set_pdeathsig, close_fds=True,
+            preexec_fn=_set_pdeathsig, close_fds=True,  # noqa: PLW1509 - see _set_pdeathsig
         )
         self._reader = threading.Thread(target=self._read_output, name=f"{self.name}-reader",
                                         daemon=True)

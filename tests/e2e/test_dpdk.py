@@ -72,10 +72,9 @@ def client(testpmd_ok: str, e2e_dir: Path) -> Iterator[Callable[..., Testpmd]]:
     started: list[Testpmd] = []
 
     def make(sock: str, forward_mode: str, queues: int = 1, **kw: Any) -> Testpmd:
-        extra = {"rxq": queues, "txq": queues} if queues > 1 else {}
         tp = Testpmd([VirtioUserVdev(sock, queues=queues)], forward_mode=forward_mode,
                      forward_lcores=(CLIENT_CORE,), main_lcore=DAEMON_CORE, memory_mb=MEMORY_MB,
-                     log_dir=e2e_dir, name="client", **extra, **kw)
+                     rxq=queues, txq=queues, log_dir=e2e_dir, name="client", **kw)
         started.append(tp)
         tp.launch()
         return tp

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from bench.dpdk_compare import RunResult, guest_mapping_rss_kb, summarize
 from bench.testpmd import (
     StatsSample,
     VhostVdev,
@@ -163,6 +164,43 @@ PEER_CLEAR = """\
   NIC statistics for port 1 cleared
 """
 
+# /proc/PID/smaps of the vhostx daemon with one testpmd client (-m 256, --no-huge) connected,
+# four mappings kept (python binary, heap, anonymous, the client's memory), some fields dropped.
+DAEMON_SMAPS = """\
+558c91344000-558c91345000 r--p 00000000 fe:00 26723                      /root/.pyenv/versions/3.11.7/bin/python3.11
+Size:                  4 kB
+Rss:                   4 kB
+Pss:                   0 kB
+Shared_Clean:          4 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+VmFlags: rd mr mw me 
+558caed5a000-558caf2a2000 rw-p 00000000 00:00 0                          [heap]
+Size:               5408 kB
+Rss:                5360 kB
+Pss:                5360 kB
+Shared_Clean:          0 kB
+Private_Dirty:      5360 kB
+Anonymous:          5360 kB
+VmFlags: rd wr mr mw me ac 
+7f847c000000-7f847c021000 rw-p 00000000 00:00 0 
+Size:                132 kB
+Rss:                   8 kB
+Pss:                   8 kB
+Shared_Clean:          0 kB
+Private_Dirty:         8 kB
+Anonymous:             8 kB
+VmFlags: rd wr mr mw me nr 
+7f846c000000-7f847c000000 rw-s 00000000 00:01 8384                       /memfd:nohuge (deleted)
+Size:             262144 kB
+Rss:                2816 kB
+Pss:                1408 kB
+Shared_Clean:       2708 kB
+Private_Dirty:         0 kB
+Anonymous:             0 kB
+VmFlags: rd wr sh mr mw me ms 
+"""
+
 # Asynchronous lines testpmd and the vhost library print from other threads, as captured in a
 # peer's log while a client connected; they can land in the middle of a reply.
 ASYNC_LINES = """\
@@ -283,3 +321,31 @@ def test_vdev_devargs() -> None:
     assert v.devarg(3) == ("net_virtio_user3,path=/s.sock,queues=2,queue_size=1024,"
                            "mrg_rxbuf=0,in_order=1,packed_vq=1,server=1")
     assert VirtioUserVdev("/s.sock").devarg(0) == "net_virtio_user0,path=/s.sock,queues=1"
+
+
+def test_guest_mapping_rss_from_daemon_smaps() -> None:
+    # only the client's memfd counts as guest memory; heap and anonymous mappings do not
+    assert guest_mapping_rss_kb(DAEMON_SMAPS) == (2816, 1)
+    deleted_shm = DAEMON_SMAPS.replace("/memfd:nohuge (deleted)", "/dev/shm/guest0")
+    assert guest_mapping_rss_kb(deleted_shm) == (2816, 1)
+    assert guest_mapping_rss_kb("") == (0, 0)
+
+
+def _run(label: str, rep: int, pps: float, cpu: float = 1.0) -> RunResult:
+    return RunResult("vhostx" if label == "A" else "dpdk", label, "guest_tx_64", rep, pps,
+                     pps * 512, None, 5.0, 0, cpu, 1.0, (0.0, 0.0, 0.0), 0.0,
+                     clean=cpu >= 0.9)
+
+
+def test_summarize_pairs_and_clean_runs() -> None:
+    runs = [_run("A", 0, 10.0), _run("B", 0, 20.0), _run("A", 1, 12.0, cpu=0.5),
+            _run("B", 1, 20.0), _run("A", 2, 9.0), _run("B", 2, 10.0)]
+    failed = _run("A", 3, 0.0)
+    failed.error = "TestpmdError: boom"
+    s = summarize([*runs, failed, _run("B", 3, 5.0)], "guest_tx_64", "vhostx", "dpdk")
+    assert s.ratios == [0.5, 0.6, 0.9]  # the failed pair is left out
+    assert s.median_ratio == 0.6
+    assert (s.ratio_min, s.ratio_max) == (0.5, 0.9)
+    assert s.clean_ratios == [0.5, 0.9]
+    assert s.clean_median_ratio == pytest.approx(0.7)
+    assert s.median_a == 10.0 and s.median_b == 15.0  # medians use every successful run
