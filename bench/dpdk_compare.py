@@ -56,11 +56,13 @@ __all__ = [
     "cpu_seconds",
     "daemon_memory",
     "guest_mapping_rss_kb",
+    "idle_cores",
     "main",
     "memory_check",
     "run_once",
     "summarize",
     "vhostx_available",
+    "wait_quiet",
 ]
 
 BACKENDS = ("vhostx", "dpdk")
@@ -118,6 +120,7 @@ class RunResult:
     backend_cpu: float | None  # cores the backend process used (DPDK polls: 1.0; vhostx may sleep)
     loadavg_before: tuple[float, float, float]
     started_at: float
+    idle_before: float | None = None  # idle cores measured just before the run
     error: str | None = None
     clean: bool = False  # client_cpu >= CLEAN_CLIENT_CPU
     client_log: str = ""
@@ -183,6 +186,8 @@ def dimensions(args: argparse.Namespace) -> dict[str, Any]:
         "b": args.b,
         "repeats": args.repeats,
         "warmup_s": args.warmup,
+        "quiet_wait_s": args.quiet_wait,
+        "quiet_cores": args.quiet_cores,
         "duration_s": args.duration,
         "scenarios": {n: asdict(SCENARIOS[n]) for n in args.scenarios},
         "placement": {"client_forward_core": CLIENT_CORE, "backend_core": BACKEND_CORE},
@@ -255,6 +260,29 @@ def _client(sock: str, sc: Scenario, args: argparse.Namespace, logs: Path) -> Te
         txpkts=sc.size if sc.client_mode == "txonly" else None, burst=args.burst,
         memory_mb=args.memory_mb, log_dir=logs, name="client",
     )
+
+
+def idle_cores(sample_s: float = 1.0) -> float:
+    """Idle cores (idle + iowait) over `sample_s`, from /proc/stat."""
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])
+
+    i0, t0 = read()
+    time.sleep(sample_s)
+    i1, t1 = read()
+    cpus = os.cpu_count() or 1
+    return cpus * (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait: float, need_idle: float) -> float:
+    """Wait up to `max_wait` s until at least `need_idle` cores are idle; returns the last idle
+    figure (the run goes ahead anyway: its CPU shares tell whether it was disturbed)."""
+    deadline = time.monotonic() + max_wait
+    idle = idle_cores()
+    while idle < need_idle and time.monotonic() < deadline:
+        idle = idle_cores()
+    return idle
 
 
 def cpu_seconds(pid: int | None) -> float | None:
@@ -527,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-order", type=_tristate, default=None, help="0, 1 or default")
     p.add_argument("--packed-vq", type=_tristate, default=None, help="0, 1 or default")
     p.add_argument("--memory-mb", type=int, default=1024, help="testpmd -m")
+    p.add_argument("--quiet-wait", type=float, default=30.0,
+                   help="before each run, wait up to this many seconds for idle cores (0: off)")
+    p.add_argument("--quiet-cores", type=float, default=1.5,
+                   help="idle cores wanted before a run (default 1.5 of a 2-core machine)")
     p.add_argument("--param", action="append", default=[], help="vhostx --param name=value")
     p.add_argument("--memory", dest="memory", action="store_true", default=None,
                    help="run the 8-device memory check (default: when vhostx is A or B)")
@@ -564,7 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sc = SCENARIOS[name]
             for rep in range(args.repeats):
                 for label, backend in (("A", args.a), ("B", args.b)):
+                    idle = wait_quiet(args.quiet_wait, args.quiet_cores) if args.quiet_wait else None
                     r = run_once(backend, label, sc, rep, args, workdir)
+                    r.idle_before = idle
                     results.append(r)
                     print(f"{sc.name:<15} rep {rep} {label}:{backend:<7} "
                           + (f"{_mpps(r.pps)} Mpps" if r.error is None else f"FAILED {r.error[:200]}"),
