@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 from virtio.errors import GuestError
 
-__all__ = ["QueueWork", "Worker", "WorkStats", "WorkerStats", "TurnBudget"]
+__all__ = ["QueueWork", "TurnBudget", "WorkStats", "Worker", "WorkerStats"]
 
 log = logging.getLogger("vhostx.data")
 
@@ -239,7 +239,7 @@ class Worker:
         self._detach(work)
         try:
             work.broken(err)
-        except Exception:  # noqa: BLE001 - never let a callback kill the worker
+        except Exception:
             log.exception("error callback failed")
 
     def _serve_once(self) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
-__all__ = ["main", "control_request"]
+__all__ = ["control_request", "main"]
 
 
 def control_request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
@@ -52,7 +52,9 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from bench.demo import run_demo  # the CLI is the top of the stack: demo and bench live in bench/
+    from bench.demo import (
+        run_demo,  # the CLI is the top of the stack: demo and bench live in bench/
+    )
 
     return run_demo(seconds=args.seconds, port=args.port, size=args.size)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
-__all__ = ["DeviceConfig", "DaemonConfig", "load_config", "parse_device_spec", "PORTS"]
+__all__ = ["PORTS", "DaemonConfig", "DeviceConfig", "load_config", "parse_device_spec"]
 
 PORTS = ("sink", "echo", "source", "switch", "tap")
 DEVICE_TYPES = ("net",)

@@ -16,9 +16,9 @@ import logging
 import os
 import signal
 import time
+from sched.worker import Worker
 from typing import Any
 
-from sched.worker import Worker
 from virtio.errors import ConfigError
 
 from .config import DaemonConfig

@@ -17,9 +17,9 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from sched.worker import QueueWork, Worker
 from typing import Any
 
-from sched.worker import QueueWork, Worker
 from virtio import vhost_user as vu
 from virtio.errors import GuestError, RemoteProtocolError
 from virtio.memory import GuestMemory, MemoryRegion
@@ -27,7 +27,7 @@ from virtio.ring import DeviceQueue
 from virtio.vhost_user import ProtocolFeature as PF
 from virtio.vhost_user import Request as R
 
-__all__ = ["Vring", "VhostUserDevice", "Refused", "DISPATCH", "MAX_QUEUE_SIZE", "MAX_MEM_SLOTS"]
+__all__ = ["DISPATCH", "MAX_MEM_SLOTS", "MAX_QUEUE_SIZE", "Refused", "VhostUserDevice", "Vring"]
 
 log = logging.getLogger("vhostx.control")
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["rates", "stats_table", "render_stats_loop"]
+__all__ = ["rates", "render_stats_loop", "stats_table"]
 
 _RATE_KEYS = ("packets", "bytes", "interrupts", "interrupts_suppressed")
 

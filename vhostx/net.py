@@ -18,9 +18,9 @@ import logging
 import select
 import struct
 from collections.abc import Callable
+from sched.worker import QueueWork, Worker, WorkStats
 from typing import Any
 
-from sched.worker import QueueWork, WorkStats, Worker
 from virtio import features as vf
 from virtio import net as vnet
 from virtio.errors import ConfigError, GuestError

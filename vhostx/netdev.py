@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Sequence
 from enum import IntFlag
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -70,8 +70,9 @@ _NETNS_DIR = "/run/netns"
 T = TypeVar("T")
 
 
-def _in_thread(netns: str | None, fn: Callable[[], T], *, timeout: float | None = None,
-               what: str = "netlink") -> T:
+def _in_thread(
+    netns: str | None, fn: Callable[[], T], *, timeout: float | None = None, what: str = "netlink"
+) -> T:
     """Run ``fn()`` on a fresh short-lived thread, inside network namespace ``netns`` (setns on
     that thread only) or in this process's namespace, and return its result or raise its error.
 
@@ -88,14 +89,15 @@ def _in_thread(netns: str | None, fn: Callable[[], T], *, timeout: float | None 
                 try:
                     fd = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
                 except FileNotFoundError as e:
-                    raise ConfigError(f"netns={netns!r}: no such namespace "
-                                      f"({_NETNS_DIR}/{netns} does not exist)") from e
+                    raise ConfigError(
+                        f"netns={netns!r}: no such namespace ({_NETNS_DIR}/{netns} does not exist)"
+                    ) from e
                 try:
                     _libc_setns(fd)
                 finally:
                     os.close(fd)
             box["value"] = fn()
-        except BaseException as e:  # handed to the caller
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
 
     thread = threading.Thread(target=body, name=f"{what}-{netns or 'host'}", daemon=True)
@@ -127,8 +129,10 @@ def unique_name(prefix: str = "vx") -> str:
     characters (the interface name limit)."""
     name = f"{prefix}{os.getpid()}x{next(_counter)}"
     if len(name) > _IFNAMSIZ - 1:
-        raise ConfigError(f"generated name {name!r} is longer than 15 characters; "
-                          f"use a shorter prefix than {prefix!r}")
+        raise ConfigError(
+            f"generated name {name!r} is longer than 15 characters; "
+            f"use a shorter prefix than {prefix!r}"
+        )
     return name
 
 
@@ -144,11 +148,14 @@ def _check_address(address: str, where: str) -> ipaddress.IPv4Interface | ipaddr
     try:
         iface = ipaddress.ip_interface(address)
     except ValueError as e:
-        raise ConfigError(f"{where}: address={address!r}: expected ADDRESS/PREFIX such as "
-                          f"10.200.1.1/24 ({e})") from e
+        raise ConfigError(
+            f"{where}: address={address!r}: expected ADDRESS/PREFIX such as 10.200.1.1/24 ({e})"
+        ) from e
     if "/" not in address:
-        raise ConfigError(f"{where}: address={address!r}: expected ADDRESS/PREFIX with an explicit "
-                          "prefix length, such as 10.200.1.1/24")
+        raise ConfigError(
+            f"{where}: address={address!r}: expected ADDRESS/PREFIX with an explicit "
+            "prefix length, such as 10.200.1.1/24"
+        )
     return iface
 
 
@@ -158,20 +165,25 @@ def netns_exists(name: str) -> bool:
 
 def _check_netns_name(name: str) -> None:
     if not name or "/" in name or name in (".", "..") or len(name) > 64:
-        raise ConfigError(f"netns={name!r}: expected a namespace name of 1-64 characters "
-                          "without '/'")
+        raise ConfigError(
+            f"netns={name!r}: expected a namespace name of 1-64 characters without '/'"
+        )
 
 
 def _ip_netns(action: str, name: str) -> None:
     try:
-        subprocess.run(["ip", "netns", action, name], check=True, capture_output=True, text=True,
-                       timeout=30)
+        subprocess.run(
+            ["ip", "netns", action, name], check=True, capture_output=True, text=True, timeout=30
+        )
     except FileNotFoundError as e:
-        raise ConfigError(f"netns={name!r}: cannot {action} it: the ip command (iproute2) "
-                          "is not installed") from e
+        raise ConfigError(
+            f"netns={name!r}: cannot {action} it: the ip command (iproute2) is not installed"
+        ) from e
     except subprocess.CalledProcessError as e:
-        raise ConfigError(f"netns={name!r}: ip netns {action} failed with status "
-                          f"{e.returncode}: {e.stderr.strip()}") from e
+        raise ConfigError(
+            f"netns={name!r}: ip netns {action} failed with status "
+            f"{e.returncode}: {e.stderr.strip()}"
+        ) from e
 
 
 def _create_netns(name: str) -> None:
@@ -184,8 +196,9 @@ def _remove_netns(name: str) -> None:
         _ip_netns("delete", name)
 
 
-def _configure_in(netns: str | None, ifname: str, address: str | None, up: bool,
-                  mtu: int | None = None) -> None:
+def _configure_in(
+    netns: str | None, ifname: str, address: str | None, up: bool, mtu: int | None = None
+) -> None:
     """Give ``ifname`` (in ``netns`` or this process's namespace) an address and bring it up."""
     where = f"interface {ifname}" + (f" in netns {netns}" if netns else "")
     iface = _check_address(address, where) if address else None
@@ -199,8 +212,12 @@ def _configure_in(netns: str | None, ifname: str, address: str | None, up: bool,
                 if mtu is not None:
                     ipr.link("set", index=idx[0], mtu=mtu)
                 if iface is not None:
-                    ipr.addr("add", index=idx[0], address=str(iface.ip),
-                             prefixlen=iface.network.prefixlen)
+                    ipr.addr(
+                        "add",
+                        index=idx[0],
+                        address=str(iface.ip),
+                        prefixlen=iface.network.prefixlen,
+                    )
                 if up:
                     ipr.link("set", index=idx[0], state="up")
                     if netns:
@@ -208,8 +225,10 @@ def _configure_in(netns: str | None, ifname: str, address: str | None, up: bool,
                         if lo:
                             ipr.link("set", index=lo[0], state="up")
             except NetlinkError as e:
-                raise ConfigError(f"{where}: cannot configure (address={address!r}, up={up}, "
-                                  f"mtu={mtu}): {_errmsg(e)}") from e
+                raise ConfigError(
+                    f"{where}: cannot configure (address={address!r}, up={up}, "
+                    f"mtu={mtu}): {_errmsg(e)}"
+                ) from e
 
     _in_thread(netns, body, what="configure")
 
@@ -224,8 +243,9 @@ def _move_to_netns(ifname: str, netns: str) -> None:
                     raise ConfigError(f"tap {ifname}: vanished after TUNSETIFF")
                 ipr.link("set", index=idx[0], net_ns_fd=nsfd)
         except (NetlinkError, OSError) as e:
-            raise ConfigError(f"tap {ifname}: cannot move it into netns {netns!r}: "
-                              f"{_errmsg(e)}") from e
+            raise ConfigError(
+                f"tap {ifname}: cannot move it into netns {netns!r}: {_errmsg(e)}"
+            ) from e
         finally:
             os.close(nsfd)
 
@@ -236,8 +256,16 @@ class Tap:
     """An open TAP device. ``fd`` is non-blocking; frames carry a virtio-net header of
     ``vnet_hdr_len`` bytes. Closing the fd destroys the interface (it is not persistent)."""
 
-    def __init__(self, fd: int, name: str, *, vnet_hdr_len: int, offloads: int,
-                 netns: str | None, owns_netns: bool) -> None:
+    def __init__(
+        self,
+        fd: int,
+        name: str,
+        *,
+        vnet_hdr_len: int,
+        offloads: int,
+        netns: str | None,
+        owns_netns: bool,
+    ) -> None:
         self.fd = fd
         self.name = name
         self.vnet_hdr_len = vnet_hdr_len
@@ -256,21 +284,24 @@ class Tap:
         try:
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", length))
         except OSError as e:
-            raise ConfigError(f"tap {self.name}: TUNSETVNETHDRSZ {length} failed: "
-                              f"{_errmsg(e)}") from e
+            raise ConfigError(
+                f"tap {self.name}: TUNSETVNETHDRSZ {length} failed: {_errmsg(e)}"
+            ) from e
         self.vnet_hdr_len = length
 
     def set_offloads(self, offloads: int) -> None:
         """TUNSETOFFLOAD: the offloaded packets (``Offload`` flags) this fd's reader accepts."""
         flags = Offload(offloads)
         if flags & (Offload.TSO4 | Offload.TSO6 | Offload.TSO_ECN | Offload.UFO) and not (
-                flags & Offload.CSUM):
+            flags & Offload.CSUM
+        ):
             raise ConfigError(f"tap {self.name}: offloads={flags!r}: TSO/UFO need CSUM as well")
         try:
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, int(flags))
         except OSError as e:
-            raise ConfigError(f"tap {self.name}: TUNSETOFFLOAD {flags!r} failed: "
-                              f"{_errmsg(e)}") from e
+            raise ConfigError(
+                f"tap {self.name}: TUNSETOFFLOAD {flags!r} failed: {_errmsg(e)}"
+            ) from e
         self.offloads = flags
 
     def close(self) -> None:
@@ -283,17 +314,28 @@ class Tap:
             self._owns_netns = False
             _remove_netns(self.netns)
 
-    def __enter__(self) -> Tap:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
-def open_tap(name: str | None = None, *, vnet_hdr_len: int = 12, offloads: int = 0,
-             netns: str | None = None, address: str | None = None, mtu: int | None = None,
-             up: bool = True) -> Tap:
+def open_tap(
+    name: str | None = None,
+    *,
+    vnet_hdr_len: int = 12,
+    offloads: int = 0,
+    netns: str | None = None,
+    address: str | None = None,
+    mtu: int | None = None,
+    up: bool = True,
+) -> Tap:
     """Create a TAP interface (``name``, or ``tapN`` chosen by the kernel) opened by this process.
 
     With ``netns`` the interface is moved into that namespace (created if absent, and then deleted
@@ -318,8 +360,7 @@ def open_tap(name: str | None = None, *, vnet_hdr_len: int = 12, offloads: int =
         except OSError as e:
             raise ConfigError(f"tap {name or '(new)'}: TUNSETIFF failed: {_errmsg(e)}") from e
         actual = _IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
-        tap = Tap(fd, actual, vnet_hdr_len=vnet_hdr_len, offloads=0, netns=None,
-                  owns_netns=False)
+        tap = Tap(fd, actual, vnet_hdr_len=vnet_hdr_len, offloads=0, netns=None, owns_netns=False)
         tap.set_vnet_hdr_len(vnet_hdr_len)
         tap.set_offloads(offloads)
         if netns is not None:
@@ -345,8 +386,9 @@ def open_tap(name: str | None = None, *, vnet_hdr_len: int = 12, offloads: int =
 class Bridge:
     """A Linux bridge (in ``netns`` or the current namespace); ``close`` deletes it."""
 
-    def __init__(self, name: str, *, netns: str | None = None, address: str | None = None,
-                 up: bool = True) -> None:
+    def __init__(
+        self, name: str, *, netns: str | None = None, address: str | None = None, up: bool = True
+    ) -> None:
         if not name or len(name) > _IFNAMSIZ - 1:
             raise ConfigError(f"bridge name={name!r}: expected 1-15 characters")
         self.name = name
@@ -362,9 +404,11 @@ class Bridge:
                 try:
                     ipr.link("add", ifname=name, kind="bridge")
                 except NetlinkError as e:
-                    raise ConfigError(f"bridge {name}: cannot create it"
-                                      f"{' in netns ' + netns if netns else ''}: "
-                                      f"{_errmsg(e)}") from e
+                    raise ConfigError(
+                        f"bridge {name}: cannot create it"
+                        f"{' in netns ' + netns if netns else ''}: "
+                        f"{_errmsg(e)}"
+                    ) from e
 
         _in_thread(netns, body, what="bridge")
         try:
@@ -375,18 +419,22 @@ class Bridge:
 
     def add_port(self, ifname: str) -> None:
         """Enslave ``ifname`` (in the bridge's namespace) to the bridge and bring it up."""
+
         def body() -> None:
             with IPRoute() as ipr:
                 try:
                     br = ipr.link_lookup(ifname=self.name)
                     idx = ipr.link_lookup(ifname=ifname)
                     if not br or not idx:
-                        raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
-                                          f"{'bridge' if not br else 'interface'} not found")
+                        raise ConfigError(
+                            f"bridge {self.name}: cannot add {ifname}: "
+                            f"{'bridge' if not br else 'interface'} not found"
+                        )
                     ipr.link("set", index=idx[0], master=br[0], state="up")
                 except NetlinkError as e:
-                    raise ConfigError(f"bridge {self.name}: cannot add {ifname}: "
-                                      f"{_errmsg(e)}") from e
+                    raise ConfigError(
+                        f"bridge {self.name}: cannot add {ifname}: {_errmsg(e)}"
+                    ) from e
 
         _in_thread(self.netns, body, what="bridge")
 
@@ -405,16 +453,19 @@ class Bridge:
                     if idx:
                         ipr.link("del", index=idx[0])
                 except NetlinkError as e:
-                    raise ConfigError(f"bridge {self.name}: cannot delete it: "
-                                      f"{_errmsg(e)}") from e
+                    raise ConfigError(f"bridge {self.name}: cannot delete it: {_errmsg(e)}") from e
 
         _in_thread(self.netns, body, what="bridge")
 
-    def __enter__(self) -> Bridge:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
 
@@ -443,7 +494,7 @@ class Netns:
     def path(self) -> str:
         return os.path.join(_NETNS_DIR, self.name)
 
-    def create(self) -> Netns:
+    def create(self) -> Self:
         if netns_exists(self.name):
             raise ConfigError(f"netns={self.name!r}: already exists")
         _create_netns(self.name)
@@ -462,27 +513,35 @@ class Netns:
             self._created = False
             _remove_netns(self.name)
 
-    def __enter__(self) -> Netns:
+    def __enter__(self) -> Self:
         return self.create()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.delete()
 
     def exec_prefix(self) -> list[str]:
         return ["ip", "netns", "exec", self.name]
 
-    def run(self, cmd: Sequence[str], *, check: bool = True, timeout: float | None = 60,
-            **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+    def run(
+        self, cmd: Sequence[str], *, check: bool = True, timeout: float | None = 60, **kwargs: Any
+    ) -> subprocess.CompletedProcess[Any]:
         """Run ``cmd`` inside the namespace (``ip netns exec``) and wait for it."""
         kwargs.setdefault("capture_output", True)
         kwargs.setdefault("text", True)
         try:
-            return subprocess.run(self.exec_prefix() + list(cmd), check=check, timeout=timeout,
-                                  **kwargs)
+            return subprocess.run(
+                self.exec_prefix() + list(cmd), check=check, timeout=timeout, **kwargs
+            )
         except subprocess.CalledProcessError as e:
-            raise ConfigError(f"netns {self.name}: {' '.join(cmd)} exited {e.returncode}: "
-                              f"{(e.stderr or '').strip()[-300:]}") from e
+            raise ConfigError(
+                f"netns {self.name}: {' '.join(cmd)} exited {e.returncode}: "
+                f"{(e.stderr or '').strip()[-300:]}"
+            ) from e
 
     def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
         """Start ``cmd`` inside the namespace; it is killed by ``delete()``."""
@@ -499,13 +558,15 @@ class Netns:
 
     def links(self) -> list[str]:
         """Interface names in the namespace."""
+
         def body() -> list[str]:
             with IPRoute() as ipr:
                 return [str(link.get("ifname")) for link in ipr.get_links()]
 
         return _in_thread(self.name, body, what="links")
 
-    def configure(self, ifname: str, address: str | None = None, *, up: bool = True,
-                  mtu: int | None = None) -> None:
+    def configure(
+        self, ifname: str, address: str | None = None, *, up: bool = True, mtu: int | None = None
+    ) -> None:
         """Give ``ifname`` inside the namespace an address and bring it up."""
         _configure_in(self.name, ifname, address, up, mtu)

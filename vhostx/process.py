@@ -22,7 +22,7 @@ from typing import Any
 
 from .cli import control_request
 
-__all__ = ["DaemonProcess", "DaemonFailed"]
+__all__ = ["DaemonFailed", "DaemonProcess"]
 
 
 class DaemonFailed(RuntimeError):
@@ -81,15 +81,12 @@ class DaemonProcess:
 
     def start(self, timeout: float = 15.0) -> DaemonProcess:
         logf = open(self.log_path, "wb")
-        cpus = self.cpus
-
-        def preexec() -> None:
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
         self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                     preexec_fn=preexec, stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL)
         logf.close()
+        if self.cpus:
+            # Pinned before its threads exist: they inherit the mask.
+            os.sched_setaffinity(self.proc.pid, self.cpus)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.proc.poll() is not None:

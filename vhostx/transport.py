@@ -20,7 +20,7 @@ from pathlib import Path
 
 from virtio.errors import ConfigError, RemoteProtocolError
 
-__all__ = ["Channel", "listen_unix", "connect_unix", "MAX_FDS"]
+__all__ = ["MAX_FDS", "Channel", "connect_unix", "listen_unix"]
 
 log = logging.getLogger("vhostx.control")
 
@@ -47,7 +47,7 @@ class Channel:
             except (BlockingIOError, InterruptedError):
                 fut: asyncio.Future[None] = self._loop.create_future()
 
-                def ready() -> None:
+                def ready(fut: asyncio.Future[None] = fut) -> None:
                     if not fut.done():
                         fut.set_result(None)
 

@@ -249,7 +249,7 @@ def test_get_config_reports_mac_and_pairs(daemon_factory) -> None:
         assert fe.has_pf(9)
 
         reply = fe.call(Request.GET_CONFIG, Config(0, 12, 0, bytes(12)))
-        mac, status, pairs, mtu = struct.unpack("<6sHHH", reply.payload)
+        mac, _status, pairs, mtu = struct.unpack("<6sHHH", reply.payload)
         assert (mac.hex(), pairs, mtu) == ("525400123456", 2, 9000)
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from sched.worker import Worker, WorkStats
 
 import pytest
 
-from sched.worker import Worker, WorkStats
 from virtio.errors import GuestError
 
 
