@@ -187,14 +187,34 @@ class CpioWriter:
         self._ino = 1
         self._dirs: set[str] = set()
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", *, rdev: tuple[int, int] = (0, 0),
-               nlink: int = 1) -> None:
+    def _entry(
+        self,
+        name: str,
+        mode: int,
+        data: bytes = b"",
+        *,
+        rdev: tuple[int, int] = (0, 0),
+        nlink: int = 1,
+    ) -> None:
         name = name.lstrip("/")
         encoded = name.encode() + b"\0"
         header = "070701" + "".join(
             f"{v:08X}"
-            for v in (self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1],
-                      len(encoded), 0)
+            for v in (
+                self._ino,
+                mode,
+                0,
+                0,
+                nlink,
+                0,
+                len(data),
+                0,
+                0,
+                rdev[0],
+                rdev[1],
+                len(encoded),
+                0,
+            )
         )
         self._ino += 1
         buf = header.encode() + encoded
@@ -245,25 +265,25 @@ def _gzip_cpio(build: Iterable[tuple[str, tuple[object, ...]]]) -> bytes:
 def _elf_sections(data: bytes) -> dict[str, bytes]:
     if data[:4] != b"\x7fELF" or data[4] != 2:
         raise GuestBuildError("not a 64-bit ELF file")
-    shoff, = struct.unpack_from("<Q", data, 0x28)
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
     shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
     headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
     strtab = headers[shstrndx]
-    names = data[strtab[4]:strtab[4] + strtab[5]]
+    names = data[strtab[4] : strtab[4] + strtab[5]]
     out: dict[str, bytes] = {}
     for h in headers:
-        name = names[h[0]:names.index(b"\0", h[0])].decode()
-        out[name] = data[h[4]:h[4] + h[5]]
+        name = names[h[0] : names.index(b"\0", h[0])].decode()
+        out[name] = data[h[4] : h[4] + h[5]]
     return out
 
 
 def _elf_is_static(data: bytes) -> bool:
     if data[:4] != b"\x7fELF":
         return False
-    phoff, = struct.unpack_from("<Q", data, 0x20)
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
     for i in range(phnum):
-        p_type, = struct.unpack_from("<I", data, phoff + i * phentsize)
+        (p_type,) = struct.unpack_from("<I", data, phoff + i * phentsize)
         if p_type == 3:  # PT_INTERP
             return False
     return True
@@ -276,7 +296,9 @@ def _read_module(path: Path) -> bytes:
         return lzma.decompress(data)
     if path.name.endswith(".zst"):
         try:
-            return subprocess.run(["zstd", "-dc", str(path)], check=True, capture_output=True).stdout
+            return subprocess.run(
+                ["zstd", "-dc", str(path)], check=True, capture_output=True
+            ).stdout
         except (OSError, subprocess.CalledProcessError) as e:
             raise GuestBuildError(f"cannot decompress {path}: zstd failed ({e})") from e
     return data
@@ -316,8 +338,9 @@ def _module_closure(moddir: Path, wanted: Sequence[str]) -> list[tuple[str, byte
         path = index.get(name)
         if path is None:
             builtin = moddir / "modules.builtin"
-            if builtin.exists() and re.search(rf"/{re.escape(name)}\.ko\b",
-                                              builtin.read_text().replace("-", "_")):
+            if builtin.exists() and re.search(
+                rf"/{re.escape(name)}\.ko\b", builtin.read_text().replace("-", "_")
+            ):
                 done.add(name)
                 return
             raise GuestBuildError(f"module {name} not found under {moddir} (nor built in)")
@@ -343,8 +366,10 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("VHOSTX_CACHE") or Path.home() / ".cache" / "vhostx").resolve()
     repo = Path(__file__).resolve().parent.parent
     if path == repo or repo in path.parents:
-        raise GuestBuildError(f"cache directory {path} is inside the repository {repo}; "
-                              "set VHOSTX_CACHE to a path outside it")
+        raise GuestBuildError(
+            f"cache directory {path} is inside the repository {repo}; "
+            "set VHOSTX_CACHE to a path outside it"
+        )
     return path
 
 
@@ -354,8 +379,9 @@ def _run(cmd: Sequence[str], **kw: object) -> str:
     except FileNotFoundError as e:
         raise GuestBuildError(f"{cmd[0]} not found: {e}") from e
     except subprocess.CalledProcessError as e:
-        raise GuestBuildError(f"{' '.join(cmd)} failed with status {e.returncode}: "
-                              f"{(e.stderr or '').strip()[-500:]}") from e
+        raise GuestBuildError(
+            f"{' '.join(cmd)} failed with status {e.returncode}: {(e.stderr or '').strip()[-500:]}"
+        ) from e
     return str(res.stdout)
 
 
@@ -376,8 +402,10 @@ def resolve_kernel_package() -> tuple[str, str]:
             if _KERNEL_PKG_RE.match(name):
                 names.add(name)
     if not names:
-        raise GuestBuildError("apt offers no linux-image-6.1*-amd64 package "
-                              "(apt-cache depends linux-image-amd64 named none)")
+        raise GuestBuildError(
+            "apt offers no linux-image-6.1*-amd64 package "
+            "(apt-cache depends linux-image-amd64 named none)"
+        )
     candidates: list[tuple[str, str]] = []
     for name in names:
         policy = _run(["apt-cache", "policy", name])
@@ -386,8 +414,13 @@ def resolve_kernel_package() -> tuple[str, str]:
             candidates.append((name, m.group(1)))
     if not candidates:
         raise GuestBuildError(f"no installable candidate for {sorted(names)}")
-    return max(candidates, key=lambda c: (_version_key(_KERNEL_PKG_RE.match(c[0]).group(1)),  # type: ignore[union-attr]
-                                          _version_key(c[1])))
+    return max(
+        candidates,
+        key=lambda c: (
+            _version_key(_KERNEL_PKG_RE.match(c[0]).group(1)),  # type: ignore[union-attr]
+            _version_key(c[1]),
+        ),
+    )
 
 
 def _apt_state() -> str:
@@ -433,8 +466,10 @@ def _kernel_tree(cache: Path, package: str, version: str) -> Path:
         return tree
     tree.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=tree.parent, prefix=".dl-") as tmp:
-        _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{package}={version}"],
-             cwd=tmp)
+        _run(
+            ["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{package}={version}"],
+            cwd=tmp,
+        )
         debs = list(Path(tmp).glob("*.deb"))
         if len(debs) != 1:
             raise GuestBuildError(f"apt-get download {package}={version} produced {debs}")
@@ -467,13 +502,14 @@ class GuestImage:
 
     kernel: Path
     initramfs: Path
-    kernel_release: str   # e.g. "6.1.0-56-amd64" (uname -r in the guest)
-    package: str          # e.g. "linux-image-6.1.0-56-amd64"
+    kernel_release: str  # e.g. "6.1.0-56-amd64" (uname -r in the guest)
+    package: str  # e.g. "linux-image-6.1.0-56-amd64"
     package_version: str  # e.g. "6.1.192-2"
     modules: tuple[str, ...]  # load order
 
-    def initrd_with_job(self, dest: Path, job: str | None = None,
-                        files: Mapping[str, bytes] | None = None) -> Path:
+    def initrd_with_job(
+        self, dest: Path, job: str | None = None, files: Mapping[str, bytes] | None = None
+    ) -> Path:
         """Write ``dest``: the base initramfs plus a second gzip cpio segment holding ``/job.sh``
         (when given) and ``files`` (absolute guest path -> contents). The kernel unpacks
         concatenated segments in order."""
@@ -507,8 +543,13 @@ def _applets(busybox: Path) -> list[str]:
     return sorted({line.strip() for line in listing.splitlines() if line.strip()})
 
 
-def build_image(cache: Path | None = None, modules: Sequence[str] = DEFAULT_MODULES,
-                *, package: str | None = None, version: str | None = None) -> GuestImage:
+def build_image(
+    cache: Path | None = None,
+    modules: Sequence[str] = DEFAULT_MODULES,
+    *,
+    package: str | None = None,
+    version: str | None = None,
+) -> GuestImage:
     """Return the guest image for these inputs, building whatever is missing.
 
     ``package``/``version`` pin the kernel package; by default apt is asked for the newest (and if
@@ -524,16 +565,18 @@ def build_image(cache: Path | None = None, modules: Sequence[str] = DEFAULT_MODU
                 cached = _cached_kernel_trees(cache)
                 if not cached:
                     raise
-                package, version, _ = max(cached, key=lambda c: (_version_key(c[0]),
-                                                                 _version_key(c[1])))
+                package, version, _ = max(
+                    cached, key=lambda c: (_version_key(c[0]), _version_key(c[1]))
+                )
         tree = _kernel_tree(cache, package, version)
         m = _KERNEL_PKG_RE.match(package)
         release = m.group(1) if m else package.removeprefix("linux-image-")
         kernel = tree / "boot" / f"vmlinuz-{release}"
         moddir = tree / "lib" / "modules" / release
         if not kernel.exists() or not moddir.is_dir():
-            raise GuestBuildError(f"{package} {version} unpacked to {tree} has no {kernel} "
-                                  f"or no {moddir}")
+            raise GuestBuildError(
+                f"{package} {version} unpacked to {tree} has no {kernel} or no {moddir}"
+            )
         bb_path, bb = _busybox()
         mods = _module_closure(moddir, modules)
         h = hashlib.sha256()
@@ -547,8 +590,20 @@ def build_image(cache: Path | None = None, modules: Sequence[str] = DEFAULT_MODU
         if not initramfs.exists():
             initramfs.parent.mkdir(parents=True, exist_ok=True)
             entries: list[tuple[str, tuple[object, ...]]] = []
-            for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "tmp", "run",
-                      "etc", "root", "lib/modules"):
+            for d in (
+                "bin",
+                "sbin",
+                "usr/bin",
+                "usr/sbin",
+                "proc",
+                "sys",
+                "dev",
+                "tmp",
+                "run",
+                "etc",
+                "root",
+                "lib/modules",
+            ):
                 entries.append(("mkdir", (d,)))
             entries.append(("chardev", ("dev/console", 5, 1)))
             entries.append(("chardev", ("dev/null", 1, 3, 0o666)))
@@ -558,8 +613,9 @@ def build_image(cache: Path | None = None, modules: Sequence[str] = DEFAULT_MODU
                     entries.append(("symlink", (applet, "/bin/busybox")))
             for name, ko in mods:
                 entries.append(("file", (f"lib/modules/{name}.ko", ko, 0o644)))
-            entries.append(("file", ("etc/vx-modules",
-                                     "".join(f"{n}\n" for n, _ in mods).encode(), 0o644)))
+            entries.append(
+                ("file", ("etc/vx-modules", "".join(f"{n}\n" for n, _ in mods).encode(), 0o644))
+            )
             entries.append(("file", ("etc/vx-lib.sh", JOB_LIB.encode(), 0o644)))
             entries.append(("file", ("init", INIT_SCRIPT.encode(), 0o755)))
             fd, tmp = tempfile.mkstemp(dir=initramfs.parent, prefix=".tmp-")
@@ -567,9 +623,14 @@ def build_image(cache: Path | None = None, modules: Sequence[str] = DEFAULT_MODU
                 f.write(_gzip_cpio(entries))
             os.chmod(tmp, 0o644)
             os.replace(tmp, initramfs)
-        return GuestImage(kernel=kernel, initramfs=initramfs, kernel_release=release,
-                          package=package, package_version=version,
-                          modules=tuple(n for n, _ in mods))
+        return GuestImage(
+            kernel=kernel,
+            initramfs=initramfs,
+            kernel_release=release,
+            package=package,
+            package_version=version,
+            modules=tuple(n for n, _ in mods),
+        )
 
 
 if __name__ == "__main__":

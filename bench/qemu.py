@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import io
 import os
 import re
 import shutil
@@ -28,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self, cast
 
 from bench.guest import GuestImage
 
@@ -52,11 +54,11 @@ class VhostUserNic:
     """One virtio-net-pci NIC backed by a vhost-user socket (QEMU is the client by default)."""
 
     socket: str | os.PathLike[str]
-    mac: str | None = None        # e.g. "52:54:00:12:34:56"; QEMU picks one when None
-    ip: str | None = None         # guest address with prefix, e.g. "10.200.1.2/24"
-    queues: int = 1               # > 1: queues=N on the netdev, mq=on on the device
-    reconnect: int = 0            # seconds between reconnect attempts; 0: none (QEMU 7.2 reconnect=N)
-    server: bool = False          # QEMU listens on the socket instead (server=on,wait=off)
+    mac: str | None = None  # e.g. "52:54:00:12:34:56"; QEMU picks one when None
+    ip: str | None = None  # guest address with prefix, e.g. "10.200.1.2/24"
+    queues: int = 1  # > 1: queues=N on the netdev, mq=on on the device
+    reconnect: int = 0  # seconds between reconnect attempts; 0: none (QEMU 7.2 reconnect=N)
+    server: bool = False  # QEMU listens on the socket instead (server=on,wait=off)
 
 
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
@@ -75,11 +77,22 @@ def _set_pdeathsig() -> None:
 class Guest:
     """A QEMU guest running one job; use as ``with Guest(...) as g: g.wait_done()``."""
 
-    def __init__(self, image: GuestImage, nics: Sequence[VhostUserNic] = (), job: str | None = None,
-                 *, name: str = "guest", memory_mb: int = 512, cpus: int = 1,
-                 workdir: str | os.PathLike[str] | None = None, append: str = "",
-                 mtu: int | None = None, files: dict[str, bytes] | None = None,
-                 qemu: str | None = None, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        image: GuestImage,
+        nics: Sequence[VhostUserNic] = (),
+        job: str | None = None,
+        *,
+        name: str = "guest",
+        memory_mb: int = 512,
+        cpus: int = 1,
+        workdir: str | os.PathLike[str] | None = None,
+        append: str = "",
+        mtu: int | None = None,
+        files: dict[str, bytes] | None = None,
+        qemu: str | None = None,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         if len(nics) > 8:
             raise ValueError(f"at most 8 NICs are supported, got {len(nics)}")
         self.image = image
@@ -94,8 +107,9 @@ class Guest:
         self.qemu = qemu or qemu_binary() or "qemu-system-x86_64"
         self.extra_args = tuple(extra_args)
         self._own_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(
-            tempfile.mkdtemp(prefix=f"vx-{name}-"))
+        self.workdir = (
+            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"vx-{name}-"))
+        )
         self.log_path = self.workdir / f"{name}.console.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._reader: threading.Thread | None = None
@@ -110,10 +124,21 @@ class Guest:
         """The full QEMU command line for this guest."""
         mem = self.memory_mb
         args = [
-            self.qemu, "-name", self.name, "-accel", "tcg", "-m", str(mem), "-smp", str(self.cpus),
-            "-nographic", "-no-reboot",
-            "-object", f"memory-backend-memfd,id=mem,size={mem}M,share=on",
-            "-numa", "node,memdev=mem",
+            self.qemu,
+            "-name",
+            self.name,
+            "-accel",
+            "tcg",
+            "-m",
+            str(mem),
+            "-smp",
+            str(self.cpus),
+            "-nographic",
+            "-no-reboot",
+            "-object",
+            f"memory-backend-memfd,id=mem,size={mem}M,share=on",
+            "-numa",
+            "node,memdev=mem",
         ]
         if not self.nics:
             args += ["-nic", "none"]
@@ -139,30 +164,41 @@ class Guest:
             cmdline.append(f"vx.mtu={self.mtu}")
         if self.append:
             cmdline.append(self.append)
-        args += ["-kernel", str(self.image.kernel), "-initrd", str(initrd),
-                 "-append", " ".join(cmdline)]
+        args += [
+            "-kernel",
+            str(self.image.kernel),
+            "-initrd",
+            str(initrd),
+            "-append",
+            " ".join(cmdline),
+        ]
         return args + list(self.extra_args)
 
     # ---------------------------------------------------------------- life cycle
-    def start(self) -> Guest:
+    def start(self) -> Self:
         if self._proc is not None:
             raise RuntimeError(f"guest {self.name} already started")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        initrd = self.image.initrd_with_job(self.workdir / f"{self.name}.initrd.gz", self.job,
-                                            self.files)
+        initrd = self.image.initrd_with_job(
+            self.workdir / f"{self.name}.initrd.gz", self.job, self.files
+        )
         cmd = self.command(initrd)
         (self.workdir / f"{self.name}.cmdline").write_text(" ".join(cmd) + "\n")
         self.started_at = time.monotonic()
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, preexec_fn=_set_pdeathsig)
-        self._reader = threading.Thread(target=self._read, name=f"{self.name}-console",
-                                        daemon=True)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_set_pdeathsig,  # noqa: PLW1509 - only prctl(), async-signal-safe
+        )
+        self._reader = threading.Thread(target=self._read, name=f"{self.name}-console", daemon=True)
         self._reader.start()
         return self
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
-        out = self._proc.stdout
+        out = cast(io.BufferedReader, self._proc.stdout)
         with open(self.log_path, "w", errors="replace") as log:
             pending = b""
             while True:
@@ -207,11 +243,15 @@ class Guest:
             self._reader.join(timeout=5)
         return proc.returncode
 
-    def __enter__(self) -> Guest:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
         if self._own_workdir and exc_type is None:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -239,13 +279,16 @@ class Guest:
             return any("VX-DONE" in ln for ln in self._lines)
 
     def _fail(self, what: str) -> GuestFailure:
-        return GuestFailure(f"guest {self.name}: {what} (QEMU status {self.returncode}, console "
-                            f"log {self.log_path}); last console lines:\n{self.tail()}")
+        return GuestFailure(
+            f"guest {self.name}: {what} (QEMU status {self.returncode}, console "
+            f"log {self.log_path}); last console lines:\n{self.tail()}"
+        )
 
     def wait_for(self, marker: str | re.Pattern[str], timeout: float) -> str:
         """The first console line (since boot) containing ``marker`` (a substring or a compiled
         regex), waiting up to ``timeout`` seconds. Raises GuestFailure on timeout or when QEMU's
         output ends first."""
+
         def match(line: str) -> bool:
             if isinstance(marker, str):
                 return marker in line

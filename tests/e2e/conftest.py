@@ -51,10 +51,12 @@ def guest_image() -> Any:
 @pytest.fixture
 def unique() -> Callable[[str], str]:
     """unique(prefix) -> a name with this process's pid, at most 15 characters (ifname limit)."""
+
     def make(prefix: str) -> str:
         name = f"{prefix}{os.getpid()}x{next(_serial)}"
         assert len(name) <= 15, name
         return name
+
     return make
 
 

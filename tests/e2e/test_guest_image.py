@@ -35,10 +35,14 @@ def test_initramfs_contents(tmp_path: Path) -> None:
     data = initrd.read_bytes()
     # two gzip segments with zero padding in between (the kernel skips it); unpack each
     base = img.initramfs.read_bytes()
-    job_segment = data[len(base):].lstrip(b"\0")
+    job_segment = data[len(base) :].lstrip(b"\0")
     for segment in (base, job_segment):
-        subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], cwd=root,
-                       input=gzip.decompress(segment), check=True)
+        subprocess.run(
+            ["cpio", "-idm", "--quiet", "--no-absolute-filenames"],
+            cwd=root,
+            input=gzip.decompress(segment),
+            check=True,
+        )
     init = root / "init"
     assert init.stat().st_mode & 0o111 and init.read_text().startswith("#!/bin/busybox sh")
     assert (root / "bin" / "busybox").stat().st_size > 500_000
@@ -91,8 +95,14 @@ def test_guest_pings_dpdk_icmpecho(guest_image: Any, e2e_dir: Path, subnet: str)
     if find_testpmd() is None:
         pytest.skip("dpdk-testpmd not found (install the Debian package dpdk-dev)")
     sock = str(e2e_dir / "vhost0.sock")
-    with Testpmd([VhostVdev(sock)], forward_mode="icmpecho", forward_lcores=(1,), main_lcore=0,
-                 log_dir=e2e_dir, name="icmpecho") as peer:
+    with Testpmd(
+        [VhostVdev(sock)],
+        forward_mode="icmpecho",
+        forward_lcores=(1,),
+        main_lcore=0,
+        log_dir=e2e_dir,
+        name="icmpecho",
+    ) as peer:
         peer.start_forwarding()
         job = f"vx_wait_peer {subnet}.1 30 && vx_ping {subnet}.1 5\n"
         nic = VhostUserNic(sock, mac="52:54:00:0a:00:02", ip=f"{subnet}.2/24")

@@ -28,7 +28,7 @@ from bench.qemu import Guest, VhostUserNic
 
 pytestmark = pytest.mark.qemu
 
-BOOT_TIMEOUT = 180.0   # per guest, to VX-READY; measured 10-50 s here depending on load
+BOOT_TIMEOUT = 180.0  # per guest, to VX-READY; measured 10-50 s here depending on load
 JOB_TIMEOUT = 240.0
 FILE_MIB = 6
 
@@ -56,16 +56,21 @@ def _guest_done(g: Guest) -> None:
 
 # ---------------------------------------------------------------------------------- tap port
 
-def test_tap_guest_and_netns_ping_each_other(guest_image: Any, e2e_dir: Path, netns: Any,
-                                             vhostx_daemon: Callable[..., Any], subnet: str) -> None:
+
+def test_tap_guest_and_netns_ping_each_other(
+    guest_image: Any, e2e_dir: Path, netns: Any, vhostx_daemon: Callable[..., Any], subnet: str
+) -> None:
     sock = e2e_dir / "net0.sock"
-    vhostx_daemon([_device("net0", sock, "tap", tap_netns=netns.name,
-                           tap_address=f"{subnet}.1/24")])
+    vhostx_daemon(
+        [_device("net0", sock, "tap", tap_netns=netns.name, tap_address=f"{subnet}.1/24")]
+    )
     assert any(name.startswith("tap") for name in netns.links()), netns.links()
-    job = (f"vx_wait_peer {subnet}.1 60 || exit 10\n"
-           f"vx_ping {subnet}.1 5 || exit 11\n"
-           # keep the guest up until the namespace has pinged it back (it connects to say so)
-           "nc -l -p 7000 > /dev/null\n")
+    job = (
+        f"vx_wait_peer {subnet}.1 60 || exit 10\n"
+        f"vx_ping {subnet}.1 5 || exit 11\n"
+        # keep the guest up until the namespace has pinged it back (it connects to say so)
+        "nc -l -p 7000 > /dev/null\n"
+    )
     nic = VhostUserNic(sock, mac="52:54:00:c8:00:02", ip=f"{subnet}.2/24")
     with Guest(guest_image, [nic], job, name="tapguest", workdir=e2e_dir) as g:
         t_boot = g.wait_ready(BOOT_TIMEOUT)
@@ -98,11 +103,13 @@ def _poke(netns: Any, host: str, port: int, payload: bytes = b"", timeout: float
             s.close()
 
 
-def test_tap_file_both_ways(guest_image: Any, e2e_dir: Path, netns: Any,
-                            vhostx_daemon: Callable[..., Any], subnet: str) -> None:
+def test_tap_file_both_ways(
+    guest_image: Any, e2e_dir: Path, netns: Any, vhostx_daemon: Callable[..., Any], subnet: str
+) -> None:
     sock = e2e_dir / "net0.sock"
-    vhostx_daemon([_device("net0", sock, "tap", tap_netns=netns.name,
-                           tap_address=f"{subnet}.1/24")])
+    vhostx_daemon(
+        [_device("net0", sock, "tap", tap_netns=netns.name, tap_address=f"{subnet}.1/24")]
+    )
     server = netns.call(socket.create_server, (f"{subnet}.1", 5001))
     received: dict[str, bytes] = {}
 
@@ -114,13 +121,15 @@ def test_tap_file_both_ways(guest_image: Any, e2e_dir: Path, netns: Any,
 
     acceptor = threading.Thread(target=accept, daemon=True)
     acceptor.start()
-    job = (f"vx_wait_peer {subnet}.1 60 || exit 10\n"
-           f"vx_gen_file /tmp/out {FILE_MIB}\n"
-           "vx_result sent_md5 $(vx_md5 /tmp/out)\n"
-           f"vx_send /tmp/out {subnet}.1 5001 || exit 11\n"
-           "vx_recv /tmp/in 5002 || exit 12\n"
-           "vx_result recv_size $(stat -c %s /tmp/in)\n"
-           "vx_result recv_md5 $(vx_md5 /tmp/in)\n")
+    job = (
+        f"vx_wait_peer {subnet}.1 60 || exit 10\n"
+        f"vx_gen_file /tmp/out {FILE_MIB}\n"
+        "vx_result sent_md5 $(vx_md5 /tmp/out)\n"
+        f"vx_send /tmp/out {subnet}.1 5001 || exit 11\n"
+        "vx_recv /tmp/in 5002 || exit 12\n"
+        "vx_result recv_size $(stat -c %s /tmp/in)\n"
+        "vx_result recv_md5 $(vx_md5 /tmp/in)\n"
+    )
     nic = VhostUserNic(sock, mac="52:54:00:c8:00:02", ip=f"{subnet}.2/24")
     to_guest = os.urandom(FILE_MIB << 20)
     with server, Guest(guest_image, [nic], job, name="tapfile", workdir=e2e_dir) as g:
@@ -143,22 +152,29 @@ def test_tap_file_both_ways(guest_image: Any, e2e_dir: Path, netns: Any,
 
 # ---------------------------------------------------------------------------------- switch port
 
-def _two_switch_guests(e2e_dir: Path, vhostx_daemon: Callable[..., Any], subnet: str
-                       ) -> tuple[VhostUserNic, VhostUserNic]:
+
+def _two_switch_guests(
+    e2e_dir: Path, vhostx_daemon: Callable[..., Any], subnet: str
+) -> tuple[VhostUserNic, VhostUserNic]:
     a, b = e2e_dir / "a.sock", e2e_dir / "b.sock"
     sw = f"sw{os.getpid()}"
     vhostx_daemon([_device("a", a, "switch", switch=sw), _device("b", b, "switch", switch=sw)])
-    return (VhostUserNic(a, mac="52:54:00:c9:00:0a", ip=f"{subnet}.10/24"),
-            VhostUserNic(b, mac="52:54:00:c9:00:0b", ip=f"{subnet}.11/24"))
+    return (
+        VhostUserNic(a, mac="52:54:00:c9:00:0a", ip=f"{subnet}.10/24"),
+        VhostUserNic(b, mac="52:54:00:c9:00:0b", ip=f"{subnet}.11/24"),
+    )
 
 
-def test_switch_two_guests_ping_each_other(guest_image: Any, e2e_dir: Path,
-                                           vhostx_daemon: Callable[..., Any], subnet: str) -> None:
+def test_switch_two_guests_ping_each_other(
+    guest_image: Any, e2e_dir: Path, vhostx_daemon: Callable[..., Any], subnet: str
+) -> None:
     nic_a, nic_b = _two_switch_guests(e2e_dir, vhostx_daemon, subnet)
     job_a = f"vx_wait_peer {subnet}.11 120 || exit 10\nvx_ping {subnet}.11 3\n"
     job_b = f"vx_wait_peer {subnet}.10 120 || exit 10\nvx_ping {subnet}.10 3\n"
-    with Guest(guest_image, [nic_a], job_a, name="swa", workdir=e2e_dir) as ga, \
-            Guest(guest_image, [nic_b], job_b, name="swb", workdir=e2e_dir) as gb:
+    with (
+        Guest(guest_image, [nic_a], job_a, name="swa", workdir=e2e_dir) as ga,
+        Guest(guest_image, [nic_b], job_b, name="swb", workdir=e2e_dir) as gb,
+    ):
         ta = ga.wait_ready(BOOT_TIMEOUT)
         tb = gb.wait_ready(BOOT_TIMEOUT)
         _guest_done(ga)
@@ -168,18 +184,25 @@ def test_switch_two_guests_ping_each_other(guest_image: Any, e2e_dir: Path,
     print(f"boot to VX-READY (two guests at once) {ta:.1f} s and {tb:.1f} s")
 
 
-def test_switch_file_between_guests(guest_image: Any, e2e_dir: Path,
-                                    vhostx_daemon: Callable[..., Any], subnet: str) -> None:
+def test_switch_file_between_guests(
+    guest_image: Any, e2e_dir: Path, vhostx_daemon: Callable[..., Any], subnet: str
+) -> None:
     nic_a, nic_b = _two_switch_guests(e2e_dir, vhostx_daemon, subnet)
-    job_a = (f"vx_gen_file /tmp/out {FILE_MIB}\n"
-             "vx_result sent_md5 $(vx_md5 /tmp/out)\n"
-             f"vx_wait_peer {subnet}.11 120 || exit 10\n"
-             f"vx_send /tmp/out {subnet}.11 5000 60 || exit 11\n")
-    job_b = ("vx_recv /tmp/in 5000 || exit 12\n"
-             "vx_result recv_size $(stat -c %s /tmp/in)\n"
-             "vx_result recv_md5 $(vx_md5 /tmp/in)\n")
-    with Guest(guest_image, [nic_b], job_b, name="swrecv", workdir=e2e_dir) as gb, \
-            Guest(guest_image, [nic_a], job_a, name="swsend", workdir=e2e_dir) as ga:
+    job_a = (
+        f"vx_gen_file /tmp/out {FILE_MIB}\n"
+        "vx_result sent_md5 $(vx_md5 /tmp/out)\n"
+        f"vx_wait_peer {subnet}.11 120 || exit 10\n"
+        f"vx_send /tmp/out {subnet}.11 5000 60 || exit 11\n"
+    )
+    job_b = (
+        "vx_recv /tmp/in 5000 || exit 12\n"
+        "vx_result recv_size $(stat -c %s /tmp/in)\n"
+        "vx_result recv_md5 $(vx_md5 /tmp/in)\n"
+    )
+    with (
+        Guest(guest_image, [nic_b], job_b, name="swrecv", workdir=e2e_dir) as gb,
+        Guest(guest_image, [nic_a], job_a, name="swsend", workdir=e2e_dir) as ga,
+    ):
         gb.wait_ready(BOOT_TIMEOUT)
         ga.wait_ready(BOOT_TIMEOUT)
         sent = ga.result("sent_md5", JOB_TIMEOUT)

@@ -50,6 +50,7 @@ if _REASON:
 
 # ------------------------------------------------------------------------------- frames
 
+
 def _csum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
@@ -61,15 +62,37 @@ def _csum(data: bytes) -> int:
 
 def arp_frame(op: int, src_mac: bytes, src_ip: str, dst_mac: bytes, dst_ip: str) -> bytes:
     eth = (BROADCAST if op == 1 else dst_mac) + src_mac + b"\x08\x06"
-    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, op, src_mac, socket.inet_aton(src_ip),
-                      dst_mac if op == 2 else bytes(6), socket.inet_aton(dst_ip))
+    arp = struct.pack(
+        "!HHBBH6s4s6s4s",
+        1,
+        0x0800,
+        6,
+        4,
+        op,
+        src_mac,
+        socket.inet_aton(src_ip),
+        dst_mac if op == 2 else bytes(6),
+        socket.inet_aton(dst_ip),
+    )
     return eth + arp
 
 
-def ipv4_frame(src_mac: bytes, dst_mac: bytes, src: str, dst: str, proto: int,
-               payload: bytes) -> bytes:
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), 0x1234, 0x4000, 64, proto, 0,
-                      socket.inet_aton(src), socket.inet_aton(dst))
+def ipv4_frame(
+    src_mac: bytes, dst_mac: bytes, src: str, dst: str, proto: int, payload: bytes
+) -> bytes:
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        0x1234,
+        0x4000,
+        64,
+        proto,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
     hdr = hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:]
     return dst_mac + src_mac + b"\x08\x00" + hdr + payload
 
@@ -117,16 +140,23 @@ class Peer:
             seen.append(frame[12:14].hex() + ":" + str(len(frame)))
             if want(frame):
                 return frame
-            if (frame[12:14] == b"\x08\x06" and struct.unpack("!H", frame[20:22])[0] == 1
-                    and frame[38:42] == socket.inet_aton(self.my_ip)):
+            if (
+                frame[12:14] == b"\x08\x06"
+                and struct.unpack("!H", frame[20:22])[0] == 1
+                and frame[38:42] == socket.inet_aton(self.my_ip)
+            ):
                 sender_mac, sender_ip = frame[22:28], socket.inet_ntoa(frame[28:32])
                 self.send(arp_frame(2, OUR_MAC, self.my_ip, sender_mac, sender_ip))
 
 
 def _is_arp_reply_from(ip: str):  # type: ignore[no-untyped-def]
     def want(frame: bytes) -> bool:
-        return (frame[12:14] == b"\x08\x06" and struct.unpack("!H", frame[20:22])[0] == 2
-                and frame[28:32] == socket.inet_aton(ip))
+        return (
+            frame[12:14] == b"\x08\x06"
+            and struct.unpack("!H", frame[20:22])[0] == 2
+            and frame[28:32] == socket.inet_aton(ip)
+        )
+
     return want
 
 
@@ -152,6 +182,7 @@ def ns() -> Iterator[netdev.Netns]:
 
 # ------------------------------------------------------------------------------- tests
 
+
 def test_tap_in_netns_answers_arp(ns: netdev.Netns, subnet: str) -> None:
     name = netdev.unique_name("vxt")
     with netdev.open_tap(name, netns=ns.name, address=f"{subnet}.1/24") as tap:
@@ -174,17 +205,24 @@ def test_tap_icmp_echo_reply(ns: netdev.Netns, subnet: str) -> None:
         peer.send(arp_frame(1, OUR_MAC, f"{subnet}.2", bytes(6), f"{subnet}.1"))
         their_mac = peer.recv_until(_is_arp_reply_from(f"{subnet}.1"))[6:12]
         payload = os.urandom(56)
-        peer.send(ipv4_frame(OUR_MAC, their_mac, f"{subnet}.2", f"{subnet}.1", 1,
-                             icmp_echo(0x77, 1, payload)))
+        peer.send(
+            ipv4_frame(
+                OUR_MAC, their_mac, f"{subnet}.2", f"{subnet}.1", 1, icmp_echo(0x77, 1, payload)
+            )
+        )
 
         def echo_reply(frame: bytes) -> bool:
-            return (frame[12:14] == b"\x08\x00" and frame[23] == 1 and frame[34] == 0
-                    and frame[38:40] == b"\x00\x77")
+            return (
+                frame[12:14] == b"\x08\x00"
+                and frame[23] == 1
+                and frame[34] == 0
+                and frame[38:40] == b"\x00\x77"
+            )
 
         reply = peer.recv_until(echo_reply)
         assert reply[26:30] == socket.inet_aton(f"{subnet}.1")
         assert reply[30:34] == socket.inet_aton(f"{subnet}.2")
-        assert reply[42:42 + 56] == payload
+        assert reply[42 : 42 + 56] == payload
         assert _csum(reply[34:]) == 0, "ICMP checksum of the reply"
 
 
@@ -199,8 +237,16 @@ def test_udp_into_socket_opened_by_netns_call(ns: netdev.Netns, subnet: str) -> 
             peer.send(arp_frame(1, OUR_MAC, f"{subnet}.2", bytes(6), f"{subnet}.1"))
             their_mac = peer.recv_until(_is_arp_reply_from(f"{subnet}.1"))[6:12]
             data = b"hello through the tap " + os.urandom(8)
-            peer.send(ipv4_frame(OUR_MAC, their_mac, f"{subnet}.2", f"{subnet}.1", 17,
-                                 udp_datagram(f"{subnet}.2", f"{subnet}.1", 4242, port, data)))
+            peer.send(
+                ipv4_frame(
+                    OUR_MAC,
+                    their_mac,
+                    f"{subnet}.2",
+                    f"{subnet}.1",
+                    17,
+                    udp_datagram(f"{subnet}.2", f"{subnet}.1", 4242, port, data),
+                )
+            )
             got, src = sock.recvfrom(2048)
             assert got == data and src == (f"{subnet}.2", 4242)
 
@@ -214,8 +260,9 @@ def test_bridge_in_netns_carries_arp(ns: netdev.Netns, subnet: str) -> None:
             deadline = time.monotonic() + 10
             # the bridge port goes through listening/learning unless STP is off (default: off)
             peer.send(arp_frame(1, OUR_MAC, f"{subnet}.2", bytes(6), f"{subnet}.1"))
-            peer.recv_until(_is_arp_reply_from(f"{subnet}.1"),
-                            timeout=max(1.0, deadline - time.monotonic()))
+            peer.recv_until(
+                _is_arp_reply_from(f"{subnet}.1"), timeout=max(1.0, deadline - time.monotonic())
+            )
         assert br_name in ns.links()
     assert br_name not in ns.links()
 
@@ -226,14 +273,19 @@ def test_open_tap_creates_missing_netns_and_removes_it(subnet: str) -> None:
     tap = netdev.open_tap(None, netns=name, address=f"{subnet}.1/24")
     try:
         assert netdev.netns_exists(name)
-        out = subprocess.run(["ip", "netns", "exec", name, "ip", "-o", "addr", "show", tap.name],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["ip", "netns", "exec", name, "ip", "-o", "addr", "show", tap.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert f"{subnet}.1/24" in out
     finally:
         tap.close()
     assert not netdev.netns_exists(name)
-    assert name not in subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                      text=True).stdout
+    assert (
+        name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    )
     tap.close()  # idempotent
 
 
