@@ -51,6 +51,41 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return render_stats_loop(args.control, interval=args.interval, count=args.count)
 
 
+def _cmd_params(args: argparse.Namespace) -> int:
+    if args.control:
+        answer = control_request(args.control, {"cmd": "params"})
+        if args.json:
+            print(json.dumps(answer["params"], indent=1))
+            return 0
+        for row in answer["params"]:
+            rng = row.get("range", "")
+            print(f"{row['name']}: {row['value']!r} ({row['source']}) [{rng}] {row.get('unit', '')}"
+                  f" - {row['description']}")
+        return 0
+    from iosched.params import REGISTRY
+
+    if args.json:
+        print(json.dumps([r.as_dict() for r in REGISTRY.describe()], indent=1))
+    else:
+        print(REGISTRY.format_table())
+    return 0
+
+
+def _cmd_param(args: argparse.Namespace) -> int:
+    if args.action == "get":
+        req: dict[str, Any] = {"cmd": "param_get", "name": args.name}
+    else:
+        if args.value is None:
+            raise ConfigError("param set needs NAME VALUE")
+        req = {"cmd": "param_set", "name": args.name, "value": args.value}
+    answer = control_request(args.control, req)
+    if not answer.get("ok"):
+        print(f"vhostx: {answer.get('error')}", file=sys.stderr)
+        return 2
+    print(f"{answer['name']} = {answer['value']!r}" + (f" ({answer['source']})" if "source" in answer else ""))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from bench.demo import (
         run_demo,  # the CLI is the top of the stack: demo and bench live in bench/
@@ -80,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--interval", type=float, default=1.0, help="refresh period in seconds")
     st.add_argument("--count", type=int, default=0, help="stop after N refreshes (0: until Ctrl-C)")
     st.set_defaults(func=_cmd_stats)
+
+    ps = sub.add_parser("params", help="list parameters like modinfo -p (a running daemon's with --control)")
+    ps.add_argument("--control", help="the daemon's control socket")
+    ps.add_argument("--json", action="store_true")
+    ps.set_defaults(func=_cmd_params)
+
+    pa = sub.add_parser("param", help="get or set one parameter of a running daemon")
+    pa.add_argument("action", choices=["get", "set"])
+    pa.add_argument("name")
+    pa.add_argument("value", nargs="?")
+    pa.add_argument("--control", required=True, help="the daemon's control socket")
+    pa.set_defaults(func=_cmd_param)
 
     d = sub.add_parser("demo", help="daemon + a DPDK virtio-user client, live figures on screen")
     d.add_argument("--seconds", type=float, default=20.0, help="how long traffic runs")

@@ -55,7 +55,9 @@ class DeviceConfig:
 class DaemonConfig:
     devices: tuple[DeviceConfig, ...]
     control: str = ""  # control socket path ("" = none)
-    params: dict[str, str] = field(default_factory=dict)
+    param_table: dict[str, Any] = field(default_factory=dict)  # [params] of the file, as typed
+    param_items: tuple[str, ...] = ()  # --param name=value, in order (they win over the file)
+    path: str = ""  # the config file, for messages
 
 
 _INT_RANGES = {
@@ -168,7 +170,7 @@ def load_config(
 ) -> DaemonConfig:
     """Combine a TOML file and command-line devices into one checked configuration."""
     devices: list[DeviceConfig] = []
-    file_params: dict[str, str] = {}
+    file_params: dict[str, Any] = {}
     file_control = ""
     if path:
         try:
@@ -202,21 +204,17 @@ def load_config(
         raw_params = data.get("params", {})
         if not isinstance(raw_params, dict):
             raise ConfigError(f"config file {path}: [params] must be a table")
-        file_params = {str(k): str(v) for k, v in raw_params.items()}
+        file_params = dict(raw_params)
     for spec in device_specs or []:
         devices.append(parse_device_spec(spec))
     if not devices:
         raise ConfigError("no devices: give --config FILE or at least one --device")
     _check_unique(devices)
-    cli_params: dict[str, str] = {}
-    for item in params or []:
-        if "=" not in item:
-            raise ConfigError(f"--param {item!r}: expected name=value")
-        k, v = item.split("=", 1)
-        cli_params[k.strip()] = v.strip()
     return DaemonConfig(
         devices=tuple(devices),
         control=control if control is not None else file_control,
-        params={**file_params, **cli_params},
+        param_table=file_params,
+        param_items=tuple(params or ()),
+        path=path or "",
     )
 

@@ -16,9 +16,10 @@ import logging
 import os
 import signal
 import time
-from sched.worker import Worker
 from typing import Any
 
+from iosched import params as P
+from iosched.worker import TurnBudget, Worker
 from virtio.errors import ConfigError
 
 from .config import DaemonConfig
@@ -39,13 +40,38 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._control_server: asyncio.AbstractServer | None = None
+        self._unsubscribe: list[Any] = []
         self.started_at = time.time()
+
+    def _load_params(self) -> None:
+        reg = P.REGISTRY
+        if self.cfg.param_table:
+            reg.load_config(self.cfg.param_table, where=f"{self.cfg.path} [params]")
+        reg.load_cmdline(self.cfg.param_items)
+        if P.MODE.get() != "baseline":
+            raise ConfigError(
+                f"mode={P.MODE.get()!r}: shared workers are not available in this version; "
+                "allowed: baseline"
+            )
+
+    def _budget(self) -> TurnBudget:
+        return TurnBudget(packets=P.TURN_MAX_PACKETS.get(), bytes=P.TURN_MAX_BYTES.get())
+
+    def _budget_changed(self, name: str, old: Any, new: Any) -> None:
+        for worker in self.workers:
+            budget = self._budget()
+            worker.submit(lambda w=worker, b=budget: setattr(w, "budget", b)).result(5)
 
     async def start(self) -> None:
         """Create every device and start serving; ConfigError if any cannot be set up."""
         try:
-            for dcfg in self.cfg.devices:
-                worker = Worker(f"{dcfg.name}")
+            self._load_params()
+            cpus = P.parse_cpu_list(P.WORKER_CPUS.get()) if P.WORKER_CPUS.get() else ()
+            for handle in (P.TURN_MAX_PACKETS, P.TURN_MAX_BYTES):
+                self._unsubscribe.append(handle.subscribe(self._budget_changed))
+            for i, dcfg in enumerate(self.cfg.devices):
+                cpu = cpus[i % len(cpus)] if cpus else None
+                worker = Worker(f"{dcfg.name}", cpu=cpu, budget=self._budget())
                 self.workers.append(worker)
                 dev = NetDevice(dcfg, worker, self.switches)
                 self.devices.append(dev)
@@ -102,7 +128,19 @@ class Daemon:
             return {"ok": True}
         if cmd == "stats":
             return {"ok": True, **self.stats()}
-        raise ValueError(f"unknown command {cmd!r}; known: ping, stats")
+        if cmd == "params":
+            return {"ok": True, "params": [row.as_dict() for row in P.REGISTRY.describe()]}
+        if cmd == "param_get":
+            name = str(req["name"])
+            return {"ok": True, "name": name, "value": P.REGISTRY.get(name),
+                    "source": P.REGISTRY.source(name).label}
+        if cmd == "param_set":
+            name = str(req["name"])
+            P.REGISTRY.set(name, req["value"], where="control socket")
+            return {"ok": True, "name": name, "value": P.REGISTRY.get(name)}
+        raise ValueError(
+            f"unknown command {cmd!r}; known: ping, stats, params, param_get, param_set"
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -123,6 +161,9 @@ class Daemon:
         await self._stop.wait()
 
     async def stop(self) -> None:
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe.clear()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from sched.worker import QueueWork, Worker
+from iosched.worker import QueueWork, Worker
 from typing import Any
 
 from virtio import vhost_user as vu

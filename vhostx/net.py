@@ -18,7 +18,7 @@ import logging
 import select
 import struct
 from collections.abc import Callable
-from sched.worker import QueueWork, Worker, WorkStats
+from iosched.worker import QueueWork, Worker, WorkStats
 from typing import Any
 
 from virtio import features as vf

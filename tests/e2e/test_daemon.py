@@ -272,3 +272,35 @@ def test_client_mode_dials_the_frontend_and_redials_after_disconnect(daemon_fact
                 fe.close()
     finally:
         listener.close()
+
+
+def test_parameters_precedence_and_live_change(daemon_factory, tmp_path) -> None:
+    cfg = tmp_path / "d.toml"
+    cfg.write_text("[params]\nturn_max_packets = 16\nturn_max_bytes = \"256KiB\"\n")
+    d = daemon_factory(config=str(cfg), params=["turn_max_packets=32"])
+    s0 = d.add_device("net0")
+    d.start()
+    got = d.request({"cmd": "param_get", "name": "turn_max_packets"})
+    assert (got["value"], got["source"]) == (32, "cmdline")  # the command line beats the file
+    got = d.request({"cmd": "param_get", "name": "turn_max_bytes"})
+    assert (got["value"], got["source"]) == (256 * 1024, "config")
+    bad = d.request({"cmd": "param_set", "name": "turn_max_packets", "value": "0"})
+    assert not bad["ok"] and "turn_max_packets" in bad["error"] and "allowed" in bad["error"]
+    bad = d.request({"cmd": "param_set", "name": "mode", "value": "shared"})
+    assert not bad["ok"] and "run time" in bad["error"]
+    # A live change is visible in behaviour: with one packet per turn every busy turn exhausts.
+    assert d.request({"cmd": "param_set", "name": "turn_max_packets", "value": "1"})["ok"]
+    with VhostUserFrontend(s0) as fe:
+        NetDriver(fe).send([frame(MAC_B, MAC_A, i) for i in range(40)])
+        assert wait_until(lambda: queue_packets(d, "net0", "1") == 40)
+        work = device(d, "net0")["works"]["net0.tx0"]
+        assert work["budget_exhausted"] >= 20, work
+
+
+def test_bad_parameter_at_start_exits_2(daemon_factory) -> None:
+    d = daemon_factory(params=["poll_stop_idle=-5"])
+    d.add_device("net0")
+    with pytest.raises(Exception):
+        d.start(timeout=10)
+    assert d.returncode == 2
+    assert "poll_stop_idle" in d.log_tail() and "allowed" in d.log_tail()

@@ -52,7 +52,7 @@ def test_toml_file(tmp_path: Path) -> None:
     assert [d.name for d in cfg.devices] == ["net0", "net1", "net2"]
     assert cfg.devices[1].client is True
     assert cfg.control == "/tmp/ctl"
-    assert cfg.params == {"foo": "2"}  # the command line wins over the file
+    assert cfg.param_table == {"foo": 1} and cfg.param_items == ("foo=2",)
 
 
 @pytest.mark.parametrize(

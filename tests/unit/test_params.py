@@ -1,9 +1,9 @@
-"""sched.params: declaration, parsing, precedence, source tracking, notification, listing."""
+"""iosched.params: declaration, parsing, precedence, source tracking, notification, listing."""
 
 from __future__ import annotations
 
-from sched import params as P
-from sched.params import REGISTRY, Param, Registry, Source
+from iosched import params as P
+from iosched.params import REGISTRY, Param, Registry, Source
 from typing import Any
 
 import pytest

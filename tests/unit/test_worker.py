@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from sched.worker import Worker, WorkStats
+from iosched.worker import Worker, WorkStats
 
 import pytest
 
