@@ -45,6 +45,7 @@ import stat
 import struct
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,6 +290,59 @@ def _elf_is_static(data: bytes) -> bool:
     return True
 
 
+def _has_pvh_entry(elf: bytes) -> bool:
+    """True if an ELF kernel carries XEN_ELFNOTE_PHYS32_ENTRY (18), i.e. QEMU can boot it
+    directly in PVH mode (no real-mode setup, no decompression)."""
+    try:
+        sections = _elf_sections(elf)
+    except (GuestBuildError, struct.error, ValueError):
+        return False
+    for name, data in sections.items():
+        if not name.startswith(".note"):
+            continue
+        off = 0
+        while off + 12 <= len(data):
+            namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+            nname = data[off + 12 : off + 12 + namesz]
+            if nname.rstrip(b"\0") == b"Xen" and ntype == 18:
+                return True
+            off += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
+    return False
+
+
+def _extract_vmlinux(bzimage: Path, dest: Path) -> Path | None:
+    """Decompress the ELF kernel inside a bzImage (xz or gzip payload) into ``dest`` if it can
+    be booted in PVH mode; None (use the bzImage) otherwise. Under TCG this saves the xz
+    decompression and the real-mode setup: boot to userspace drops from ~16 s to ~6-10 s here."""
+    if dest.exists():
+        return dest
+    data = bzimage.read_bytes()
+    elf: bytes | None = None
+    for magic, make in (
+        (b"\xfd7zXZ\x00", lambda: lzma.LZMADecompressor()),
+        (b"\x1f\x8b\x08", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)),
+    ):
+        start = data.find(magic)
+        while start >= 0 and elf is None:
+            try:
+                out = make().decompress(data[start:])
+            except (lzma.LZMAError, zlib.error):
+                out = b""
+            if out[:4] == b"\x7fELF":
+                elf = out
+            start = data.find(magic, start + 1)
+        if elf is not None:
+            break
+    if elf is None or not _has_pvh_entry(elf):
+        return None
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-vmlinux-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(elf)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, dest)
+    return dest
+
+
 def _read_module(path: Path) -> bytes:
     """The module's ELF bytes, decompressing .ko.xz / .ko.zst."""
     data = path.read_bytes()
@@ -500,12 +554,13 @@ def _cached_kernel_trees(cache: Path) -> list[tuple[str, str, Path]]:
 class GuestImage:
     """A bootable guest: kernel, base initramfs, and what they were built from."""
 
-    kernel: Path
+    kernel: Path  # what QEMU boots: the PVH-capable ELF vmlinux when there is one, else bzimage
     initramfs: Path
     kernel_release: str  # e.g. "6.1.0-56-amd64" (uname -r in the guest)
     package: str  # e.g. "linux-image-6.1.0-56-amd64"
     package_version: str  # e.g. "6.1.192-2"
     modules: tuple[str, ...]  # load order
+    bzimage: Path | None = None  # the package's compressed kernel (boots too, more slowly)
 
     def initrd_with_job(
         self, dest: Path, job: str | None = None, files: Mapping[str, bytes] | None = None
@@ -577,6 +632,7 @@ def build_image(
             raise GuestBuildError(
                 f"{package} {version} unpacked to {tree} has no {kernel} or no {moddir}"
             )
+        vmlinux = _extract_vmlinux(kernel, tree / f"vmlinux-{release}.pvh")
         bb_path, bb = _busybox()
         mods = _module_closure(moddir, modules)
         h = hashlib.sha256()
@@ -624,7 +680,8 @@ def build_image(
             os.chmod(tmp, 0o644)
             os.replace(tmp, initramfs)
         return GuestImage(
-            kernel=kernel,
+            kernel=vmlinux or kernel,
+            bzimage=kernel,
             initramfs=initramfs,
             kernel_release=release,
             package=package,

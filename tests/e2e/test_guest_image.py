@@ -58,6 +58,12 @@ def test_initramfs_contents(tmp_path: Path) -> None:
     assert (root / "job.sh").read_text() == "echo hi\n"
     assert (root / "etc" / "extra").read_bytes() == b"x" * 5
     assert re.fullmatch(r"6\.1\.\d+-\d+-amd64", img.kernel_release), img.kernel_release
+    # Debian's 6.1 kernel has CONFIG_PVH: QEMU boots the extracted ELF directly (much faster
+    # under TCG than decompressing the bzImage)
+    assert img.bzimage is not None and img.bzimage.name == f"vmlinuz-{img.kernel_release}"
+    assert img.kernel != img.bzimage
+    with open(img.kernel, "rb") as f:
+        assert f.read(4) == b"\x7fELF"
 
 
 @pytest.mark.qemu
