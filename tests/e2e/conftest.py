@@ -11,6 +11,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -76,7 +77,11 @@ def e2e_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     if rep is not None and rep.failed:
         print(f"\nkept {path} for inspection (console logs, daemon log)")
     else:
-        shutil.rmtree(path, ignore_errors=True)
+        for _ in range(5):  # a child that is still exiting may add a file while we delete
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                break
+            time.sleep(0.2)
 
 
 @pytest.fixture
