@@ -213,3 +213,38 @@ def test_switch_file_between_guests(
         assert gb.results["recv_size"] == str(FILE_MIB << 20)
         assert gb.results["recv_md5"] == sent
     print(f"{FILE_MIB} MiB guest->guest through the switch in about {elapsed:.1f} s")
+
+
+_UNCLEAN_STOP = ("ring restore failed", "Failed to read msg header")
+
+
+_SWITCH_STOP_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="daemon bug seen 2026-11-21: when QEMU stops a switch device, GET_VRING_BASE on the RX "
+    "ring replans with TX still running and no RX ring; Switch.add_port([]) raises ConfigError in "
+    "NetDevice.make_works, the connection task dies without replying, and QEMU logs 'Failed to "
+    "read msg header ... Original request 11' and 'vhost VQ 0 ring restore failed'. Remove this "
+    "marker when fixed.",
+)
+
+
+@pytest.mark.parametrize("port", [pytest.param("switch", marks=_SWITCH_STOP_BUG), "tap"])
+def test_guest_poweroff_answers_get_vring_base(
+    guest_image: Any,
+    e2e_dir: Path,
+    netns: Any,
+    vhostx_daemon: Callable[..., Any],
+    subnet: str,
+    port: str,
+) -> None:
+    """At poweroff QEMU stops each ring with GET_VRING_BASE; the daemon must answer every one."""
+    sock = e2e_dir / "net0.sock"
+    opts = {"tap_netns": netns.name, "tap_address": f"{subnet}.1/24"} if port == "tap" else {}
+    vhostx_daemon([_device("net0", sock, port, **opts)])
+    nic = VhostUserNic(sock, mac="52:54:00:ca:00:02", ip=f"{subnet}.2/24")
+    with Guest(guest_image, [nic], "true\n", name=f"off{port}", workdir=e2e_dir) as g:
+        g.wait_ready(BOOT_TIMEOUT)
+        g.wait_done(JOB_TIMEOUT)
+        assert g.stop() == 0
+    bad = [ln for ln in g.console.splitlines() if any(s in ln for s in _UNCLEAN_STOP)]
+    assert not bad, "\n".join(bad)
