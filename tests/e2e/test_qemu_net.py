@@ -39,7 +39,7 @@ def _device(name: str, sock: Path, port: str, **opts: str) -> str:
 
 
 def _recv_all(conn: socket.socket) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         data = conn.recv(1 << 20)
         if not data:
@@ -57,6 +57,7 @@ def _guest_done(g: Guest) -> None:
 # ---------------------------------------------------------------------------------- tap port
 
 
+@pytest.mark.netns
 def test_tap_guest_and_netns_ping_each_other(
     guest_image: Any, e2e_dir: Path, netns: Any, vhostx_daemon: Callable[..., Any], subnet: str
 ) -> None:
@@ -103,6 +104,7 @@ def _poke(netns: Any, host: str, port: int, payload: bytes = b"", timeout: float
             s.close()
 
 
+@pytest.mark.netns
 def test_tap_file_both_ways(
     guest_image: Any, e2e_dir: Path, netns: Any, vhostx_daemon: Callable[..., Any], subnet: str
 ) -> None:
@@ -228,6 +230,7 @@ _SWITCH_STOP_BUG = pytest.mark.xfail(
 )
 
 
+@pytest.mark.netns
 @pytest.mark.parametrize("port", [pytest.param("switch", marks=_SWITCH_STOP_BUG), "tap"])
 def test_guest_poweroff_answers_get_vring_base(
     guest_image: Any,

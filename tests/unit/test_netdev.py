@@ -18,11 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from vhostx import netdev
 from virtio.errors import ConfigError
 
-netdev = pytest.importorskip("vhostx.netdev", reason="pyroute2 is needed for vhostx.netdev")
-
-pytestmark = pytest.mark.netns
+pytestmark: list[pytest.MarkDecorator] = [pytest.mark.netns]
 
 HDR = bytes(12)  # virtio-net header, VERSION_1 layout, no offloads
 OUR_MAC = bytes.fromhex("020000c0ffee")
@@ -284,7 +283,10 @@ def test_open_tap_creates_missing_netns_and_removes_it(subnet: str) -> None:
         tap.close()
     assert not netdev.netns_exists(name)
     assert (
-        name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        name
+        not in subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, check=True
+        ).stdout
     )
     tap.close()  # idempotent
 
@@ -293,9 +295,8 @@ def test_host_tap_teardown_leaves_nothing() -> None:
     before = _host_links()
     tap = netdev.open_tap(None)
     assert tap.name in _host_links() and tap.netns is None
-    with open(f"/sys/class/net/{tap.name}/operstate") as f:
-        assert f.read().strip() in ("up", "unknown", "down")  # no carrier until someone reads
-    flags = int(open(f"/sys/class/net/{tap.name}/flags").read(), 16)
+    with open(f"/sys/class/net/{tap.name}/flags") as f:
+        flags = int(f.read(), 16)
     assert flags & 0x1, "interface should be administratively up"
     tap.close()
     assert _host_links() == before
@@ -337,13 +338,17 @@ def test_bad_arguments_raise_config_error() -> None:
 
 def test_name_clash_is_a_config_error(ns: netdev.Netns) -> None:
     name = netdev.unique_name("vxt")
-    with netdev.open_tap(name):
-        with pytest.raises(ConfigError, match=f"tap {name}: TUNSETIFF failed: EBUSY"):
-            netdev.open_tap(name)
-    with netdev.open_tap(name, netns=ns.name):
-        # the name is free again in the host namespace; moving a second one there clashes
-        with pytest.raises(ConfigError, match=f"cannot move it into netns {ns.name!r}"):
-            netdev.open_tap(name if name not in _host_links() else None, netns=ns.name)
+    with (
+        netdev.open_tap(name),
+        pytest.raises(ConfigError, match=f"tap {name}: TUNSETIFF failed: EBUSY"),
+    ):
+        netdev.open_tap(name)
+    # the name is free again in the host namespace; moving a second one into ns clashes
+    with (
+        netdev.open_tap(name, netns=ns.name),
+        pytest.raises(ConfigError, match=f"cannot move it into netns {ns.name!r}"),
+    ):
+        netdev.open_tap(name, netns=ns.name)
     assert name not in _host_links()
 
 
