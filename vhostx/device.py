@@ -225,6 +225,11 @@ class VhostUserDevice:
         except RemoteProtocolError as err:
             self.counters.protocol_errors += 1
             log.warning("%s: closing connection: %s", self.name, err)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - a bug here must cost one connection, not the daemon
+            self.counters.protocol_errors += 1
+            log.exception("%s: internal error while serving the frontend; closing it", self.name)
         finally:
             for msg in pending:
                 for fd in msg.fds:

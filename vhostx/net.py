@@ -232,15 +232,17 @@ class NetDevice(VhostUserDevice):
     def make_works(self, running: dict[int, DeviceQueue]) -> list[QueueWork]:
         works: list[QueueWork] = []
         port = self.cfg.port
-        if self._switch is not None:
-            rx_all = [running[i] for i in range(0, self.num_queues, 2) if i in running]
+        rx_all = [running[i] for i in range(0, self.num_queues, 2) if i in running]
+        if self._switch is not None and rx_all:
             self._switch_port = self._switch.add_port(rx_all)
         for pair in range(self.cfg.queues):
             rx = running.get(2 * pair)
             tx = running.get(2 * pair + 1)
             rx_kick = self.vrings[2 * pair].kick_fd
             tx_kick = self.vrings[2 * pair + 1].kick_fd
-            if tx is not None:
+            if tx is not None and not (port in ("switch", "echo") and not rx_all):
+                # A switch or echo port without any RX ring yet leaves TX frames in the ring
+                # (nothing lost): they are served once an RX ring starts and the plan is remade.
                 works.append(self._tx_work(pair, tx, rx, tx_kick))
             if rx is not None:
                 if port == "source":
