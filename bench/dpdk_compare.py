@@ -483,6 +483,7 @@ class MemoryReport:
     target_mb: float
     within_target: bool
     ports_with_traffic: int
+    idle_rss_mb: float = 0.0  # VmRSS with the 8 devices listening, before any client connected
     error: str | None = None
 
 
@@ -505,6 +506,7 @@ def memory_check(args: argparse.Namespace, workdir: Path, devices: int = 8) -> M
     try:
         with vhostx_daemon([(f"net{i}", "sink", {}) for i in range(devices)], params=args.param,
                            cpus={BACKEND_CORE}, workdir=rundir) as daemon:
+            report.idle_rss_mb = daemon_memory(daemon.pid)[0] / 1024
             vdevs = [VirtioUserVdev(daemon.sockets[f"net{i}"]) for i in range(devices)]
             with Testpmd(vdevs, forward_mode="txonly", forward_lcores=(CLIENT_CORE,),
                          main_lcore=BACKEND_CORE, txpkts=64, memory_mb=args.memory_mb,
@@ -617,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nmemory check: FAILED {mem.error}")
         else:
             print(f"\nmemory check: {mem.devices} devices, daemon RSS without guest memory "
-                  f"{mem.daemon_rss_mb:.1f} MB (VmRSS {mem.vm_rss_kb / 1024:.1f} MB, guest "
+                  f"{mem.daemon_rss_mb:.1f} MB (idle {mem.idle_rss_mb:.1f} MB; VmRSS "
+                  f"{mem.vm_rss_kb / 1024:.1f} MB, guest "
                   f"mappings {mem.guest_mappings} / {mem.guest_rss_kb / 1024:.1f} MB), target "
                   f"< {mem.target_mb:.0f} MB: {'ok' if mem.within_target else 'OVER'}; "
                   f"{mem.ports_with_traffic}/{mem.devices} ports carried traffic")
