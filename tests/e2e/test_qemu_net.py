@@ -220,18 +220,8 @@ def test_switch_file_between_guests(
 _UNCLEAN_STOP = ("ring restore failed", "Failed to read msg header")
 
 
-_SWITCH_STOP_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="daemon bug seen 2026-11-21: when QEMU stops a switch device, GET_VRING_BASE on the RX "
-    "ring replans with TX still running and no RX ring; Switch.add_port([]) raises ConfigError in "
-    "NetDevice.make_works, the connection task dies without replying, and QEMU logs 'Failed to "
-    "read msg header ... Original request 11' and 'vhost VQ 0 ring restore failed'. Remove this "
-    "marker when fixed.",
-)
-
-
 @pytest.mark.netns
-@pytest.mark.parametrize("port", [pytest.param("switch", marks=_SWITCH_STOP_BUG), "tap"])
+@pytest.mark.parametrize("port", ["switch", "tap"])
 def test_guest_poweroff_answers_get_vring_base(
     guest_image: Any,
     e2e_dir: Path,
@@ -240,7 +230,11 @@ def test_guest_poweroff_answers_get_vring_base(
     subnet: str,
     port: str,
 ) -> None:
-    """At poweroff QEMU stops each ring with GET_VRING_BASE; the daemon must answer every one."""
+    """At poweroff QEMU stops each ring with GET_VRING_BASE; the daemon must answer every one.
+
+    Pins the bug fixed in 3868f2e: stopping the RX ring of a switch device first made the daemon
+    replan with TX only, Switch.add_port([]) raised, and QEMU's GET_VRING_BASE went unanswered
+    ('Failed to read msg header ... Original request 11', 'vhost VQ 0 ring restore failed')."""
     sock = e2e_dir / "net0.sock"
     opts = {"tap_netns": netns.name, "tap_address": f"{subnet}.1/24"} if port == "tap" else {}
     vhostx_daemon([_device("net0", sock, port, **opts)])
