@@ -95,8 +95,8 @@ def dpdk_version() -> str:
 
 def wait_for_socket(path: str | os.PathLike[str], timeout: float,
                     alive: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until `path` exists and is a Unix socket. Raises TimeoutError, or TestpmdError-free
-    RuntimeError if `alive` (the process expected to create it) exits first."""
+    """Wait until `path` exists and is a Unix socket. Raises TimeoutError when it does not appear
+    in time, RuntimeError when `alive` (the process expected to create it) exits first."""
     deadline = time.monotonic() + timeout
     while True:
         try:
