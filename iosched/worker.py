@@ -18,7 +18,7 @@ import select
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtio.errors import GuestError
@@ -81,7 +81,6 @@ class WorkerStats:
     busy_ns: int = 0
     idle_ns: int = 0
     works: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 _EV_IN = select.EPOLLIN

@@ -149,7 +149,7 @@ class Daemon:
             "time": time.time(),
             "devices": [dev.stats() for dev in self.devices],
             "workers": [
-                {"name": w.name, **{k: v for k, v in vars(w.stats).items() if k != "extra"}}
+                {"name": w.name, **vars(w.stats)}
                 for w in self.workers
             ],
         }

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from iosched.worker import QueueWork, Worker
 from typing import Any
 
@@ -117,7 +117,6 @@ class DeviceCounters:
     guest_errors: int = 0
     messages: int = 0
     replans: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class VhostUserDevice:
@@ -196,7 +195,7 @@ class VhostUserDevice:
             "protocol_features": hex(self.acked_protocol_features),
             "queues": queues,
             "works": works,
-            "counters": {k: v for k, v in vars(self.counters).items() if k != "extra"},
+            "counters": dict(vars(self.counters)),
         }
 
     # ---- connection -------------------------------------------------------------------------

@@ -697,24 +697,33 @@ static int rx_deliver(struct vx_vq *rx, struct rx_src *src)
     return 1;
 }
 
-/* ------------------------------------------------------------------------------------------ */
-/* net operations                                                                               */
-
-int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes)
+/* The start of every TX turn: how many chains this turn may take (0: nothing to do, -1: the
+ * queue is broken or just broke). Counts an empty ring. */
+static inline int tx_turn_begin(struct vx_vq *tx, uint32_t max_pkts)
 {
     if (unlikely(tx->broken))
         return -1;
     if (unlikely(!tx->started))
         return 0;
     int n = vq_avail(tx);
-    if (n < 0)
-        return -1;
-    if (n == 0) {
-        tx->stats.ring_empty++;
-        return 0;
+    if (n <= 0) {
+        if (n == 0)
+            tx->stats.ring_empty++;
+        return n;
     }
     if ((uint32_t)n > max_pkts)
-        n = max_pkts;
+        n = (int)max_pkts;
+    return n;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* net operations                                                                               */
+
+int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes)
+{
+    int n = tx_turn_begin(tx, max_pkts);
+    if (n <= 0)
+        return n;
     const uint32_t hlen = tx->hdr_len;
     uint64_t bytes = 0;
     int done = 0;
@@ -788,21 +797,11 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
 static int tx_to_rx(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
                     int swap, int locked, int rx_fatal)
 {
-    if (unlikely(tx->broken))
-        return -1;
     if (unlikely(rx_fatal && rx->broken))
         return -1;
-    if (unlikely(!tx->started))
-        return 0;
-    int n = vq_avail(tx);
-    if (n < 0)
-        return -1;
-    if (n == 0) {
-        tx->stats.ring_empty++;
-        return 0;
-    }
-    if ((uint32_t)n > max_pkts)
-        n = max_pkts;
+    int n = tx_turn_begin(tx, max_pkts);
+    if (n <= 0)
+        return n;
     const uint32_t hlen = tx->hdr_len;
     uint64_t bytes = 0;
     int done = 0, wrote = 0;
@@ -873,19 +872,9 @@ int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t m
 
 int vx_net_tx_to_fd(struct vx_vq *tx, int fd, uint32_t max_pkts, uint64_t max_bytes)
 {
-    if (unlikely(tx->broken))
-        return -1;
-    if (unlikely(!tx->started))
-        return 0;
-    int n = vq_avail(tx);
-    if (n < 0)
-        return -1;
-    if (n == 0) {
-        tx->stats.ring_empty++;
-        return 0;
-    }
-    if ((uint32_t)n > max_pkts)
-        n = max_pkts;
+    int n = tx_turn_begin(tx, max_pkts);
+    if (n <= 0)
+        return n;
     uint64_t bytes = 0;
     int done = 0;
     while (done < n) {
@@ -1228,17 +1217,11 @@ int vx_switch_tx(struct vx_switch *sw, int port, struct vx_vq *tx, uint32_t max_
 {
     if (unlikely(tx->broken))
         return -1;
-    if (port < 0 || port >= VX_SWITCH_MAX_PORTS || !tx->started)
+    if (port < 0 || port >= VX_SWITCH_MAX_PORTS)
         return 0;
-    int n = vq_avail(tx);
-    if (n < 0)
-        return -1;
-    if (n == 0) {
-        tx->stats.ring_empty++;
-        return 0;
-    }
-    if ((uint32_t)n > max_pkts)
-        n = max_pkts;
+    int n = tx_turn_begin(tx, max_pkts);
+    if (n <= 0)
+        return n;
     const uint32_t hlen = tx->hdr_len;
     struct sw_touched touched[64];
     uint32_t ntouched = 0;
