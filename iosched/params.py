@@ -55,6 +55,7 @@ from typing import Any
 from virtio.errors import ConfigError
 
 __all__ = [
+    "BUSY_POLL_US",
     "DEVICES_PER_WORKER",
     "MAX_PROCESSED_DATA_LIMIT",
     "MAX_QUEUE_STUCK_SIZE",
@@ -815,4 +816,11 @@ TURN_MAX_BYTES = declare(
     "byte budget of one C batch (one turn of a queue in baseline mode), like vhost-net's "
     "0x80000-byte weight",
     unit="bytes", min=1, max=_BYTES_MAX, runtime=True, scope=Scope.QUEUE,
+)  # fmt: skip
+BUSY_POLL_US = declare(
+    "busy_poll_us", int, 0,
+    "inside one C batch, keep re-reading an empty ring for up to this long before returning "
+    "to the worker loop (vhost-net's busyloop_timeout); bounds one batch's extra latency for "
+    "other queues on the same worker; 0 = return as soon as the ring is empty",
+    unit="us", min=0, max=1000, runtime=True, scope=Scope.QUEUE,
 )  # fmt: skip

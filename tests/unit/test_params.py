@@ -29,6 +29,7 @@ EXTRA_NAMES = (
     "turn_max_packets",
     "turn_max_bytes",
     "placement",
+    "busy_poll_us",
 )
 
 
