@@ -24,13 +24,13 @@ from typing import Any
 from virtio import features as vf
 from virtio import net as vnet
 from virtio.errors import ConfigError, GuestError
-from virtio.ring import DeviceQueue
+from virtio.ring import STATS_FIELDS, DeviceQueue
 from virtio.vhost_user import ProtocolFeature as PF
 
 from .config import DeviceConfig
 from .device import Refused, VhostUserDevice
 
-__all__ = ["NetDevice", "QueueWorkItem", "SwitchRegistry", "make_udp_frame"]
+__all__ = ["COUNTER_FIELDS", "NetDevice", "QueueWorkItem", "SwitchRegistry", "make_udp_frame"]
 
 log = logging.getLogger("vhostx.control")
 
@@ -84,6 +84,10 @@ def make_udp_frame(dst: bytes, src: bytes, size: int) -> bytes:
     return dst + src + b"\x08\x00" + bytes(ip) + udp + body
 
 
+# The C queue counters counters() reports (internal-api.md, "QueueWork"); all of vx_stats.
+COUNTER_FIELDS: tuple[str, ...] = STATS_FIELDS
+
+
 class QueueWorkItem:
     """A QueueWork made of a queue and the port operation that serves it."""
 
@@ -94,11 +98,14 @@ class QueueWorkItem:
         run: Callable[[int, int], int],
         *,
         kick_fd: int,
+        device: str = "",
         data_fds: tuple[int, ...] = (),
         pending: Callable[[], bool] | None = None,
         on_broken: Callable[[QueueWork, GuestError], None] | None = None,
     ) -> None:
         self.name = name
+        # "net0" for "net0.tx0" unless given
+        self.device = device or name.rsplit(".", 1)[0]
         self._on_broken = on_broken
         self.queue = queue
         self.stats = WorkStats()
@@ -123,6 +130,11 @@ class QueueWorkItem:
 
     def set_notify(self, enable: bool) -> None:
         self.queue.set_notify(enable)
+
+    def counters(self) -> dict[str, int]:
+        """The C queue counters (packets, bytes, interrupts, interrupts_suppressed, ring_full,
+        ring_empty, batches, ...); any thread may read them (benign races, monotonic)."""
+        return self.queue.stats()
 
     def broken(self, err: GuestError) -> None:
         if self._on_broken is not None:
@@ -271,7 +283,9 @@ class NetDevice(VhostUserDevice):
         else:  # sink, source (its TX is drained), echo whose RX ring is not running yet
             def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
                 return vnet.tx_sink(tx, p, b)
-        return QueueWorkItem(name, tx, run, kick_fd=kick, on_broken=self.guest_error)
+        return QueueWorkItem(
+            name, tx, run, kick_fd=kick, device=self.name, on_broken=self.guest_error
+        )
 
     def _source_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
         frame = self._frame
@@ -279,7 +293,10 @@ class NetDevice(VhostUserDevice):
         def run(p: int, b: int) -> int:
             return vnet.rx_fill(rx, frame, p)
 
-        return QueueWorkItem(f"{self.name}.rx{pair}", rx, run, kick_fd=kick, on_broken=self.guest_error)
+        return QueueWorkItem(
+            f"{self.name}.rx{pair}", rx, run, kick_fd=kick, device=self.name,
+            on_broken=self.guest_error,
+        )
 
     def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
         fd = self.tap.fd
@@ -291,8 +308,8 @@ class NetDevice(VhostUserDevice):
             return rx.pending() > 0 and _fd_readable(fd)
 
         return QueueWorkItem(
-            f"{self.name}.rx{pair}", rx, run, kick_fd=kick, data_fds=(fd,), pending=pending,
-            on_broken=self.guest_error,
+            f"{self.name}.rx{pair}", rx, run, kick_fd=kick, device=self.name, data_fds=(fd,),
+            pending=pending, on_broken=self.guest_error,
         )
 
     async def close(self) -> None:
