@@ -1,6 +1,7 @@
-"""The `vhostx` command line: serve, stats, demo.
+"""The `vhostx` command line: serve, stats, params, param, workers, worker, migrate, demo, bench.
 
-Exit codes: 0 success, 1 runtime failure, 2 bad configuration or usage.
+Exit codes: 0 success, 1 runtime failure (no daemon, or the daemon refused a command), 2 bad
+configuration or usage.
 Threads: the main thread only.
 """
 
@@ -15,7 +16,11 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
-__all__ = ["control_request", "main"]
+__all__ = ["CommandFailed", "ask", "build_parser", "control_request", "main"]
+
+
+class CommandFailed(Exception):
+    """A control command could not be delivered or the daemon refused it (exit code 1)."""
 
 
 def control_request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
@@ -34,11 +39,36 @@ def control_request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dic
     return answer
 
 
+def ask(control: str, req: dict[str, Any], timeout: float = 5.0, *,
+        check: bool = True) -> dict[str, Any]:
+    """control_request with the CLI's error handling: CommandFailed with a message a user can act
+    on when no daemon listens, it does not answer, or it answers {"ok": false}."""
+    cmd = req.get("cmd")
+    try:
+        answer = control_request(control, req, timeout)
+    except (FileNotFoundError, ConnectionRefusedError) as err:
+        raise CommandFailed(
+            f"no daemon is listening on the control socket {control} ({err.strerror}); "
+            f"is `vhostx serve --control {control}` running?"
+        ) from err
+    except TimeoutError as err:
+        raise CommandFailed(f"the daemon at {control} did not answer {cmd!r} within {timeout:g} s") from err
+    except (ConnectionError, OSError) as err:
+        raise CommandFailed(f"control socket {control}: {err}") from err
+    except ValueError as err:  # not JSON, or cut off
+        raise CommandFailed(f"the daemon at {control} sent a malformed answer to {cmd!r}: {err}") from err
+    if not isinstance(answer, dict):
+        raise CommandFailed(f"the daemon at {control} sent a malformed answer to {cmd!r}: {answer!r}")
+    if check and not answer.get("ok"):
+        raise CommandFailed(f"the daemon refused {cmd!r}: {answer.get('error', 'no reason given')}")
+    return answer
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .config import load_config
     from .daemon import run_daemon
 
-    cfg = load_config(args.config, args.device, args.control, args.param)
+    cfg = load_config(args.config, args.device, args.control, args.param, metrics=args.metrics)
     return run_daemon(cfg, stats_file=args.stats_file, ready_file=args.ready_file)
 
 
@@ -46,14 +76,73 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     from .live import render_stats_loop
 
     if args.json:
-        print(json.dumps(control_request(args.control, {"cmd": "stats"}), indent=1))
+        print(json.dumps(ask(args.control, {"cmd": "stats"}), indent=1))
         return 0
-    return render_stats_loop(args.control, interval=args.interval, count=args.count)
+    if args.interval <= 0:
+        raise ConfigError(f"--interval={args.interval:g}: expected a number of seconds > 0")
+    if args.count < 0:
+        raise ConfigError(f"--count={args.count}: expected 0 (until Ctrl-C) or more")
+    return render_stats_loop(args.control, interval=args.interval, count=args.count,
+                             fetch=lambda: ask(args.control, {"cmd": "stats"}))
+
+
+def _fmt_pct(part: float, whole: float) -> str:
+    return f"{100.0 * part / whole:5.1f}%" if whole > 0 else "    -"
+
+
+def _cmd_workers(args: argparse.Namespace) -> int:
+    answer = ask(args.control, {"cmd": "workers"})
+    rows = answer.get("workers", [])
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print("no workers")
+        return 0
+    header = ("worker", "name", "cpu", "works", "polling", "busy", "devices")
+    table = [header]
+    for i, w in enumerate(rows):
+        busy, idle = float(w.get("busy_ns", 0) or 0), float(w.get("idle_ns", 0) or 0)
+        table.append((
+            str(w.get("index", i)), str(w.get("name", "")),
+            "-" if w.get("cpu") is None else str(w.get("cpu")),
+            str(w.get("works", "")), str(w.get("polling", "")),
+            _fmt_pct(busy, busy + idle).strip(),
+            ",".join(str(d) for d in w.get("devices", [])),
+        ))
+    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
+    for r in table:
+        print("  ".join(v.ljust(widths[c]) for c, v in enumerate(r)).rstrip())
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        if args.cpu is not None and args.cpu < 0:
+            raise ConfigError(f"--cpu={args.cpu}: expected a CPU number >= 0")
+        answer = ask(args.control, {"cmd": "worker_add", "cpu": args.cpu})
+        index = answer.get("worker", answer.get("index"))
+        where = f" on CPU {args.cpu}" if args.cpu is not None else ""
+        print(f"added worker {index}{where}" if index is not None else f"added a worker{where}")
+    else:
+        ask(args.control, {"cmd": "worker_remove", "worker": args.index})
+        print(f"removed worker {args.index}")
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    req: dict[str, Any] = {"cmd": "migrate", "device": args.device, "worker": args.worker}
+    if args.queue:
+        req["queue"] = args.queue
+    ask(args.control, req, timeout=args.timeout)
+    what = f"queue {args.queue} of {args.device}" if args.queue else args.device
+    print(f"moved {what} to worker {args.worker}")
+    return 0
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
     if args.control:
-        answer = control_request(args.control, {"cmd": "params"})
+        answer = ask(args.control, {"cmd": "params"})
         if args.json:
             print(json.dumps(answer["params"], indent=1))
             return 0
@@ -78,9 +167,10 @@ def _cmd_param(args: argparse.Namespace) -> int:
         if args.value is None:
             raise ConfigError("param set needs NAME VALUE")
         req = {"cmd": "param_set", "name": args.name, "value": args.value}
-    answer = control_request(args.control, req)
+    answer = ask(args.control, req, check=False)
     if not answer.get("ok"):
-        print(f"vhostx: {answer.get('error')}", file=sys.stderr)
+        # a refused value is a configuration error (exit 2), as for --param at start-up
+        print(f"vhostx: the daemon refused {req['cmd']!r}: {answer.get('error')}", file=sys.stderr)
         return 2
     print(f"{answer['name']} = {answer['value']!r}" + (f" ({answer['source']})" if "source" in answer else ""))
     return 0
@@ -104,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", action="append", default=[],
                    help="name=NAME,type=net,socket=PATH,port=sink|echo|source|switch|tap[,...] (repeatable)")
     s.add_argument("--control", help="control socket path (JSON lines)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)")
     s.add_argument("--param", action="append", default=[], help="name=value (repeatable)")
     s.add_argument("--stats-file", help="write final statistics as JSON here on exit")
     s.add_argument("--ready-file", help="write the pid here once every socket listens")
@@ -128,13 +220,52 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--control", required=True, help="the daemon's control socket")
     pa.set_defaults(func=_cmd_param)
 
+    wl = sub.add_parser("workers", help="list a running daemon's workers")
+    wl.add_argument("--control", required=True, help="the daemon's control socket")
+    wl.add_argument("--json", action="store_true")
+    wl.set_defaults(func=_cmd_workers)
+
+    wk = sub.add_parser("worker", help="add or remove a worker of a running daemon (shared mode)")
+    wsub = wk.add_subparsers(dest="action", required=True)
+    wa = wsub.add_parser("add", help="start one more worker")
+    wa.add_argument("--cpu", type=int, help="pin it to this CPU")
+    wa.add_argument("--control", required=True, help="the daemon's control socket")
+    wr = wsub.add_parser("remove", help="stop a worker; its queues move to the others first")
+    wr.add_argument("index", type=int, help="the worker's index (see `vhostx workers`)")
+    wr.add_argument("--control", required=True, help="the daemon's control socket")
+    wk.set_defaults(func=_cmd_worker)
+
+    mg = sub.add_parser("migrate", help="move a device (or one of its queues) to another worker")
+    mg.add_argument("device", help="device name, e.g. net0")
+    mg.add_argument("worker", type=int, help="index of the worker to move to")
+    mg.add_argument("--queue", help="only this queue work, e.g. net0.tx0")
+    mg.add_argument("--control", required=True, help="the daemon's control socket")
+    mg.add_argument("--timeout", type=float, default=15.0,
+                    help="seconds to wait for the daemon to finish the move")
+    mg.set_defaults(func=_cmd_migrate)
+
     d = sub.add_parser("demo", help="daemon + a DPDK virtio-user client, live figures on screen")
     d.add_argument("--seconds", type=float, default=20.0, help="how long traffic runs")
     d.add_argument("--port", default="sink", choices=["sink", "source", "echo"],
                    help="the daemon's port: guest TX into sink, RX from source, or echo")
     d.add_argument("--size", type=int, default=64, help="packet size in bytes")
     d.set_defaults(func=_cmd_demo)
+
+    _register_bench(sub)
     return p
+
+
+def _register_bench(sub: Any) -> None:
+    """`vhostx bench ...` when the benchmark harness (bench/cli.py) is installed."""
+    try:
+        import bench.cli as bench_cli
+    except ModuleNotFoundError as err:
+        # Only the absence of bench.cli itself (or of bench) is tolerated: an ImportError from
+        # inside the harness is a bug to surface, not a reason to hide the command.
+        if err.name in ("bench", "bench.cli"):
+            return
+        raise
+    bench_cli.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except CommandFailed as err:
+        print(f"vhostx: {err}", file=sys.stderr)
+        return 1
     except (ConnectionError, FileNotFoundError) as err:
         print(f"vhostx: {err}", file=sys.stderr)
         return 1

@@ -14,6 +14,8 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
+from .metrics import parse_addr
+
 __all__ = ["PORTS", "DaemonConfig", "DeviceConfig", "load_config", "parse_device_spec"]
 
 PORTS = ("sink", "echo", "source", "switch", "tap")
@@ -55,11 +57,13 @@ class DeviceConfig:
 class DaemonConfig:
     devices: tuple[DeviceConfig, ...]
     control: str = ""  # control socket path ("" = none)
+    metrics: str | None = None  # "HOST:PORT" of the Prometheus endpoint (None = none)
     param_table: dict[str, Any] = field(default_factory=dict)  # [params] of the file, as typed
     param_items: tuple[str, ...] = ()  # --param name=value, in order (they win over the file)
     path: str = ""  # the config file, for messages
 
 
+_DAEMON_KEYS = ("control", "metrics")  # the keys of the [daemon] table
 _INT_RANGES = {
     "queues": (1, 64),
     "mtu": (68, 65535),
@@ -167,11 +171,15 @@ def load_config(
     device_specs: list[str] | None = None,
     control: str | None = None,
     params: list[str] | None = None,
+    metrics: str | None = None,
 ) -> DaemonConfig:
-    """Combine a TOML file and command-line devices into one checked configuration."""
+    """Combine a TOML file and command-line devices into one checked configuration.
+
+    `control` and `metrics` given here (the command line) win over the file's [daemon] table."""
     devices: list[DeviceConfig] = []
     file_params: dict[str, Any] = {}
     file_control = ""
+    file_metrics: str | None = None
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -196,15 +204,31 @@ def load_config(
         if not isinstance(daemon, dict):
             raise ConfigError(f"config file {path}: [daemon] must be a table")
         for key, value in daemon.items():
-            if key != "control":
-                raise ConfigError(f"config file {path}: [daemon] unknown key {key!r}; known: control")
-            if not isinstance(value, str):
-                raise ConfigError(f"config file {path}: [daemon] control must be a string path")
-            file_control = value
+            if key not in _DAEMON_KEYS:
+                raise ConfigError(
+                    f"config file {path}: [daemon] unknown key {key!r}; "
+                    f"known: {', '.join(_DAEMON_KEYS)}"
+                )
+            if key == "control":
+                if not isinstance(value, str):
+                    raise ConfigError(
+                        f"config file {path}: [daemon] control={value!r}: expected a string path"
+                    )
+                file_control = value
+            else:
+                if not isinstance(value, str):
+                    raise ConfigError(
+                        f"config file {path}: [daemon] metrics={value!r}: expected a string "
+                        "\"HOST:PORT\", e.g. \"127.0.0.1:9477\""
+                    )
+                parse_addr(value, what=f"config file {path}: [daemon] metrics")
+                file_metrics = value
         raw_params = data.get("params", {})
         if not isinstance(raw_params, dict):
             raise ConfigError(f"config file {path}: [params] must be a table")
         file_params = dict(raw_params)
+    if metrics is not None:
+        parse_addr(metrics, what="--metrics")
     for spec in device_specs or []:
         devices.append(parse_device_spec(spec))
     if not devices:
@@ -213,6 +237,7 @@ def load_config(
     return DaemonConfig(
         devices=tuple(devices),
         control=control if control is not None else file_control,
+        metrics=metrics if metrics is not None else file_metrics,
         param_table=file_params,
         param_items=tuple(params or ()),
         path=path or "",

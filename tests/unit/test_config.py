@@ -99,3 +99,62 @@ def test_cli_exits_2_when_socket_path_is_not_a_socket(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "not a socket" in r.stderr
+
+
+def test_daemon_table_metrics_and_control(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[daemon]\ncontrol = "/tmp/ctl"\nmetrics = "127.0.0.1:9477"\n'
+                 '[[device]]\nname = "net0"\nsocket = "/tmp/n0"\n')
+    cfg = load_config(str(f))
+    assert cfg.metrics == "127.0.0.1:9477" and cfg.control == "/tmp/ctl"
+    # the command line wins over the file
+    cfg = load_config(str(f), None, "/tmp/other", None, metrics="[::1]:0")
+    assert cfg.metrics == "[::1]:0" and cfg.control == "/tmp/other"
+    # no metrics anywhere: None
+    assert load_config(None, ["name=a,socket=/tmp/a"]).metrics is None
+
+
+@pytest.mark.parametrize(
+    "daemon, words",
+    [
+        ('metrics = "9477"', ["[daemon] metrics", "'9477'", "HOST:PORT"]),
+        ('metrics = "127.0.0.1:70000"', ["[daemon] metrics", "[0, 65535]"]),
+        ("metrics = 9477", ["[daemon] metrics=9477", "string"]),
+        ('metrics = "::1:80"', ["brackets"]),
+        ("control = 3", ["[daemon] control=3", "string"]),
+        ('metric = "127.0.0.1:1"', ["unknown key 'metric'", "control, metrics"]),
+    ],
+)
+def test_bad_daemon_table_is_refused(tmp_path: Path, daemon: str, words: list[str]) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[daemon]\n{daemon}\n[[device]]\nname = 'a'\nsocket = '/tmp/a'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(f))
+    for w in words:
+        assert w in str(info.value)
+
+
+def test_bad_metrics_option_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--metrics='localhost'"):
+        load_config(None, ["name=a,socket=/tmp/a"], metrics="localhost")
+
+
+@pytest.mark.parametrize("args", [["--metrics", "nope"], ["--metrics", "127.0.0.1:99999"]])
+def test_cli_exits_2_on_bad_metrics_address(tmp_path: Path, args: list[str]) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "vhostx", "serve", "--device", f"name=a,socket={tmp_path}/a.sock",
+         *args],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "--metrics=" in r.stderr and "configuration error" in r.stderr
+    assert not (tmp_path / "a.sock").exists()  # refused before anything started
+
+
+def test_cli_exits_2_on_bad_metrics_in_file(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f'[daemon]\nmetrics = "x:y"\n[[device]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\n')
+    r = subprocess.run([sys.executable, "-m", "vhostx", "serve", "--config", str(f)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert "[daemon] metrics='x:y'" in r.stderr
