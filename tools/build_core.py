@@ -38,10 +38,32 @@ ffibuilder.set_source(
     extra_compile_args=["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"],
 )
 
+def build_in_place() -> list[Path]:
+    """Compile in a private temp dir, then rename the module into virtio/ atomically: processes
+    that already mapped the old .so keep it intact (writing over a mapped .so can crash them)."""
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="vx-build-", dir=ROOT) as tmp:
+        tmpdir = Path(tmp)
+        shutil.copytree(CORE, tmpdir / "virtio" / "_core",
+                        ignore=shutil.ignore_patterns("*.o"))
+        os.chdir(tmpdir)
+        try:
+            ffibuilder.compile(tmpdir=str(tmpdir), verbose=False)
+        finally:
+            os.chdir(ROOT)
+        built = []
+        for so in (tmpdir / "virtio").glob("_vx_core*.so"):
+            dest = ROOT / "virtio" / so.name
+            staged = dest.with_name(dest.name + ".new")
+            shutil.copy2(so, staged)
+            os.replace(staged, dest)
+            built.append(dest)
+    return built
+
+
 if __name__ == "__main__":
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
-    ffibuilder.compile(tmpdir=str(ROOT), verbose=False)
-    print(
-        "built", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "virtio").glob("_vx_core*.so"))
-    )
+    print("built", *sorted(str(p.relative_to(ROOT)) for p in build_in_place()))

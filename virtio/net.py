@@ -5,6 +5,13 @@ operation returns the packets (TX chains or RX frames) it handled, >= 0, and rai
 when the queue it serves breaks. RX queues written here are completed inside the call (used
 entries published, interrupt decided).
 
+spin_ns (every operation, keyword, default 0): bounded busy-poll inside the one C call. When the
+ring the call serves runs empty before the budget is used up, and the call has already done some
+work, the call publishes its used entries and decides its interrupts, then keeps re-reading
+avail->idx; the time it waits on an empty ring is at most spin_ns in total per call. A call that
+finds its ring empty at the start returns at once (idle queues cost no CPU). The GIL is released
+for the whole call (cffi).
+
 Threads: the worker that owns the TX queue calls tx_sink/echo/fwd/tx_to_fd/Switch.tx; the worker
 that owns the RX queue calls rx_fill/rx_from_fd. fwd and Switch write other devices' RX queues
 under the C queue lock, so several workers may feed one RX queue.
@@ -35,49 +42,68 @@ def _budget(max_pkts: int, max_bytes: int) -> tuple[int, int]:
     return min(max_pkts, 0xFFFFFFFF), min(max_bytes, _U64_MAX)
 
 
-def tx_sink(tx: DeviceQueue, max_pkts: int, max_bytes: int) -> int:
-    """Copy each TX packet (header excluded) out of the guest, count it, drop it."""
+def _spin(spin_ns: int) -> int:
+    if spin_ns < 0:
+        raise ConfigError(f"spin_ns must be >= 0, got {spin_ns}")
+    return min(spin_ns, _U64_MAX)
+
+
+def tx_sink(tx: DeviceQueue, max_pkts: int, max_bytes: int, *, spin_ns: int = 0) -> int:
+    """Copy each TX packet (header excluded) out of the guest, count it, drop it.
+
+    The copy goes to a rotating set of buffers per thread (4 MiB), like fresh packet buffers.
+    """
     p, b = _budget(max_pkts, max_bytes)
-    return _check(lib.vx_net_tx_sink(tx.c_queue, p, b), tx, "tx_sink")
+    return _check(lib.vx_net_tx_sink(tx.c_queue, p, b, _spin(spin_ns)), tx, "tx_sink")
 
 
-def rx_fill(rx: DeviceQueue, frame: bytes, max_pkts: int) -> int:
+def rx_fill(rx: DeviceQueue, frame: bytes, max_pkts: int, *, spin_ns: int = 0) -> int:
     """Write `frame` (a zero net header is prepended) into RX buffers up to max_pkts times."""
     p, _ = _budget(max_pkts, 0)
     buf = ffi.from_buffer("uint8_t[]", frame)
-    return _check(lib.vx_net_rx_fill(rx.c_queue, buf, len(frame), p), rx, "rx_fill")
+    return _check(
+        lib.vx_net_rx_fill(rx.c_queue, buf, len(frame), p, _spin(spin_ns)), rx, "rx_fill"
+    )
 
 
-def echo(tx: DeviceQueue, rx: DeviceQueue, max_pkts: int, max_bytes: int) -> int:
+def echo(
+    tx: DeviceQueue, rx: DeviceQueue, max_pkts: int, max_bytes: int, *, spin_ns: int = 0
+) -> int:
     """TX packets back into RX of the same device with destination and source MACs swapped."""
     p, b = _budget(max_pkts, max_bytes)
-    r = lib.vx_net_echo(tx.c_queue, rx.c_queue, p, b)
+    r = lib.vx_net_echo(tx.c_queue, rx.c_queue, p, b, _spin(spin_ns))
     if r < 0:
         q = tx if tx.broken else rx
         raise GuestError(f"echo on queue {q.index}: {q.broken or 'queue broken'}")
     return r
 
 
-def fwd(tx: DeviceQueue, rx: DeviceQueue, max_pkts: int, max_bytes: int) -> int:
+def fwd(
+    tx: DeviceQueue, rx: DeviceQueue, max_pkts: int, max_bytes: int, *, spin_ns: int = 0
+) -> int:
     """Guest-to-guest copy from TX chains straight into another guest's RX chains.
 
     No RX buffer: the packet is dropped (rx ring_full, tx dropped), so a slow receiver never
     stalls the sender. A broken RX queue drops packets; only a broken TX queue raises.
     """
     p, b = _budget(max_pkts, max_bytes)
-    return _check(lib.vx_net_fwd(tx.c_queue, rx.c_queue, p, b), tx, "fwd")
+    return _check(lib.vx_net_fwd(tx.c_queue, rx.c_queue, p, b, _spin(spin_ns)), tx, "fwd")
 
 
-def tx_to_fd(tx: DeviceQueue, fd: int, max_pkts: int, max_bytes: int) -> int:
-    """writev each TX packet, net header included, to a non-blocking (TAP) fd; EAGAIN stops."""
+def tx_to_fd(tx: DeviceQueue, fd: int, max_pkts: int, max_bytes: int, *, spin_ns: int = 0) -> int:
+    """writev each TX packet, net header included, to a non-blocking (TAP) fd; EAGAIN stops
+    (and is never waited on: spin_ns only waits for the TX ring)."""
     p, b = _budget(max_pkts, max_bytes)
-    return _check(lib.vx_net_tx_to_fd(tx.c_queue, fd, p, b), tx, "tx_to_fd")
+    return _check(lib.vx_net_tx_to_fd(tx.c_queue, fd, p, b, _spin(spin_ns)), tx, "tx_to_fd")
 
 
-def rx_from_fd(rx: DeviceQueue, fd: int, max_pkts: int) -> int:
-    """Read packets (net header included) from a non-blocking fd into RX buffers; EAGAIN stops."""
+def rx_from_fd(rx: DeviceQueue, fd: int, max_pkts: int, *, spin_ns: int = 0) -> int:
+    """Read packets (net header included) from a non-blocking fd into RX buffers; EAGAIN stops.
+
+    spin_ns waits only for RX buffers (the driver's refill), never for the fd.
+    """
     p, _ = _budget(max_pkts, 0)
-    return _check(lib.vx_net_rx_from_fd(rx.c_queue, fd, p), rx, "rx_from_fd")
+    return _check(lib.vx_net_rx_from_fd(rx.c_queue, fd, p, _spin(spin_ns)), rx, "rx_from_fd")
 
 
 class Switch:
@@ -116,12 +142,15 @@ class Switch:
             raise ConfigError(f"switch port {port} is not attached (ports: {sorted(self._ports)})")
         self._retired.append(self._ports.pop(port))
 
-    def tx(self, port: int, tx: DeviceQueue, max_pkts: int, max_bytes: int) -> int:
+    def tx(
+        self, port: int, tx: DeviceQueue, max_pkts: int, max_bytes: int, *, spin_ns: int = 0
+    ) -> int:
         """Switch up to max_pkts TX packets of `port`; TX chains consumed."""
         if port not in self._ports:
             raise ConfigError(f"switch port {port} is not attached (ports: {sorted(self._ports)})")
         p, b = _budget(max_pkts, max_bytes)
-        return _check(lib.vx_switch_tx(self._sw, port, tx.c_queue, p, b), tx, "switch tx")
+        r = lib.vx_switch_tx(self._sw, port, tx.c_queue, p, b, _spin(spin_ns))
+        return _check(r, tx, "switch tx")
 
     def lookup(self, mac: bytes) -> int | None:
         """The port the FDB has learned for `mac`, or None."""

@@ -19,11 +19,24 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <pthread.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define likely(x) __builtin_expect(!!(x), 1)
 #define unlikely(x) __builtin_expect(!!(x), 0)
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -120,7 +133,7 @@ static inline void vq_lock(struct vx_vq *vq)
     __atomic_fetch_add(&vq->stats.lock_contended, 1, __ATOMIC_RELAXED);
     for (;;) {
         while (__atomic_load_n(&vq->lock, __ATOMIC_RELAXED))
-            __builtin_ia32_pause();
+            cpu_relax();
         if (!__atomic_exchange_n(&vq->lock, 1, __ATOMIC_ACQUIRE))
             return;
     }
@@ -716,60 +729,216 @@ static inline int tx_turn_begin(struct vx_vq *tx, uint32_t max_pkts)
     return n;
 }
 
+
+/* ------------------------------------------------------------------------------------------ */
+/* bounded busy-poll                                                                            */
+
+#define VX_SPIN_CHECK 32 /* avail->idx reads (one pause each) between two clock reads */
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/*
+ * Wait for avail->idx to move past the last value we read (vq->avail_idx): re-read it with a
+ * pause in between, and read the clock every VX_SPIN_CHECK reads, until it moves or the call's
+ * remaining spin budget *left_ns is used up (the time spent here is taken from it). Returns 1
+ * when new entries are there (vq->avail_idx updated, the jump checked like every avail read),
+ * 0 when the budget ran out, -1 when the queue broke (a bogus avail->idx).
+ *
+ * The caller has published every used entry and decided every interrupt before calling: the
+ * driver never waits on anything of ours while we spin. Nothing is read from the guest here
+ * except avail->idx, which vq_avail() checks.
+ */
+static int vq_spin(struct vx_vq *vq, uint64_t *left_ns)
+{
+    if (*left_ns == 0 || unlikely(vq->broken))
+        return vq->broken ? -1 : 0;
+    vq->stats.spins++;
+    const uint16_t seen = vq->avail_idx;
+    const uint64_t t0 = now_ns();
+    uint64_t t = t0;
+    int r = 0;
+    for (;;) {
+        uint32_t i;
+        for (i = 0; i < VX_SPIN_CHECK; i++) {
+            if (__atomic_load_n(&vq->avail->idx, __ATOMIC_RELAXED) != seen)
+                break;
+            cpu_relax();
+        }
+        if (i < VX_SPIN_CHECK) {
+            int a = vq_avail(vq); /* acquire; checks the jump */
+            if (a < 0) {
+                r = -1;
+                break;
+            }
+            if (vq->avail_idx != seen) {
+                r = 1;
+                break;
+            }
+            /* it moved and came back (a guest playing games): keep waiting */
+        }
+        t = now_ns();
+        if (t - t0 >= *left_ns)
+            break;
+    }
+    if (r != 0)
+        t = now_ns();
+    uint64_t spent = t - t0;
+    *left_ns = spent >= *left_ns ? 0 : *left_ns - spent;
+    vq->stats.spin_ns += spent;
+    if (r > 0)
+        vq->stats.spin_found++;
+    return r;
+}
+
+/*
+ * A TX call consumed every chain of its avail snapshot (`done` chains, below max_pkts). With spin
+ * budget left, is there more? Re-reads avail->idx. Returns the new chain limit (> done), 0 when
+ * the ring is empty, -1 when the queue broke.
+ */
+static inline int tx_reread(struct vx_vq *tx, uint32_t max_pkts, int done)
+{
+    int a = vq_avail(tx);
+    if (a <= 0)
+        return a;
+    uint32_t room = max_pkts - (uint32_t)done;
+    return done + (int)((uint32_t)a > room ? room : (uint32_t)a);
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* net operations                                                                               */
 
-int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes)
+/*
+ * The sink's copy destination: a rotating set of VX_SINK_SLOTS buffers of VX_SINK_SLOT_LEN bytes
+ * per thread (4 MiB, one per worker however many sink queues it serves), so the copy writes
+ * memory that has fallen out of L1/L2 like a backend copying into fresh packet buffers would, not
+ * one cache-hot scratch buffer. Frames longer than a slot go to the queue's scratch buffer.
+ */
+struct sink_ring {
+    uint8_t *buf;
+    uint32_t next;
+};
+
+static pthread_key_t sink_key;
+static pthread_once_t sink_once = PTHREAD_ONCE_INIT;
+static __thread struct sink_ring *tls_sink;
+
+static void sink_ring_free(void *p)
+{
+    struct sink_ring *r = p;
+    free(r->buf);
+    free(r);
+}
+
+static void sink_key_init(void)
+{
+    (void)pthread_key_create(&sink_key, sink_ring_free);
+}
+
+/* this thread's ring, allocated on first use (NULL if that fails: the scratch buffer is used) */
+static struct sink_ring *sink_ring_get(void)
+{
+    struct sink_ring *r = tls_sink;
+    if (likely(r != NULL))
+        return r;
+    pthread_once(&sink_once, sink_key_init);
+    r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    r->buf = malloc((size_t)VX_SINK_SLOTS * VX_SINK_SLOT_LEN);
+    if (!r->buf) {
+        free(r);
+        return NULL;
+    }
+    (void)pthread_setspecific(sink_key, r);
+    tls_sink = r;
+    return r;
+}
+
+int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns)
 {
     int n = tx_turn_begin(tx, max_pkts);
     if (n <= 0)
         return n;
     const uint32_t hlen = tx->hdr_len;
-    uint64_t bytes = 0;
+    struct sink_ring *ring = sink_ring_get();
+    uint64_t bytes = 0, spin_left = spin_ns;
     int done = 0;
-    while (done < n) {
-        uint16_t slot = tx->last_avail_idx & tx->mask;
-        uint16_t head = tx->avail->ring[slot];
-        __builtin_prefetch(&tx->desc[tx->avail->ring[(slot + 1) & tx->mask] & tx->mask]);
-        if (vq_walk(tx, head) < 0)
-            return -1;
-        tx->last_avail_idx++;
-        vq_push(tx, head, 0);
-        done++;
-        if (unlikely(tx->rlen < hlen || tx->rlen - hlen > VX_SCRATCH_LEN)) {
-            if (tx->rlen < hlen)
-                tx->stats.dropped++;
-            else
-                tx->stats.too_big++;
-            continue;
+    for (;;) {
+        while (done < n) {
+            uint16_t slot = tx->last_avail_idx & tx->mask;
+            uint16_t head = tx->avail->ring[slot];
+            __builtin_prefetch(&tx->desc[tx->avail->ring[(slot + 1) & tx->mask] & tx->mask]);
+            if (vq_walk(tx, head) < 0)
+                return -1;
+            tx->last_avail_idx++;
+            vq_push(tx, head, 0);
+            done++;
+            if (unlikely(tx->rlen < hlen || tx->rlen - hlen > VX_SCRATCH_LEN)) {
+                if (tx->rlen < hlen)
+                    tx->stats.dropped++;
+                else
+                    tx->stats.too_big++;
+                continue;
+            }
+            uint32_t len = (uint32_t)(tx->rlen - hlen);
+            uint8_t *dst = tx->scratch;
+            if (likely(ring != NULL && len <= VX_SINK_SLOT_LEN))
+                dst = ring->buf + (size_t)(ring->next++ & (VX_SINK_SLOTS - 1)) * VX_SINK_SLOT_LEN;
+            const struct vx_seg *s = tx->segs;
+            if (likely(tx->nread == 1)) {
+                memcpy(dst, s[0].ptr + hlen, len);
+            } else {
+                struct cur c;
+                cur_init(&c, s, tx->nread);
+                cur_skip(&c, hlen);
+                cur_read(&c, dst, len);
+            }
+            tx->stats.packets++;
+            tx->stats.bytes += len;
+            bytes += len;
+            if (bytes >= max_bytes)
+                goto out;
         }
-        uint32_t len = (uint32_t)(tx->rlen - hlen);
-        const struct vx_seg *s = tx->segs;
-        if (likely(tx->nread == 1)) {
-            memcpy(tx->scratch, s[0].ptr + hlen, len);
-        } else {
-            struct cur c;
-            cur_init(&c, s, tx->nread);
-            cur_skip(&c, hlen);
-            cur_read(&c, tx->scratch, len);
-        }
-        tx->stats.packets++;
-        tx->stats.bytes += len;
-        bytes += len;
-        if (bytes >= max_bytes)
+        if ((uint32_t)done >= max_pkts || spin_left == 0)
             break;
+        int m = tx_reread(tx, max_pkts, done);
+        if (m == 0) {
+            vx_vq_signal(tx); /* completions first: the driver must not wait on our spin */
+            int r = vq_spin(tx, &spin_left);
+            if (r <= 0) {
+                if (r < 0)
+                    return -1;
+                break;
+            }
+            m = tx_reread(tx, max_pkts, done);
+        } else if (m > 0) {
+            vq_flush(tx); /* publish what this snapshot consumed before taking the next */
+        }
+        if (m < 0)
+            return -1;
+        if (m == 0)
+            break;
+        n = m;
     }
+out:
     vx_vq_signal(tx);
     return done;
 }
 
-int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts)
+int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
+                   uint64_t spin_ns)
 {
     if (unlikely(rx->broken))
         return -1;
     if (unlikely(!rx->started))
         return 0;
     struct vx_seg seg = {(uint8_t *)frame, len};
+    uint64_t spin_left = spin_ns;
     int done = 0;
     while ((uint32_t)done < max_pkts) {
         struct rx_src src;
@@ -780,9 +949,24 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
         int r = rx_deliver(rx, &src);
         if (r < 0)
             return -1;
-        if (r == 0)
+        if (r > 0) {
+            done++;
+            continue;
+        }
+        /* No room. Without MRG_RXBUF a non-empty ring means the head chain is too small: no
+         * wait helps. Otherwise (empty ring, or not enough chains for the frame) wait for more,
+         * once this call has done some work and with spin budget left. */
+        int starved = (rx->flags & VX_F_MRG_RXBUF) || rx->avail_idx == rx->last_avail_idx;
+        if (!starved || done == 0 || spin_left == 0)
             break;
-        done++;
+        if (vx_vq_signal(rx) < 0) /* publish and interrupt before we wait */
+            return -1;
+        int s = vq_spin(rx, &spin_left);
+        if (s < 0)
+            return -1;
+        if (s == 0)
+            break;
+        rx->stats.ring_full--; /* the wait found buffers: nothing was refused after all */
     }
     if (vx_vq_signal(rx) < 0)
         return -1;
@@ -790,12 +974,12 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
 }
 
 /*
- * TX chains of `tx` delivered into `rx`. locked: take rx's lock around each delivery (the rx
- * queue may be written by other threads). Returns TX chains consumed, or -1 if TX broke (or rx
- * broke and rx_fatal).
+ * TX chains of `tx` delivered into `rx`. locked: take rx's lock around the deliveries (the rx
+ * queue may be written by other threads; never held while spinning). Returns TX chains consumed,
+ * or -1 if TX broke (or rx broke and rx_fatal).
  */
 static int tx_to_rx(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
-                    int swap, int locked, int rx_fatal)
+                    int swap, int locked, int rx_fatal, uint64_t spin_ns)
 {
     if (unlikely(rx_fatal && rx->broken))
         return -1;
@@ -803,134 +987,211 @@ static int tx_to_rx(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint6
     if (n <= 0)
         return n;
     const uint32_t hlen = tx->hdr_len;
-    uint64_t bytes = 0;
-    int done = 0, wrote = 0;
+    uint64_t bytes = 0, spin_left = spin_ns;
+    int done = 0, wrote = 0, ret;
     if (locked)
         vq_lock(rx);
-    while (done < n) {
-        uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
-        if (vq_walk(tx, head) < 0) {
-            if (wrote)
+    for (;;) {
+        while (done < n) {
+            uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
+            if (vq_walk(tx, head) < 0) {
+                ret = -1;
+                goto fail;
+            }
+            tx->last_avail_idx++;
+            vq_push(tx, head, 0);
+            done++;
+            if (unlikely(tx->rlen < hlen || tx->rlen - hlen > 65535 + 64)) {
+                tx->stats.dropped++;
+                continue;
+            }
+            uint8_t thdr[10] = {0};
+            struct rx_src src;
+            cur_init(&src.cur, tx->segs, tx->nread);
+            cur_read(&src.cur, thdr, hlen < 10 ? hlen : 10);
+            cur_skip(&src.cur, hlen > 10 ? hlen - 10 : 0);
+            src.len = (uint32_t)(tx->rlen - hlen);
+            src.hdr = thdr;
+            src.swap_mac = swap;
+            int r = rx_deliver(rx, &src);
+            if (r < 0) {
+                if (rx_fatal) {
+                    ret = -1;
+                    goto fail;
+                }
+                tx->stats.dropped++;
+                continue;
+            }
+            if (r == 0) {
+                tx->stats.dropped++;
+                continue;
+            }
+            wrote = 1;
+            tx->stats.packets++;
+            tx->stats.bytes += src.len;
+            bytes += src.len;
+            if (bytes >= max_bytes)
+                goto out;
+        }
+        if ((uint32_t)done >= max_pkts || spin_left == 0)
+            break;
+        int m = tx_reread(tx, max_pkts, done);
+        if (m == 0) {
+            /* completions of both rings first, and no lock held while we wait */
+            if (wrote || rx->nshadow)
                 vx_vq_signal(rx);
+            wrote = 0;
             if (locked)
                 vq_unlock(rx);
-            return -1;
-        }
-        tx->last_avail_idx++;
-        vq_push(tx, head, 0);
-        done++;
-        if (unlikely(tx->rlen < hlen || tx->rlen - hlen > 65535 + 64)) {
-            tx->stats.dropped++;
-            continue;
-        }
-        uint8_t thdr[10] = {0};
-        struct rx_src src;
-        cur_init(&src.cur, tx->segs, tx->nread);
-        cur_read(&src.cur, thdr, hlen < 10 ? hlen : 10);
-        cur_skip(&src.cur, hlen > 10 ? hlen - 10 : 0);
-        src.len = (uint32_t)(tx->rlen - hlen);
-        src.hdr = thdr;
-        src.swap_mac = swap;
-        int r = rx_deliver(rx, &src);
-        if (r < 0) {
-            if (rx_fatal) {
-                if (locked)
-                    vq_unlock(rx);
-                return -1;
+            vx_vq_signal(tx);
+            int r = vq_spin(tx, &spin_left);
+            if (locked)
+                vq_lock(rx);
+            if (r < 0) {
+                ret = -1;
+                goto fail;
             }
-            tx->stats.dropped++;
-            continue;
+            if (r == 0)
+                break;
+            if (rx_fatal && rx->broken) { /* echo: the RX ring broke while we waited */
+                ret = -1;
+                goto fail;
+            }
+            m = tx_reread(tx, max_pkts, done);
+        } else if (m > 0) {
+            vq_flush(tx);
         }
-        if (r == 0) {
-            tx->stats.dropped++;
-            continue;
+        if (m < 0) {
+            ret = -1;
+            goto fail;
         }
-        wrote = 1;
-        tx->stats.packets++;
-        tx->stats.bytes += src.len;
-        bytes += src.len;
-        if (bytes >= max_bytes)
+        if (m == 0)
             break;
+        n = m;
     }
+out:
     if (wrote || rx->nshadow)
         vx_vq_signal(rx);
     if (locked)
         vq_unlock(rx);
     vx_vq_signal(tx);
     return done;
+fail:
+    if (wrote || rx->nshadow)
+        vx_vq_signal(rx);
+    if (locked)
+        vq_unlock(rx);
+    return ret;
 }
 
-int vx_net_echo(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes)
+int vx_net_echo(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
+                uint64_t spin_ns)
 {
-    return tx_to_rx(tx, rx, max_pkts, max_bytes, 1, 0, 1);
+    return tx_to_rx(tx, rx, max_pkts, max_bytes, 1, 0, 1, spin_ns);
 }
 
-int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes)
+int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
+               uint64_t spin_ns)
 {
-    return tx_to_rx(tx, rx, max_pkts, max_bytes, 0, 1, 0);
+    return tx_to_rx(tx, rx, max_pkts, max_bytes, 0, 1, 0, spin_ns);
 }
 
-int vx_net_tx_to_fd(struct vx_vq *tx, int fd, uint32_t max_pkts, uint64_t max_bytes)
+int vx_net_tx_to_fd(struct vx_vq *tx, int fd, uint32_t max_pkts, uint64_t max_bytes,
+                    uint64_t spin_ns)
 {
     int n = tx_turn_begin(tx, max_pkts);
     if (n <= 0)
         return n;
-    uint64_t bytes = 0;
+    uint64_t bytes = 0, spin_left = spin_ns;
     int done = 0;
-    while (done < n) {
-        uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
-        if (vq_walk(tx, head) < 0)
-            return -1;
-        if (unlikely(tx->rlen < tx->hdr_len)) {
-            tx->stats.dropped++;
-        } else {
-            uint32_t k = tx->nread;
-            if (k > 1024)
-                k = 1024; /* IOV_MAX; longer chains are truncated */
-            for (uint32_t i = 0; i < k; i++) {
-                tx->iov[i].iov_base = tx->segs[i].ptr;
-                tx->iov[i].iov_len = tx->segs[i].len;
-            }
-            ssize_t w = writev(fd, tx->iov, k);
-            if (w < 0) {
-                if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                    tx->stats.eagain++;
-                    break; /* chain stays in the ring */
-                }
-                if (errno == EINTR)
-                    continue;
-                tx->stats.io_errors++;
+    for (;;) {
+        while (done < n) {
+            uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
+            if (vq_walk(tx, head) < 0)
+                return -1;
+            if (unlikely(tx->rlen < tx->hdr_len)) {
                 tx->stats.dropped++;
             } else {
-                uint64_t len = tx->rlen - tx->hdr_len;
-                tx->stats.packets++;
-                tx->stats.bytes += len;
-                bytes += len;
+                uint32_t k = tx->nread;
+                if (k > 1024)
+                    k = 1024; /* IOV_MAX; longer chains are truncated */
+                for (uint32_t i = 0; i < k; i++) {
+                    tx->iov[i].iov_base = tx->segs[i].ptr;
+                    tx->iov[i].iov_len = tx->segs[i].len;
+                }
+                ssize_t w = writev(fd, tx->iov, k);
+                if (w < 0) {
+                    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                        tx->stats.eagain++;
+                        goto out; /* chain stays in the ring; no spinning on a full fd */
+                    }
+                    if (errno == EINTR)
+                        continue;
+                    tx->stats.io_errors++;
+                    tx->stats.dropped++;
+                } else {
+                    uint64_t len = tx->rlen - tx->hdr_len;
+                    tx->stats.packets++;
+                    tx->stats.bytes += len;
+                    bytes += len;
+                }
             }
+            tx->last_avail_idx++;
+            vq_push(tx, head, 0);
+            done++;
+            if (bytes >= max_bytes)
+                goto out;
         }
-        tx->last_avail_idx++;
-        vq_push(tx, head, 0);
-        done++;
-        if (bytes >= max_bytes)
+        if ((uint32_t)done >= max_pkts || spin_left == 0)
             break;
+        int m = tx_reread(tx, max_pkts, done);
+        if (m == 0) {
+            vx_vq_signal(tx);
+            int r = vq_spin(tx, &spin_left);
+            if (r < 0)
+                return -1;
+            if (r == 0)
+                break;
+            m = tx_reread(tx, max_pkts, done);
+        } else if (m > 0) {
+            vq_flush(tx);
+        }
+        if (m < 0)
+            return -1;
+        if (m == 0)
+            break;
+        n = m;
     }
+out:
     vx_vq_signal(tx);
     return done;
 }
 
-int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts)
+int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin_ns)
 {
     if (unlikely(rx->broken))
         return -1;
     if (unlikely(!rx->started))
         return 0;
     const uint32_t hlen = rx->hdr_len;
+    uint64_t spin_left = spin_ns;
     int done = 0;
     while ((uint32_t)done < max_pkts) {
         if ((uint16_t)(rx->avail_idx - rx->last_avail_idx) == 0) {
             int a = vq_avail(rx);
             if (a < 0)
                 return -1;
+            if (a == 0 && done > 0 && spin_left) {
+                /* out of RX buffers after some work: publish, then wait for the driver's
+                 * refill (the fd may hold more; we only learn that by reading it) */
+                if (vx_vq_signal(rx) < 0)
+                    return -1;
+                a = vq_spin(rx, &spin_left);
+                if (a < 0)
+                    return -1;
+                if (a > 0)
+                    continue;
+            }
             if (a == 0) {
                 rx->stats.ring_full++;
                 break;
@@ -1099,7 +1360,7 @@ int vx_switch_add_port(struct vx_switch *sw, struct vx_vq **rxqs, uint32_t nrxq)
     if (nrxq == 0 || nrxq > VX_SWITCH_MAX_RXQ)
         return -1;
     while (__atomic_exchange_n(&sw->admin_lock, 1, __ATOMIC_ACQUIRE))
-        __builtin_ia32_pause();
+        cpu_relax();
     int port = -1;
     for (int p = 0; p < VX_SWITCH_MAX_PORTS; p++) {
         if (!__atomic_load_n(&sw->ports[p].active, __ATOMIC_ACQUIRE)) {
@@ -1212,8 +1473,20 @@ static int sw_deliver(struct vx_switch *sw, struct vx_vq *tx, int port, uint32_t
     return r;
 }
 
+static void sw_signal_touched(struct vx_switch *sw, struct sw_touched *touched, uint32_t *ntouched)
+{
+    for (uint32_t i = 0; i < *ntouched; i++) {
+        struct vx_vq *rx = touched[i].rx;
+        vq_lock(rx);
+        if (__atomic_load_n(&sw->ports[touched[i].port].active, __ATOMIC_ACQUIRE))
+            vx_vq_signal(rx);
+        vq_unlock(rx);
+    }
+    *ntouched = 0;
+}
+
 int vx_switch_tx(struct vx_switch *sw, int port, struct vx_vq *tx, uint32_t max_pkts,
-                 uint64_t max_bytes)
+                 uint64_t max_bytes, uint64_t spin_ns)
 {
     if (unlikely(tx->broken))
         return -1;
@@ -1225,65 +1498,86 @@ int vx_switch_tx(struct vx_switch *sw, int port, struct vx_vq *tx, uint32_t max_
     const uint32_t hlen = tx->hdr_len;
     struct sw_touched touched[64];
     uint32_t ntouched = 0;
-    uint64_t bytes = 0;
+    uint64_t bytes = 0, spin_left = spin_ns;
     int done = 0;
-    while (done < n) {
-        uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
-        if (vq_walk(tx, head) < 0) {
-            done = -1;
-            break;
-        }
-        tx->last_avail_idx++;
-        vq_push(tx, head, 0);
-        done++;
-        if (unlikely(tx->rlen < hlen + 14 || tx->rlen - hlen > 65535 + 64)) {
-            tx->stats.dropped++;
-            continue;
-        }
-        uint8_t thdr[10] = {0};
-        uint8_t eth[38];
-        struct cur c;
-        cur_init(&c, tx->segs, tx->nread);
-        cur_read(&c, thdr, hlen < 10 ? hlen : 10);
-        cur_skip(&c, hlen > 10 ? hlen - 10 : 0);
-        uint32_t elen = (uint32_t)cur_read(&c, eth, sizeof(eth));
-        uint32_t flen = (uint32_t)(tx->rlen - hlen);
-        const uint8_t *dst = eth, *srcm = eth + 6;
-        if (!(srcm[0] & 1) && mac48(srcm) != 0)
-            fdb_learn(sw, mac48(srcm), port);
-        uint32_t fh = flow_hash(eth, elen);
-        int delivered = 0;
-        int dport = (dst[0] & 1) ? -1 : fdb_find(sw, mac48(dst));
-        if (dport >= 0) {
-            if (dport == port) {
-                __atomic_fetch_add(&sw->stats.hairpin, 1, __ATOMIC_RELAXED);
+    for (;;) {
+        while (done < n) {
+            uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
+            if (vq_walk(tx, head) < 0) {
+                done = -1;
+                goto out;
+            }
+            tx->last_avail_idx++;
+            vq_push(tx, head, 0);
+            done++;
+            if (unlikely(tx->rlen < hlen + 14 || tx->rlen - hlen > 65535 + 64)) {
+                tx->stats.dropped++;
+                continue;
+            }
+            uint8_t thdr[10] = {0};
+            uint8_t eth[38];
+            struct cur c;
+            cur_init(&c, tx->segs, tx->nread);
+            cur_read(&c, thdr, hlen < 10 ? hlen : 10);
+            cur_skip(&c, hlen > 10 ? hlen - 10 : 0);
+            uint32_t elen = (uint32_t)cur_read(&c, eth, sizeof(eth));
+            uint32_t flen = (uint32_t)(tx->rlen - hlen);
+            const uint8_t *dst = eth, *srcm = eth + 6;
+            if (!(srcm[0] & 1) && mac48(srcm) != 0)
+                fdb_learn(sw, mac48(srcm), port);
+            uint32_t fh = flow_hash(eth, elen);
+            int delivered = 0;
+            int dport = (dst[0] & 1) ? -1 : fdb_find(sw, mac48(dst));
+            if (dport >= 0) {
+                if (dport == port) {
+                    __atomic_fetch_add(&sw->stats.hairpin, 1, __ATOMIC_RELAXED);
+                } else {
+                    __atomic_fetch_add(&sw->stats.unicast, 1, __ATOMIC_RELAXED);
+                    delivered += sw_deliver(sw, tx, dport, fh, thdr, touched, &ntouched);
+                }
             } else {
-                __atomic_fetch_add(&sw->stats.unicast, 1, __ATOMIC_RELAXED);
-                delivered += sw_deliver(sw, tx, dport, fh, thdr, touched, &ntouched);
+                __atomic_fetch_add(&sw->stats.flooded, 1, __ATOMIC_RELAXED);
+                for (int p = 0; p < VX_SWITCH_MAX_PORTS; p++) {
+                    if (p == port || !__atomic_load_n(&sw->ports[p].active, __ATOMIC_RELAXED))
+                        continue;
+                    delivered += sw_deliver(sw, tx, p, fh, thdr, touched, &ntouched);
+                }
             }
-        } else {
-            __atomic_fetch_add(&sw->stats.flooded, 1, __ATOMIC_RELAXED);
-            for (int p = 0; p < VX_SWITCH_MAX_PORTS; p++) {
-                if (p == port || !__atomic_load_n(&sw->ports[p].active, __ATOMIC_RELAXED))
-                    continue;
-                delivered += sw_deliver(sw, tx, p, fh, thdr, touched, &ntouched);
-            }
+            if (!delivered)
+                tx->stats.dropped++;
+            tx->stats.packets++;
+            tx->stats.bytes += flen;
+            bytes += flen;
+            if (bytes >= max_bytes)
+                goto out;
         }
-        if (!delivered)
-            tx->stats.dropped++;
-        tx->stats.packets++;
-        tx->stats.bytes += flen;
-        bytes += flen;
-        if (bytes >= max_bytes)
+        if ((uint32_t)done >= max_pkts || spin_left == 0)
             break;
+        int m = tx_reread(tx, max_pkts, done);
+        if (m == 0) {
+            sw_signal_touched(sw, touched, &ntouched); /* every completion before we wait */
+            vx_vq_signal(tx);
+            int r = vq_spin(tx, &spin_left);
+            if (r < 0) {
+                done = -1;
+                goto out;
+            }
+            if (r == 0)
+                break;
+            m = tx_reread(tx, max_pkts, done);
+        } else if (m > 0) {
+            vq_flush(tx);
+        }
+        if (m < 0) {
+            done = -1;
+            goto out;
+        }
+        if (m == 0)
+            break;
+        n = m;
     }
-    for (uint32_t i = 0; i < ntouched; i++) {
-        struct vx_vq *rx = touched[i].rx;
-        vq_lock(rx);
-        if (__atomic_load_n(&sw->ports[touched[i].port].active, __ATOMIC_ACQUIRE))
-            vx_vq_signal(rx);
-        vq_unlock(rx);
-    }
+out:
+    sw_signal_touched(sw, touched, &ntouched);
     if (done < 0)
         return -1;
     vx_vq_signal(tx);

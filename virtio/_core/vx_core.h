@@ -47,6 +47,9 @@ struct vx_stats {
     uint64_t eagain;                /* fd calls stopped by EAGAIN */
     uint64_t io_errors;             /* fd calls failed otherwise */
     uint64_t lock_contended;        /* RX lock acquisitions that had to spin */
+    uint64_t spins;                 /* busy-poll windows entered (ring empty, spin_ns > 0) */
+    uint64_t spin_found;            /* busy-poll windows that ended with new avail entries */
+    uint64_t spin_ns;               /* time spent busy-polling, ns */
 };
 
 enum {
@@ -56,7 +59,9 @@ enum {
     VX_SCRATCH_LEN = 131072,        /* TX copy-out / RX bounce buffer per queue */
     VX_SWITCH_MAX_PORTS = 64,
     VX_SWITCH_MAX_RXQ = 16,
-    VX_SWITCH_FDB_SIZE = 8192
+    VX_SWITCH_FDB_SIZE = 8192,
+    VX_SINK_SLOTS = 2048,           /* tx_sink copies into a rotating set of buffers per thread */
+    VX_SINK_SLOT_LEN = 2048         /* ... of this many bytes each (4 MiB); longer frames use scratch */
 };
 
 struct vx_vq;
@@ -89,13 +94,24 @@ uint16_t vx_vq_used_idx(const struct vx_vq *vq);
 const char *vx_vq_error(const struct vx_vq *vq);
 struct vx_stats *vx_vq_stats(struct vx_vq *vq);
 
-/* ---- net data path ---- */
-int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes);
-int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts);
-int vx_net_echo(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes);
-int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes);
-int vx_net_tx_to_fd(struct vx_vq *tx, int fd, uint32_t max_pkts, uint64_t max_bytes);
-int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts);
+/* ---- net data path ----
+ * spin_ns: bounded busy-poll. When the ring a call serves runs empty before its budget is used
+ * up, and the call has already found work, the call first publishes its used entries and makes
+ * its interrupt decisions (nothing the driver waits for stays unpublished), then re-reads
+ * avail->idx for new entries. The time spent waiting on an empty ring is at most spin_ns per
+ * call in total (so one call adds at most spin_ns of latency for other queues of its worker).
+ * 0: return as soon as the ring is empty (no re-read of avail->idx within the call). A call that
+ * finds the ring empty at its start never spins (idle queues cost nothing). */
+int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns);
+int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
+                   uint64_t spin_ns);
+int vx_net_echo(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
+                uint64_t spin_ns);
+int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
+               uint64_t spin_ns);
+int vx_net_tx_to_fd(struct vx_vq *tx, int fd, uint32_t max_pkts, uint64_t max_bytes,
+                    uint64_t spin_ns);
+int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin_ns);
 
 /* ---- L2 learning switch ---- */
 struct vx_switch *vx_switch_new(void);
@@ -103,7 +119,7 @@ void vx_switch_free(struct vx_switch *sw);
 int vx_switch_add_port(struct vx_switch *sw, struct vx_vq **rxqs, uint32_t nrxq);
 int vx_switch_remove_port(struct vx_switch *sw, int port);
 int vx_switch_tx(struct vx_switch *sw, int port, struct vx_vq *tx, uint32_t max_pkts,
-                 uint64_t max_bytes);
+                 uint64_t max_bytes, uint64_t spin_ns);
 int vx_switch_lookup(struct vx_switch *sw, const uint8_t *mac);
 struct vx_switch_stats *vx_switch_stats(struct vx_switch *sw);
 
