@@ -65,6 +65,7 @@ __all__ = [
     "MIN_PROCESSED_DATA_LIMIT",
     "MODE",
     "PLACEMENT",
+    "POLICY",
     "POLL_COALESCING",
     "POLL_START_RATE",
     "POLL_STOP_IDLE",
@@ -745,6 +746,13 @@ PLACEMENT = declare(
     "shared mode: how a new device picks its worker: first_fit (ELVIS: first with fewer than "
     "devices_per_worker), least_loaded, or explicit (the device's worker= key); next attach",
     choices=("first_fit", "least_loaded", "explicit"), runtime=True, scope=Scope.GLOBAL,
+)  # fmt: skip
+POLICY = declare(
+    "policy", str, "elvis",
+    "shared mode: scheduling policy of the workers: elvis (ELVIS fine-grained scheduling), "
+    "classes (elvis plus latency/throughput queue classes), vhost (one batch per turn, no "
+    "polling); baseline mode always uses vhost",
+    choices=("elvis", "classes", "vhost"), runtime=True, scope=Scope.WORKER,
 )  # fmt: skip
 DEVICES_PER_WORKER = declare(
     "devices_per_worker", int, 7,

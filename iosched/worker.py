@@ -1,16 +1,34 @@
-"""Worker threads: each owns a set of queue works and serves them with no locks on the data path.
+"""Worker threads (I/O cores): each owns a set of queue works and serves them with no locks on the
+data path, in either mode:
 
-A worker sleeps in epoll on the kick fds (and any other wake fds) of its works plus one command
-eventfd. While some work has something to do, it serves the runnable works round robin, one turn
-each, with kicks suppressed; when a work runs dry it re-enables kicks and re-checks the ring once
-more before it stops serving it (the driver may have added a buffer during the switch).
+- baseline (policy `vhost`): driven only by kicks. A kick suppresses further kicks and queues the
+  work; each queued work gets one C batch per round, round robin; a work whose ring runs dry
+  re-enables kicks and re-checks the ring once more before it goes idle (the lost-kick race).
+- shared (policy `elvis`, `classes`): the ELVIS loop. Each tick
+    1. serves the head of the work list (queues that were kicked) for one turn; a turn is one or
+       more C batches, bounded by min/max_processed_data_limit, cut short by pressure (a kick
+       waiting longer than max_work_stuck_us, a stuck or overdue polled queue);
+    2. a kicked queue that served >= poll_start_rate items in that turn starts polling (kicks
+       stay suppressed) and joins the round-robin poll list; otherwise it re-enables kicks and
+       re-checks, or goes back to the tail when its turn ended on the budget;
+    3. checks the head of the poll list (skipping it under poll_coalescing unless it is stuck or
+       overdue) and moves it to the tail; new buffers count as a kick avoided; after
+       poll_stop_idle without work the queue stops polling: kicks on, then one more re-check;
+    4. never sleeps while a queue is polled or queued; otherwise blocks in epoll (no CPU).
+  Stuck detection (max_queue_stuck_us / max_queue_stuck_size) and min_poll_rate run on a timer
+  scan of the poll list and move a queue to its head.
 
-Threads: `submit`, `attach`, `detach`, `stop` and `snapshot` may be called from any thread
-(normally the daemon's asyncio thread); everything else runs in the worker's own thread.
+A work attached to a worker is treated as runnable at once (kicks off, queued): a kick that landed
+while the work was on no worker (between the two phases of a migration) is never lost.
+
+Threads: `submit`, `attach`, `detach`, `update`, `stop` and the `stats`/`works` readers may be
+called from any thread (normally the daemon's asyncio thread or the pool); everything else runs in
+the worker's own thread. Commands run between turns, never in the middle of one.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import os
@@ -23,13 +41,22 @@ from typing import Any, Protocol
 
 from virtio.errors import GuestError
 
-__all__ = ["QueueWork", "TurnBudget", "WorkStats", "Worker", "WorkerStats"]
+from .policy import Policy, SchedSettings, make_policy
+
+__all__ = ["QueueState", "QueueWork", "WorkStats", "Worker", "WorkerStats"]
 
 log = logging.getLogger("vhostx.data")
 
 
 class QueueWork(Protocol):
-    """One thing a worker serves: usually one virtqueue and the port behind it."""
+    """One thing a worker serves: usually one virtqueue and the port behind it.
+
+    Optional (read with getattr): `device: str` (the device's name), `counters() -> dict` (the C
+    queue counters; "bytes" drives the data limits), `queue` (a DeviceQueue whose `pending()`
+    gives the pending count for stuck detection), `migratable_alone: bool` (False: the work
+    shares a ring with another work of its device without a lock, so it may only move with its
+    whole device).
+    """
 
     name: str
     stats: WorkStats
@@ -42,7 +69,7 @@ class QueueWork(Protocol):
         """Other fds whose readability means work (a TAP fd); never read by the worker."""
 
     def run(self, budget_pkts: int, budget_bytes: int) -> int:
-        """Serve one turn; return the packets handled (0: nothing to do)."""
+        """Serve one C batch; return the packets handled (0: nothing to do)."""
 
     def pending(self) -> bool:
         """Whether there is work right now (checked after re-enabling notifications)."""
@@ -55,16 +82,9 @@ class QueueWork(Protocol):
 
 
 @dataclass
-class TurnBudget:
-    """How much one queue may do in one turn before the worker moves on."""
-
-    packets: int = 256
-    bytes: int = 512 * 1024
-
-
-@dataclass
 class WorkStats:
-    """Per-work counters kept by the worker thread (Python side, once per wake or turn)."""
+    """Per-work counters kept by the worker thread that serves it (Python side, once per wake or
+    turn). They live with the work, so they survive migrations and are monotonic."""
 
     kicks: int = 0
     turns: int = 0
@@ -72,18 +92,72 @@ class WorkStats:
     notify_on: int = 0
     notify_off: int = 0
     budget_exhausted: int = 0
+    kicks_avoided: int = 0
+    poll_starts: int = 0
+    poll_stops: int = 0
+    polled_ns: int = 0  # closed polling periods; add now - poll_since_ns while `polling`
+    stuck_events: int = 0
+    polling: bool = False
+    poll_since_ns: int = 0
 
 
 @dataclass
 class WorkerStats:
     loops: int = 0
     sleeps: int = 0
-    busy_ns: int = 0
-    idle_ns: int = 0
+    busy_ns: int = 0  # ticks that moved packets
+    idle_ns: int = 0  # asleep in epoll, or ticks (spinning polls) that found nothing
     works: int = 0
+    empty_polls: int = 0  # checks of a polled queue that found nothing
+    polling: int = 0  # works currently polled
 
 
 _EV_IN = select.EPOLLIN
+
+IDLE, QUEUED, POLLED, RUNNING = 0, 1, 2, 3
+_DRAINED, _BUDGET = 0, 1
+_NOMINAL_PKT = 64  # bytes assumed for a batch that ran before any counter reading
+_FALLBACK_PKT = 1500  # bytes per packet when a work has no counters()
+
+
+class QueueState:
+    """The worker's per-work scheduling state (worker thread only)."""
+
+    __slots__ = (
+        "_worker", "busy", "bytes_fn", "full_ewma", "enq_ns", "klass", "last_checked_ns",
+        "last_served_ns", "last_work_ns", "pending_count", "poll_only", "state", "stats",
+        "stuck_pending", "stuck_since_ns", "urgent", "work",
+    )  # fmt: skip
+
+    def __init__(self, work: QueueWork, worker: Worker, now: int) -> None:
+        self._worker = worker
+        self.work = work
+        self.stats: WorkStats = work.stats
+        self.poll_only = bool(getattr(work, "poll_only", False))
+        self.state = IDLE
+        self.enq_ns = now
+        self.last_served_ns = now
+        self.last_checked_ns = now
+        self.last_work_ns = now
+        self.stuck_pending = 0
+        self.stuck_since_ns = now
+        self.urgent = False
+        self.busy = False  # the last turn had a full batch
+        self.full_ewma = 0
+        self.klass = "latency"
+        counters = getattr(work, "counters", None)
+        self.bytes_fn: Callable[[], int] | None = (
+            (lambda: int(counters()["bytes"])) if callable(counters) else None
+        )
+        queue = getattr(work, "queue", None)
+        qpending = getattr(queue, "pending", None)
+        self.pending_count: Callable[[], int] = (
+            qpending if callable(qpending) else (lambda: int(work.pending()))
+        )
+
+    def worker_has_latency(self) -> bool:
+        """Another work on this worker is in the latency class (ClassesPolicy)."""
+        return any(o is not self and o.klass == "latency" for o in self._worker._states.values())
 
 
 class Worker:
@@ -94,22 +168,33 @@ class Worker:
         name: str,
         *,
         cpu: int | None = None,
-        budget: TurnBudget | None = None,
+        settings: SchedSettings | None = None,
+        policy: str | Policy = "vhost",
+        index: int = 0,
     ) -> None:
         self.name = name
+        self.index = index
         self.cpu = cpu
-        self.budget = budget or TurnBudget()
+        self.settings = settings or SchedSettings()
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, self.settings)
         self.stats = WorkerStats()
         self._cmd_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._cmds: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._cmd_lock = threading.Lock()
-        self._works: list[QueueWork] = []
-        self._by_fd: dict[int, list[QueueWork]] = {}
+        self._states: dict[QueueWork, QueueState] = {}
+        self._by_fd: dict[int, list[QueueState]] = {}
         self._kick_fds: set[int] = set()
-        self._runnable: list[QueueWork] = []
+        self._queued: collections.deque[QueueState] = collections.deque()
+        self._polled: collections.deque[QueueState] = collections.deque()
         self._stopping = False
+        self._clock = time.monotonic_ns
+        self._last_epoll = self._clock()
+        self._next_scan = 0
+        self._scan_every = 0  # 0: no scan (stuck detection and min_poll_rate off)
+        self._n_urgent = 0
         self._epoll = select.epoll()
         self._epoll.register(self._cmd_fd, _EV_IN)
+        self._apply_settings_values()
         self._thread = threading.Thread(target=self._main, name=f"vhostx-{name}", daemon=True)
         self._thread.start()
 
@@ -132,6 +217,12 @@ class Worker:
     def detach(self, work: QueueWork) -> concurrent.futures.Future[Any]:
         return self.submit(lambda: self._detach(work))
 
+    def update(
+        self, settings: SchedSettings, policy: str | None = None
+    ) -> concurrent.futures.Future[Any]:
+        """New settings (and optionally another policy) from the next tick on."""
+        return self.submit(lambda: self._update(settings, policy))
+
     def stop(self, timeout: float = 5.0) -> None:
         if self._thread.is_alive():
             fut = self.submit(self._request_stop)
@@ -149,18 +240,57 @@ class Worker:
                 pass
 
     @property
-    def works(self) -> list[QueueWork]:
-        return list(self._works)
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
-    # ---- worker thread ----------------------------------------------------------------------
+    @property
+    def works(self) -> list[QueueWork]:
+        return list(self._states)
+
+    def work_stats(self, work: QueueWork) -> dict[str, Any]:
+        """Scheduling counters of one work, with the open polling period added (any thread)."""
+        st = work.stats
+        d = vars(st).copy()
+        if st.polling:
+            d["polled_ns"] = st.polled_ns + max(0, self._clock() - st.poll_since_ns)
+        return d
+
+    # ---- worker thread: commands --------------------------------------------------------------
 
     def _request_stop(self) -> None:
         self._stopping = True
 
+    def _update(self, settings: SchedSettings, policy: str | None) -> None:
+        self.settings = settings
+        if policy is not None and policy != self.policy.name:
+            self.policy = make_policy(policy, settings)
+        else:
+            self.policy.update(settings)
+        self._apply_settings_values()
+        if not settings.polling or settings.poll_start_rate == 0 or not self._can_poll():
+            now = self._clock()
+            for q in list(self._polled):
+                if not q.poll_only:
+                    self._polled.remove(q)
+                    self._stop_polling(q, now)
+
+    def _can_poll(self) -> bool:
+        return self.policy.polls
+
+    def _apply_settings_values(self) -> None:
+        s = self.settings
+        periods = [p for p in (s.max_queue_stuck_ns, s.min_poll_period_ns) if p > 0]
+        if s.max_queue_stuck_ns == 0:
+            periods.append(1)
+        self._scan_every = max(2_000, min(periods) // 4) if periods else 0
+        self._next_scan = 0
+
     def _attach(self, work: QueueWork) -> None:
-        if work in self._works:
+        if work in self._states:
             return
-        self._works.append(work)
+        now = self._clock()
+        q = QueueState(work, self, now)
+        self._states[work] = q
         for fd in work.kick_fds():
             if fd >= 0:
                 self._kick_fds.add(fd)
@@ -170,24 +300,45 @@ class Worker:
             users = self._by_fd.setdefault(fd, [])
             if not users:
                 self._epoll.register(fd, _EV_IN | select.EPOLLET)
-            users.append(work)
-        # Serve it at once: the driver may have queued buffers before we were listening.
-        work.set_notify(False)
+            users.append(q)
+        self.stats.works = len(self._states)
+        # Runnable at once: the driver may have queued buffers (and kicked) before we listened.
+        try:
+            work.set_notify(False)
+        except GuestError as err:
+            self._fail(q, err)
+            return
         work.stats.notify_off += 1
-        self._runnable.append(work)
-        self.stats.works = len(self._works)
+        if q.poll_only and self.settings.polling and self._can_poll():
+            self._start_polling(q, now)
+        else:
+            q.state = QUEUED
+            q.enq_ns = now
+            self._queued.append(q)
 
     def _detach(self, work: QueueWork) -> None:
-        if work not in self._works:
+        q = self._states.pop(work, None)
+        if q is None:
             return
-        self._works.remove(work)
-        if work in self._runnable:
-            self._runnable.remove(work)
+        if q.state == QUEUED:
+            self._queued.remove(q)
+        elif q.state == POLLED:
+            self._polled.remove(q)
+        if q.urgent:
+            q.urgent = False
+            self._n_urgent -= 1
+        st = q.stats
+        if st.polling:  # close the polling period; the next owner decides afresh
+            st.polled_ns += max(0, self._clock() - st.poll_since_ns)
+            st.polling = False
+            st.poll_stops += 1
+            self.stats.polling -= 1
+        q.state = IDLE
         for fd in work.kick_fds() + work.data_fds():
             users = self._by_fd.get(fd)
-            if not users or work not in users:
+            if not users or q not in users:
                 continue
-            users.remove(work)
+            users.remove(q)
             if not users:
                 del self._by_fd[fd]
                 self._kick_fds.discard(fd)
@@ -195,7 +346,7 @@ class Worker:
                     self._epoll.unregister(fd)
                 except (OSError, ValueError):
                     pass
-        self.stats.works = len(self._works)
+        self.stats.works = len(self._states)
 
     def _run_commands(self) -> None:
         try:
@@ -212,66 +363,236 @@ class Worker:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller
                 fut.set_exception(exc)
 
-    def _wake(self, fd: int) -> None:
-        if fd == self._cmd_fd:
-            self._run_commands()
-            return
-        works = self._by_fd.get(fd)
-        if not works:
-            return
-        kick = fd in self._kick_fds
-        if kick:
-            try:
-                os.eventfd_read(fd)
-            except OSError:
-                pass
-        for work in works:
-            if kick:
-                work.stats.kicks += 1
-            if work not in self._runnable:
-                work.set_notify(False)
-                work.stats.notify_off += 1
-                self._runnable.append(work)
+    # ---- worker thread: events ----------------------------------------------------------------
 
-    def _fail(self, work: QueueWork, err: GuestError) -> None:
+    def _events(self, events: list[tuple[int, int]], arrival: int, in_turn: bool = False) -> None:
+        for fd, _ in events:
+            if fd == self._cmd_fd:
+                if not in_turn:  # level-triggered: mid-turn it simply shows up again later
+                    self._run_commands()
+                continue
+            states = self._by_fd.get(fd)
+            if not states:
+                continue
+            kick = fd in self._kick_fds
+            if kick:
+                try:
+                    os.eventfd_read(fd)
+                except OSError:
+                    pass
+            for q in list(states):
+                if kick:
+                    q.stats.kicks += 1
+                if q.state == IDLE:
+                    try:
+                        q.work.set_notify(False)
+                    except GuestError as err:
+                        self._fail(q, err)
+                        continue
+                    q.stats.notify_off += 1
+                    q.state = QUEUED
+                    q.enq_ns = arrival
+                    self._queued.append(q)
+                # QUEUED / POLLED / RUNNING: already going to be looked at
+
+    def _fail(self, q: QueueState, err: GuestError) -> None:
+        work = q.work
         log.warning("worker %s: %s broke: %s", self.name, work.name, err)
-        self._detach(work)
+        if work in self._states:
+            self._detach(work)
         try:
             work.broken(err)
         except Exception:
             log.exception("error callback failed")
 
-    def _serve_once(self) -> None:
-        budget_pkts = self.budget.packets
-        budget_bytes = self.budget.bytes
-        for work in list(self._runnable):
-            st = work.stats
-            st.turns += 1
-            try:
-                n = work.run(budget_pkts, budget_bytes)
-            except GuestError as err:
-                self._fail(work, err)
-                continue
-            if n >= budget_pkts:
+    # ---- worker thread: serving ---------------------------------------------------------------
+
+    def _bytes(self, q: QueueState, packets: int) -> int:
+        fn = q.bytes_fn
+        return fn() if fn is not None else packets * _FALLBACK_PKT
+
+    def _turn(self, q: QueueState) -> tuple[int, int]:
+        """Serve `q` for one turn: (packets, _DRAINED | _BUDGET). GuestError propagates."""
+        work, pol, st = q.work, self.policy, q.stats
+        st.turns += 1
+        bp, bb = pol.batch_budget(q)
+        start = self._bytes(q, 0) if (q.busy and pol.multi_batch) else None
+        n = work.run(bp, bb)
+        total = n
+        if n < bp:
+            q.busy = False
+            if total:
+                pol.after_turn(q, total, 0, False)
+            return total, _DRAINED
+        if not pol.multi_batch:
+            st.budget_exhausted += 1
+            return total, _BUDGET
+        outcome = _DRAINED
+        turn_bytes = 0
+        while True:
+            now_bytes = self._bytes(q, total)
+            if start is None:
+                start = now_bytes - min(bb, bp * _NOMINAL_PKT)
+            turn_bytes = now_bytes - start
+            if not pol.continue_turn(q, turn_bytes, self._pressure()):
                 st.budget_exhausted += 1
+                outcome = _BUDGET
+                break
+            n = work.run(bp, bb)
+            total += n
+            if n < bp:
+                break
+        q.busy = True
+        pol.after_turn(q, total, turn_bytes, True)
+        return total, outcome
+
+    def _pressure(self) -> bool:
+        """Between two batches of one turn: should the current queue yield (past the minimum)?"""
+        s = self.settings
+        now = self._clock()
+        limit = s.max_work_stuck_ns
+        if limit >= 0:
+            if now - self._last_epoll >= limit // 2:
+                prev = self._last_epoll
+                self._last_epoll = now
+                events = self._epoll.poll(0)
+                if events:
+                    self._events(events, prev, in_turn=True)
+            if self._queued and now - self._queued[0].enq_ns >= limit:
+                return True
+        if self._scan_every and now >= self._next_scan:
+            self._scan(now)
+        return self._n_urgent > 0
+
+    def _scan(self, now: int) -> None:
+        """Stuck detection and min_poll_rate over the poll list; urgent queues go to its head."""
+        self._next_scan = now + self._scan_every
+        pol = self.policy
+        stuck_on = self.settings.max_queue_stuck_ns >= 0
+        for q in list(self._polled):
+            if q.urgent:
                 continue
-            if n > 0:
-                continue
-            st.empty_turns += 1
-            if work.poll_only:
-                continue
-            # Ring dry: re-enable kicks, then look once more (the lost-kick race).
+            hit = pol.overdue(q, now)
+            if not hit and stuck_on:
+                try:
+                    p = q.pending_count()
+                except GuestError as err:
+                    self._polled.remove(q)
+                    self._fail(q, err)
+                    continue
+                if p <= 0 or p != q.stuck_pending:
+                    q.stuck_pending = max(p, 0)
+                    q.stuck_since_ns = now
+                elif pol.stuck(q, p, now):
+                    q.stats.stuck_events += 1
+                    hit = True
+            if hit:
+                q.urgent = True
+                self._n_urgent += 1
+                self._polled.remove(q)
+                self._polled.appendleft(q)
+
+    def _served(self, q: QueueState, now: int) -> None:
+        q.last_served_ns = now
+        q.last_checked_ns = now
+        q.stuck_since_ns = now
+        if q.urgent:
+            q.urgent = False
+            self._n_urgent -= 1
+
+    def _start_polling(self, q: QueueState, now: int) -> None:
+        st = q.stats
+        st.poll_starts += 1
+        st.polling = True
+        st.poll_since_ns = now
+        q.last_work_ns = now
+        q.state = POLLED
+        self._polled.append(q)
+        self.stats.polling += 1
+
+    def _stop_polling(self, q: QueueState, now: int) -> None:
+        """q is out of the poll list: kicks back on, then the re-check."""
+        st = q.stats
+        st.poll_stops += 1
+        st.polled_ns += max(0, now - st.poll_since_ns)
+        st.polling = False
+        self.stats.polling -= 1
+        if q.urgent:
+            q.urgent = False
+            self._n_urgent -= 1
+        self._rearm(q, now)
+
+    def _rearm(self, q: QueueState, now: int) -> None:
+        """Re-enable kicks, then look once more: a buffer added while kicks were off (the driver
+        saw NO_NOTIFY and did not kick) is found here instead of being stranded."""
+        work, st = q.work, q.stats
+        try:
             work.set_notify(True)
-            try:
-                again = work.pending()
-            except GuestError as err:
-                self._fail(work, err)
-                continue
+            st.notify_on += 1
+            again = work.pending()
             if again:
                 work.set_notify(False)
-                continue
-            st.notify_on += 1
-            self._runnable.remove(work)
+                st.notify_off += 1
+        except GuestError as err:
+            self._fail(q, err)
+            return
+        if again:
+            q.state = QUEUED
+            q.enq_ns = now
+            self._queued.append(q)
+        else:
+            q.state = IDLE
+
+    def _serve_queued(self, q: QueueState) -> int:
+        now = self._clock()
+        q.state = RUNNING
+        try:
+            total, outcome = self._turn(q)
+        except GuestError as err:
+            self._fail(q, err)
+            return 0
+        self._served(q, now)
+        st = q.stats
+        if total:
+            q.last_work_ns = now
+        else:
+            st.empty_turns += 1
+        if self.settings.polling and self.policy.start_polling(q, total):
+            self._start_polling(q, now)
+        elif outcome == _BUDGET or q.poll_only:
+            q.state = QUEUED
+            q.enq_ns = now
+            self._queued.append(q)
+        else:
+            self._rearm(q, now)
+        return total
+
+    def _serve_polled(self, now: int) -> int:
+        polled = self._polled
+        q = polled.popleft()
+        if not q.urgent and self.policy.coalesced(q, now):
+            polled.append(q)
+            return 0
+        q.state = RUNNING
+        try:
+            total, _ = self._turn(q)
+        except GuestError as err:
+            self._fail(q, err)
+            return 0
+        self._served(q, now)
+        st = q.stats
+        if total:
+            q.last_work_ns = now
+            st.kicks_avoided += 1
+        else:
+            st.empty_turns += 1
+            self.stats.empty_polls += 1
+            if not q.poll_only and self.policy.stop_polling(q, now - q.last_work_ns):
+                self._stop_polling(q, now)
+                return 0
+        q.state = POLLED
+        polled.append(q)
+        return total
 
     def _main(self) -> None:
         if self.cpu is not None:
@@ -280,17 +601,28 @@ class Worker:
             except OSError as err:
                 log.warning("worker %s: cannot pin to cpu %s: %s", self.name, self.cpu, err)
         stats = self.stats
-        clock = time.perf_counter_ns
+        clock = self._clock
         poll = self._epoll.poll
         last = clock()
         while not self._stopping:
-            if self._runnable:
+            if self._queued or self._polled:
+                self._last_epoll = last
                 events = poll(0)
-                for fd, _ in events:
-                    self._wake(fd)
-                self._serve_once()
+                if events:
+                    self._events(events, last)
                 now = clock()
-                stats.busy_ns += now - last
+                if self._scan_every and now >= self._next_scan:
+                    self._scan(now)
+                moved = 0
+                if self._queued:
+                    moved += self._serve_queued(self._queued.popleft())
+                if self._polled:
+                    moved += self._serve_polled(clock())
+                now = clock()
+                if moved:
+                    stats.busy_ns += now - last
+                else:
+                    stats.idle_ns += now - last
                 last = now
             else:
                 stats.sleeps += 1
@@ -298,11 +630,11 @@ class Worker:
                 now = clock()
                 stats.idle_ns += now - last
                 last = now
-                for fd, _ in events:
-                    self._wake(fd)
+                self._events(events, now)
             stats.loops += 1
-        # Leave every work with kicks enabled so a restarted backend sees the ring as the driver left it.
-        for work in list(self._works):
+        # Leave every work with kicks enabled so a restarted backend sees the ring as the driver
+        # left it.
+        for work in list(self._states):
             try:
                 work.set_notify(True)
             except GuestError:

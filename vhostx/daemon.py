@@ -1,8 +1,14 @@
-"""The vhostx daemon: devices, their sockets, their workers, a control socket, a clean stop.
+"""The vhostx daemon: devices, their sockets, the worker pool, a control socket, a clean stop.
 
-Mode `baseline` (the only one in this version): one worker thread per device, driven by kicks,
-the way stock vhost works. The control socket speaks JSON lines: {"cmd": "stats"} and
-{"cmd": "ping"}; every answer is one JSON object with "ok".
+The parameter `mode` picks the scheduling, nothing else (same devices, same ports):
+`baseline` = one worker thread per device driven by kicks (stock vhost); `shared` = ELVIS-style
+worker pool (iosched.pool) whose workers serve the queues of many devices, with adaptive
+polling and fine-grained scheduling. Every scheduling parameter applies to running workers when
+it changes (the daemon subscribes and calls `pool.update`).
+
+The control socket speaks JSON lines; every answer is one JSON object with "ok" (errors:
+{"ok": false, "error": ...}). Commands: ping, stats, params, param_get, param_set, workers,
+worker_add {"cpu"?}, worker_remove {"worker"}, migrate {"device", "worker", "queue"?}.
 
 Threads: `Daemon` lives on the asyncio thread (uvloop when available); workers are threads.
 """
@@ -19,7 +25,8 @@ import time
 from typing import Any
 
 from iosched import params as P
-from iosched.worker import TurnBudget, Worker
+from iosched.policy import SchedSettings
+from iosched.pool import WorkerPool
 from virtio.errors import ConfigError
 
 from .config import DaemonConfig
@@ -30,16 +37,27 @@ __all__ = ["Daemon", "run_daemon"]
 
 log = logging.getLogger("vhostx.control")
 
+# Parameters that change the workers' settings (SchedSettings) and are pushed to them live.
+_SETTINGS_PARAMS = (
+    P.POLL_START_RATE, P.POLL_STOP_IDLE, P.POLL_COALESCING, P.MAX_WORK_STUCK_US,
+    P.MAX_QUEUE_STUCK_US, P.MAX_QUEUE_STUCK_SIZE, P.MIN_PROCESSED_DATA_LIMIT,
+    P.MAX_PROCESSED_DATA_LIMIT, P.MIN_POLL_RATE, P.TURN_MAX_PACKETS, P.TURN_MAX_BYTES,
+)  # fmt: skip
+_COMMANDS = ("ping", "stats", "params", "param_get", "param_set", "workers", "worker_add",
+             "worker_remove", "migrate")
+
 
 class Daemon:
     def __init__(self, cfg: DaemonConfig) -> None:
         self.cfg = cfg
         self.devices: list[NetDevice] = []
-        self.workers: list[Worker] = []
+        self.pool: WorkerPool | None = None
         self.switches = SwitchRegistry()
+        self.mode = "baseline"
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._control_server: asyncio.AbstractServer | None = None
+        self._metrics_server: asyncio.AbstractServer | None = None
         self._unsubscribe: list[Any] = []
         self.started_at = time.time()
 
@@ -48,32 +66,51 @@ class Daemon:
         if self.cfg.param_table:
             reg.load_config(self.cfg.param_table, where=f"{self.cfg.path} [params]")
         reg.load_cmdline(self.cfg.param_items)
-        if P.MODE.get() != "baseline":
-            raise ConfigError(
-                f"mode={P.MODE.get()!r}: shared workers are not available in this version; "
-                "allowed: baseline"
-            )
+        self.mode = P.MODE.get()
 
-    def _budget(self) -> TurnBudget:
-        return TurnBudget(packets=P.TURN_MAX_PACKETS.get(), bytes=P.TURN_MAX_BYTES.get())
+    @property
+    def workers(self) -> list[Any]:
+        """The pool's workers (compatibility with session 1's list of Worker)."""
+        return list(self.pool.workers.values()) if self.pool is not None else []
 
-    def _budget_changed(self, name: str, old: Any, new: Any) -> None:
-        for worker in self.workers:
-            budget = self._budget()
-            worker.submit(lambda w=worker, b=budget: setattr(w, "budget", b)).result(5)
+    def _settings(self) -> SchedSettings:
+        return SchedSettings.from_registry(mode=self.mode)
+
+    def _settings_changed(self, name: str, old: Any, new: Any) -> None:
+        if self.pool is not None:
+            self.pool.update(self._settings())
+
+    def _placement_changed(self, name: str, old: Any, new: Any) -> None:
+        if self.pool is not None:
+            self.pool.set_placement(P.PLACEMENT.get(), P.DEVICES_PER_WORKER.get())
+
+    def _policy_changed(self, name: str, old: Any, new: Any) -> None:
+        if self.pool is not None:
+            self.pool.set_policy(new)
 
     async def start(self) -> None:
         """Create every device and start serving; ConfigError if any cannot be set up."""
         try:
             self._load_params()
             cpus = P.parse_cpu_list(P.WORKER_CPUS.get()) if P.WORKER_CPUS.get() else ()
-            for handle in (P.TURN_MAX_PACKETS, P.TURN_MAX_BYTES):
-                self._unsubscribe.append(handle.subscribe(self._budget_changed))
-            for i, dcfg in enumerate(self.cfg.devices):
-                cpu = cpus[i % len(cpus)] if cpus else None
-                worker = Worker(f"{dcfg.name}", cpu=cpu, budget=self._budget())
-                self.workers.append(worker)
-                dev = NetDevice(dcfg, worker, self.switches)
+            self.pool = WorkerPool(
+                mode=self.mode,
+                workers=P.WORKERS.get(),
+                cpus=cpus,
+                placement=P.PLACEMENT.get(),
+                devices_per_worker=P.DEVICES_PER_WORKER.get(),
+                settings=self._settings(),
+                policy=P.POLICY.get(),
+            )
+            for handle in _SETTINGS_PARAMS:
+                self._unsubscribe.append(handle.subscribe(self._settings_changed))
+            for handle in (P.PLACEMENT, P.DEVICES_PER_WORKER):
+                self._unsubscribe.append(handle.subscribe(self._placement_changed))
+            self._unsubscribe.append(P.POLICY.subscribe(self._policy_changed))
+            for dcfg in self.cfg.devices:
+                explicit = dcfg.worker if dcfg.worker >= 0 else None
+                binding = self.pool.bind(dcfg.name, worker=explicit)
+                dev = NetDevice(dcfg, binding, self.switches)  # type: ignore[arg-type]
                 self.devices.append(dev)
             for dev in self.devices:
                 started = asyncio.Event()
@@ -91,10 +128,15 @@ class Daemon:
                     task.result()
             if self.cfg.control:
                 await self._start_control(self.cfg.control)
+            metrics_addr = getattr(self.cfg, "metrics", None)
+            if metrics_addr:
+                from . import metrics
+
+                self._metrics_server = await metrics.serve(metrics_addr, self.stats)
         except BaseException:
             await self.stop()
             raise
-        log.info("serving %d device(s)", len(self.devices))
+        log.info("serving %d device(s) in %s mode", len(self.devices), self.mode)
 
     async def _start_control(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -112,8 +154,10 @@ class Daemon:
                     req = json.loads(line)
                     if not isinstance(req, dict):
                         raise ValueError("expected a JSON object")
-                    answer = self.control(req)
-                except (ValueError, KeyError, TypeError, ConfigError) as err:
+                    answer = await self.control_async(req)
+                except (ValueError, KeyError, TypeError, ConfigError, RuntimeError) as err:
+                    if isinstance(err, KeyError):
+                        err = ValueError(f"missing key {err}")
                     answer = {"ok": False, "error": str(err)}
                 writer.write(json.dumps(answer).encode() + b"\n")
                 await writer.drain()
@@ -121,6 +165,33 @@ class Daemon:
             pass
         finally:
             writer.close()
+
+    async def control_async(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Like `control`, with the blocking pool commands run off the event loop."""
+        cmd = req.get("cmd")
+        pool = self._pool()
+        if cmd == "migrate":
+            device = str(req["device"])
+            worker = _int_arg(req, "worker")
+            queue = req.get("queue")
+            await asyncio.to_thread(pool.migrate, device, worker,
+                                    queue=str(queue) if queue else None)
+            return {"ok": True, "device": device, "worker": worker,
+                    **({"queue": str(queue)} if queue else {})}
+        if cmd == "worker_remove":
+            index = _int_arg(req, "worker")
+            await asyncio.to_thread(pool.remove_worker, index)
+            return {"ok": True, "worker": index}
+        if cmd == "param_set":
+            name = str(req["name"])
+            await asyncio.to_thread(P.REGISTRY.set, name, req["value"], where="control socket")
+            return {"ok": True, "name": name, "value": P.REGISTRY.get(name)}
+        return self.control(req)
+
+    def _pool(self) -> WorkerPool:
+        if self.pool is None:
+            raise RuntimeError("the daemon is not running")
+        return self.pool
 
     def control(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
@@ -138,20 +209,34 @@ class Daemon:
             name = str(req["name"])
             P.REGISTRY.set(name, req["value"], where="control socket")
             return {"ok": True, "name": name, "value": P.REGISTRY.get(name)}
-        raise ValueError(
-            f"unknown command {cmd!r}; known: ping, stats, params, param_get, param_set"
-        )
+        if cmd == "workers":
+            return {"ok": True, "mode": self.mode, "workers": self._pool().stats()["workers"]}
+        if cmd == "worker_add":
+            cpu = req.get("cpu")
+            if cpu is not None:
+                cpu = _int_arg(req, "cpu")
+            return {"ok": True, "worker": self._pool().add_worker(cpu)}
+        if cmd in ("migrate", "worker_remove"):
+            pool = self._pool()
+            if cmd == "migrate":
+                queue = req.get("queue")
+                pool.migrate(str(req["device"]), _int_arg(req, "worker"),
+                             queue=str(queue) if queue else None)
+            else:
+                pool.remove_worker(_int_arg(req, "worker"))
+            return {"ok": True}
+        raise ValueError(f"unknown command {cmd!r}; known: {', '.join(_COMMANDS)}")
 
     def stats(self) -> dict[str, Any]:
+        pool = self.pool.stats() if self.pool is not None else {"workers": [], "queues": []}
         return {
-            "mode": "baseline",
+            "mode": self.mode,
             "uptime_s": round(time.time() - self.started_at, 3),
             "time": time.time(),
             "devices": [dev.stats() for dev in self.devices],
-            "workers": [
-                {"name": w.name, **vars(w.stats)}
-                for w in self.workers
-            ],
+            "workers": pool["workers"],
+            "queues": pool["queues"],
+            "params": P.REGISTRY.snapshot(),
         }
 
     def request_stop(self) -> None:
@@ -173,8 +258,13 @@ class Daemon:
         for dev in self.devices:
             with contextlib.suppress(Exception):
                 await dev.close()
-        for worker in self.workers:
-            worker.stop()
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.stop)
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            with contextlib.suppress(Exception):
+                await self._metrics_server.wait_closed()
+            self._metrics_server = None
         if self._control_server is not None:
             self._control_server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -203,6 +293,16 @@ async def _amain(cfg: DaemonConfig, stats_file: str | None, ready_file: str | No
             os.replace(tmp, stats_file)
     log.info("stopped")
     return 0
+
+
+def _int_arg(req: dict[str, Any], key: str) -> int:
+    value = req[key]
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"{key}={value!r}: expected an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r}: expected an integer") from None
 
 
 def run_daemon(cfg: DaemonConfig, *, stats_file: str | None = None, ready_file: str | None = None) -> int:

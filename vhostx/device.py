@@ -3,8 +3,10 @@
 One dispatch table maps every request to its handler, the feature it requires and whether the
 rings must be quiesced around it; the generic loop checks those once for every device. After every
 message the rings' readiness is derived again (memory mapped, address, kick known, started,
-enabled); only those transitions create or drop DeviceQueues and re-plan the device's works on its
-worker.
+enabled); only those transitions create or drop DeviceQueues and re-plan the device's works. The
+device holds a `DeviceBinding` (iosched.pool), not a worker: it attaches and detaches its works and
+never runs code on a worker (SET_VRING_CALL on a running ring detaches the works, swaps the fd and
+re-plans).
 
 Threads: everything here runs on the daemon's asyncio thread, except `_guest_error`, which a worker
 calls and which hops to the loop at once. Queues are touched by the worker only once attached.
@@ -17,8 +19,10 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from iosched.worker import QueueWork, Worker
 from typing import Any
+
+from iosched.pool import DeviceBinding
+from iosched.worker import QueueWork
 
 from virtio import vhost_user as vu
 from virtio.errors import GuestError, RemoteProtocolError
@@ -129,9 +133,9 @@ class VhostUserDevice:
     #: number of virtqueues the frontend may use
     num_queues: int = 2
 
-    def __init__(self, name: str, worker: Worker) -> None:
+    def __init__(self, name: str, worker: DeviceBinding) -> None:
         self.name = name
-        self.worker = worker
+        self.worker = worker  # the DeviceBinding: where this device's works run
         self.counters = DeviceCounters()
         self.broken: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -569,8 +573,10 @@ class VhostUserDevice:
         vr = self._vring(msg.payload.index, "SET_VRING_CALL")
         old = self._replace_fd(vr, "call_fd", msg)
         if vr.queue is not None:
-            q, fd = vr.queue, vr.call_fd
-            await asyncio.wrap_future(self.worker.submit(lambda: q.set_call_fd(fd)))
+            # Detach first (other devices' switch works stop writing this ring too: release_works
+            # takes the port off the switch), swap the fd, and let the re-plan attach again.
+            await self._detach_works()
+            vr.queue.set_call_fd(vr.call_fd)
         _close(old)
 
     async def h_set_vring_err(self, msg: vu.Message) -> None:

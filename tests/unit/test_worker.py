@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from iosched.policy import SchedSettings
 from iosched.worker import Worker, WorkStats
 
 import pytest
@@ -106,7 +107,7 @@ def test_no_lost_kick_when_buffers_arrive_while_kicks_are_reenabled(worker: Work
 
 
 def test_budget_bounds_one_turn_and_round_robin_serves_both(worker: Worker) -> None:
-    worker.budget.packets = 16
+    worker.update(SchedSettings(turn_max_packets=16)).result(2)
     greedy, light = FakeWork("greedy"), FakeWork("light")
     worker.attach(greedy).result(2)
     worker.attach(light).result(2)
