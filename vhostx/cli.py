@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `vhostx stats --json | head`: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
     except CommandFailed as err:
         print(f"vhostx: {err}", file=sys.stderr)
         return 1

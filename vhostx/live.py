@@ -1,4 +1,11 @@
-"""Live statistics in the terminal: rates per queue from two snapshots of the control socket.
+"""Live statistics in the terminal (`vhostx stats`): a table of workers and one of queues, with
+rates from the deltas between two snapshots of the control socket's `stats`.
+
+Both shapes of the stats dict are understood: the session-2 one (top-level "workers" with an index
+and "queues" per queue work, docs/internal-api.md "Daemon statistics") and the session-1 one (only
+"devices" with their C ring counters and per-work counters, workers without an index). A field
+that is absent shows as "-"; a counter that went backwards (its queue work was re-made) counts
+from zero.
 
 Threads: the caller's (the CLI's main thread).
 """
@@ -6,56 +13,236 @@ Threads: the caller's (the CLI's main thread).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["rates", "render_stats_loop", "stats_table"]
+__all__ = ["QueueRow", "WorkerRow", "queue_rows", "rates", "render_stats_loop", "stats_table",
+           "worker_rows"]
 
-_RATE_KEYS = ("packets", "bytes", "interrupts", "interrupts_suppressed")
-
-
-def _queue_rows(snapshot: dict[str, Any]) -> dict[tuple[str, str], dict[str, int]]:
-    rows: dict[tuple[str, str], dict[str, int]] = {}
-    for dev in snapshot.get("devices", []):
-        for qname, q in dev.get("queues", {}).items():
-            rows[(dev["name"], qname)] = q
-        for wname, w in dev.get("works", {}).items():
-            rows.setdefault((dev["name"], "work:" + wname), {}).update(
-                {"kicks": w.get("kicks", 0)}
-            )
-    return rows
+_QUEUE_COUNTERS = ("packets", "bytes", "kicks", "kicks_avoided", "interrupts",
+                   "interrupts_suppressed", "ring_full", "stuck_events", "budget_exhausted",
+                   "turns", "empty_turns", "poll_starts", "poll_stops", "polled_ns")
+_WORKER_COUNTERS = ("busy_ns", "idle_ns", "loops", "sleeps", "empty_polls")
 
 
-def rates(prev: dict[str, Any], cur: dict[str, Any]) -> dict[tuple[str, str], dict[str, float]]:
-    """Per-second rates of the counters between two stats snapshots."""
-    dt = max(cur.get("time", 0.0) - prev.get("time", 0.0), 1e-9)
-    a, b = _queue_rows(prev), _queue_rows(cur)
-    out: dict[tuple[str, str], dict[str, float]] = {}
-    for key, q in b.items():
-        p = a.get(key, {})
-        out[key] = {k: (q.get(k, 0) - p.get(k, 0)) / dt for k in (*_RATE_KEYS, "kicks") if k in q}
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, int | float):
+        return float(v)
+    return None
+
+
+def _list(v: Any) -> list[Mapping[str, Any]]:
+    if isinstance(v, Mapping):
+        return [dict(x, name=x.get("name", k)) for k, x in v.items() if isinstance(x, Mapping)]
+    if isinstance(v, list | tuple):
+        return [x for x in v if isinstance(x, Mapping)]
+    return []
+
+
+def _ring_name(device: str, index: str) -> str:
+    """virtio-net: RX queue 2i, TX queue 2i+1, named from the guest's side like the works."""
+    try:
+        i = int(index)
+    except ValueError:
+        return f"{device}.{index}"
+    return f"{device}.{'tx' if i % 2 else 'rx'}{i // 2}"
+
+
+def queue_rows(stats: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{queue name: row} with "device", "worker", "polling" (None when unknown) and counters."""
+    out: dict[str, dict[str, Any]] = {}
+    if "queues" in stats:
+        for q in _list(stats.get("queues")):
+            name = str(q.get("name", f"queue{len(out)}"))
+            out[name] = dict(q, name=name)
+        return out
+    # session 1: C ring counters per device, kicks and turns per work; the worker is the device's
+    for dev in _list(stats.get("devices")):
+        dname = str(dev.get("name", "?"))
+        rings = dev.get("queues")
+        for index, ring in (rings.items() if isinstance(rings, Mapping) else ()):
+            if isinstance(ring, Mapping):
+                name = _ring_name(dname, str(index))
+                out[name] = {**ring, "name": name, "device": dname, "worker": dname,
+                             "polling": None}
+        for work in _list(dev.get("works")):
+            name = str(work["name"])
+            row = out.setdefault(name, {"name": name, "device": dname, "worker": dname,
+                                        "polling": None})
+            for key in ("kicks", "turns", "empty_turns", "budget_exhausted"):
+                if key in work:
+                    row[key] = work[key]
     return out
 
 
-def stats_table(prev: dict[str, Any], cur: dict[str, Any]) -> Any:
-    from rich.table import Table
+def worker_rows(stats: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """{worker key: row}; the key is the index when the daemon gives one, else the name."""
+    out: dict[str, dict[str, Any]] = {}
+    for pos, w in enumerate(_list(stats.get("workers"))):
+        key = str(w.get("index", w.get("name", pos)))
+        out[key] = dict(w)
+    return out
 
-    table = Table(title=f"vhostx  mode={cur.get('mode')}  uptime={cur.get('uptime_s', 0):.0f}s")
-    for col in ("device", "queue", "Mpps", "Gbit/s", "kicks/s", "irq/s", "irq supp/s", "broken"):
-        table.add_column(col, justify="right" if col not in ("device", "queue") else "left")
-    r = rates(prev, cur)
-    broken = {d["name"]: d.get("broken") for d in cur.get("devices", [])}
-    for (dev, q), v in sorted(r.items()):
-        table.add_row(
-            dev, q,
-            f"{v.get('packets', 0) / 1e6:.3f}",
-            f"{v.get('bytes', 0) * 8 / 1e9:.2f}",
-            f"{v.get('kicks', 0):.0f}",
-            f"{v.get('interrupts', 0):.0f}",
-            f"{v.get('interrupts_suppressed', 0):.0f}",
-            "yes" if broken.get(dev) else "",
+
+@dataclass
+class QueueRow:
+    name: str
+    device: str
+    worker: str
+    polling: bool | None
+    rates: dict[str, float]  # per second, for the counters present in both snapshots
+    totals: dict[str, float]  # current values
+
+
+@dataclass
+class WorkerRow:
+    key: str
+    name: str
+    cpu: Any
+    works: Any
+    polling: Any
+    busy_pct: float | None
+    idle_pct: float | None
+    rates: dict[str, float]
+
+
+def _delta(cur: Any, prev: Any) -> float | None:
+    """The increase of a counter; None when either side is missing. A counter that went down
+    was re-made (its queue work restarted at zero): its whole current value is the increase."""
+    c, p = _num(cur), _num(prev)
+    if c is None or p is None:
+        return None
+    return c if c < p else c - p
+
+
+def _dt(prev: Mapping[str, Any], cur: Mapping[str, Any], fallback: float | None) -> float | None:
+    t1, t0 = _num(cur.get("time")), _num(prev.get("time"))
+    if t1 is not None and t0 is not None and t1 > t0:
+        return t1 - t0
+    return fallback if fallback and fallback > 0 else None
+
+
+def rates(prev: Mapping[str, Any], cur: Mapping[str, Any], *,
+          dt: float | None = None) -> tuple[list[WorkerRow], list[QueueRow]]:
+    """Worker and queue rows with per-second rates between two snapshots (no rates when the
+    interval is unknown or zero, e.g. the first snapshot against itself)."""
+    interval = _dt(prev, cur, dt)
+    pq, cq = queue_rows(prev), queue_rows(cur)
+    queues = []
+    for name, q in cq.items():
+        p = pq.get(name, {})
+        r: dict[str, float] = {}
+        if interval:
+            for key in _QUEUE_COUNTERS:
+                d = _delta(q.get(key), p.get(key)) if p else None
+                if d is not None:
+                    r[key] = d / interval
+        totals = {k: v for k in _QUEUE_COUNTERS if (v := _num(q.get(k))) is not None}
+        pol = q.get("polling")
+        queues.append(QueueRow(name, str(q.get("device", "")),
+                               "" if q.get("worker") is None else str(q.get("worker")),
+                               None if pol is None else bool(pol), r, totals))
+    pw, cw = worker_rows(prev), worker_rows(cur)
+    workers = []
+    for key, w in cw.items():
+        p = pw.get(key, {})
+        r = {}
+        busy = idle = None
+        if interval and p:
+            for k in _WORKER_COUNTERS:
+                d = _delta(w.get(k), p.get(k))
+                if d is not None:
+                    r[k] = d / interval
+            db, di = _delta(w.get("busy_ns"), p.get("busy_ns")), _delta(w.get("idle_ns"), p.get("idle_ns"))
+            if db is not None and di is not None and db + di > 0:
+                busy, idle = 100.0 * db / (db + di), 100.0 * di / (db + di)
+            elif db is not None:
+                busy = min(100.0, 100.0 * db / (interval * 1e9))
+                idle = 100.0 - busy
+        polling = w.get("polling")
+        if polling is None and "queues" in cur:
+            polling = sum(1 for q in queues if q.worker == key and q.polling)
+        workers.append(WorkerRow(key, str(w.get("name", key)), w.get("cpu"), w.get("works"),
+                                 polling, busy, idle, r))
+    return workers, queues
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    if x is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{suffix}{unit}"
+    return f"{x:.0f}{unit}" if x == int(x) or abs(x) >= 10 else f"{x:.1f}{unit}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}%"
+
+
+def _plain(v: Any) -> str:
+    return "-" if v is None or v == "" else str(v)
+
+
+def stats_table(prev: Mapping[str, Any], cur: Mapping[str, Any], *,
+                dt: float | None = None) -> Any:
+    """A rich renderable: a title line, the workers table and the queues table."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    workers, queues = rates(prev, cur, dt=dt)
+    devices = _list(cur.get("devices"))
+    broken = [f"{d.get('name')}: {d.get('broken')}" for d in devices if d.get("broken")]
+    uptime = _num(cur.get("uptime_s"))
+    title = Text.assemble(
+        ("vhostx ", "bold"), f"mode={cur.get('mode', '?')}  ",
+        f"uptime={uptime:.0f}s  " if uptime is not None else "",
+        f"devices={len(devices)}  workers={len(workers)}  queues={len(queues)}",
+    )
+    parts: list[Any] = [title]
+    if broken:
+        parts.append(Text("broken: " + "; ".join(broken), style="bold red"))
+
+    wt = Table(title="workers", title_justify="left", expand=False)
+    for col in ("worker", "name", "cpu", "busy", "idle", "loops/s", "empty polls/s", "sleeps/s",
+                "works", "polling"):
+        wt.add_column(col, justify="left" if col in ("worker", "name") else "right", no_wrap=True)
+    for w in sorted(workers, key=lambda w: (len(w.key), w.key)):
+        wt.add_row(w.key, w.name if w.name != w.key else "", _plain(w.cpu), _pct(w.busy_pct),
+                   _pct(w.idle_pct), _si(w.rates.get("loops")), _si(w.rates.get("empty_polls")),
+                   _si(w.rates.get("sleeps")), _plain(w.works), _plain(w.polling))
+    if not workers:
+        wt.add_row("(none)", *[""] * 9)
+
+    qt = Table(title="queues", title_justify="left", expand=False)
+    qt.caption = ("avoided: kicks saved by polling; supp: interrupts suppressed; full: RX frames "
+                  "dropped, ring full; stuck: stuck-queue events (total); budget: turns that "
+                  "used their whole budget")
+    qt.caption_justify = "left"
+    for col in ("device", "queue", "worker", "poll", "pps", "Mbit/s", "kicks/s", "avoided/s",
+                "irq/s", "supp/s", "kicks/pkt", "full/s", "stuck", "budget/s"):
+        qt.add_column(col, justify="left" if col in ("device", "queue", "worker") else "right",
+                      no_wrap=True)
+    for q in sorted(queues, key=lambda q: (q.device, q.name)):
+        r = q.rates
+        pps = r.get("packets")
+        kpp = (f"{r['kicks'] / pps:.3f}" if pps and "kicks" in r else "-")
+        qt.add_row(
+            q.device, q.name.removeprefix(q.device + ".") if q.device else q.name, q.worker or "-",
+            "-" if q.polling is None else ("[green]on[/green]" if q.polling else "off"),
+            _si(pps), "-" if "bytes" not in r else f"{r['bytes'] * 8 / 1e6:.1f}",
+            _si(r.get("kicks")), _si(r.get("kicks_avoided")), _si(r.get("interrupts")),
+            _si(r.get("interrupts_suppressed")), kpp, _si(r.get("ring_full")),
+            _si(q.totals.get("stuck_events")), _si(r.get("budget_exhausted")),
         )
-    return table
+    if not queues:
+        qt.add_row("(no running queues)", *[""] * 13)
+    parts += [wt, qt]
+    return Group(*parts)
 
 
 def render_stats_loop(
@@ -64,22 +251,33 @@ def render_stats_loop(
     interval: float = 1.0,
     count: int = 0,
     fetch: Callable[[], dict[str, Any]] | None = None,
+    console: Any = None,
 ) -> int:
-    """Refresh a table every `interval` seconds until Ctrl-C (or `count` refreshes)."""
+    """Refresh the tables every `interval` seconds until Ctrl-C (or after `count` refreshes)."""
+    import sys
+
+    from rich.console import Console
     from rich.live import Live
 
     from .cli import control_request
 
+    if console is None:
+        # Into a pipe or a file: no terminal to size by, so wide enough for every column.
+        console = Console() if sys.stdout.isatty() else Console(width=220)
+
     get = fetch or (lambda: control_request(control, {"cmd": "stats"}))
     prev = get()
+    t_prev = time.monotonic()
     n = 0
-    with Live(stats_table(prev, prev), refresh_per_second=4) as live:
+    with Live(stats_table(prev, prev), console=console, refresh_per_second=4,
+              auto_refresh=False) as live:
         try:
             while count == 0 or n < count:
                 time.sleep(interval)
                 cur = get()
-                live.update(stats_table(prev, cur))
-                prev = cur
+                t_cur = time.monotonic()
+                live.update(stats_table(prev, cur, dt=t_cur - t_prev), refresh=True)
+                prev, t_prev = cur, t_cur
                 n += 1
         except KeyboardInterrupt:
             pass
