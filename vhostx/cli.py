@@ -19,6 +19,9 @@ from virtio.errors import ConfigError
 __all__ = ["CommandFailed", "ask", "build_parser", "control_request", "main"]
 
 
+CONTROL_TIMEOUT_S = 5.0  # how long a control command may take before the CLI gives up
+
+
 class CommandFailed(Exception):
     """A control command could not be delivered or the daemon refused it (exit code 1)."""
 
@@ -39,11 +42,12 @@ def control_request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dic
     return answer
 
 
-def ask(control: str, req: dict[str, Any], timeout: float = 5.0, *,
+def ask(control: str, req: dict[str, Any], timeout: float | None = None, *,
         check: bool = True) -> dict[str, Any]:
     """control_request with the CLI's error handling: CommandFailed with a message a user can act
     on when no daemon listens, it does not answer, or it answers {"ok": false}."""
     cmd = req.get("cmd")
+    timeout = CONTROL_TIMEOUT_S if timeout is None else timeout
     try:
         answer = control_request(control, req, timeout)
     except (FileNotFoundError, ConnectionRefusedError) as err:

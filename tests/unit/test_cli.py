@@ -1,0 +1,277 @@
+"""The control-socket commands of the CLI (stats, workers, worker add/remove, migrate, param)
+against a small fake daemon: a real UNIX socket speaking JSON lines. Also the error paths (no
+daemon, a refused command, a daemon that hangs or babbles) and the `vhostx bench` hook."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import threading
+import types
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vhostx import cli
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class FakeDaemon:
+    """Answers each JSON line with handler(request); records the requests. The handler may return
+    bytes to send raw, or None to never answer."""
+
+    def __init__(self, path: str, handler: Handler) -> None:
+        self.path = path
+        self.handler = handler
+        self.requests: list[dict[str, Any]] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(8)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.1)
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as f:  # the file holds the fd open too
+                line = f.readline()
+                if not line:
+                    continue
+                req = json.loads(line)
+                self.requests.append(req)
+                answer = self.handler(req)
+                if answer is None:
+                    self.stop.wait(3)
+                    continue
+                conn.sendall(answer if isinstance(answer, bytes) else json.dumps(answer).encode() + b"\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[Callable[[Handler], FakeDaemon]]:
+    made: list[FakeDaemon] = []
+
+    def make(handler: Handler) -> FakeDaemon:
+        d = FakeDaemon(str(tmp_path / f"ctl{len(made)}.sock"), handler)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.close()
+
+
+WORKERS = [
+    {"index": 0, "name": "w0", "cpu": 2, "busy_ns": 3_000, "idle_ns": 1_000, "loops": 5,
+     "works": 2, "devices": ["net0", "net1"], "polling": 1},
+    {"index": 1, "name": "w1", "cpu": None, "busy_ns": 0, "idle_ns": 0, "works": 0,
+     "devices": [], "polling": 0},
+]
+
+
+def shared_daemon(req: dict[str, Any]) -> dict[str, Any]:
+    cmd = req["cmd"]
+    if cmd == "workers":
+        return {"ok": True, "workers": WORKERS}
+    if cmd == "worker_add":
+        return {"ok": True, "worker": 2}
+    if cmd == "worker_remove":
+        if req["worker"] == 0 and len(WORKERS) == 1:
+            return {"ok": False, "error": "cannot remove the last worker"}
+        if req["worker"] > 1:
+            return {"ok": False, "error": f"no worker {req['worker']}; workers: 0, 1"}
+        return {"ok": True}
+    if cmd == "migrate":
+        if req["device"] != "net0":
+            return {"ok": False, "error": f"unknown device {req['device']!r}"}
+        return {"ok": True}
+    if cmd == "stats":
+        return {"ok": True, "mode": "shared", "time": 1.0, "workers": WORKERS, "queues": [],
+                "devices": []}
+    return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_workers_lists_them(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(shared_daemon)
+    rc, out, _ = run(capsys, "workers", "--control", d.path)
+    assert rc == 0 and d.requests == [{"cmd": "workers"}]
+    lines = out.splitlines()
+    assert lines[0].split() == ["worker", "name", "cpu", "works", "polling", "busy", "devices"]
+    assert lines[1].split() == ["0", "w0", "2", "2", "1", "75.0%", "net0,net1"]
+    assert lines[2].split() == ["1", "w1", "-", "0", "0", "-"]
+    rc, out, _ = run(capsys, "workers", "--json", "--control", d.path)
+    assert rc == 0 and json.loads(out) == WORKERS
+
+
+def test_worker_add_and_remove_send_the_contract_commands(
+        fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(shared_daemon)
+    rc, out, _ = run(capsys, "worker", "add", "--cpu", "3", "--control", d.path)
+    assert rc == 0 and "added worker 2 on CPU 3" in out
+    rc, out, _ = run(capsys, "worker", "add", "--control", d.path)
+    assert rc == 0 and out.strip() == "added worker 2"
+    rc, out, _ = run(capsys, "worker", "remove", "1", "--control", d.path)
+    assert rc == 0 and "removed worker 1" in out
+    assert d.requests == [{"cmd": "worker_add", "cpu": 3}, {"cmd": "worker_add", "cpu": None},
+                          {"cmd": "worker_remove", "worker": 1}]
+
+
+def test_migrate_sends_device_worker_and_queue(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(shared_daemon)
+    rc, out, _ = run(capsys, "migrate", "net0", "1", "--control", d.path)
+    assert rc == 0 and "moved net0 to worker 1" in out
+    rc, out, _ = run(capsys, "migrate", "net0", "0", "--queue", "net0.tx0", "--control", d.path)
+    assert rc == 0 and "moved queue net0.tx0 of net0 to worker 0" in out
+    assert d.requests == [{"cmd": "migrate", "device": "net0", "worker": 1},
+                          {"cmd": "migrate", "device": "net0", "worker": 0, "queue": "net0.tx0"}]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["worker", "remove", "7"], ["refused 'worker_remove'", "no worker 7; workers: 0, 1"]),
+    (["migrate", "net9", "0"], ["refused 'migrate'", "unknown device 'net9'"]),
+])
+def test_daemon_errors_exit_1_with_its_message(
+        fake: Any, capsys: pytest.CaptureFixture[str], argv: list[str], words: list[str]) -> None:
+    d = fake(shared_daemon)
+    rc, out, err = run(capsys, *argv, "--control", d.path)
+    assert rc == 1 and out == ""
+    for w in words:
+        assert w in err
+
+
+def test_old_daemon_without_the_commands(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(lambda req: {"ok": False, "error": f"unknown command {req['cmd']!r}; known: ping, stats"})
+    rc, _, err = run(capsys, "workers", "--control", d.path)
+    assert rc == 1 and "the daemon refused 'workers': unknown command 'workers'" in err
+
+
+def test_no_daemon_is_a_clear_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "none.sock")
+    rc, _, err = run(capsys, "workers", "--control", path)
+    assert rc == 1
+    assert f"no daemon is listening on the control socket {path}" in err
+    assert "vhostx serve --control" in err
+    # a stale socket file: it exists but nobody listens (the daemon was killed)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+    rc, _, err = run(capsys, "stats", "--json", "--control", path)
+    assert rc == 1 and "no daemon is listening" in err and "refused" in err.lower()
+
+
+def test_hanging_daemon_times_out(fake: Any, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "CONTROL_TIMEOUT_S", 0.3)
+    d = fake(lambda req: None)
+    rc, _, err = run(capsys, "workers", "--control", d.path)
+    assert rc == 1 and "did not answer 'workers' within 0.3 s" in err
+
+
+@pytest.mark.parametrize("raw", [b"not json\n", b"[1, 2]\n", b'{"ok": tr'])
+def test_malformed_answer(fake: Any, capsys: pytest.CaptureFixture[str], raw: bytes) -> None:
+    d = fake(lambda req: raw)
+    rc, _, err = run(capsys, "workers", "--control", d.path)
+    assert rc == 1 and "malformed answer to 'workers'" in err
+
+
+def test_stats_json_and_count(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(shared_daemon)
+    rc, out, _ = run(capsys, "stats", "--json", "--control", d.path)
+    assert rc == 0 and json.loads(out)["mode"] == "shared"
+    rc, out, _ = run(capsys, "stats", "--count", "1", "--interval", "0.05", "--control", d.path)
+    assert rc == 0 and "workers" in out and "w0" in out
+    assert [r["cmd"] for r in d.requests] == ["stats"] * 3
+
+
+def test_stats_refused_by_daemon_exits_1(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(lambda req: {"ok": False, "error": "shutting down"})
+    rc, _, err = run(capsys, "stats", "--count", "1", "--control", d.path)
+    assert rc == 1 and "shutting down" in err
+
+
+@pytest.mark.parametrize("argv", [["--interval", "0"], ["--count", "-1"]])
+def test_stats_bad_options_exit_2(fake: Any, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    d = fake(shared_daemon)
+    rc, _, err = run(capsys, "stats", *argv, "--control", d.path)
+    assert rc == 2 and "configuration error" in err
+
+
+def test_worker_add_negative_cpu_is_refused_locally(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(shared_daemon)
+    rc, _, err = run(capsys, "worker", "add", "--cpu", "-1", "--control", d.path)
+    assert rc == 2 and "--cpu=-1" in err and d.requests == []
+
+
+def test_param_set_refused_value_exits_2(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(lambda req: {"ok": False, "error": "turn_max_packets=0: out of range [1, 4096]"})
+    rc, _, err = run(capsys, "param", "set", "turn_max_packets", "0", "--control", d.path)
+    assert rc == 2 and "out of range" in err
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["worker"], ["worker", "remove", "x", "--control", "c"], ["migrate", "net0"]):
+        with pytest.raises(SystemExit) as info:
+            cli.main(argv)
+        assert info.value.code == 2
+    capsys.readouterr()
+
+
+# ------------------------------------------------------------------------------------------------
+# the `vhostx bench` hook
+
+
+def _subcommands(parser: Any) -> set[str]:
+    action = next(a for a in parser._actions if a.dest == "command")
+    return set(action.choices)
+
+
+def test_bench_hook_registers_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
+    mod = types.ModuleType("bench.cli")
+
+    def register(sub: Any) -> None:
+        p = sub.add_parser("bench", help="benchmarks")
+        p.set_defaults(func=lambda args: 0)
+
+    mod.register = register  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "bench.cli", mod)
+    assert "bench" in _subcommands(cli.build_parser())
+
+
+def test_bench_hook_tolerates_absence(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bench.cli", None)  # import -> ModuleNotFoundError('bench.cli')
+    names = _subcommands(cli.build_parser())
+    assert "bench" not in names and {"serve", "stats", "workers", "worker", "migrate"} <= names
+
+
+def test_bench_hook_does_not_hide_other_import_errors(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    pkg = tmp_path / "fakebench"
+    (pkg / "bench").mkdir(parents=True)
+    (pkg / "bench" / "__init__.py").write_text("")
+    (pkg / "bench" / "cli.py").write_text("import a_module_that_does_not_exist_xyz\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    for name in ("bench", "bench.cli"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ModuleNotFoundError, match="a_module_that_does_not_exist_xyz"):
+        cli.build_parser()
