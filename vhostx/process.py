@@ -4,25 +4,63 @@
 directory, waits until every socket listens, offers live stats over the control socket, and stops
 the daemon with SIGTERM (then SIGKILL) — returning the final statistics it wrote on exit.
 
+The daemon dies with its parent: it is started with PR_SET_PDEATHSIG (SIGKILL by default), so a
+benchmark or test killed with SIGKILL leaves no daemon behind. The kernel ties that signal to the
+*thread* that started the child, not to the process: start a daemon from a thread that lives as
+long as the daemon should (the main thread, as bench/ does), or pass `parent_death_signal=None`.
+
 Threads: the caller's.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .cli import control_request
+from .metrics import parse_addr
 
 __all__ = ["DaemonFailed", "DaemonProcess"]
+
+_PR_SET_PDEATHSIG = 1
+_prctl: Any = None
+try:  # resolved here, so that the child makes only foreign calls between fork and exec
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+    pass
+
+
+def _death_signal_setter(sig: int) -> Any:
+    """A preexec_fn: ask for `sig` when the parent (thread) dies; if the parent already died
+    between fork and prctl (we were re-parented), exit at once instead of living on."""
+    parent = os.getpid()
+
+    def preexec() -> None:  # between fork and exec: no locks, no imports, no allocation to speak of
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free right now on `host` (the daemon binds it a moment later)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 class DaemonFailed(RuntimeError):
@@ -40,7 +78,13 @@ class DaemonProcess:
         workdir: str | None = None,
         extra_args: Sequence[str] = (),
         log_level: str = "INFO",
+        metrics: str | None = None,
+        parent_death_signal: int | None = signal.SIGKILL,
     ) -> None:
+        """`metrics`: "HOST:PORT" for `serve --metrics`; port 0 is replaced here by a port free
+        at that moment, so that `metrics` / `metrics_url` tell where to scrape.
+        `parent_death_signal`: the signal the daemon gets when the thread that started it dies
+        (None: none; the daemon then outlives a killed parent)."""
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="vhostx-"))
         self.control = str(self.dir / "control.sock")
@@ -53,6 +97,13 @@ class DaemonProcess:
         self.extra_args = list(extra_args)
         self.log_level = log_level
         self.cpus = cpus
+        self.metrics = metrics
+        if metrics is not None:
+            host, port = parse_addr(metrics)
+            if port == 0:
+                bracketed = f"[{host}]" if ":" in host else host
+                self.metrics = f"{bracketed}:{_free_port(host)}"
+        self.parent_death_signal = parent_death_signal
         self.proc: subprocess.Popen[bytes] | None = None
         self.final_stats: dict[str, Any] | None = None
 
@@ -73,17 +124,22 @@ class DaemonProcess:
                 "--stats-file", str(self.stats_file)]
         if self.config:
             args += ["--config", self.config]
+        if self.metrics is not None:
+            args += ["--metrics", self.metrics]
         for dev in self.devices:
             args += ["--device", dev]
         for p in self.params:
             args += ["--param", p]
         return args + self.extra_args
 
-    def start(self, timeout: float = 15.0) -> DaemonProcess:
-        logf = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command(), stdout=logf, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        logf.close()
+    def start(self, timeout: float = 15.0) -> Self:
+        preexec = (None if self.parent_death_signal is None
+                   else _death_signal_setter(int(self.parent_death_signal)))
+        with open(self.log_path, "wb") as logf:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                preexec_fn=preexec,  # noqa: PLW1509 - only prctl() and getppid(): no locks
+            )
         if self.cpus:
             # Pinned before its threads exist: they inherit the mask.
             os.sched_setaffinity(self.proc.pid, self.cpus)
@@ -96,6 +152,11 @@ class DaemonProcess:
                 raise DaemonFailed(f"daemon not ready after {timeout}s:\n{self.log_tail()}")
             time.sleep(0.02)
         return self
+
+    @property
+    def metrics_url(self) -> str | None:
+        """http://HOST:PORT/metrics when the daemon was started with metrics, else None."""
+        return None if self.metrics is None else f"http://{self.metrics}/metrics"
 
     @property
     def pid(self) -> int:
@@ -148,7 +209,7 @@ class DaemonProcess:
             except OSError:
                 pass
 
-    def __enter__(self) -> DaemonProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
