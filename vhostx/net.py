@@ -18,9 +18,10 @@ import logging
 import select
 import struct
 from collections.abc import Callable
-from iosched.worker import QueueWork, Worker, WorkStats
 from typing import Any
 
+from iosched import params as P
+from iosched.worker import QueueWork, Worker, WorkStats
 from virtio import features as vf
 from virtio import net as vnet
 from virtio.errors import ConfigError, GuestError
@@ -30,7 +31,14 @@ from virtio.vhost_user import ProtocolFeature as PF
 from .config import DeviceConfig
 from .device import Refused, VhostUserDevice
 
-__all__ = ["COUNTER_FIELDS", "NetDevice", "QueueWorkItem", "SwitchRegistry", "make_udp_frame"]
+__all__ = [
+    "COUNTER_FIELDS",
+    "BusyPoll",
+    "NetDevice",
+    "QueueWorkItem",
+    "SwitchRegistry",
+    "make_udp_frame",
+]
 
 log = logging.getLogger("vhostx.control")
 
@@ -73,8 +81,21 @@ def make_udp_frame(dst: bytes, src: bytes, size: int) -> bytes:
     size = max(size, 60)
     payload_len = size - 14 - 20 - 8
     ip_len = 20 + 8 + payload_len
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 0, 0x4000, 64, 17, 0,
-                               bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])))
+    ip = bytearray(
+        struct.pack(
+            "!BBHHHBBH4s4s",
+            0x45,
+            0,
+            ip_len,
+            0,
+            0x4000,
+            64,
+            17,
+            0,
+            bytes([198, 18, 0, 1]),
+            bytes([198, 18, 0, 2]),
+        )
+    )
     csum = sum(struct.unpack("!10H", ip))
     csum = (csum & 0xFFFF) + (csum >> 16)
     csum = (csum & 0xFFFF) + (csum >> 16)
@@ -86,6 +107,29 @@ def make_udp_frame(dst: bytes, src: bytes, size: int) -> bytes:
 
 # The C queue counters counters() reports (internal-api.md, "QueueWork"); all of vx_stats.
 COUNTER_FIELDS: tuple[str, ...] = STATS_FIELDS
+
+
+class BusyPoll:
+    """The busy-poll window of the C batches (busy_poll_us, in ns) shared by one device's works.
+
+    Follows the parameter through one registry subscription (made here, dropped by close()):
+    the works read the plain attribute `ns` once per turn, never the registry.
+    Threads: the subscription callback runs on whichever thread sets the parameter; a work sees
+    the new value from its next turn on (an int attribute store is atomic under the GIL).
+    """
+
+    def __init__(self, param: Any = None) -> None:
+        self._param = P.BUSY_POLL_US if param is None else param
+        self.ns: int = int(self._param.get()) * 1000
+        self._unsubscribe: Callable[[], None] | None = self._param.subscribe(self._changed)
+
+    def _changed(self, name: str, old: Any, new: Any) -> None:
+        self.ns = int(new) * 1000
+
+    def close(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
 
 
 class QueueWorkItem:
@@ -178,6 +222,7 @@ class NetDevice(VhostUserDevice):
         self._switch = switches.get(cfg.switch) if cfg.port == "switch" else None
         self._switch_port: int | None = None
         self._frame = make_udp_frame(self.mac, b"\x02\x00\x00\x00\x00\x01", cfg.frame_size)
+        self.busy_poll = BusyPoll()
         super().__init__(cfg.name, worker)
         if cfg.port == "tap":
             self._open_tap()
@@ -266,54 +311,71 @@ class NetDevice(VhostUserDevice):
     def _tx_work(self, pair: int, tx: DeviceQueue, rx: DeviceQueue | None, kick: int) -> QueueWork:
         name = f"{self.name}.tx{pair}"
         port = self.cfg.port
+        bp = self.busy_poll
         run: Callable[[int, int], int]
         if port == "echo" and rx is not None:
+
             def run(p: int, b: int, tx: DeviceQueue = tx, rx: DeviceQueue = rx) -> int:
-                return vnet.echo(tx, rx, p, b)
+                return vnet.echo(tx, rx, p, b, spin_ns=bp.ns)
         elif port == "switch" and self._switch is not None and self._switch_port is not None:
             sw, sp = self._switch, self._switch_port
 
             def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
-                return sw.tx(sp, tx, p, b)
+                return sw.tx(sp, tx, p, b, spin_ns=bp.ns)
         elif port == "tap":
             fd = self.tap.fd
 
             def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
-                return vnet.tx_to_fd(tx, fd, p, b)
+                return vnet.tx_to_fd(tx, fd, p, b, spin_ns=bp.ns)
         else:  # sink, source (its TX is drained), echo whose RX ring is not running yet
+
             def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
-                return vnet.tx_sink(tx, p, b)
+                return vnet.tx_sink(tx, p, b, spin_ns=bp.ns)
+
         return QueueWorkItem(
             name, tx, run, kick_fd=kick, device=self.name, on_broken=self.guest_error
         )
 
     def _source_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
         frame = self._frame
+        bp = self.busy_poll
 
         def run(p: int, b: int) -> int:
-            return vnet.rx_fill(rx, frame, p)
+            return vnet.rx_fill(rx, frame, p, spin_ns=bp.ns)
 
         return QueueWorkItem(
-            f"{self.name}.rx{pair}", rx, run, kick_fd=kick, device=self.name,
+            f"{self.name}.rx{pair}",
+            rx,
+            run,
+            kick_fd=kick,
+            device=self.name,
             on_broken=self.guest_error,
         )
 
     def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
         fd = self.tap.fd
+        bp = self.busy_poll
 
         def run(p: int, b: int) -> int:
-            return vnet.rx_from_fd(rx, fd, p)
+            return vnet.rx_from_fd(rx, fd, p, spin_ns=bp.ns)
 
         def pending() -> bool:
             return rx.pending() > 0 and _fd_readable(fd)
 
         return QueueWorkItem(
-            f"{self.name}.rx{pair}", rx, run, kick_fd=kick, device=self.name, data_fds=(fd,),
-            pending=pending, on_broken=self.guest_error,
+            f"{self.name}.rx{pair}",
+            rx,
+            run,
+            kick_fd=kick,
+            device=self.name,
+            data_fds=(fd,),
+            pending=pending,
+            on_broken=self.guest_error,
         )
 
     async def close(self) -> None:
         await super().close()
+        self.busy_poll.close()
         if self.tap is not None:
             self.tap.close()
             self.tap = None

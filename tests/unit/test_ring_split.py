@@ -386,9 +386,10 @@ HOSTILE = [
 ]
 
 
+@pytest.mark.parametrize("spin_ns", [0, 50_000_000])
 @pytest.mark.parametrize("start", [0, 65535])
 @pytest.mark.parametrize("corrupt", HOSTILE, ids=[f.__name__.strip("_") for f in HOSTILE])
-def test_hostile_breaks_only_that_queue(env, corrupt, start):
+def test_hostile_breaks_only_that_queue(env, corrupt, start, spin_ns):
     env.buf = env.alloc(4096)
     good_drv, good = env.pair(8, start_idx=start, index=1)
     drv, dev = env.pair(8, start_idx=start, index=0)
@@ -398,14 +399,14 @@ def test_hostile_breaks_only_that_queue(env, corrupt, start):
     with pytest.raises(GuestError) as ei:
         if corrupt is _avail_jump:
             dev.pending()
-        net.tx_sink(dev, 8, 1 << 20)
+        net.tx_sink(dev, 8, 1 << 20, spin_ns=spin_ns)
     assert dev.broken and dev.broken in str(ei.value)
     used_before = drv.read_used_idx()
     for op in (
-        lambda: net.tx_sink(dev, 8, 1 << 20),
+        lambda: net.tx_sink(dev, 8, 1 << 20, spin_ns=spin_ns),
         dev.pending,
         dev.signal,
-        lambda: net.rx_fill(dev, b"x" * 60, 4),
+        lambda: net.rx_fill(dev, b"x" * 60, 4, spin_ns=spin_ns),
     ):
         with pytest.raises(GuestError):
             op()
@@ -463,7 +464,11 @@ def test_fuzz_never_crashes(descs, heads, jump, table):
             drv.write_avail_idx(jump)
         else:
             drv.publish()
-        for op in (lambda: net.tx_sink(dev, 8, 1 << 20), lambda: net.rx_fill(dev, b"q" * 40, 8)):
+        spin = 100_000  # the busy-poll path too (0.1 ms at most per call)
+        for op in (
+            lambda: net.tx_sink(dev, 8, 1 << 20, spin_ns=spin),
+            lambda: net.rx_fill(dev, b"q" * 40, 8, spin_ns=spin),
+        ):
             try:
                 op()
             except GuestError:
@@ -480,10 +485,13 @@ def test_layout_matches_spec():
 # ---- regression: notification races -------------------------------------------------------------
 
 
+@pytest.mark.parametrize("spin_ns", [0, 20_000])
 @pytest.mark.parametrize("event_idx", [False, True])
-def test_no_lost_kicks(event_idx):
+def test_no_lost_kicks(event_idx, spin_ns):
     """A device that sleeps on its kick fd between batches (disable, drain, enable, re-check) and a
-    driver that kicks only when asked must never deadlock: every chain gets consumed."""
+    driver that kicks only when asked must never deadlock: every chain gets consumed. With
+    spin_ns the device also busy-polls inside its calls; that must not lose kicks or
+    interrupts either."""
     import select
     import threading
     import time
@@ -513,7 +521,7 @@ def test_no_lost_kicks(event_idx):
                     os.read(kick, 8)
                 while True:
                     dev.set_notify(False)
-                    served += net.tx_sink(dev, 1000, 1 << 40)
+                    served += net.tx_sink(dev, 1000, 1 << 40, spin_ns=spin_ns)
                     dev.set_notify(True)
                     if dev.pending() == 0:
                         break
