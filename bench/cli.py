@@ -1,0 +1,134 @@
+"""`vhostx bench list` and `vhostx bench run FILE|NAME`: the benchmark harness's command line.
+
+`register(subparsers)` adds the `bench` command to vhostx's parser (vhostx/cli.py calls it);
+`python -m bench ...` (bench/__main__.py) gives the same commands without the daemon's CLI.
+A run prints a progress bar and one line per run, and at the end where the results went
+(results.json, report.md, plots/). Exit status: 0 when every run succeeded, 1 when some failed
+or were skipped, 2 for a bad scenario, 130 after Ctrl-C (results so far are kept).
+
+Threads: the main thread (testpmd children are tied to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main", "register"]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from bench.harness.scenario import ScenarioError, load_scenario, scenario_dirs
+
+    seen: set[str] = set()
+    for d in scenario_dirs():
+        for f in sorted(d.glob("*.toml")) if d.is_dir() else []:
+            if f.stem in seen:
+                continue
+            seen.add(f.stem)
+            try:
+                sc = load_scenario(f)
+                cases = sc.cases()
+                runs = len(cases) * len(sc.backends) * sc.run.repeats
+                print(f"{f.stem:<12} {runs:>4} runs  {sc.description}")
+                if args.verbose:
+                    print(f"{'':<12} file {f}; backends {', '.join(b.name for b in sc.backends)}; "
+                          f"tests {', '.join(t.name for t in sc.tests)}")
+            except ScenarioError as err:
+                print(f"{f.stem:<12} INVALID: {err}")
+    if not seen:
+        print("no scenarios found (looked in " + ", ".join(map(str, scenario_dirs())) + ")")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from bench.harness.runner import Runner
+    from bench.harness.scenario import ScenarioError, find_scenario, load_scenario
+
+    console = Console(stderr=True, soft_wrap=True)
+    try:
+        sc = load_scenario(find_scenario(args.scenario))
+        sc = sc.with_overrides(
+            repeats=args.repeats, duration=args.duration, warmup=args.warmup,
+            quiet_wait=args.quiet_wait,
+            backends=[b for b in (args.backends or "").split(",") if b] or None,
+            tests=[t for t in (args.tests or "").split(",") if t] or None)
+        sc.cases()
+    except ScenarioError as err:
+        console.print(f"[red]invalid scenario:[/red] {err}", markup=True, highlight=False)
+        return 2
+    out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "vhostx-bench" / (
+        f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    from bench.harness.runner import plan
+
+    todo = plan(sc)
+    console.print(f"scenario {sc.name}: {len(todo)} runs ({len(sc.cases())} cases x "
+                  f"{sc.run.repeats} repetitions x {len(sc.backends)} backends), "
+                  f"warm-up {sc.run.warmup} s + window {sc.run.duration} s each; results in {out}",
+                  highlight=False)
+    runner = Runner(sc, out, progress=not args.no_progress, plots=not args.no_plots,
+                    log=lambda m: console.print(m, markup=False, highlight=False))
+    doc = runner.run()
+    _print_summary(console, doc)
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}"
+                  + (f"\nplots:   {out / 'plots'}" if (out / "plots").is_dir() else ""),
+                  highlight=False)
+    if doc["interrupted"]:
+        return 130
+    bad = any(r.get("error") or r.get("skipped") for r in doc["runs"])
+    return 1 if bad else 0
+
+
+def _print_summary(console: Any, doc: dict[str, Any]) -> None:
+    for e in doc["summary"]:
+        for name, ratios in e["ratios"].items():
+            for mname, r in ratios.items():
+                if r["pairs"]:
+                    console.print(f"{e['case']:<28} {name} / {e['reference']} {mname}: "
+                                  f"median {r['median']:.3f} (min {r['min']:.3f}, max "
+                                  f"{r['max']:.3f}, {r['pairs']} pairs)", highlight=False)
+
+
+def register(subparsers: Any) -> None:
+    """Add `bench list` and `bench run` to an argparse subparsers object."""
+    b = subparsers.add_parser("bench", help="benchmark scenarios: vhostx vs DPDK, modes, sweeps",
+                              description="Run the benchmark harness (docs/harness.md).")
+    bsub = b.add_subparsers(dest="bench_cmd", required=True)
+    ls = bsub.add_parser("list", help="list the shipped scenarios (configs/bench/*.toml)")
+    ls.add_argument("-v", "--verbose", action="store_true")
+    ls.set_defaults(func=_cmd_list)
+    r = bsub.add_parser("run", help="run a scenario file or a shipped scenario by name")
+    r.add_argument("scenario", metavar="FILE|NAME")
+    r.add_argument("--out", metavar="DIR", help="results directory (default: a new directory "
+                   "under $TMPDIR/vhostx-bench)")
+    r.add_argument("--repeats", type=int, help="override [run] repeats")
+    r.add_argument("--duration", type=float, help="override [run] duration (window, seconds)")
+    r.add_argument("--warmup", type=float, help="override [run] warmup (seconds)")
+    r.add_argument("--quiet-wait", type=float, help="override [run] quiet_wait (seconds)")
+    r.add_argument("--backends", metavar="A,B", help="only these backends (by name)")
+    r.add_argument("--tests", metavar="T,U", help="only these tests (by name)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    r.set_defaults(func=_cmd_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

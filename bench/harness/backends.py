@@ -1,0 +1,300 @@
+"""Backends under test and testpmd clients, as context managers the runner stacks.
+
+- vhostx: the daemon (`vhostx.process.DaemonProcess`, through `bench.dpdk_compare.vhostx_daemon`)
+  with one net device per scenario device, pinned to the backend core, in the backend's mode with
+  its parameters. Ports: `sink` (guest TX streams, idle), `source` (guest RX streams), `echo`
+  (ping-pong). Counters come from the control socket's stats (the session-2 "queues" list, or the
+  session-1 per-device fields when that list is absent).
+- dpdk: DPDK's vhost PMD (`net_vhost`) in testpmd, forwarding on the backend core: `rxonly`
+  (guest TX, idle), `txonly` (guest RX), `macswap` (ping-pong). Debian's DPDK is built with
+  RTE_MAX_ETHPORTS = 32, so more than 32 devices take several testpmd processes (groups of 32)
+  time-sharing the core.
+- testpmd client: virtio-user ports, K per process (groups of 32), forwarding on the client core.
+
+Threads: the main thread (testpmd children are tied to the thread that starts them).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.dpdk_compare import _daemon_queue_packets, daemon_memory, vhostx_daemon
+from bench.testpmd import StatsSample, Testpmd, VhostVdev, VirtioUserVdev
+
+from .scenario import Backend, Case, Placement, TestpmdClient
+
+__all__ = [
+    "MAX_PORTS_PER_TESTPMD",
+    "BackendFailed",
+    "RunningBackend",
+    "TestpmdGroup",
+    "auto_mbufs",
+    "notification_counters",
+    "start_backend",
+    "start_testpmd_client",
+]
+
+MAX_PORTS_PER_TESTPMD = 32  # RTE_MAX_ETHPORTS of Debian's DPDK 22.11 build
+
+
+class BackendFailed(RuntimeError):
+    """The backend could not start; `permanent` when every later run would fail the same way
+    (the daemon refused its configuration)."""
+
+    def __init__(self, msg: str, *, permanent: bool = False) -> None:
+        super().__init__(msg)
+        self.permanent = permanent
+
+
+def auto_mbufs(ports: int, queues: int) -> int:
+    """--total-num-mbufs for `ports` x `queues` virtio ports on one lcore (RX ring fill + TX ring
+    + per-lcore caches), never below testpmd's 16384."""
+    return max(16384, ports * queues * 1024 + 8192)
+
+
+def _groups(n: int) -> list[range]:
+    return [range(i, min(n, i + MAX_PORTS_PER_TESTPMD)) for i in range(0, n, MAX_PORTS_PER_TESTPMD)]
+
+
+@dataclass
+class TestpmdGroup:
+    """Several testpmd processes acting as one: port k of the group is port k % 32 of process
+    k // 32."""
+
+    __test__ = False
+
+    procs: list[Testpmd] = field(default_factory=list)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    @property
+    def logs(self) -> list[str]:
+        return [str(p.log_path) for p in self.procs]
+
+    def port_stats(self) -> list[StatsSample]:
+        return [p.port_stats() for p in self.procs]
+
+    def start(self, busy: int | None = None) -> None:
+        """Start forwarding; with `busy`, only ports < busy carry traffic (`set portlist`)."""
+        for g, proc in enumerate(self.procs):
+            base = g * MAX_PORTS_PER_TESTPMD
+            nports = len(proc.vdevs)
+            if busy is not None and busy < base + nports:
+                mine = [str(k - base) for k in range(base, min(busy, base + nports))]
+                if not mine:
+                    continue
+                proc.command("set portlist " + ",".join(mine))
+            proc.start_forwarding()
+
+    def stop(self) -> int:
+        """Stop forwarding; returns the TX drops (ring full) reported by the forward stats."""
+        drops = 0
+        for proc in self.procs:
+            if proc._forwarding:  # noqa: SLF001 - only stop what runs
+                fwd = proc.stop_forwarding()
+                drops += sum(p.tx_dropped for p in fwd.ports.values())
+        return drops
+
+
+def sample_rates(before: list[StatsSample], after: list[StatsSample]) -> tuple[float, list[dict[str, float]]]:
+    """(window seconds, per-port rates in group order) between two group samples."""
+    rates: list[dict[str, float]] = []
+    windows = []
+    for s0, s1 in zip(before, after, strict=True):
+        windows.append(s1.t - s0.t)
+        r = s1.rates_since(s0)
+        rates += [r[k] for k in sorted(r)]
+    return (sum(windows) / len(windows) if windows else 0.0), rates
+
+
+def start_testpmd_client(stack: ExitStack, sockets: Sequence[str], case: Case,
+                         client: TestpmdClient, placement: Placement, logs: Path) -> TestpmdGroup:
+    mode = "txonly" if case.direction == "guest_tx" else "rxonly"
+    group = TestpmdGroup()
+    for gi, rng in enumerate(_groups(len(sockets))):
+        vdevs = [VirtioUserVdev(sockets[k], queues=case.queues,
+                                queue_size=client.queue_size or None, mrg_rxbuf=client.mrg_rxbuf,
+                                in_order=client.in_order, packed_vq=client.packed_vq) for k in rng]
+        q = case.queues if case.queues > 1 else None
+        proc = Testpmd(
+            vdevs, forward_mode=mode, forward_lcores=(placement.client_core,),
+            main_lcore=placement.backend_core,
+            txpkts=case.size if mode == "txonly" else None, burst=client.burst or None,
+            rxq=q, txq=q, memory_mb=client.memory_mb,
+            total_num_mbufs=client.total_num_mbufs or auto_mbufs(len(vdevs), case.queues),
+            log_dir=logs, name=f"client{gi}", start_timeout=120.0, socket_timeout=60.0,
+        )
+        group.procs.append(stack.enter_context(proc))
+    return group
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+
+
+def notification_counters(stats: dict[str, Any] | None) -> dict[str, int]:
+    """Summed notification counters of a daemon stats dict: packets, kicks, kicks_avoided,
+    interrupts, interrupts_suppressed, poll_switches (session 2 "queues" list; session 1:
+    works' kicks and notify on/off, queues' interrupts)."""
+    out = {"packets": 0, "kicks": 0, "kicks_avoided": 0, "interrupts": 0,
+           "interrupts_suppressed": 0, "poll_switches": 0}
+    if not stats:
+        return out
+    queues = stats.get("queues")
+    if isinstance(queues, list):
+        for q in queues:
+            for key in ("packets", "kicks", "kicks_avoided", "interrupts", "interrupts_suppressed"):
+                out[key] += int(q.get(key, 0) or 0)
+            out["poll_switches"] += int(q.get("poll_starts", 0) or 0) + int(q.get("poll_stops", 0) or 0)
+        return out
+    for dev in stats.get("devices", []):
+        for q in (dev.get("queues") or {}).values():
+            out["packets"] += int(q.get("packets", 0))
+            out["interrupts"] += int(q.get("interrupts", 0))
+            out["interrupts_suppressed"] += int(q.get("interrupts_suppressed", 0))
+        for w in (dev.get("works") or {}).values():
+            out["kicks"] += int(w.get("kicks", 0))
+            out["poll_switches"] += int(w.get("notify_on", 0)) + int(w.get("notify_off", 0))
+    return out
+
+
+def _direction_packets(stats: dict[str, Any], direction: str) -> int | None:
+    queues = stats.get("queues")
+    if isinstance(queues, list):
+        tag = ".tx" if direction == "guest_tx" else ".rx"
+        found = [int(q.get("packets", 0)) for q in queues if tag in str(q.get("name", ""))]
+        return sum(found) if found else None
+    return _daemon_queue_packets(stats, direction)
+
+
+class RunningBackend:
+    """A started backend: its sockets, pids, logs and counters."""
+
+    def __init__(self, spec: Backend) -> None:
+        self.spec = spec
+        self.sockets: list[str] = []
+        self.pids: list[int] = []
+        self.logs: list[str] = []
+        self.daemon: Any = None  # DaemonProcess (vhostx)
+        self.peers: TestpmdGroup | None = None  # DPDK
+
+    def start_traffic(self) -> None:
+        if self.peers is not None:
+            self.peers.start()
+
+    def stats(self) -> dict[str, Any] | None:
+        """The daemon's live stats (vhostx), None for DPDK or when the control socket fails."""
+        if self.daemon is None:
+            return None
+        try:
+            return self.daemon.stats()
+        except (OSError, ValueError, RuntimeError):
+            return None
+
+    def packets(self, direction: str, stats: dict[str, Any] | None = None) -> tuple[float, int] | None:
+        """(monotonic time, packets the backend itself counted in `direction`)."""
+        t = time.monotonic()
+        if self.peers is not None:
+            samples = self.peers.port_stats()
+            n = 0
+            for s in samples:
+                for p in s.ports.values():
+                    n += p.rx_packets if direction == "guest_tx" else p.tx_packets
+            return t, n
+        st = stats if stats is not None else self.stats()
+        if st is None:
+            return None
+        n2 = _direction_packets(st, direction)
+        return None if n2 is None else (t, n2)
+
+    def memory(self) -> dict[str, Any]:
+        """Resident memory of the backend's processes with and without the guest-memory
+        mappings (memfd, /dev/shm, deleted files; for DPDK this also removes its own memfd-backed
+        EAL memory, see docs/harness.md)."""
+        vm = guest = maps = 0
+        for pid in self.pids:
+            try:
+                a, b, c = daemon_memory(pid)
+            except OSError:
+                continue
+            vm, guest, maps = vm + a, guest + b, maps + c
+        return {"vm_rss_kb": vm, "guest_rss_kb": guest, "guest_mappings": maps,
+                "rss_without_guest_mb": round((vm - guest) / 1024, 2)}
+
+
+def _vhostx_port(case: Case) -> tuple[str, dict[str, object]]:
+    if case.kind == "pingpong":
+        return "echo", {}
+    if case.kind == "stream" and case.direction == "guest_rx":
+        return "source", {"frame_size": max(60, case.size)}
+    return "sink", {}
+
+
+def _dpdk_mode(case: Case) -> str:
+    if case.kind == "pingpong":
+        return "macswap"
+    if case.kind == "stream" and case.direction == "guest_rx":
+        return "txonly"
+    return "rxonly"
+
+
+@contextmanager
+def start_backend(spec: Backend, case: Case, placement: Placement, rundir: Path,
+                  logs: Path) -> Iterator[RunningBackend]:
+    """Start `spec` with `case.devices` devices; stopped (every process) on exit."""
+    rb = RunningBackend(spec)
+    with ExitStack() as stack:
+        if spec.kind == "vhostx":
+            from vhostx.process import DaemonFailed
+
+            port, opts = _vhostx_port(case)
+            if case.queues > 1:
+                opts = {**opts, "queues": case.queues}
+            devices = [(f"net{i}", port, opts) for i in range(case.devices)]
+            try:
+                daemon = stack.enter_context(vhostx_daemon(
+                    devices, params=spec.param_args(), cpus={placement.backend_core},
+                    workdir=str(rundir)))
+            except DaemonFailed as err:
+                text = str(err)
+                permanent = "ConfigError" in text or "allowed" in text or "exited with 2" in text
+                raise BackendFailed(f"vhostx ({spec.name}) did not start: {_tail(text)}",
+                                    permanent=permanent) from err
+            rb.daemon = daemon
+            rb.sockets = [daemon.sockets[f"net{i}"] for i in range(case.devices)]
+            rb.pids = [daemon.pid]
+            rb.logs = [str(daemon.log_path)]
+        elif spec.kind == "dpdk":
+            mode = _dpdk_mode(case)
+            rb.sockets = [str(rundir / f"vh{i}.sock") for i in range(case.devices)]
+            group = TestpmdGroup()
+            for gi, rng in enumerate(_groups(case.devices)):
+                q = case.queues if case.queues > 1 else None
+                proc = Testpmd(
+                    [VhostVdev(rb.sockets[k], queues=case.queues) for k in rng],
+                    forward_mode=mode, forward_lcores=(placement.backend_core,),
+                    main_lcore=placement.client_core,
+                    txpkts=case.size if mode == "txonly" else None, burst=spec.burst or None,
+                    rxq=q, txq=q, memory_mb=spec.memory_mb,
+                    total_num_mbufs=spec.total_num_mbufs or auto_mbufs(len(rng), case.queues),
+                    log_dir=logs, name=f"peer{gi}", start_timeout=120.0, socket_timeout=60.0,
+                )
+                group.procs.append(stack.enter_context(proc))
+            rb.peers = group
+            rb.pids = group.pids
+            rb.logs = group.logs
+        else:
+            raise BackendFailed(f"backend kind {spec.kind!r} is not runnable", permanent=True)
+        yield rb
+
+
+def _tail(text: str, n: int = 6) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return " | ".join(lines[-n:])[-800:]

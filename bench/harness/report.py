@@ -1,0 +1,223 @@
+"""Summaries and the markdown report of a scenario's runs.
+
+`summarize(scenario, runs)` groups runs by case and backend: medians of every metric over the
+repetitions, and for every backend its ratios against the reference backend, paired by
+repetition (`stats.paired_ratios`): median with min and max. `markdown(doc)` renders the
+results document (results.json) as tables. Pure; any thread.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+from .scenario import Scenario
+from .stats import paired_ratios
+
+__all__ = ["RATIO_METRICS", "metric", "markdown", "summarize"]
+
+# metric name -> (how to read it from a run's metrics, higher is better?)
+RATIO_METRICS: dict[str, tuple[str, bool]] = {
+    "pps": ("pps", True),
+    "p50_us": ("latency.p50_us", False),
+    "p99_us": ("latency.p99_us", False),
+    "p99_9_us": ("latency.p99_9_us", False),
+    "backend_cpu": ("backend_cpu.total", False),
+}
+_KIND_RATIOS = {"stream": ("pps", "backend_cpu"), "pingpong": ("p50_us", "p99_us", "pps"),
+                "idle": ("backend_cpu",)}
+
+
+def metric(run: dict[str, Any], path: str) -> float | None:
+    """A metric of one run by dotted path, None when the run failed or lacks it."""
+    if run.get("error") or run.get("skipped"):
+        return None
+    cur: Any = run.get("metrics", {})
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    if cur is None:
+        return None
+    try:
+        value = float(cur)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(scenario: Scenario, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    ref = scenario.reference
+    out: list[dict[str, Any]] = []
+    cases: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        cases.setdefault(r["case"], []).append(r)
+    for label, rs in cases.items():
+        first = rs[0]
+        entry: dict[str, Any] = {"case": label, "test": first["test"], "kind": first["kind"],
+                                 "params": first["params"], "reference": ref, "backends": {}}
+        by_backend: dict[str, list[dict[str, Any]]] = {}
+        for r in rs:
+            by_backend.setdefault(r["backend"], []).append(r)
+        for name, brs in by_backend.items():
+            ok = [r for r in brs if not r.get("error") and not r.get("skipped")]
+            b: dict[str, Any] = {
+                "runs": len(brs), "ok": len(ok),
+                "errors": sorted({(r.get("error") or r.get("skipped") or "").splitlines()[0][:300]
+                                  for r in brs if r.get("error") or r.get("skipped")}),
+                "clean": sum(1 for r in ok if r.get("metrics", {}).get("clean")),
+            }
+            for key, path in (("pps", "pps"), ("bps", "bps"), ("backend_pps", "backend_pps"),
+                              ("backend_cpu", "backend_cpu.total"),
+                              ("client_cpu", "client_cpu.total"),
+                              ("p50_us", "latency.p50_us"), ("p99_us", "latency.p99_us"),
+                              ("p99_9_us", "latency.p99_9_us"),
+                              ("kicks_per_packet", "notifications.per_packet.kicks"),
+                              ("interrupts_per_packet", "notifications.per_packet.interrupts"),
+                              ("poll_switches_per_packet",
+                               "notifications.per_packet.poll_switches"),
+                              ("kicks_avoided_per_packet",
+                               "notifications.per_packet.kicks_avoided"),
+                              ("rss_without_guest_mb", "memory.rss_without_guest_mb")):
+                b[key] = _median([metric(r, path) for r in ok])
+            cores: dict[str, list[float]] = {}
+            for r in ok:
+                for core, share in r.get("metrics", {}).get("backend_cpu", {}).get(
+                        "cores", {}).items():
+                    cores.setdefault(core, []).append(share)
+            b["backend_cpu_per_core"] = {c: statistics.median(v) for c, v in sorted(cores.items())}
+            entry["backends"][name] = b
+        ratios: dict[str, Any] = {}
+        if ref in by_backend:
+            for name, brs in by_backend.items():
+                if name == ref:
+                    continue
+                ratios[name] = {}
+                for mname in _KIND_RATIOS.get(first["kind"], ("pps",)):
+                    path, higher = RATIO_METRICS[mname]
+                    a = {r["rep"]: metric(r, path) for r in brs}
+                    bb = {r["rep"]: metric(r, path) for r in by_backend[ref]}
+                    rt = paired_ratios(a, bb)
+                    ratios[name][mname] = {"median": rt.median, "min": rt.min, "max": rt.max,
+                                           "spread_pct": rt.spread_pct, "pairs": rt.pairs,
+                                           "values": list(rt.values), "higher_is_better": higher}
+        entry["ratios"] = ratios
+        out.append(entry)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# markdown
+
+
+def _f(x: Any, fmt: str = ".2f", scale: float = 1.0) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x / scale, fmt)
+
+
+def _ratio(r: dict[str, Any] | None) -> str:
+    if not r or not r.get("pairs"):
+        return "-"
+    return f"**{r['median']:.2f}** ({r['min']:.2f}-{r['max']:.2f}, n={r['pairs']})"
+
+
+def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
+    sc = doc["scenario"]
+    dims = doc.get("dimensions", {})
+    mach = dims.get("machine", {})
+    ref = sc.get("reference", "")
+    lines = [f"# Benchmark: {sc['name']}", ""]
+    if sc.get("description"):
+        lines += [sc["description"], ""]
+    status = "complete" if doc.get("complete") else ("INTERRUPTED (partial results)"
+                                                     if doc.get("interrupted") else "running")
+    lines += [
+        f"- status: {status}; {len(doc.get('runs', []))} of {doc.get('planned_runs')} runs",
+        f"- commit {dims.get('commit', '?')}{' (dirty tree)' if dims.get('dirty') else ''}; "
+        f"kernel {dims.get('kernel')}; Python {dims.get('python')}; DPDK {dims.get('dpdk')}; "
+        f"QEMU {dims.get('qemu')}",
+        f"- machine: {mach.get('cpu')}, {mach.get('nproc')} cpus, "
+        f"{_f((mach.get('memory_kb') or 0) / 1048576, '.1f')} GiB; time {dims.get('time')}",
+        f"- placement: {dims.get('placement')}; ratios are against **{ref}**, paired by "
+        "repetition (runs interleaved A B A B), median (min-max)",
+    ]
+    for name, b in (dims.get("backends") or {}).items():
+        extra = (f"mode {b.get('mode')}, params set {b.get('params_set') or '{}'}"
+                 if b.get("kind") == "vhostx" else
+                 f"memory_mb {b.get('memory_mb')}, mbufs {b.get('total_num_mbufs')}")
+        lines.append(f"- backend `{name}`: {b.get('kind')}, {extra}")
+    for name, why in (doc.get("unavailable") or {}).items():
+        lines.append(f"- backend `{name}` unavailable: {why[:300]}")
+    lines.append("")
+    summary = doc.get("summary", [])
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for e in summary:
+        by_kind.setdefault(e["kind"], []).append(e)
+    if "stream" in by_kind:
+        lines += ["## Throughput", "",
+                  "| case | backend | Mpps | Gbit/s | ratio vs ref | backend cores | "
+                  "kicks/pkt | irqs/pkt | poll sw/pkt | RSS MB | runs ok (clean) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in by_kind["stream"]:
+            for name, b in e["backends"].items():
+                lines.append(
+                    f"| {e['case']} | {name} | {_f(b['pps'], '.3f', 1e6)} | "
+                    f"{_f(b['bps'], '.2f', 1e9)} | "
+                    f"{_ratio(e['ratios'].get(name, {}).get('pps')) if name != ref else 'ref'} | "
+                    f"{_f(b['backend_cpu'])} | {_f(b['kicks_per_packet'], '.4f')} | "
+                    f"{_f(b['interrupts_per_packet'], '.4f')} | "
+                    f"{_f(b['poll_switches_per_packet'], '.5f')} | "
+                    f"{_f(b['rss_without_guest_mb'], '.1f')} | {b['ok']}/{b['runs']} "
+                    f"({b['clean']}) |")
+        lines.append("")
+    if "pingpong" in by_kind:
+        lines += ["## Latency (ping-pong round trips)", "",
+                  "| case | backend | p50 us | p99 us | p99.9 us | round trips/s | p50 ratio | "
+                  "p99 ratio | backend cores | kicks/pkt | irqs/pkt | runs ok |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in by_kind["pingpong"]:
+            for name, b in e["backends"].items():
+                r = e["ratios"].get(name, {})
+                lines.append(
+                    f"| {e['case']} | {name} | {_f(b['p50_us'], '.1f')} | {_f(b['p99_us'], '.1f')} "
+                    f"| {_f(b['p99_9_us'], '.1f')} | {_f(b['pps'], '.0f')} | "
+                    f"{_ratio(r.get('p50_us')) if name != ref else 'ref'} | "
+                    f"{_ratio(r.get('p99_us')) if name != ref else 'ref'} | "
+                    f"{_f(b['backend_cpu'])} | {_f(b['kicks_per_packet'], '.3f')} | "
+                    f"{_f(b['interrupts_per_packet'], '.3f')} | {b['ok']}/{b['runs']} |")
+        lines.append("")
+    if "idle" in by_kind:
+        lines += ["## Idle cost", "",
+                  "| case | backend | backend cores | per core | RSS MB | runs ok |",
+                  "|---|---|---|---|---|---|"]
+        for e in by_kind["idle"]:
+            for name, b in e["backends"].items():
+                per = ", ".join(f"cpu{c}: {v:.3f}" for c, v in b["backend_cpu_per_core"].items())
+                lines.append(f"| {e['case']} | {name} | {_f(b['backend_cpu'], '.3f')} | "
+                             f"{per or '-'} | {_f(b['rss_without_guest_mb'], '.1f')} | "
+                             f"{b['ok']}/{b['runs']} |")
+        lines.append("")
+    errors = [(e["case"], n, err) for e in summary for n, b in e["backends"].items()
+              for err in b["errors"]]
+    if errors:
+        lines += ["## Failed or skipped runs", ""]
+        lines += [f"- {c} / {n}: {err}" for c, n, err in errors]
+        lines.append("")
+    if plots:
+        lines += ["## Plots", ""]
+        lines += [f"![{p}]({p})" for p in plots]
+        lines.append("")
+    lines += ["Measured: client port counters (testpmd) or frames counted by the guest model, "
+              "round-trip times from timestamps in the frames, CPU time per thread from "
+              "/proc, daemon counters. Derived: rates, per-packet ratios, per-core CPU (a "
+              "thread counts on the core it last ran on), medians and ratios. See "
+              "docs/harness.md.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,432 @@
+"""Run a scenario: every case, every repetition, every backend, interleaved; results on disk as
+they come; Ctrl-C stops cleanly and keeps what was measured.
+
+Order (`plan`): for each case, for each repetition, each backend in file order: A B C A B C ...
+so that a slow drift of the machine touches every backend alike, and run i of A pairs with run i
+of B for the ratios.
+
+One run: a fresh short socket directory, the backend started pinned to the backend core, the
+client on the client core (testpmd's forwarding lcore, or this process's thread for the guest
+model), warm-up (excluded), then a window between two snapshots of: the client's per-port
+counters, the backend's own packet count, the daemon's stats (kicks, interrupts, polling
+switches), CPU time of every backend and client thread. Then everything is stopped.
+
+Files in the output directory (written after every run, so an interrupted run keeps them):
+    results.json      dimensions, scenario, every run (without raw RTT samples), summary
+    runs/NNN-*.json   one run with all raw samples (RTTs in ns)
+    logs/             testpmd and daemon logs
+    report.md, plots/ at the end (also after Ctrl-C, from what was measured)
+
+Threads: the main thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench.dpdk_compare import CLEAN_CLIENT_CPU, wait_quiet
+from bench.testpmd import TestpmdError
+
+from . import system
+from .backends import (
+    BackendFailed,
+    RunningBackend,
+    notification_counters,
+    sample_rates,
+    start_backend,
+    start_testpmd_client,
+)
+from .pingpong import GuestModel
+from .scenario import Backend, Case, Scenario
+from .stats import latency_summary
+
+__all__ = ["Runner", "plan"]
+
+Hook = Callable[[str, dict[str, Any]], None]
+
+
+def plan(scenario: Scenario) -> list[tuple[Case, int, Backend]]:
+    """Every run in execution order: case by case, repetition by repetition, backends
+    interleaved."""
+    out = []
+    for case in scenario.cases():
+        for rep in range(scenario.run.repeats):
+            for backend in scenario.backends:
+                out.append((case, rep, backend))
+    return out
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:80]
+
+
+class Runner:
+    def __init__(self, scenario: Scenario, out_dir: str | Path, *, progress: bool = True,
+                 hook: Hook | None = None, plots: bool = True,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.sc = scenario
+        self.out = Path(out_dir).resolve()
+        self.progress = progress
+        self.hook = hook  # test seam: called at "started", "window" and "done" of every run
+        self.plots = plots
+        self.log = log or (lambda msg: None)
+        self.runs: list[dict[str, Any]] = []
+        self.unavailable: dict[str, str] = {}
+        self.interrupted = False
+        self.dims: dict[str, Any] = {}
+        self.started = 0.0
+
+    # ------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run everything; returns the results document (also in results.json)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "runs").mkdir(exist_ok=True)
+        (self.out / "logs").mkdir(exist_ok=True)
+        if self.sc.source:
+            shutil.copyfile(self.sc.source, self.out / "scenario.toml")
+        self.dims = system.dimensions()
+        self.dims["backends"] = {b.name: self._backend_dims(b) for b in self.sc.backends}
+        self.dims["placement"] = asdict(self.sc.placement)
+        self.dims["clients"] = {"testpmd": asdict(self.sc.testpmd),
+                                "guest_model": asdict(self.sc.guest_model)}
+        self.started = time.time()
+        todo = plan(self.sc)
+        self._write()
+        progress_cm = _progress(self.progress, len(todo))
+        with progress_cm as prog:
+            task = prog.add_task("starting", total=len(todo)) if prog is not None else None
+            try:
+                for i, (case, rep, backend) in enumerate(todo):
+                    desc = f"{case.label} rep {rep + 1}/{self.sc.run.repeats} {backend.name}"
+                    if prog is not None:
+                        prog.update(task, description=desc)
+                    rec = self._run_one(i, case, rep, backend)
+                    self.runs.append(rec)
+                    self._write_run(rec)
+                    self._write()
+                    self._say(prog, _one_line(rec))
+                    if prog is not None:
+                        prog.advance(task)
+            except KeyboardInterrupt:
+                self.interrupted = True
+                self._say(prog, "interrupted: every process stopped; keeping the results so far")
+        doc = self._write(final=True)
+        self._finish(doc)
+        return doc
+
+    def _say(self, prog: Any, msg: str) -> None:
+        if prog is not None:
+            prog.console.print(msg, markup=False, highlight=False)
+        else:
+            self.log(msg)
+
+    # ------------------------------------------------------------------------------------------
+    def _backend_dims(self, b: Backend) -> dict[str, Any]:
+        d: dict[str, Any] = {"kind": b.kind}
+        if b.kind == "vhostx":
+            d["mode"] = b.mode
+            d["params_set"] = dict(b.params)
+            try:
+                from iosched.params import REGISTRY
+
+                eff = {p.name: p.default for p in REGISTRY.params()}
+            except Exception:  # noqa: BLE001 - best effort: the daemon reports its own too
+                eff = {}
+            eff.update(dict(b.params))
+            eff["mode"] = b.mode
+            d["params"] = eff
+        else:
+            d.update(memory_mb=b.memory_mb, total_num_mbufs=b.total_num_mbufs or "auto",
+                     burst=b.burst or "default")
+        return d
+
+    def _run_one(self, index: int, case: Case, rep: int, backend: Backend) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "index": index, "case": case.label, "test": case.test, "kind": case.kind,
+            "params": asdict(case), "backend": backend.name, "backend_kind": backend.kind,
+            "mode": backend.mode if backend.kind == "vhostx" else None,
+            "rep": rep, "started_at": time.time(), "error": None, "skipped": None,
+            "backend_pids": [], "client_pids": [], "loadavg_before": os.getloadavg(),
+        }
+        if backend.name in self.unavailable:
+            rec["skipped"] = self.unavailable[backend.name]
+            return rec
+        if self.sc.run.quiet_wait > 0:
+            rec["idle_cores_before"] = round(wait_quiet(self.sc.run.quiet_wait,
+                                                        self.sc.run.quiet_cores), 3)
+        rundir = Path(tempfile.mkdtemp(prefix=f"vhxb{os.getpid()}-"))  # short: AF_UNIX paths
+        logs = self.out / "logs" / f"{index:03d}-{_slug(backend.name)}"
+        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            with ExitStack() as stack:
+                stack.callback(shutil.rmtree, rundir, True)
+                be = stack.enter_context(start_backend(backend, case, self.sc.placement, rundir,
+                                                       logs))
+                rec["backend_pids"] = list(be.pids)
+                rec["logs"] = list(be.logs)
+                self._call_hook("started", rec)
+                if case.kind == "stream" and case.client == "testpmd":
+                    self._stream_testpmd(stack, be, case, rec, logs)
+                else:
+                    self._guest_model(stack, be, case, rec)
+                if be.daemon is not None:
+                    rec["daemon_params"] = (be.stats() or {}).get("params")
+        except BackendFailed as err:
+            rec["error"] = str(err)
+            if err.permanent:
+                self.unavailable[backend.name] = str(err)
+        except (TestpmdError, OSError, RuntimeError, TimeoutError, ValueError) as err:
+            rec["error"] = f"{type(err).__name__}: {err}"[:4000]
+        except KeyboardInterrupt:
+            rec["error"] = "interrupted"
+            rec["interrupted"] = True
+            self.runs.append(rec)
+            self._write_run(rec)
+            raise
+        except Exception as err:  # noqa: BLE001 - a bug in one run must not lose the others
+            rec["error"] = f"{type(err).__name__}: {err}"[:4000]
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
+        self._call_hook("done", rec)
+        return rec
+
+    def _call_hook(self, point: str, rec: dict[str, Any]) -> None:
+        if self.hook is not None:
+            self.hook(point, rec)
+
+    # ---- snapshots ---------------------------------------------------------------------------
+    def _snap(self, be: RunningBackend, case: Case, client_pids: list[int],
+              own_thread: bool) -> dict[str, Any]:
+        stats = be.stats()
+        snap = {
+            "t": time.monotonic(),
+            "backend_threads": {pid: system.thread_times(pid) for pid in be.pids},
+            "client_threads": {pid: system.thread_times(pid) for pid in client_pids},
+            "stats": stats,
+            "backend_packets": be.packets(case.direction if case.kind == "stream" else "guest_tx",
+                                          stats),
+        }
+        if own_thread:
+            tid = threading.get_native_id()
+            me = system.thread_times(os.getpid())
+            snap["own"] = {tid: me[tid]} if tid in me else {}
+        return snap
+
+    def _fill_common(self, rec: dict[str, Any], s0: dict[str, Any], s1: dict[str, Any],
+                     window: float, packets: float, be: RunningBackend) -> None:
+        m = rec.setdefault("metrics", {})
+        m["window_s"] = round(window, 4)
+        bt0: dict[int, Any] = {}
+        bt1: dict[int, Any] = {}
+        for pid in be.pids:
+            bt0.update(s0["backend_threads"].get(pid, {}))
+            bt1.update(s1["backend_threads"].get(pid, {}))
+        m["backend_cpu"] = system.cpu_usage(bt0, bt1, window)
+        ct0: dict[int, Any] = {}
+        ct1: dict[int, Any] = {}
+        for pid in s1["client_threads"]:
+            ct0.update(s0["client_threads"].get(pid, {}))
+            ct1.update(s1["client_threads"].get(pid, {}))
+        if "own" in s1:
+            ct0.update(s0.get("own", {}))
+            ct1.update(s1["own"])
+        m["client_cpu"] = system.cpu_usage(ct0, ct1, window)
+        b0, b1 = s0["backend_packets"], s1["backend_packets"]
+        if b0 is not None and b1 is not None and b1[0] > b0[0]:
+            m["backend_pps"] = (b1[1] - b0[1]) / (b1[0] - b0[0])
+        if s0["stats"] is not None and s1["stats"] is not None:
+            n0, n1 = notification_counters(s0["stats"]), notification_counters(s1["stats"])
+            delta = {k: max(0, n1[k] - n0[k]) for k in n1}
+            per = {}
+            base = delta["packets"] or packets * window
+            for k in ("kicks", "kicks_avoided", "interrupts", "interrupts_suppressed",
+                      "poll_switches"):
+                per[k] = delta[k] / base if base else None
+            m["notifications"] = {"counts": delta, "per_packet": per}
+        m["memory"] = be.memory()
+
+    # ---- testpmd streams ---------------------------------------------------------------------
+    def _stream_testpmd(self, stack: ExitStack, be: RunningBackend, case: Case,
+                        rec: dict[str, Any], logs: Path) -> None:
+        client = start_testpmd_client(stack, be.sockets, case, self.sc.testpmd,
+                                      self.sc.placement, logs)
+        rec["client_pids"] = client.pids
+        rec.setdefault("logs", []).extend(client.logs)
+        busy = case.busy_devices if case.busy else None
+        if case.direction == "guest_tx":
+            be.start_traffic()
+            client.start(busy)
+        else:
+            client.start(busy)
+            be.start_traffic()
+        time.sleep(self.sc.run.warmup)
+        s0 = self._snap(be, case, client.pids, False)
+        c0 = client.port_stats()
+        self._call_hook("window", rec)
+        time.sleep(self.sc.run.duration)
+        c1 = client.port_stats()
+        s1 = self._snap(be, case, client.pids, False)
+        window, rates = sample_rates(c0, c1)
+        key = "tx" if case.direction == "guest_tx" else "rx"
+        per_dev = [{"device": k, "pps": r[f"{key}_pps"], "bps": r[f"{key}_bps"]}
+                   for k, r in enumerate(rates)]
+        pps = sum(d["pps"] for d in per_dev)
+        m = rec.setdefault("metrics", {})
+        m.update(pps=pps, bps=sum(d["bps"] for d in per_dev), per_device=per_dev,
+                 devices_with_traffic=sum(1 for d in per_dev if d["pps"] > 0))
+        self._fill_common(rec, s0, s1, window, pps, be)
+        m["client_tx_drops"] = client.stop()
+        # clean: the busy-polling client had its core (other load shows here first)
+        m["clean"] = m["client_cpu"]["total"] >= CLEAN_CLIENT_CPU
+
+    # ---- guest model: ping-pong, paced stream, idle ------------------------------------------
+    def _guest_model(self, stack: ExitStack, be: RunningBackend, case: Case,
+                     rec: dict[str, Any]) -> None:
+        gm_cfg = self.sc.guest_model
+        gm = stack.enter_context(GuestModel(be.sockets, queue_size=gm_cfg.queue_size,
+                                            mem_mb=gm_cfg.mem_mb))
+        be.start_traffic()
+        old_affinity = os.sched_getaffinity(0)
+        os.sched_setaffinity(threading.get_native_id(), {self.sc.placement.client_core})
+        stack.callback(os.sched_setaffinity, threading.get_native_id(), old_affinity)
+        run = self.sc.run
+        m = rec.setdefault("metrics", {})
+        if case.kind == "pingpong":
+            gm.pingpong(run.warmup, case.size, wait=gm_cfg.wait, record=False)
+            s0 = self._snap(be, case, [], True)
+            self._call_hook("window", rec)
+            res = gm.pingpong(run.duration, case.size, wait=gm_cfg.wait)
+            s1 = self._snap(be, case, [], True)
+            window = s1["t"] - s0["t"]
+            rate = res.received / res.elapsed_s if res.elapsed_s else 0.0
+            m.update(pps=rate, bps=rate * case.size * 8, round_trips=res.received,
+                     sent=res.sent, lost=res.lost, bad=res.bad, per_flow=res.per_flow,
+                     latency=latency_summary(res.rtt_ns))
+            rec["_rtt_ns"] = res.rtt_ns
+            self._fill_common(rec, s0, s1, window, 2 * rate, be)
+        elif case.kind == "stream":
+            gm.stream(run.warmup, case.size, case.rate)
+            s0 = self._snap(be, case, [], True)
+            self._call_hook("window", rec)
+            res2 = gm.stream(run.duration, case.size, case.rate)
+            s1 = self._snap(be, case, [], True)
+            window = s1["t"] - s0["t"]
+            pps = res2.posted / res2.elapsed_s if res2.elapsed_s else 0.0
+            m.update(pps=pps, bps=pps * case.size * 8, offered_pps=case.rate * case.devices,
+                     posted=res2.posted, offered=res2.offered,
+                     per_device=[{"device": k, "pps": n / res2.elapsed_s, "bps":
+                                  n / res2.elapsed_s * case.size * 8}
+                                 for k, n in enumerate(res2.per_flow)])
+            self._fill_common(rec, s0, s1, window, pps, be)
+        else:  # idle
+            m["primed"] = gm.prime()
+            time.sleep(run.warmup + case.idle_time)
+            s0 = self._snap(be, case, [], True)
+            self._call_hook("window", rec)
+            time.sleep(run.duration)
+            s1 = self._snap(be, case, [], True)
+            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], 0.0, be)
+            m["pps"] = 0.0
+
+    # ---- output ------------------------------------------------------------------------------
+    def _write_run(self, rec: dict[str, Any]) -> None:
+        name = f"{rec['index']:03d}-{_slug(rec['case'])}-{_slug(rec['backend'])}-{rec['rep']}.json"
+        data = {k: v for k, v in rec.items() if k != "_rtt_ns"}
+        data["rtt_ns"] = rec.get("_rtt_ns", [])
+        data["dimensions"] = self.dims
+        _atomic_write(self.out / "runs" / name, json.dumps(data, default=str))
+        rec["file"] = f"runs/{name}"
+
+    def _write(self, final: bool = False) -> dict[str, Any]:
+        from .report import summarize
+
+        runs = [{k: v for k, v in r.items() if k != "_rtt_ns"} for r in self.runs]
+        doc = {
+            "scenario": {"name": self.sc.name, "description": self.sc.description,
+                         "source": self.sc.source, "raw": self.sc.raw,
+                         "reference": self.sc.reference},
+            "dimensions": self.dims,
+            "started_at": self.started,
+            "finished_at": time.time() if final else None,
+            "complete": final and not self.interrupted,
+            "interrupted": self.interrupted,
+            "planned_runs": len(plan(self.sc)),
+            "unavailable": self.unavailable,
+            "runs": runs,
+            "summary": summarize(self.sc, self.runs),
+        }
+        _atomic_write(self.out / "results.json", json.dumps(doc, indent=1, default=str))
+        return doc
+
+    def _finish(self, doc: dict[str, Any]) -> None:
+        from .report import markdown
+
+        rtts = {i: r.get("_rtt_ns", []) for i, r in enumerate(self.runs)}
+        plots: list[str] = []
+        if self.plots:
+            try:
+                from .plots import make_plots
+
+                plots = make_plots(doc, self.runs, self.out / "plots")
+            except Exception as err:  # noqa: BLE001 - plots must not lose the results
+                self.log(f"plots failed: {type(err).__name__}: {err}")
+        del rtts
+        _atomic_write(self.out / "report.md", markdown(doc, plots=plots))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _one_line(rec: dict[str, Any]) -> str:
+    head = f"{rec['case']:<28} rep {rec['rep']} {rec['backend']:<18}"
+    if rec.get("skipped"):
+        return head + " skipped: " + rec["skipped"][:160]
+    if rec.get("error"):
+        return head + " FAILED: " + rec["error"].splitlines()[0][:160]
+    m = rec.get("metrics", {})
+    parts = []
+    if rec["kind"] == "pingpong":
+        lat = m.get("latency", {})
+        parts.append(f"p50 {lat.get('p50_us', float('nan')):.1f} us p99 "
+                     f"{lat.get('p99_us', float('nan')):.1f} us")
+    if rec["kind"] != "idle":
+        parts.append(f"{m.get('pps', 0) / 1e6:.3f} Mpps")
+    parts.append(f"backend cpu {m.get('backend_cpu', {}).get('total', float('nan')):.2f}")
+    return head + " " + ", ".join(parts)
+
+
+class _NoProgress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), transient=False)

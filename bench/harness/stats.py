@@ -1,0 +1,93 @@
+"""Statistics of a benchmark: percentiles, median ratios with their spread, CDF points.
+
+Pure functions over lists of numbers; any thread.
+
+- `percentile(values, q)`: linear interpolation between closest ranks (numpy's default "linear"
+  method), q in [0, 100]; NaN for an empty list.
+- `paired_ratios(a, b)`: A/B ratios of runs paired by repetition index (interleaved runs A_i, B_i
+  share the machine's state of that moment), skipping pairs where either side is missing or B is
+  zero; `Ratio` gives median, min, max, spread in percent of the median and the number of pairs.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+__all__ = ["Ratio", "cdf_points", "latency_summary", "paired_ratios", "percentile"]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} outside [0, 100]")
+    if not values:
+        return math.nan
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = math.ceil(pos)
+    if lo == hi:
+        return float(xs[lo])
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    median: float
+    min: float
+    max: float
+    spread_pct: float  # (max - min) / median * 100
+    pairs: int
+    values: tuple[float, ...]
+
+    @classmethod
+    def of(cls, ratios: Sequence[float]) -> Ratio:
+        if not ratios:
+            return cls(math.nan, math.nan, math.nan, math.nan, 0, ())
+        med = statistics.median(ratios)
+        lo, hi = min(ratios), max(ratios)
+        spread = (hi - lo) / med * 100 if med else math.nan
+        return cls(med, lo, hi, spread, len(ratios), tuple(ratios))
+
+
+def paired_ratios(a: Mapping[int, float | None], b: Mapping[int, float | None]) -> Ratio:
+    """Median of A_i / B_i over repetitions i present (and non-None, B non-zero) on both sides."""
+    ratios = []
+    for rep in sorted(set(a) & set(b)):
+        x, y = a[rep], b[rep]
+        if x is None or y is None or y == 0 or math.isnan(x) or math.isnan(y):
+            continue
+        ratios.append(x / y)
+    return Ratio.of(ratios)
+
+
+def latency_summary(samples_ns: Sequence[int]) -> dict[str, float]:
+    """count, min, p50, p90, p99, p99.9, max and mean of round-trip times, in microseconds."""
+    if not samples_ns:
+        return {"count": 0}
+    us = [s / 1000.0 for s in samples_ns]
+    return {
+        "count": len(us),
+        "min_us": min(us),
+        "p50_us": percentile(us, 50),
+        "p90_us": percentile(us, 90),
+        "p99_us": percentile(us, 99),
+        "p99_9_us": percentile(us, 99.9),
+        "max_us": max(us),
+        "mean_us": statistics.fmean(us),
+    }
+
+
+def cdf_points(values: Sequence[float], max_points: int = 2000) -> tuple[list[float], list[float]]:
+    """(x, F(x)) of the empirical CDF, thinned to at most `max_points` (keeps both ends)."""
+    xs = sorted(values)
+    n = len(xs)
+    if n == 0:
+        return [], []
+    step = max(1, n // max_points)
+    idx = list(range(0, n, step))
+    if idx[-1] != n - 1:
+        idx.append(n - 1)
+    return [xs[i] for i in idx], [(i + 1) / n for i in idx]
