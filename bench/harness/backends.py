@@ -258,6 +258,8 @@ def start_backend(spec: Backend, case: Case, placement: Placement, rundir: Path,
             if case.queues > 1:
                 opts = {**opts, "queues": case.queues}
             devices = [(f"net{i}", port, opts) for i in range(case.devices)]
+            # registered first, so it runs last: after the daemon stopped and wrote its log
+            stack.callback(_keep_log, rundir / "daemon.log", logs)
             try:
                 daemon = stack.enter_context(vhostx_daemon(
                     devices, params=spec.param_args(), cpus={placement.backend_core},
@@ -293,6 +295,16 @@ def start_backend(spec: Backend, case: Case, placement: Placement, rundir: Path,
         else:
             raise BackendFailed(f"backend kind {spec.kind!r} is not runnable", permanent=True)
         yield rb
+
+
+def _keep_log(path: Path, logs: Path) -> None:
+    """Copy the daemon's log out of the run's socket directory before that is removed."""
+    import shutil
+
+    try:
+        shutil.copyfile(path, logs / "daemon.log")
+    except OSError:
+        pass
 
 
 def _tail(text: str, n: int = 6) -> str:
