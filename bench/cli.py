@@ -92,7 +92,7 @@ def _print_summary(console: Any, doc: dict[str, Any]) -> None:
                 if r["pairs"]:
                     console.print(f"{e['case']:<28} {name} / {e['reference']} {mname}: "
                                   f"median {r['median']:.3f} (min {r['min']:.3f}, max "
-                                  f"{r['max']:.3f}, {r['pairs']} pairs)", highlight=False)
+                                  f"{r['max']:.3f}, {r['pairs']} pairs)", highlight=False, markup=False)
 
 
 def register(subparsers: Any) -> None:
