@@ -61,9 +61,7 @@ def rx_fill(rx: DeviceQueue, frame: bytes, max_pkts: int, *, spin_ns: int = 0) -
     """Write `frame` (a zero net header is prepended) into RX buffers up to max_pkts times."""
     p, _ = _budget(max_pkts, 0)
     buf = ffi.from_buffer("uint8_t[]", frame)
-    return _check(
-        lib.vx_net_rx_fill(rx.c_queue, buf, len(frame), p, _spin(spin_ns)), rx, "rx_fill"
-    )
+    return _check(lib.vx_net_rx_fill(rx.c_queue, buf, len(frame), p, _spin(spin_ns)), rx, "rx_fill")
 
 
 def echo(

@@ -19,10 +19,12 @@ from virtio.driver.split import (
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
+    VRING_USED_F_NO_NOTIFY,
     DriverQueue,
     vring_need_event,
 )
 from virtio.errors import GuestError
+from virtio.ring import DeviceQueue
 
 HDR = 12
 START_IDX = st.sampled_from([0, 1, 100, 65535 - 300, 65535 - 5, 65535])
@@ -564,3 +566,29 @@ def test_no_lost_kicks(event_idx, spin_ns):
         os.close(kick)
         os.close(call)
         env.close()
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_no_lost_kicks_after_restart(env, event_idx):
+    """A ring stopped while its kicks were off (NO_NOTIFY left in used->flags, or a stale
+    avail_event) and started again: the new queue believes kicks are on, so the ring must say so
+    too, or the driver's next buffer never wakes anybody."""
+    drv, dev = env.pair(16, event_idx=event_idx, start_idx=100)
+    buf = env.alloc(64)
+    dev.set_notify(False)
+    for _ in range(3):  # served with kicks off: avail_event (EVENT_IDX) stays behind
+        drv.add([(buf, 40)])
+        assert not drv.publish() or event_idx  # NO_NOTIFY honoured (flags mode)
+        net.tx_sink(dev, 16, 1 << 20)
+    if not event_idx:
+        assert drv.read_used_flags() & VRING_USED_F_NO_NOTIFY
+    # the backend restarts on the same ring (GET_VRING_BASE, then a new queue at that base)
+    again = DeviceQueue(
+        env.mem, index=0, size=16, desc_uva=env.uva(drv.desc_gpa),
+        avail_uva=env.uva(drv.avail_gpa), used_uva=env.uva(drv.used_gpa),
+        last_avail_idx=dev.last_avail_idx, event_idx=event_idx,
+    )  # fmt: skip
+    assert drv.read_used_flags() & VRING_USED_F_NO_NOTIFY == 0
+    drv.add([(buf, 40)])
+    assert drv.publish()  # the driver kicks for the first buffer after the restart
+    assert net.tx_sink(again, 16, 1 << 20) == 1

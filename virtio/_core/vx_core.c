@@ -244,8 +244,13 @@ int vx_vq_start(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *av
     vq->nshadow = 0;
     vq->notify_enabled = 1;
     vq->started = 1;
-    if (flags & VX_F_EVENT_IDX) /* kicks on: a stale avail_event could swallow the first kick */
+    /* kicks on, in the ring as in our state: a stale avail_event, or a NO_NOTIFY left in
+     * used->flags by an earlier backend (or by a queue detached while its kicks were off),
+     * would swallow the driver's kicks while we believe them enabled */
+    if (flags & VX_F_EVENT_IDX)
         __atomic_store_n(vq->avail_event, last_avail_idx, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&vq->used->flags, 0, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return 0;
 }
