@@ -322,7 +322,7 @@ def test_unknown_name_suggests_close_matches() -> None:
         reg.set("poll_stop_idl", 5)
     with pytest.raises(ConfigError, match="did you mean devices_per_worker"):
         reg.load_cmdline(["device_per_worker=3"])
-    with pytest.raises(ConfigError, match="unknown parameter 'zzz'; known: devices_per_worker"):
+    with pytest.raises(ConfigError, match="unknown parameter 'zzz'; known: busy_poll_us, devices_per_worker"):
         reg.get("zzz")
     with pytest.raises(ConfigError, match="did you mean"):
         reg.subscribe(lambda *a: None, "turn_max_packet")
