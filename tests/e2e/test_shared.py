@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from vhostx.process import DaemonProcess
 from virtio.frontend import NetDriver, VhostUserFrontend
 
@@ -289,3 +291,130 @@ def test_set_vring_call_on_a_running_ring_keeps_serving(daemon_factory) -> None:
         got: list[bytes] = []
         assert wait_until(lambda: bool(got.extend(net.recv(timeout=0.2)) or len(got) >= 29))
         assert [struct.unpack("!I", f[14:18])[0] for f in got] == list(range(1, 30))
+
+
+# ---- migration under DPDK testpmd traffic ---------------------------------------------------------
+# The daemon (both workers) runs pinned to core 1, the virtio-user client forwards on core 0.
+
+CLIENT_CORE = 0
+DAEMON_CORE = 1
+MEMORY_MB = 256
+
+
+def _testpmd_or_skip(tmp_dir: Any) -> None:
+    from bench.testpmd import Testpmd, TestpmdError, VhostVdev, find_testpmd
+
+    if find_testpmd() is None:
+        pytest.skip("dpdk-testpmd not found (install the Debian package dpdk-dev)")
+    sock = tmp_dir / "probe.sock"
+    try:
+        with Testpmd([VhostVdev(str(sock))], forward_mode="rxonly", forward_lcores=(DAEMON_CORE,),
+                     main_lcore=CLIENT_CORE, memory_mb=MEMORY_MB, name="probe") as tp:
+            tp.port_stats()
+    except (TestpmdError, OSError, TimeoutError) as exc:
+        pytest.skip(f"dpdk-testpmd cannot start here: {exc}")
+
+
+@pytest.fixture
+def testpmd_client(e2e_dir: Any) -> Any:
+    """client(socket, forward_mode, queues=1, **kw) -> a launched virtio-user testpmd on core 0;
+    every one is closed at teardown."""
+    from bench.testpmd import Testpmd, VirtioUserVdev
+
+    _testpmd_or_skip(e2e_dir)
+    started: list[Any] = []
+
+    def make(sock: str, forward_mode: str, queues: int = 1, **kw: Any) -> Any:
+        tp = Testpmd([VirtioUserVdev(sock, queues=queues)], forward_mode=forward_mode,
+                     forward_lcores=(CLIENT_CORE,), main_lcore=DAEMON_CORE, memory_mb=MEMORY_MB,
+                     rxq=queues, txq=queues, log_dir=e2e_dir, name="client", **kw)
+        started.append(tp)
+        tp.launch()
+        return tp
+
+    yield make
+    for tp in reversed(started):
+        tp.close()
+        assert tp.proc is not None and tp.proc.poll() is not None
+
+
+def _rings(stats: dict[str, Any], device: str = "net0") -> dict[int, dict[str, int]]:
+    dev = next(d for d in stats["devices"] if d["name"] == device)
+    return {int(k): v for k, v in dev["queues"].items()}
+
+
+def _settled(daemon: Any) -> dict[int, dict[str, int]]:
+    last = _rings(daemon.stats())
+    for _ in range(50):
+        time.sleep(0.1)
+        now = _rings(daemon.stats())
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"daemon counters still moving 5 s after the client stopped: {last}")
+
+
+def _migrate_back_and_forth(daemon: Any, rounds: int, queue: str | None) -> None:
+    for i in range(rounds):
+        ok(daemon.request({"cmd": "migrate", "device": "net0", "worker": (i + 1) % 2}))
+        time.sleep(0.1)
+        if queue is not None:
+            ok(daemon.request({"cmd": "migrate", "device": "net0", "worker": i % 2,
+                               "queue": queue}))
+            time.sleep(0.1)
+
+
+@pytest.mark.dpdk
+@pytest.mark.timeout(120)
+def test_dpdk_txonly_into_sink_migrating_device_and_queue_loses_nothing(
+        testpmd_client: Any, vhostx_daemon: Any, e2e_dir: Any) -> None:
+    sock = str(e2e_dir / "net0.sock")
+    daemon = vhostx_daemon([f"name=net0,type=net,socket={sock},port=sink,queues=2"],
+                           cpus={DAEMON_CORE}, params=SHARED)
+    tp = testpmd_client(sock, "txonly", queues=2, txpkts=64)
+    tp.start_forwarding()
+    time.sleep(0.5)
+    _migrate_back_and_forth(daemon, 6, "tx1")
+    fwd = tp.stop_forwarding()
+    rings = _settled(daemon)
+    sent = tp.port_stats().ports[0]
+    per_stream = {s.tx_queue: s.tx_packets for s in fwd.streams}
+    assert sent.tx_packets > 0 and sent.tx_errors == 0
+    assert all(n > 0 for n in per_stream.values()), per_stream
+    assert rings[1]["packets"] + rings[3]["packets"] == sent.tx_packets
+    xs = tp.xstats(0)
+    assert xs["tx_q0_good_packets"] == rings[1]["packets"]
+    assert xs["tx_q1_good_packets"] == rings[3]["packets"]
+    assert rings[1]["errors"] == rings[3]["errors"] == 0
+    st = daemon.stats()
+    queues = {q["name"]: q for q in st["queues"]}
+    assert {queues["net0.tx0"]["worker"], queues["net0.tx1"]["worker"]} == {0, 1}
+    assert sum(q["poll_starts"] for q in queues.values()) >= 2  # polled, and re-polled after moves
+
+
+@pytest.mark.dpdk
+@pytest.mark.timeout(120)
+def test_dpdk_echo_macswap_migrating_loses_nothing(
+        testpmd_client: Any, vhostx_daemon: Any, e2e_dir: Any) -> None:
+    sock = str(e2e_dir / "net0.sock")
+    daemon = vhostx_daemon([f"name=net0,type=net,socket={sock},port=echo"],
+                           cpus={DAEMON_CORE}, params=SHARED)
+    tp = testpmd_client(sock, "macswap", txpkts=64)
+    tp.start_forwarding(tx_first=4)  # 4 bursts of 32 circulate
+    time.sleep(0.5)
+    _migrate_back_and_forth(daemon, 6, "tx0")
+    loop = tp.stop_forwarding()
+    _settled(daemon)
+    tp.set_forward_mode("rxonly")  # drain what the daemon echoed after the client stopped
+    tp.start_forwarding()
+    time.sleep(0.5)
+    tp.stop_forwarding()
+    rings = _settled(daemon)
+    port = tp.port_stats().ports[0]
+    assert loop.ports[0].rx_packets > 128, "the packets did not circulate"
+    dropped = rings[1]["packets"] - rings[0]["packets"]  # consumed from TX, not put into RX
+    assert rings[1]["packets"] == port.tx_packets
+    assert rings[0]["packets"] == port.rx_packets
+    assert port.rx_packets == port.tx_packets - dropped
+    assert dropped == rings[1].get("dropped", 0) + rings[0].get("dropped", 0)
+    assert port.rx_bytes == 64 * port.rx_packets
