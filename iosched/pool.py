@@ -391,8 +391,8 @@ class WorkerPool:
             })
         out_q = []
         for work, idx in sorted(where.items(), key=lambda kv: kv[0].name):
-            w = workers.get(idx)
-            ws = w.work_stats(work) if w is not None else vars(work.stats).copy()
+            owner = workers.get(idx)
+            ws = owner.work_stats(work) if owner is not None else vars(work.stats).copy()
             counters_fn = getattr(work, "counters", None)
             counters = counters_fn() if callable(counters_fn) else {}
             row: dict[str, Any] = {

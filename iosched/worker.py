@@ -124,9 +124,23 @@ class QueueState:
     """The worker's per-work scheduling state (worker thread only)."""
 
     __slots__ = (
-        "_worker", "busy", "bytes_fn", "full_ewma", "enq_ns", "klass", "last_checked_ns",
-        "last_served_ns", "last_work_ns", "pending_count", "poll_only", "state", "stats",
-        "stuck_pending", "stuck_since_ns", "urgent", "work",
+        "_worker",
+        "busy",
+        "bytes_fn",
+        "enq_ns",
+        "full_ewma",
+        "klass",
+        "last_checked_ns",
+        "last_served_ns",
+        "last_work_ns",
+        "pending_count",
+        "poll_only",
+        "state",
+        "stats",
+        "stuck_pending",
+        "stuck_since_ns",
+        "urgent",
+        "work",
     )  # fmt: skip
 
     def __init__(self, work: QueueWork, worker: Worker, now: int) -> None:
@@ -475,7 +489,8 @@ class Worker:
             hit = pol.overdue(q, now)
             if not hit and stuck_on:
                 try:
-                    p = q.pending_count()
+                    # pending() first: an RX ring's avail entries are empty buffers, not work
+                    p = q.pending_count() if q.work.pending() else 0
                 except GuestError as err:
                     self._polled.remove(q)
                     self._fail(q, err)

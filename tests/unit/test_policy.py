@@ -9,7 +9,14 @@ from types import SimpleNamespace
 import pytest
 
 from iosched.params import REGISTRY, Registry, Source
-from iosched.policy import POLICIES, ClassesPolicy, ElvisPolicy, SchedSettings, VhostPolicy, make_policy
+from iosched.policy import (
+    POLICIES,
+    ClassesPolicy,
+    ElvisPolicy,
+    SchedSettings,
+    VhostPolicy,
+    make_policy,
+)
 
 
 def fresh_registry() -> Registry:
@@ -20,8 +27,8 @@ def fresh_registry() -> Registry:
 
 
 def q(**kw):
-    base = dict(last_served_ns=0, last_checked_ns=0, stuck_since_ns=0, klass="latency",
-                full_ewma=0, worker_has_latency=lambda: False)
+    base = {"last_served_ns": 0, "last_checked_ns": 0, "stuck_since_ns": 0, "klass": "latency",
+            "full_ewma": 0, "worker_has_latency": lambda: False}
     base.update(kw)
     return SimpleNamespace(**base)
 
