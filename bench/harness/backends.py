@@ -97,7 +97,7 @@ class TestpmdGroup:
         """Stop forwarding; returns the TX drops (ring full) reported by the forward stats."""
         drops = 0
         for proc in self.procs:
-            if proc._forwarding:  # noqa: SLF001 - only stop what runs
+            if proc._forwarding:
                 fwd = proc.stop_forwarding()
                 drops += sum(p.tx_dropped for p in fwd.ports.values())
         return drops

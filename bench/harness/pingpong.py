@@ -25,6 +25,7 @@ import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Self
 
 from virtio.frontend import NetDriver, VhostUserFrontend
 
@@ -86,7 +87,7 @@ class GuestModel:
         self.frontends: list[VhostUserFrontend] = []
         self.drivers: list[NetDriver] = []
 
-    def connect(self) -> GuestModel:
+    def connect(self) -> Self:
         try:
             for sock in self.sockets:
                 fe = VhostUserFrontend(sock, mem_size=self.mem_mb << 20, queues=2,
@@ -108,7 +109,7 @@ class GuestModel:
         self.frontends.clear()
         self.drivers.clear()
 
-    def __enter__(self) -> GuestModel:
+    def __enter__(self) -> Self:
         return self.connect()
 
     def __exit__(self, *exc: object) -> None:

@@ -20,10 +20,10 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from .report import metric  # noqa: E402
-from .stats import cdf_points  # noqa: E402
+from .report import metric
+from .stats import cdf_points
 
 __all__ = ["make_plots"]
 

@@ -16,7 +16,7 @@ from typing import Any
 from .scenario import Scenario
 from .stats import paired_ratios
 
-__all__ = ["RATIO_METRICS", "metric", "markdown", "summarize"]
+__all__ = ["RATIO_METRICS", "markdown", "metric", "summarize"]
 
 # metric name -> (how to read it from a run's metrics, higher is better?)
 RATIO_METRICS: dict[str, tuple[str, bool]] = {
@@ -141,13 +141,13 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                                                      if doc.get("interrupted") else "running")
     lines += [
         f"- status: {status}; {len(doc.get('runs', []))} of {doc.get('planned_runs')} runs",
-        f"- commit {dims.get('commit', '?')}{' (dirty tree)' if dims.get('dirty') else ''}; "
+        (f"- commit {dims.get('commit', '?')}{' (dirty tree)' if dims.get('dirty') else ''}; "
         f"kernel {dims.get('kernel')}; Python {dims.get('python')}; DPDK {dims.get('dpdk')}; "
-        f"QEMU {dims.get('qemu')}",
-        f"- machine: {mach.get('cpu')}, {mach.get('nproc')} cpus, "
-        f"{_f((mach.get('memory_kb') or 0) / 1048576, '.1f')} GiB; time {dims.get('time')}",
-        f"- placement: {dims.get('placement')}; ratios are against **{ref}**, paired by "
-        "repetition (runs interleaved A B A B), median (min-max)",
+        f"QEMU {dims.get('qemu')}"),
+        (f"- machine: {mach.get('cpu')}, {mach.get('nproc')} cpus, "
+        f"{_f((mach.get('memory_kb') or 0) / 1048576, '.1f')} GiB; time {dims.get('time')}"),
+        (f"- placement: {dims.get('placement')}; ratios are against **{ref}**, paired by "
+        "repetition (runs interleaved A B A B), median (min-max)"),
     ]
     for name, b in (dims.get("backends") or {}).items():
         extra = (f"mode {b.get('mode')}, params set {b.get('params_set') or '{}'}"
@@ -163,8 +163,8 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
         by_kind.setdefault(e["kind"], []).append(e)
     if "stream" in by_kind:
         lines += ["## Throughput", "",
-                  "| case | backend | Mpps | Gbit/s | ratio vs ref | backend cores | "
-                  "kicks/pkt | irqs/pkt | poll sw/pkt | RSS MB | runs ok (clean) |",
+                  ("| case | backend | Mpps | Gbit/s | ratio vs ref | backend cores | "
+                  "kicks/pkt | irqs/pkt | poll sw/pkt | RSS MB | runs ok (clean) |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in by_kind["stream"]:
             for name, b in e["backends"].items():
@@ -180,8 +180,8 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
         lines.append("")
     if "pingpong" in by_kind:
         lines += ["## Latency (ping-pong round trips)", "",
-                  "| case | backend | p50 us | p99 us | p99.9 us | round trips/s | p50 ratio | "
-                  "p99 ratio | backend cores | kicks/pkt | irqs/pkt | runs ok |",
+                  ("| case | backend | p50 us | p99 us | p99.9 us | round trips/s | p50 ratio | "
+                  "p99 ratio | backend cores | kicks/pkt | irqs/pkt | runs ok |"),
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in by_kind["pingpong"]:
             for name, b in e["backends"].items():
@@ -215,9 +215,9 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
         lines += ["## Plots", ""]
         lines += [f"![{p}]({p})" for p in plots]
         lines.append("")
-    lines += ["Measured: client port counters (testpmd) or frames counted by the guest model, "
+    lines += [("Measured: client port counters (testpmd) or frames counted by the guest model, "
               "round-trip times from timestamps in the frames, CPU time per thread from "
               "/proc, daemon counters. Derived: rates, per-packet ratios, per-core CPU (a "
               "thread counts on the core it last ran on), medians and ratios. See "
-              "docs/harness.md.", ""]
+              "docs/harness.md."), ""]
     return "\n".join(lines)

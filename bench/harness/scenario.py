@@ -33,10 +33,10 @@ __all__ = [
     "ScenarioError",
     "TestSpec",
     "TestpmdClient",
+    "find_scenario",
     "load_scenario",
     "parse_scenario",
     "scenario_dirs",
-    "find_scenario",
 ]
 
 BACKEND_KINDS = ("vhostx", "dpdk", "vfio")
@@ -203,7 +203,7 @@ class Scenario:
                 if not lo <= value <= hi:
                     raise ScenarioError(f"--{key.replace('_', '-')} {value}: out of range, "
                                         f"allowed [{lo}, {hi}]")
-                run = replace(run, **{key: value})
+                run = replace(run, **{key: value})  # type: ignore[arg-type]
         sc = replace(self, run=run)
         if backends:
             known = [b.name for b in self.backends]
