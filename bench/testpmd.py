@@ -590,6 +590,20 @@ class Testpmd:
         self.command("start" if tx_first is None else f"start tx_first {tx_first}")
         self._forwarding = True
 
+    @property
+    def forwarding(self) -> bool:
+        """True between start_forwarding() and stop_forwarding()."""
+        return self._forwarding
+
+    def set_portlist(self, ports: Sequence[int]) -> None:
+        """`set portlist a,b,...` (while stopped): forward only on these ports (the others stay
+        configured and connected but carry no traffic)."""
+        if not ports:
+            raise ValueError("set_portlist needs at least one port")
+        reply = self.command("set portlist " + ",".join(str(p) for p in ports))
+        if "Invalid" in reply or "Bad arguments" in reply or "invalid" in reply:
+            raise self._error(f"refused portlist {list(ports)}: {reply.strip()}")
+
     def set_forward_mode(self, mode: str) -> None:
         """`set fwd MODE` (while stopped)."""
         reply = self.command(f"set fwd {mode}")

@@ -87,10 +87,10 @@ class TestpmdGroup:
             base = g * MAX_PORTS_PER_TESTPMD
             nports = len(proc.vdevs)
             if busy is not None and busy < base + nports:
-                mine = [str(k - base) for k in range(base, min(busy, base + nports))]
+                mine = [k - base for k in range(base, min(busy, base + nports))]
                 if not mine:
                     continue
-                proc.command("set portlist " + ",".join(mine))
+                proc.set_portlist(mine)
             proc.start_forwarding()
 
     def stop(self) -> int:
