@@ -130,6 +130,7 @@ def start_testpmd_client(stack: ExitStack, sockets: Sequence[str], case: Case,
             rxq=q, txq=q, memory_mb=client.memory_mb,
             total_num_mbufs=client.total_num_mbufs or auto_mbufs(len(vdevs), case.queues),
             log_dir=logs, name=f"client{gi}", start_timeout=120.0, socket_timeout=60.0,
+            app_args=("--port-topology=loop",),  # each port's stream stays on its own device
         )
         group.procs.append(stack.enter_context(proc))
     return group
@@ -287,6 +288,8 @@ def start_backend(spec: Backend, case: Case, placement: Placement, rundir: Path,
                     rxq=q, txq=q, memory_mb=spec.memory_mb,
                     total_num_mbufs=spec.total_num_mbufs or auto_mbufs(len(rng), case.queues),
                     log_dir=logs, name=f"peer{gi}", start_timeout=120.0, socket_timeout=60.0,
+                    # loop: port k answers on port k (paired would send device 0's echo to 1)
+                    app_args=("--port-topology=loop",),
                 )
                 group.procs.append(stack.enter_context(proc))
             rb.peers = group
