@@ -313,6 +313,9 @@ class Runner:
                      sent=res.sent, lost=res.lost, bad=res.bad, per_flow=res.per_flow,
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
+            if res.received == 0:
+                rec["error"] = (f"no round trip completed in the {res.elapsed_s:.1f} s window "
+                                f"(sent {res.sent}, lost {res.lost}, bad replies {res.bad})")
             self._fill_common(rec, s0, s1, window, 2 * rate, be)
         elif case.kind == "stream":
             gm.stream(run.warmup, case.size, case.rate)
