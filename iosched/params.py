@@ -826,9 +826,10 @@ TURN_MAX_BYTES = declare(
     unit="bytes", min=1, max=_BYTES_MAX, runtime=True, scope=Scope.QUEUE,
 )  # fmt: skip
 BUSY_POLL_US = declare(
-    "busy_poll_us", int, 0,
-    "inside one C batch, keep re-reading an empty ring for up to this long before returning "
-    "to the worker loop (vhost-net's busyloop_timeout); bounds one batch's extra latency for "
-    "other queues on the same worker; 0 = return as soon as the ring is empty",
+    "busy_poll_us", int, 50,
+    "inside one C batch that has found work, keep re-reading the ring once it runs empty, for "
+    "up to this long in total per batch, before returning to the worker loop (like vhost-net's "
+    "busyloop_timeout); completions are published first; an idle ring never spins; bounds one "
+    "batch's extra latency for other queues on the same worker; 0 = return at once",
     unit="us", min=0, max=1000, runtime=True, scope=Scope.QUEUE,
 )  # fmt: skip
