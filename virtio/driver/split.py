@@ -18,6 +18,7 @@ implementation uses a locked (full-barrier) instruction on x86.
 from __future__ import annotations
 
 import struct
+import sys
 import threading
 from collections.abc import Sequence
 
@@ -50,6 +51,7 @@ def _full_barrier() -> None:
 
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
+_LITTLE = sys.byteorder == "little"
 _USED_ELEM = struct.Struct("<II")
 
 
@@ -80,6 +82,10 @@ class DriverQueue:
         if mem.readonly:
             raise ValueError("ring memory must be writable")
         self._mem = mem.cast("B") if mem.format != "B" else mem
+        # Index and flag words the device reads while we write them go through one aligned
+        # 2-byte store: struct.pack_into zeroes its target before writing, so a device polling
+        # the ring could read avail->idx == 0 in between (DPDK then dequeued 64 Ki stale entries).
+        self._m16 = self._mem[: total & ~1].cast("H")
         self.base_gpa = base_gpa
         self.size = size
         self.event_idx = event_idx
@@ -99,8 +105,8 @@ class DriverQueue:
         self._chains: dict[int, list[int]] = {}  # head -> descriptor ids it holds
         # zero the rings, then write the starting indexes
         self._mem[desc_off:total] = bytes(total - desc_off)
-        _U16.pack_into(self._mem, avail_off + 2, self._avail_idx)
-        _U16.pack_into(self._mem, used_off + 2, self._last_used)
+        self._store16(avail_off + 2, self._avail_idx)
+        self._store16(used_off + 2, self._last_used)
         if event_idx:
             self._write_used_event(self._last_used)
 
@@ -182,7 +188,7 @@ class DriverQueue:
         old, new = self._published, self._avail_idx
         if old == new:
             return False
-        _U16.pack_into(self._mem, self._avail_off + 2, new)
+        self._store16(self._avail_off + 2, new)
         self._published = new
         _full_barrier()
         if self.event_idx:
@@ -220,7 +226,7 @@ class DriverQueue:
             # disabled: an event index just behind us never matches until 64 Ki entries pass
             self._write_used_event(self._last_used if enable else (self._last_used - 1) & 0xFFFF)
         else:
-            _U16.pack_into(self._mem, self._avail_off, 0 if enable else VRING_AVAIL_F_NO_INTERRUPT)
+            self._store16(self._avail_off, 0 if enable else VRING_AVAIL_F_NO_INTERRUPT)
         if enable:
             _full_barrier()  # the caller re-checks used entries after this
 
@@ -257,7 +263,7 @@ class DriverQueue:
 
     def write_avail_idx(self, idx: int) -> None:
         """Write avail->idx raw (hostile tests: jumps, rewinds)."""
-        _U16.pack_into(self._mem, self._avail_off + 2, idx & 0xFFFF)
+        self._store16(self._avail_off + 2, idx & 0xFFFF)
         self._published = self._avail_idx = idx & 0xFFFF
 
     def read_used_idx(self) -> int:
@@ -273,4 +279,8 @@ class DriverQueue:
         return _U16.unpack_from(self._mem, self._avail_off + 4 + 2 * self.size)[0]
 
     def _write_used_event(self, value: int) -> None:
-        _U16.pack_into(self._mem, self._avail_off + 4 + 2 * self.size, value & 0xFFFF)
+        self._store16(self._avail_off + 4 + 2 * self.size, value & 0xFFFF)
+
+    def _store16(self, off: int, value: int) -> None:
+        """One 2-byte store of a little-endian u16 at even offset `off` (never a torn value)."""
+        self._m16[off >> 1] = value if _LITTLE else ((value & 0xFF) << 8) | (value >> 8)
