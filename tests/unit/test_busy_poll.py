@@ -363,8 +363,8 @@ def test_tx_to_fd_eagain_never_spins(env):
 
 
 def test_rotating_sink_counts(env):
-    """More packets than rotation slots (2048), sizes around the slot length and chains split
-    into pieces: packets, bytes, too_big and dropped still count right."""
+    """Many more packets than rotation slots (64; 2600 also wraps 2048), sizes around the slot
+    length (2048) and chains split in pieces: packets, bytes, too_big, dropped count right."""
     drv, tx = env.pair(256, index=1)
     sizes = [60, 1500, 2048, 2049, 9000, 1]
     total_pkts = total_bytes = 0

@@ -819,9 +819,12 @@ static inline int tx_reread(struct vx_vq *tx, uint32_t max_pkts, int done)
 
 /*
  * The sink's copy destination: a rotating set of VX_SINK_SLOTS buffers of VX_SINK_SLOT_LEN bytes
- * per thread (4 MiB, one per worker however many sink queues it serves), so the copy writes
- * memory that has fallen out of L1/L2 like a backend copying into fresh packet buffers would, not
- * one cache-hot scratch buffer. Frames longer than a slot go to the queue's scratch buffer.
+ * per thread (one set per worker however many sink queues it serves), not one cache-hot scratch
+ * buffer. The size copies what DPDK's vhost PMD + testpmd rxonly really write into: mbufs from
+ * the lcore's mempool cache, which hands the same ~32 mbufs (one burst, ~70 KiB) back burst
+ * after burst (LIFO). 64 slots (128 KiB: out of L1, in L2) is slightly harsher than that; 2048
+ * slots (4 MiB, out of L2) measured 3-4x slower than scratch at 1500 B in bench/micro_core.py,
+ * a cost DPDK does not pay. Frames longer than a slot go to the queue's scratch buffer.
  */
 struct sink_ring {
     uint8_t *buf;

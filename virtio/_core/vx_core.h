@@ -60,8 +60,8 @@ enum {
     VX_SWITCH_MAX_PORTS = 64,
     VX_SWITCH_MAX_RXQ = 16,
     VX_SWITCH_FDB_SIZE = 8192,
-    VX_SINK_SLOTS = 2048,           /* tx_sink copies into a rotating set of buffers per thread */
-    VX_SINK_SLOT_LEN = 2048         /* ... of this many bytes each (4 MiB); longer frames use scratch */
+    VX_SINK_SLOTS = 64,             /* tx_sink copies into a rotating set of buffers per thread */
+    VX_SINK_SLOT_LEN = 2048         /* ... of this many bytes each (128 KiB); longer: scratch */
 };
 
 struct vx_vq;
