@@ -21,7 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from iosched import params as P
-from iosched.worker import QueueWork, Worker, WorkStats
+from iosched.pool import DeviceBinding
+from iosched.worker import QueueWork, WorkStats
 from virtio import features as vf
 from virtio import net as vnet
 from virtio.errors import ConfigError, GuestError
@@ -206,7 +207,7 @@ def _fd_readable(fd: int) -> bool:
 class NetDevice(VhostUserDevice):
     """A virtio-net device whose queues are served by one port."""
 
-    def __init__(self, cfg: DeviceConfig, worker: Worker, switches: SwitchRegistry) -> None:
+    def __init__(self, cfg: DeviceConfig, worker: DeviceBinding, switches: SwitchRegistry) -> None:
         self.cfg = cfg
         self.num_queues = 2 * cfg.queues
         self.mac = cfg.effective_mac()
