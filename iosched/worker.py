@@ -61,6 +61,7 @@ class QueueWork(Protocol):
     name: str
     stats: WorkStats
     poll_only: bool  # no kick fd: the work is polled for as long as it is attached
+    solo: bool  # set by the worker before each turn: no other queue of this worker is waiting
 
     def kick_fds(self) -> list[int]:
         """Eventfds the driver writes to kick (drained by the worker on wake-up)."""
@@ -431,6 +432,9 @@ class Worker:
         st.turns += 1
         bp, bb = pol.batch_budget(q)
         start = self._bytes(q, 0) if (q.busy and pol.multi_batch) else None
+        # A C batch may busy-poll its ring (busy_poll_us) only while no other queue of this
+        # worker waits: the client refills the other rings meanwhile, and they would wait.
+        work.solo = not (self._queued or self._polled)
         n = work.run(bp, bb)
         total = n
         if n < bp:

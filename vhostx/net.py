@@ -140,10 +140,11 @@ class QueueWorkItem:
         self,
         name: str,
         queue: DeviceQueue,
-        run: Callable[[int, int], int],
+        run: Callable[..., int],
         *,
         kick_fd: int,
         device: str = "",
+        busy_poll: BusyPoll | None = None,
         data_fds: tuple[int, ...] = (),
         pending: Callable[[], bool] | None = None,
         on_broken: Callable[[QueueWork, GuestError], None] | None = None,
@@ -155,6 +156,11 @@ class QueueWorkItem:
         self.queue = queue
         self.stats = WorkStats()
         self._run = run
+        # With busy_poll, `run` takes a third argument: the spin window of this C batch. The
+        # worker clears `solo` while other queues wait for it: spinning on one ring then only
+        # delays them (the client refills the others meanwhile).
+        self._busy_poll = busy_poll
+        self.solo = True
         self._kick_fd = kick_fd
         self._data_fds = data_fds
         self._pending = pending or (lambda: queue.pending() > 0)
@@ -168,7 +174,10 @@ class QueueWorkItem:
         return list(self._data_fds)
 
     def run(self, budget_pkts: int, budget_bytes: int) -> int:
-        return self._run(budget_pkts, budget_bytes)
+        bp = self._busy_poll
+        if bp is None:
+            return self._run(budget_pkts, budget_bytes)
+        return self._run(budget_pkts, budget_bytes, bp.ns if self.solo else 0)
 
     def pending(self) -> bool:
         return self._pending()
@@ -318,37 +327,36 @@ class NetDevice(VhostUserDevice):
     def _tx_work(self, pair: int, tx: DeviceQueue, rx: DeviceQueue | None, kick: int) -> QueueWork:
         name = f"{self.name}.tx{pair}"
         port = self.cfg.port
-        bp = self.busy_poll
-        run: Callable[[int, int], int]
+        run: Callable[[int, int, int], int]
         if port == "echo" and rx is not None:
 
-            def run(p: int, b: int, tx: DeviceQueue = tx, rx: DeviceQueue = rx) -> int:
-                return vnet.echo(tx, rx, p, b, spin_ns=bp.ns)
+            def run(p: int, b: int, s: int, tx: DeviceQueue = tx, rx: DeviceQueue = rx) -> int:
+                return vnet.echo(tx, rx, p, b, spin_ns=s)
         elif port == "switch" and self._switch is not None and self._switch_port is not None:
             sw, sp = self._switch, self._switch_port
 
-            def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
-                return sw.tx(sp, tx, p, b, spin_ns=bp.ns)
+            def run(p: int, b: int, s: int, tx: DeviceQueue = tx) -> int:
+                return sw.tx(sp, tx, p, b, spin_ns=s)
         elif port == "tap":
             fd = self.tap.fd
 
-            def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
-                return vnet.tx_to_fd(tx, fd, p, b, spin_ns=bp.ns)
+            def run(p: int, b: int, s: int, tx: DeviceQueue = tx) -> int:
+                return vnet.tx_to_fd(tx, fd, p, b, spin_ns=s)
         else:  # sink, source (its TX is drained), echo whose RX ring is not running yet
 
-            def run(p: int, b: int, tx: DeviceQueue = tx) -> int:
-                return vnet.tx_sink(tx, p, b, spin_ns=bp.ns)
+            def run(p: int, b: int, s: int, tx: DeviceQueue = tx) -> int:
+                return vnet.tx_sink(tx, p, b, spin_ns=s)
 
         return QueueWorkItem(
-            name, tx, run, kick_fd=kick, device=self.name, on_broken=self.guest_error
+            name, tx, run, kick_fd=kick, device=self.name, on_broken=self.guest_error,
+            busy_poll=self.busy_poll,
         )
 
     def _source_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
         frame = self._frame
-        bp = self.busy_poll
 
-        def run(p: int, b: int) -> int:
-            return vnet.rx_fill(rx, frame, p, spin_ns=bp.ns)
+        def run(p: int, b: int, s: int) -> int:
+            return vnet.rx_fill(rx, frame, p, spin_ns=s)
 
         return QueueWorkItem(
             f"{self.name}.rx{pair}",
@@ -356,15 +364,15 @@ class NetDevice(VhostUserDevice):
             run,
             kick_fd=kick,
             device=self.name,
+            busy_poll=self.busy_poll,
             on_broken=self.guest_error,
         )
 
     def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
         fd = self.tap.fd
-        bp = self.busy_poll
 
-        def run(p: int, b: int) -> int:
-            return vnet.rx_from_fd(rx, fd, p, spin_ns=bp.ns)
+        def run(p: int, b: int, s: int) -> int:
+            return vnet.rx_from_fd(rx, fd, p, spin_ns=s)
 
         def pending() -> bool:
             return rx.pending() > 0 and _fd_readable(fd)
@@ -378,6 +386,7 @@ class NetDevice(VhostUserDevice):
             data_fds=(fd,),
             pending=pending,
             on_broken=self.guest_error,
+            busy_poll=self.busy_poll,
         )
 
     async def close(self) -> None:

@@ -396,3 +396,33 @@ def test_rotating_sink_counts(env):
     s = tx.stats()
     assert s["packets"] == total_pkts and s["bytes"] == total_bytes
     assert s["dropped"] == 1 and s["too_big"] == 1
+
+
+def test_no_spin_while_other_queues_wait(env):
+    """The worker clears `solo` while other queues wait: the batch then never busy-polls."""
+    from vhostx.net import BusyPoll
+
+    class Fixed:
+        def __init__(self, us):
+            self.us = us
+
+        def get(self):
+            return self.us
+
+        def subscribe(self, cb):
+            return lambda: None
+
+    drv, tx = env.pair(64, index=1)
+    seen: list[int] = []
+
+    def run(p: int, b: int, s: int) -> int:
+        seen.append(s)
+        return net.tx_sink(tx, p, b, spin_ns=s)
+
+    work = QueueWorkItem("net0.tx0", tx, run, kick_fd=-1, busy_poll=BusyPoll(Fixed(7)))
+    work.run(8, BIG)
+    work.solo = False
+    work.run(8, BIG)
+    work.solo = True
+    work.run(8, BIG)
+    assert seen == [7000, 0, 7000]

@@ -160,3 +160,33 @@ def test_idle_worker_sleeps(worker: Worker) -> None:
     loops = worker.stats.loops
     time.sleep(0.2)
     assert worker.stats.loops - loops <= 1, "an idle worker must block in epoll, not spin"
+
+
+class SoloWork(FakeWork):
+    """Records the `solo` flag the worker set before each turn."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.solo_seen: list[bool] = []
+
+    def run(self, budget_pkts: int, budget_bytes: int) -> int:
+        self.solo_seen.append(getattr(self, "solo", None))
+        return super().run(budget_pkts, budget_bytes)
+
+
+def test_worker_forbids_busy_poll_while_another_queue_waits():
+    w = Worker("w", settings=SchedSettings.from_registry(mode="baseline"))
+    a, b = SoloWork("a"), SoloWork("b")
+    try:
+        w.attach(a).result(5)
+        assert wait_until(lambda: a.solo_seen)  # attached alone: served with solo on
+        assert a.solo_seen[-1] is True
+        # both runnable at once: whichever goes first sees the other waiting
+        w.submit(lambda: (a.add(10_000), b.add(10_000))).result(5)
+        w.attach(b).result(5)
+        assert wait_until(lambda: a.served == 10_000 and b.served == 10_000)
+        assert False in a.solo_seen + b.solo_seen
+    finally:
+        w.stop()
+        a.close()
+        b.close()
