@@ -31,12 +31,12 @@ class FakeDaemon:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(path)
         self.sock.listen(8)
+        self.sock.settimeout(0.1)  # here, not in the thread: close() may come before it runs
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        self.sock.settimeout(0.1)
         while not self.stop.is_set():
             try:
                 conn, _ = self.sock.accept()
