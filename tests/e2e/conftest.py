@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from bench.testpmd import Testpmd, TestpmdError, VhostVdev, VirtioUserVdev, find_testpmd
+
 __all__ = ["e2e_dir", "guest_image", "need_qemu", "netns", "subnet", "unique", "vhostx_daemon"]
 
 _serial = itertools.count(1)
@@ -128,3 +130,65 @@ def vhostx_daemon(e2e_dir: Path) -> Iterator[Callable[..., Any]]:
     for d in reversed(started):
         d.stop()
         assert not d.alive()
+
+
+# ---- DPDK testpmd (test_dpdk.py, test_shared.py) ---------------------------------------------
+# The daemon runs pinned to core 1, the virtio-user client forwards on core 0.
+CLIENT_CORE = 0
+DAEMON_CORE = 1
+MEMORY_MB = 256  # enough for 16384 mbufs; -m 1024 costs seconds of start-up per process
+
+
+@pytest.fixture(scope="module")
+def testpmd_ok(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Skip the module unless dpdk-testpmd exists and can start here (one net_vhost port)."""
+    binary = find_testpmd()
+    if binary is None:
+        pytest.skip("dpdk-testpmd not found (install the Debian package dpdk-dev)")
+    sock = tmp_path_factory.mktemp("probe") / "probe.sock"
+    try:
+        with Testpmd([VhostVdev(str(sock))], forward_mode="rxonly", forward_lcores=(DAEMON_CORE,),
+                     main_lcore=CLIENT_CORE, memory_mb=MEMORY_MB, name="probe") as tp:
+            tp.port_stats()
+    except (TestpmdError, OSError, TimeoutError) as exc:
+        pytest.skip(f"dpdk-testpmd cannot start here: {exc}")
+    return binary
+
+
+def _daemon_queues(stats: dict[str, Any], device: str = "net0") -> dict[int, dict[str, int]]:
+    for dev in stats["devices"]:
+        if dev["name"] == device:
+            return {int(k): v for k, v in dev["queues"].items()}
+    raise AssertionError(f"device {device} not in daemon stats: {[d['name'] for d in stats['devices']]}")
+
+
+def _settled_queues(daemon: Any, device: str = "net0") -> dict[int, dict[str, int]]:
+    """The daemon's queue counters once they stop moving (the client has stopped sending)."""
+    last = _daemon_queues(daemon.stats(), device)
+    for _ in range(50):
+        time.sleep(0.1)
+        now = _daemon_queues(daemon.stats(), device)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"daemon counters still moving 5 s after the client stopped: {last}")
+
+
+@pytest.fixture
+def client(testpmd_ok: str, e2e_dir: Path) -> Iterator[Callable[..., Testpmd]]:
+    """client(socket, forward_mode, queues=1, **kw) -> a launched virtio-user testpmd on core 0;
+    all are quit (then terminated, then killed) at teardown."""
+    started: list[Testpmd] = []
+
+    def make(sock: str, forward_mode: str, queues: int = 1, **kw: Any) -> Testpmd:
+        tp = Testpmd([VirtioUserVdev(sock, queues=queues)], forward_mode=forward_mode,
+                     forward_lcores=(CLIENT_CORE,), main_lcore=DAEMON_CORE, memory_mb=MEMORY_MB,
+                     rxq=queues, txq=queues, log_dir=e2e_dir, name="client", **kw)
+        started.append(tp)
+        tp.launch()
+        return tp
+
+    yield make
+    for tp in reversed(started):
+        tp.close()
+        assert tp.proc is not None and tp.proc.poll() is not None

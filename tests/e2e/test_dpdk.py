@@ -13,37 +13,18 @@ Threads: pytest's main thread only (testpmd's death signal is tied to the thread
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bench.testpmd import PortStats, Testpmd, TestpmdError, VhostVdev, VirtioUserVdev, find_testpmd
+from bench.testpmd import PortStats
 
 __all__: list[str] = []
 
 pytestmark = [pytest.mark.dpdk, pytest.mark.timeout(90)]
 
-CLIENT_CORE = 0
-DAEMON_CORE = 1
-MEMORY_MB = 256  # enough for 16384 mbufs; -m 1024 costs seconds of start-up per process
-
-
-@pytest.fixture(scope="module")
-def testpmd_ok(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Skip the module unless dpdk-testpmd exists and can start here (one net_vhost port)."""
-    binary = find_testpmd()
-    if binary is None:
-        pytest.skip("dpdk-testpmd not found (install the Debian package dpdk-dev)")
-    sock = tmp_path_factory.mktemp("probe") / "probe.sock"
-    try:
-        with Testpmd([VhostVdev(str(sock))], forward_mode="rxonly", forward_lcores=(DAEMON_CORE,),
-                     main_lcore=CLIENT_CORE, memory_mb=MEMORY_MB, name="probe") as tp:
-            tp.port_stats()
-    except (TestpmdError, OSError, TimeoutError) as exc:
-        pytest.skip(f"dpdk-testpmd cannot start here: {exc}")
-    return binary
+DAEMON_CORE = 1  # as in conftest.py: the client forwards on core 0
 
 
 def _daemon_queues(stats: dict[str, Any], device: str = "net0") -> dict[int, dict[str, int]]:
@@ -63,26 +44,6 @@ def _settled_queues(daemon: Any, device: str = "net0") -> dict[int, dict[str, in
             return now
         last = now
     raise AssertionError(f"daemon counters still moving 5 s after the client stopped: {last}")
-
-
-@pytest.fixture
-def client(testpmd_ok: str, e2e_dir: Path) -> Iterator[Callable[..., Testpmd]]:
-    """client(socket, forward_mode, queues=1, **kw) -> a launched virtio-user testpmd on core 0;
-    all are quit (then terminated, then killed) at teardown."""
-    started: list[Testpmd] = []
-
-    def make(sock: str, forward_mode: str, queues: int = 1, **kw: Any) -> Testpmd:
-        tp = Testpmd([VirtioUserVdev(sock, queues=queues)], forward_mode=forward_mode,
-                     forward_lcores=(CLIENT_CORE,), main_lcore=DAEMON_CORE, memory_mb=MEMORY_MB,
-                     rxq=queues, txq=queues, log_dir=e2e_dir, name="client", **kw)
-        started.append(tp)
-        tp.launch()
-        return tp
-
-    yield make
-    for tp in reversed(started):
-        tp.close()
-        assert tp.proc is not None and tp.proc.poll() is not None
 
 
 def _device(e2e_dir: Path, port: str, **opts: object) -> tuple[str, str]:

@@ -296,46 +296,7 @@ def test_set_vring_call_on_a_running_ring_keeps_serving(daemon_factory) -> None:
 # ---- migration under DPDK testpmd traffic ---------------------------------------------------------
 # The daemon (both workers) runs pinned to core 1, the virtio-user client forwards on core 0.
 
-CLIENT_CORE = 0
-DAEMON_CORE = 1
-MEMORY_MB = 256
-
-
-def _testpmd_or_skip(tmp_dir: Any) -> None:
-    from bench.testpmd import Testpmd, TestpmdError, VhostVdev, find_testpmd
-
-    if find_testpmd() is None:
-        pytest.skip("dpdk-testpmd not found (install the Debian package dpdk-dev)")
-    sock = tmp_dir / "probe.sock"
-    try:
-        with Testpmd([VhostVdev(str(sock))], forward_mode="rxonly", forward_lcores=(DAEMON_CORE,),
-                     main_lcore=CLIENT_CORE, memory_mb=MEMORY_MB, name="probe") as tp:
-            tp.port_stats()
-    except (TestpmdError, OSError, TimeoutError) as exc:
-        pytest.skip(f"dpdk-testpmd cannot start here: {exc}")
-
-
-@pytest.fixture
-def testpmd_client(e2e_dir: Any) -> Any:
-    """client(socket, forward_mode, queues=1, **kw) -> a launched virtio-user testpmd on core 0;
-    every one is closed at teardown."""
-    from bench.testpmd import Testpmd, VirtioUserVdev
-
-    _testpmd_or_skip(e2e_dir)
-    started: list[Any] = []
-
-    def make(sock: str, forward_mode: str, queues: int = 1, **kw: Any) -> Any:
-        tp = Testpmd([VirtioUserVdev(sock, queues=queues)], forward_mode=forward_mode,
-                     forward_lcores=(CLIENT_CORE,), main_lcore=DAEMON_CORE, memory_mb=MEMORY_MB,
-                     rxq=queues, txq=queues, log_dir=e2e_dir, name="client", **kw)
-        started.append(tp)
-        tp.launch()
-        return tp
-
-    yield make
-    for tp in reversed(started):
-        tp.close()
-        assert tp.proc is not None and tp.proc.poll() is not None
+DAEMON_CORE = 1  # as in conftest.py
 
 
 def _rings(stats: dict[str, Any], device: str = "net0") -> dict[int, dict[str, int]]:
@@ -367,11 +328,11 @@ def _migrate_back_and_forth(daemon: Any, rounds: int, queue: str | None) -> None
 @pytest.mark.dpdk
 @pytest.mark.timeout(120)
 def test_dpdk_txonly_into_sink_migrating_device_and_queue_loses_nothing(
-        testpmd_client: Any, vhostx_daemon: Any, e2e_dir: Any) -> None:
+        client: Any, vhostx_daemon: Any, e2e_dir: Any) -> None:
     sock = str(e2e_dir / "net0.sock")
     daemon = vhostx_daemon([f"name=net0,type=net,socket={sock},port=sink,queues=2"],
                            cpus={DAEMON_CORE}, params=SHARED)
-    tp = testpmd_client(sock, "txonly", queues=2, txpkts=64)
+    tp = client(sock, "txonly", queues=2, txpkts=64)
     tp.start_forwarding()
     time.sleep(0.5)
     _migrate_back_and_forth(daemon, 6, "tx1")
@@ -395,11 +356,11 @@ def test_dpdk_txonly_into_sink_migrating_device_and_queue_loses_nothing(
 @pytest.mark.dpdk
 @pytest.mark.timeout(120)
 def test_dpdk_echo_macswap_migrating_loses_nothing(
-        testpmd_client: Any, vhostx_daemon: Any, e2e_dir: Any) -> None:
+        client: Any, vhostx_daemon: Any, e2e_dir: Any) -> None:
     sock = str(e2e_dir / "net0.sock")
     daemon = vhostx_daemon([f"name=net0,type=net,socket={sock},port=echo"],
                            cpus={DAEMON_CORE}, params=SHARED)
-    tp = testpmd_client(sock, "macswap", txpkts=64)
+    tp = client(sock, "macswap", txpkts=64)
     tp.start_forwarding(tx_first=4)  # 4 bursts of 32 circulate
     time.sleep(0.5)
     _migrate_back_and_forth(daemon, 6, "tx0")
