@@ -181,9 +181,11 @@ def test_worker_forbids_busy_poll_while_another_queue_waits():
         w.attach(a).result(5)
         assert wait_until(lambda: a.solo_seen)  # attached alone: served with solo on
         assert a.solo_seen[-1] is True
-        # both runnable at once: whichever goes first sees the other waiting
-        w.submit(lambda: (a.add(10_000), b.add(10_000))).result(5)
         w.attach(b).result(5)
+        # Both attached, then made runnable inside one worker-thread call, so neither can be
+        # served before the other is waiting: whichever goes first sees the other waiting.
+        # (Adding before attaching b let the worker drain a alone first: a flaky CI failure.)
+        w.submit(lambda: (a.add(10_000), b.add(10_000))).result(5)
         assert wait_until(lambda: a.served == 10_000 and b.served == 10_000)
         assert False in a.solo_seen + b.solo_seen
     finally:
