@@ -825,6 +825,14 @@ TURN_MAX_BYTES = declare(
     "0x80000-byte weight",
     unit="bytes", min=1, max=_BYTES_MAX, runtime=True, scope=Scope.QUEUE,
 )  # fmt: skip
+POLL_ROUND_US = declare(
+    "poll_round_us", int, 50,
+    "shared mode: a worker with two or more polled queues serves them all in one C call, round "
+    "robin, one batch of each per pass, for up to this long before it looks at kicks, timers "
+    "and commands again (with max_work_stuck_us >= 0, at most half of that); 0 = no C rounds: "
+    "one queue turn per Python loop",
+    unit="us", min=0, max=100_000, runtime=True, scope=Scope.WORKER,
+)  # fmt: skip
 BUSY_POLL_US = declare(
     "busy_poll_us", int, 50,
     "inside one C batch that has found work, keep re-reading the ring once it runs empty, for "

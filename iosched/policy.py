@@ -66,6 +66,7 @@ class SchedSettings:
     min_poll_rate: int = 0
     turn_max_packets: int = 256
     turn_max_bytes: int = 524288
+    poll_round_us: int = 50  # 0: no C poll rounds
 
     @classmethod
     def from_registry(cls, reg: P.Registry = P.REGISTRY, *, mode: str | None = None) -> SchedSettings:
@@ -85,6 +86,7 @@ class SchedSettings:
             min_poll_rate=g("min_poll_rate"),
             turn_max_packets=g("turn_max_packets"),
             turn_max_bytes=g("turn_max_bytes"),
+            poll_round_us=g("poll_round_us"),
         )
 
     def with_(self, **changes: Any) -> SchedSettings:
@@ -108,6 +110,15 @@ class SchedSettings:
     def max_queue_stuck_ns(self) -> int:
         """-1: off."""
         return -1 if self.max_queue_stuck_us < 0 else self.max_queue_stuck_us * _NS_PER_US
+
+    @property
+    def poll_round_ns(self) -> int:
+        """How long one C poll round may last: poll_round_us, capped at half of
+        max_work_stuck_us when that is on (a waiting kick is looked at in time); 0: no rounds."""
+        r = self.poll_round_us * _NS_PER_US
+        if self.max_work_stuck_us >= 0:
+            r = min(r, self.max_work_stuck_us * _NS_PER_US // 2)
+        return r
 
     @property
     def min_poll_period_ns(self) -> int:

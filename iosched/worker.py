@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtio.errors import GuestError
+from virtio.net import Round, RoundBroken
 
 from .policy import Policy, SchedSettings, make_policy
 
@@ -110,6 +111,7 @@ class WorkerStats:
     idle_ns: int = 0  # asleep in epoll, or ticks (spinning polls) that found nothing
     works: int = 0
     empty_polls: int = 0  # checks of a polled queue that found nothing
+    rounds: int = 0  # C poll rounds (poll_round_us): all polled queues served in one C call
     polling: int = 0  # works currently polled
 
 
@@ -118,6 +120,7 @@ _EV_IN = select.EPOLLIN
 IDLE, QUEUED, POLLED, RUNNING = 0, 1, 2, 3
 _DRAINED, _BUDGET = 0, 1
 _NOMINAL_PKT = 64  # bytes assumed for a batch that ran before any counter reading
+_ROUND_MAX_PASSES = 1 << 20  # C rounds end on time (poll_round_ns), not on a pass count
 _FALLBACK_PKT = 1500  # bytes per packet when a work has no counters()
 
 
@@ -207,6 +210,13 @@ class Worker:
         self._next_scan = 0
         self._scan_every = 0  # 0: no scan (stuck detection and min_poll_rate off)
         self._n_urgent = 0
+        # C poll rounds (poll_round_us): the Round over the polled works, rebuilt whenever the
+        # poll list's membership or the settings change (_poll_gen moves).
+        self._poll_gen = 0
+        self._round: Round | None = None
+        self._round_qs: list[QueueState] = []
+        self._round_gen = -1
+        self._round_ns = 0
         self._epoll = select.epoll()
         self._epoll.register(self._cmd_fd, _EV_IN)
         self._apply_settings_values()
@@ -294,6 +304,8 @@ class Worker:
 
     def _apply_settings_values(self) -> None:
         s = self.settings
+        self._poll_gen += 1  # budgets may have changed: rebuild the round
+        self._round_ns = s.poll_round_ns if (s.polling and s.poll_coalescing_us == 0) else 0
         periods = [p for p in (s.max_queue_stuck_ns, s.min_poll_period_ns) if p > 0]
         if s.max_queue_stuck_ns == 0:
             periods.append(1)
@@ -339,6 +351,7 @@ class Worker:
             self._queued.remove(q)
         elif q.state == POLLED:
             self._polled.remove(q)
+            self._poll_gen += 1
         if q.urgent:
             q.urgent = False
             self._n_urgent -= 1
@@ -496,8 +509,7 @@ class Worker:
                     # pending() first: an RX ring's avail entries are empty buffers, not work
                     p = q.pending_count() if q.work.pending() else 0
                 except GuestError as err:
-                    self._polled.remove(q)
-                    self._fail(q, err)
+                    self._fail(q, err)  # detaches it: out of the poll list
                     continue
                 if p <= 0 or p != q.stuck_pending:
                     q.stuck_pending = max(p, 0)
@@ -527,11 +539,13 @@ class Worker:
         q.last_work_ns = now
         q.state = POLLED
         self._polled.append(q)
+        self._poll_gen += 1
         self.stats.polling += 1
 
     def _stop_polling(self, q: QueueState, now: int) -> None:
         """q is out of the poll list: kicks back on, then the re-check."""
         st = q.stats
+        self._poll_gen += 1
         st.poll_stops += 1
         st.polled_ns += max(0, now - st.poll_since_ns)
         st.polling = False
@@ -613,6 +627,69 @@ class Worker:
         polled.append(q)
         return total
 
+    def _build_round(self) -> bool:
+        """The Round over every polled work, if each has a C op (else the Python path)."""
+        self._round_gen = self._poll_gen
+        qs = list(self._polled)
+        ops = [getattr(q.work, "op", None) for q in qs]
+        if any(op is None for op in ops):
+            self._round, self._round_qs = None, []
+            return False
+        pol = self.policy
+        for q, op in zip(qs, ops, strict=True):
+            op.set_budget(*pol.batch_budget(q))
+        self._round, self._round_qs = Round(ops), qs
+        return True
+
+    def _serve_round(self) -> int:
+        """Every polled queue in one C call (vx_round): one batch each per pass, passes for up to
+        poll_round_ns; then the per-queue bookkeeping of _serve_polled, once per round."""
+        if self._round_gen != self._poll_gen and not self._build_round():
+            return self._serve_polled(self._clock())
+        rnd = self._round
+        if rnd is None:
+            return self._serve_polled(self._clock())
+        broken: RoundBroken | None = None
+        try:
+            rnd.run(_ROUND_MAX_PASSES, self._round_ns)
+        except RoundBroken as err:
+            broken = err
+        now = self._clock()
+        pol = self.policy
+        total = 0
+        empty_polls = 0
+        idle: list[QueueState] = []
+        for q in self._round_qs:
+            batches, found, full, pkts, last_work = q.work.op.results()
+            if not batches:
+                continue
+            st = q.stats
+            st.turns += batches
+            self._served(q, now)
+            if found:
+                st.kicks_avoided += found
+                total += pkts
+                q.last_work_ns = last_work
+                pol.after_turn(q, pkts, 0, full > 0)
+            empty = batches - found
+            if empty:
+                st.empty_turns += empty
+                empty_polls += empty
+                if (not found and not q.poll_only
+                        and pol.stop_polling(q, now - q.last_work_ns)):  # fmt: skip
+                    idle.append(q)
+        self.stats.empty_polls += empty_polls
+        self.stats.rounds += 1
+        if broken is not None:
+            bq = self._round_qs[broken.index]
+            if bq in idle:
+                idle.remove(bq)
+            self._fail(bq, broken.error)
+        for q in idle:
+            self._polled.remove(q)
+            self._stop_polling(q, now)
+        return total
+
     def _main(self) -> None:
         if self.cpu is not None:
             try:
@@ -636,7 +713,10 @@ class Worker:
                 if self._queued:
                     moved += self._serve_queued(self._queued.popleft())
                 if self._polled:
-                    moved += self._serve_polled(clock())
+                    if self._round_ns and len(self._polled) > 1:
+                        moved += self._serve_round()
+                    else:
+                        moved += self._serve_polled(clock())
                 now = clock()
                 if moved:
                     stats.busy_ns += now - last

@@ -42,6 +42,7 @@ _SETTINGS_PARAMS = (
     P.POLL_START_RATE, P.POLL_STOP_IDLE, P.POLL_COALESCING, P.MAX_WORK_STUCK_US,
     P.MAX_QUEUE_STUCK_US, P.MAX_QUEUE_STUCK_SIZE, P.MIN_PROCESSED_DATA_LIMIT,
     P.MAX_PROCESSED_DATA_LIMIT, P.MIN_POLL_RATE, P.TURN_MAX_PACKETS, P.TURN_MAX_BYTES,
+    P.POLL_ROUND_US,
 )  # fmt: skip
 _COMMANDS = ("ping", "stats", "params", "param_get", "param_set", "workers", "worker_add",
              "worker_remove", "migrate")

@@ -58,6 +58,8 @@ _WORKER_METRICS: tuple[_Spec, ...] = (
     ("sleeps", "worker_sleeps", "counter", "Times the worker blocked waiting for a kick.", 1),
     ("empty_polls", "worker_empty_polls", "counter",
      "Polling passes that found no work on any queue.", 1),
+    ("rounds", "worker_poll_rounds", "counter",
+     "C poll rounds: every polled queue of the worker served in one C call.", 1),
     ("works", "worker_works", "gauge", "Queue works currently attached to the worker.", 1),
     ("polling", "worker_polling", "gauge", "Queues the worker is currently polling.", 1),
 )

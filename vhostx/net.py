@@ -140,7 +140,7 @@ class QueueWorkItem:
         self,
         name: str,
         queue: DeviceQueue,
-        run: Callable[..., int],
+        run: Callable[..., int] | vnet.Op,
         *,
         kick_fd: int,
         device: str = "",
@@ -155,7 +155,10 @@ class QueueWorkItem:
         self._on_broken = on_broken
         self.queue = queue
         self.stats = WorkStats()
-        self._run = run
+        # A C operation (virtio.net.Op) can also be served in a worker's C poll round (`op`);
+        # a plain callable only one batch at a time through run().
+        self.op: vnet.Op | None = run if isinstance(run, vnet.Op) else None
+        self._run: Callable[..., int] = run.run if isinstance(run, vnet.Op) else run
         # With busy_poll, `run` takes a third argument: the spin window of this C batch. The
         # worker clears `solo` while other queues wait for it: spinning on one ring then only
         # delays them (the client refills the others meanwhile).
@@ -325,69 +328,37 @@ class NetDevice(VhostUserDevice):
         return works
 
     def _tx_work(self, pair: int, tx: DeviceQueue, rx: DeviceQueue | None, kick: int) -> QueueWork:
-        name = f"{self.name}.tx{pair}"
         port = self.cfg.port
-        run: Callable[[int, int, int], int]
         if port == "echo" and rx is not None:
-
-            def run(p: int, b: int, s: int, tx: DeviceQueue = tx, rx: DeviceQueue = rx) -> int:
-                return vnet.echo(tx, rx, p, b, spin_ns=s)
+            op = vnet.Op.echo(tx, rx)
         elif port == "switch" and self._switch is not None and self._switch_port is not None:
-            sw, sp = self._switch, self._switch_port
-
-            def run(p: int, b: int, s: int, tx: DeviceQueue = tx) -> int:
-                return sw.tx(sp, tx, p, b, spin_ns=s)
+            op = vnet.Op.switch_tx(self._switch, self._switch_port, tx)
         elif port == "tap":
-            fd = self.tap.fd
-
-            def run(p: int, b: int, s: int, tx: DeviceQueue = tx) -> int:
-                return vnet.tx_to_fd(tx, fd, p, b, spin_ns=s)
+            op = vnet.Op.tx_to_fd(tx, self.tap.fd)
         else:  # sink, source (its TX is drained), echo whose RX ring is not running yet
-
-            def run(p: int, b: int, s: int, tx: DeviceQueue = tx) -> int:
-                return vnet.tx_sink(tx, p, b, spin_ns=s)
-
+            op = vnet.Op.tx_sink(tx)
         return QueueWorkItem(
-            name, tx, run, kick_fd=kick, device=self.name, on_broken=self.guest_error,
-            busy_poll=self.busy_poll,
-        )
+            f"{self.name}.tx{pair}", tx, op, kick_fd=kick, device=self.name,
+            on_broken=self.guest_error, busy_poll=self.busy_poll,
+        )  # fmt: skip
 
     def _source_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
-        frame = self._frame
-
-        def run(p: int, b: int, s: int) -> int:
-            return vnet.rx_fill(rx, frame, p, spin_ns=s)
-
         return QueueWorkItem(
-            f"{self.name}.rx{pair}",
-            rx,
-            run,
-            kick_fd=kick,
-            device=self.name,
-            busy_poll=self.busy_poll,
-            on_broken=self.guest_error,
-        )
+            f"{self.name}.rx{pair}", rx, vnet.Op.rx_fill(rx, self._frame), kick_fd=kick,
+            device=self.name, busy_poll=self.busy_poll, on_broken=self.guest_error,
+        )  # fmt: skip
 
     def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
         fd = self.tap.fd
-
-        def run(p: int, b: int, s: int) -> int:
-            return vnet.rx_from_fd(rx, fd, p, spin_ns=s)
 
         def pending() -> bool:
             return rx.pending() > 0 and _fd_readable(fd)
 
         return QueueWorkItem(
-            f"{self.name}.rx{pair}",
-            rx,
-            run,
-            kick_fd=kick,
-            device=self.name,
-            data_fds=(fd,),
-            pending=pending,
-            on_broken=self.guest_error,
+            f"{self.name}.rx{pair}", rx, vnet.Op.rx_from_fd(rx, fd), kick_fd=kick,
+            device=self.name, data_fds=(fd,), pending=pending, on_broken=self.guest_error,
             busy_poll=self.busy_poll,
-        )
+        )  # fmt: skip
 
     async def close(self) -> None:
         await super().close()

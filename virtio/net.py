@@ -25,7 +25,18 @@ from virtio._vx_core import ffi, lib
 from virtio.errors import ConfigError, GuestError
 from virtio.ring import DeviceQueue
 
-__all__ = ["Switch", "echo", "fwd", "rx_fill", "rx_from_fd", "tx_sink", "tx_to_fd"]
+__all__ = [
+    "Op",
+    "Round",
+    "RoundBroken",
+    "Switch",
+    "echo",
+    "fwd",
+    "rx_fill",
+    "rx_from_fd",
+    "tx_sink",
+    "tx_to_fd",
+]
 
 _U64_MAX = 2**64 - 1
 
@@ -103,6 +114,155 @@ def rx_from_fd(rx: DeviceQueue, fd: int, max_pkts: int, *, spin_ns: int = 0) -> 
     """
     p, _ = _budget(max_pkts, 0)
     return _check(lib.vx_net_rx_from_fd(rx.c_queue, fd, p, _spin(spin_ns)), rx, "rx_from_fd")
+
+
+_OP_KINDS = frozenset(
+    int(getattr(lib, k)) for k in dir(lib) if k.startswith("VX_OP_")
+)
+
+
+class Op:
+    """One of the operations above as data (a C `struct vx_op`): the same C call, made either
+    alone (`run`, like the functions above) or as one of many in a worker's C poll round
+    (`Round`). Build it with the class methods; it keeps alive everything its C struct points to
+    (queues, frame buffer, switch).
+
+    Threads: like the function it stands for (the worker owning the served ring runs it).
+    """
+
+    __slots__ = ("_c", "_keep", "kind", "name", "peer", "queue")
+
+    def __init__(self, kind: int, name: str, queue: DeviceQueue, *, peer: DeviceQueue | None = None,
+                 fd: int = -1, frame: bytes | None = None, switch: Switch | None = None,
+                 port: int = -1) -> None:  # fmt: skip
+        if kind not in _OP_KINDS:
+            raise ConfigError(f"unknown operation kind {kind}; allowed: {sorted(_OP_KINDS)}")
+        c = ffi.new("struct vx_op *")
+        c.kind = kind
+        c.vq = queue.c_queue
+        c.fd = fd
+        c.port = port
+        keep: list[object] = [queue]
+        if peer is not None:
+            c.peer = peer.c_queue
+            keep.append(peer)
+        if frame is not None:
+            buf = ffi.new("uint8_t[]", max(len(frame), 1))
+            ffi.memmove(buf, frame, len(frame))
+            c.frame = buf
+            c.frame_len = len(frame)
+            keep.append(buf)
+        if switch is not None:
+            c.sw = switch._sw
+            keep.append(switch)
+        c.max_pkts, c.max_bytes = 256, 524288
+        self._c = c
+        self._keep = keep
+        self.kind = kind
+        self.name = name
+        self.queue = queue
+        self.peer = peer
+
+    @classmethod
+    def tx_sink(cls, tx: DeviceQueue) -> Op:
+        return cls(lib.VX_OP_TX_SINK, "tx_sink", tx)
+
+    @classmethod
+    def rx_fill(cls, rx: DeviceQueue, frame: bytes) -> Op:
+        return cls(lib.VX_OP_RX_FILL, "rx_fill", rx, frame=frame)
+
+    @classmethod
+    def echo(cls, tx: DeviceQueue, rx: DeviceQueue) -> Op:
+        return cls(lib.VX_OP_ECHO, "echo", tx, peer=rx)
+
+    @classmethod
+    def fwd(cls, tx: DeviceQueue, rx: DeviceQueue) -> Op:
+        return cls(lib.VX_OP_FWD, "fwd", tx, peer=rx)
+
+    @classmethod
+    def tx_to_fd(cls, tx: DeviceQueue, fd: int) -> Op:
+        return cls(lib.VX_OP_TX_TO_FD, "tx_to_fd", tx, fd=fd)
+
+    @classmethod
+    def rx_from_fd(cls, rx: DeviceQueue, fd: int) -> Op:
+        return cls(lib.VX_OP_RX_FROM_FD, "rx_from_fd", rx, fd=fd)
+
+    @classmethod
+    def switch_tx(cls, switch: Switch, port: int, tx: DeviceQueue) -> Op:
+        if port not in switch._ports:
+            raise ConfigError(f"switch port {port} is not attached (ports: {switch.ports})")
+        return cls(lib.VX_OP_SWITCH_TX, "switch tx", tx, switch=switch, port=port)
+
+    @property
+    def c_op(self) -> object:
+        """The cffi `struct vx_op *` (for Round)."""
+        return self._c
+
+    def set_budget(self, max_pkts: int, max_bytes: int) -> None:
+        """The batch budget this op gets in each pass of a Round."""
+        self._c.max_pkts, self._c.max_bytes = _budget(max_pkts, max_bytes)
+
+    def run(self, max_pkts: int, max_bytes: int, spin_ns: int = 0) -> int:
+        """One batch, exactly like the function of the same name; GuestError if a ring broke."""
+        p, b = _budget(max_pkts, max_bytes)
+        r = lib.vx_op_run(self._c, p, b, _spin(spin_ns))
+        if r < 0:
+            raise self.error() if r == -1 else GuestError(f"{self.name}: operation failed ({r})")
+        return r
+
+    def error(self) -> GuestError:
+        """The GuestError of a failed batch: which of its rings broke (the served one first)."""
+        q = self.queue
+        if not q.broken and self.peer is not None and self.peer.broken:
+            q = self.peer
+        return GuestError(f"{self.name} on queue {q.index}: {q.broken or 'queue broken'}")
+
+    def results(self) -> tuple[int, int, int, int, int]:
+        """What the last Round did with this op: (batches, found, full, packets, last_work_ns)."""
+        c = self._c
+        return int(c.batches), int(c.found), int(c.full), int(c.pkts), int(c.last_work_ns)
+
+
+class RoundBroken(Exception):
+    """A Round stopped because op `index` broke; `error` is its GuestError."""
+
+    def __init__(self, index: int, error: GuestError) -> None:
+        super().__init__(str(error))
+        self.index = index
+        self.error = error
+
+
+class Round:
+    """Many Ops served by one C call (vx_round): round robin, one batch of each per pass, passes
+    repeated until max_passes or max_ns (see vx_core.h). Build one for a fixed list of ops (the
+    owner rebuilds it when the list changes); run it from the thread owning all their rings.
+    """
+
+    __slots__ = ("_arr", "n", "ops")
+
+    def __init__(self, ops: Sequence[Op]) -> None:
+        self.ops = list(ops)
+        self.n = len(self.ops)
+        self._arr = ffi.new("struct vx_op *[]", [o.c_op for o in self.ops] or 1)
+
+    def run(self, max_passes: int, max_ns: int) -> int:
+        """Passes completed (>= 1 when there are ops); RoundBroken when an op's ring broke (the
+        round stopped there; every op's results() tell what ran until then)."""
+        if max_passes < 0 or max_ns < 0:
+            raise ConfigError(f"max_passes and max_ns must be >= 0, got {max_passes}, {max_ns}")
+        r = lib.vx_round(self._arr, self.n, min(max_passes, 0xFFFFFFFF), min(max_ns, _U64_MAX))
+        if r < 0:
+            i = -r - 1
+            op = self.ops[i]
+            if op.c_op.result == -2:  # type: ignore[attr-defined]
+                raise RoundBroken(i, GuestError(f"{op.name}: unknown operation kind {op.kind}"))
+            raise RoundBroken(i, op.error())
+        return r
+
+
+def now_ns() -> int:
+    """CLOCK_MONOTONIC as the C core reads it (the same clock as time.monotonic_ns)."""
+    return int(lib.vx_now_ns())
 
 
 class Switch:

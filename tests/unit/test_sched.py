@@ -105,12 +105,15 @@ class RingWork:
     """A real TX ring (C DeviceQueue, Python DriverQueue) served by tx_sink. `hook(point)` runs
     inside the worker's calls, so a test can act as the driver at exact points of the loop."""
 
-    def __init__(self, env: Env, name: str, *, size: int = 64, event_idx: bool = False) -> None:
+    def __init__(self, env: Env, name: str, *, size: int = 64, event_idx: bool = False,
+                 c_op: bool = False, poll_only: bool = False) -> None:
         self.name = name
         self.device = name.split(".")[0]
         self.stats = WorkStats()
-        self.poll_only = False
+        self.poll_only = poll_only  # True: no kick fd, polled for as long as it is attached
         self.drv, self.queue = env.pair(size, event_idx=event_idx)
+        # c_op: the worker may serve it in C poll rounds (test_round.py); run() stays the same
+        self.op = net.Op.tx_sink(self.queue) if c_op else None
         self.kick = os.eventfd(0, os.EFD_NONBLOCK)
         self.buf = env.alloc(4096)
         env.write(self.buf, bytes(12 + PKT))
@@ -162,7 +165,7 @@ class RingWork:
             self.overlap += 1
 
     def kick_fds(self) -> list[int]:
-        return [self.kick]
+        return [] if self.poll_only else [self.kick]
 
     def data_fds(self) -> list[int]:
         return []

@@ -123,6 +123,53 @@ int vx_switch_tx(struct vx_switch *sw, int port, struct vx_vq *tx, uint32_t max_
 int vx_switch_lookup(struct vx_switch *sw, const uint8_t *mac);
 struct vx_switch_stats *vx_switch_stats(struct vx_switch *sw);
 
+/* ---- port operations as data, and poll rounds ----
+ * A vx_op names one net operation and its rings (owned by the Python side, which keeps every
+ * pointer in it alive while the op may run). vx_op_run runs it once (the vx_net_* call it names);
+ * vx_round serves many ops of one worker thread in one call: round robin, one batch of each op per
+ * pass (its own max_pkts / max_bytes, no busy-poll spin), passes repeated until max_passes or
+ * until max_ns has elapsed since the call began (checked after each pass; a pass is never cut
+ * short, so a round may exceed max_ns by one pass). A pass that found no work on any op is
+ * followed by one pause instruction. Per op it writes: batches run, batches that found work
+ * (found), batches that used their whole packet budget (full), packets, and last_work_ns (the
+ * CLOCK_MONOTONIC reading at the start of the last pass in which the op found work; 0: none).
+ * Returns the passes completed (>= 1 when n > 0), or -(i + 1) when op i returned -1 (a ring
+ * broke; its `result` is -1 and the round stopped right there: ops after i in that pass did not
+ * run), or -(i + 1) with result -2 for an op of unknown kind (nothing run). */
+enum {
+    VX_OP_TX_SINK = 1,
+    VX_OP_RX_FILL = 2,
+    VX_OP_ECHO = 3,
+    VX_OP_FWD = 4,
+    VX_OP_TX_TO_FD = 5,
+    VX_OP_RX_FROM_FD = 6,
+    VX_OP_SWITCH_TX = 7
+};
+
+struct vx_op {
+    uint32_t kind;           /* VX_OP_* */
+    int32_t fd;              /* TX_TO_FD, RX_FROM_FD */
+    struct vx_vq *vq;        /* the ring the op serves: TX, or RX for RX_FILL / RX_FROM_FD */
+    struct vx_vq *peer;      /* ECHO, FWD: the RX ring */
+    struct vx_switch *sw;    /* SWITCH_TX */
+    int32_t port;            /* SWITCH_TX */
+    uint32_t frame_len;      /* RX_FILL */
+    const uint8_t *frame;    /* RX_FILL */
+    uint32_t max_pkts;       /* budget of one batch in a round */
+    uint64_t max_bytes;
+    /* written by vx_round */
+    int32_t result;          /* the last batch's return */
+    uint32_t batches;
+    uint32_t found;
+    uint32_t full;
+    uint64_t pkts;
+    uint64_t last_work_ns;
+};
+
+int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns);
+int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_ns);
+uint64_t vx_now_ns(void);
+
 /* ---- driver-side TEST SUPPORT (benchmarks): a trivial guest that recycles fixed buffers ---- */
 struct vx_drv {
     void *desc;
