@@ -11,6 +11,15 @@
   time-sharing the core.
 - testpmd client: virtio-user ports, K per process (groups of 32), forwarding on the client core.
 
+`pingpong_alongside` (a guest_tx stream with one more device for a guest-model ping-pong flow):
+vhostx serves it as one more device `pp0` with an `echo` port in the same daemon (same mode,
+workers and core); DPDK as one more net_vhost port of the same testpmd process. testpmd has one
+forward mode per process, so that process forwards in `io` mode (rx burst, then tx back on the
+same port): the ping-pong port echoes, and each stream port offers its frames back to the
+client's RX ring, which a txonly client never drains, so after the first ring-full every burst
+costs DPDK one enqueue attempt that finds no room (the frames are then freed, as `rxonly` frees
+them). The backend's packet counters and notification counters exclude the ping-pong device.
+
 Threads: the main thread (testpmd children are tied to the thread that starts them).
 """
 
@@ -29,6 +38,7 @@ from bench.testpmd import StatsSample, Testpmd, VhostVdev, VirtioUserVdev
 from .scenario import Backend, Case, Placement, TestpmdClient
 
 __all__ = [
+    "ALONGSIDE_DEVICE",
     "MAX_PORTS_PER_TESTPMD",
     "BackendFailed",
     "RunningBackend",
@@ -40,6 +50,7 @@ __all__ = [
 ]
 
 MAX_PORTS_PER_TESTPMD = 32  # RTE_MAX_ETHPORTS of Debian's DPDK 22.11 build
+ALONGSIDE_DEVICE = "pp0"  # the vhostx device of a pingpong_alongside flow
 
 
 class BackendFailed(RuntimeError):
@@ -185,6 +196,10 @@ class RunningBackend:
         self.logs: list[str] = []
         self.daemon: Any = None  # DaemonProcess (vhostx)
         self.peers: TestpmdGroup | None = None  # DPDK
+        self.alongside: str | None = None  # socket of the pingpong_alongside device
+        self.alongside_device: str | None = None  # its daemon device name (vhostx)
+        self.stream_ports: int | None = None  # DPDK: ports below this index carry the stream
+        self.setup: dict[str, Any] = {}  # how the backend was set up for this case (recorded)
 
     def start_traffic(self) -> None:
         if self.peers is not None:
@@ -199,17 +214,34 @@ class RunningBackend:
         except (OSError, ValueError, RuntimeError):
             return None
 
+    def stream_stats(self, stats: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The daemon's stats without the alongside ping-pong device (its queues and its
+        per-device entry), so that stream counters count the stream only."""
+        name = self.alongside_device
+        if stats is None or name is None:
+            return stats
+        out = dict(stats)
+        if isinstance(stats.get("queues"), list):
+            out["queues"] = [q for q in stats["queues"] if q.get("device") != name]
+        if isinstance(stats.get("devices"), list):
+            out["devices"] = [d for d in stats["devices"] if d.get("name") != name]
+        return out
+
     def packets(self, direction: str, stats: dict[str, Any] | None = None) -> tuple[float, int] | None:
-        """(monotonic time, packets the backend itself counted in `direction`)."""
+        """(monotonic time, packets the backend itself counted in `direction`), without the
+        alongside ping-pong device."""
         t = time.monotonic()
         if self.peers is not None:
             samples = self.peers.port_stats()
             n = 0
-            for s in samples:
-                for p in s.ports.values():
+            for g, s in enumerate(samples):
+                for port, p in s.ports.items():
+                    if (self.stream_ports is not None
+                            and g * MAX_PORTS_PER_TESTPMD + port >= self.stream_ports):
+                        continue
                     n += p.rx_packets if direction == "guest_tx" else p.tx_packets
             return t, n
-        st = stats if stats is not None else self.stats()
+        st = self.stream_stats(stats if stats is not None else self.stats())
         if st is None:
             return None
         n2 = _direction_packets(st, direction)
@@ -241,6 +273,8 @@ def _vhostx_port(case: Case) -> tuple[str, dict[str, object]]:
 def _dpdk_mode(case: Case) -> str:
     if case.kind == "pingpong":
         return "macswap"
+    if case.pingpong_alongside:
+        return "io"  # one forward mode per testpmd: the ping-pong port must echo
     if case.kind == "stream" and case.direction == "guest_rx":
         return "txonly"
     return "rxonly"
@@ -259,6 +293,8 @@ def start_backend(spec: Backend, case: Case, placement: Placement, rundir: Path,
             if case.queues > 1:
                 opts = {**opts, "queues": case.queues}
             devices = [(f"net{i}", port, opts) for i in range(case.devices)]
+            if case.pingpong_alongside:
+                devices.append((ALONGSIDE_DEVICE, "echo", {}))
             # registered first, so it runs last: after the daemon stopped and wrote its log
             stack.callback(_keep_log, rundir / "daemon.log", logs)
             try:
@@ -274,14 +310,26 @@ def start_backend(spec: Backend, case: Case, placement: Placement, rundir: Path,
             rb.sockets = [daemon.sockets[f"net{i}"] for i in range(case.devices)]
             rb.pids = [daemon.pid]
             rb.logs = [str(daemon.log_path)]
+            rb.setup = {"port": port}
+            if case.pingpong_alongside:
+                rb.alongside = daemon.sockets[ALONGSIDE_DEVICE]
+                rb.alongside_device = ALONGSIDE_DEVICE
+                rb.setup["alongside"] = {"device": ALONGSIDE_DEVICE, "port": "echo"}
         elif spec.kind == "dpdk":
             mode = _dpdk_mode(case)
-            rb.sockets = [str(rundir / f"vh{i}.sock") for i in range(case.devices)]
+            total = case.devices + (1 if case.pingpong_alongside else 0)
+            socks = [str(rundir / f"vh{i}.sock") for i in range(total)]
+            rb.sockets = socks[:case.devices]
+            rb.setup = {"forward_mode": mode}
+            if case.pingpong_alongside:
+                rb.alongside = socks[-1]
+                rb.stream_ports = case.devices
+                rb.setup["alongside"] = {"port": case.devices, "forward_mode": mode}
             group = TestpmdGroup()
-            for gi, rng in enumerate(_groups(case.devices)):
+            for gi, rng in enumerate(_groups(total)):
                 q = case.queues if case.queues > 1 else None
                 proc = Testpmd(
-                    [VhostVdev(rb.sockets[k], queues=case.queues) for k in rng],
+                    [VhostVdev(socks[k], queues=case.queues) for k in rng],
                     forward_mode=mode, forward_lcores=(placement.backend_core,),
                     main_lcore=placement.client_core,
                     txpkts=case.size if mode == "txonly" else None, burst=spec.burst or None,

@@ -14,7 +14,8 @@ not match counts as `bad`; a frame not back within `loss_timeout` counts as `los
 guest). `wait = "poll"`: it spins on the used rings (a busy-polling guest driver).
 
 Threads: one thread owns a `GuestModel` (normally the main thread, pinned by the runner to the
-client core for the window). Nothing here is asyncio.
+client core for the window; for `AlongsideFlow`, the flow's own thread while it runs). Nothing
+here is asyncio.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +31,8 @@ from typing import Self
 
 from virtio.frontend import NetDriver, VhostUserFrontend
 
-__all__ = ["PINGPONG", "GuestModel", "PingPongResult", "StreamResult", "make_frame"]
+__all__ = ["PINGPONG", "AlongsideFlow", "GuestModel", "PingPongResult", "StreamResult",
+           "make_frame"]
 
 PINGPONG = struct.Struct("<4sHQQ")
 MAGIC = b"VXPP"
@@ -122,9 +125,13 @@ class GuestModel:
 
     # ------------------------------------------------------------------------- ping-pong
     def pingpong(self, duration: float, size: int = 64, *, wait: str = "interrupt",
-                 loss_timeout: float = 1.0, record: bool = True,
+                 loss_timeout: float = 1.0, record: bool = True, interval: float = 0.0,
                  should_stop: Callable[[], bool] | None = None) -> PingPongResult:
-        """Round trips on every flow for `duration` seconds (one frame in flight per flow)."""
+        """Round trips on every flow for `duration` seconds (one frame in flight per flow).
+
+        `interval` > 0 paces each flow: a frame is sent at most every `interval` seconds (the next
+        one right after the reply when the round trip took longer); in between the thread
+        sleeps."""
         n = len(self.drivers)
         res = PingPongResult(per_flow=[0] * n)
         seq = [0] * n
@@ -136,21 +143,31 @@ class GuestModel:
         start = now()
         deadline = start + int(duration * 1e9)
         loss_ns = int(loss_timeout * 1e9)
+        interval_ns = int(interval * 1e9)
+        due = [start] * n  # earliest next send per flow (paced)
         while True:
             t = now()
             if t >= deadline or (should_stop is not None and should_stop()):
                 break
             for i in range(n):
                 if inflight[i] is None:
+                    if t < due[i]:
+                        continue
                     seq[i] += 1
                     ts = now()
                     frame = make_frame(size, i, seq[i], ts, dst=macs[i][0], src=macs[i][1])
                     if self.drivers[i].send([frame], timeout=0.0) == 1:
                         inflight[i] = ts
+                        due[i] = ts + interval_ns
                         res.sent += 1
                 elif t - inflight[i] > loss_ns:  # type: ignore[operator]
                     res.lost += 1
                     inflight[i] = None
+            if interval_ns and all(f is None for f in inflight):
+                pause = (min(min(due), deadline) - now()) / 1e9
+                if pause > 0:
+                    time.sleep(min(pause, 0.05))
+                continue
             waiting = []
             for i in range(n):
                 if inflight[i] is None:
@@ -224,6 +241,84 @@ class GuestModel:
                 sent += drv.send([frame] * 32, timeout=0.1)
                 drv.recv(timeout=0.0)
         return sent
+
+
+class AlongsideFlow:
+    """A ping-pong flow on its own thread beside a stream (`pingpong_alongside`): warm-up round
+    trips (not recorded) from `start()` until `begin_window()`, recorded ones until
+    `end_window()`, which returns the window's result.
+
+    The thread owns `model` from `start()` until it ends (the caller must not use it meanwhile;
+    it closes it afterwards) and pins itself to `core`. With `realtime` it asks for SCHED_FIFO
+    priority 1, so that a reply wakes it at once instead of waiting for the busy poller it shares
+    the core with to use up its time slice (it sleeps between frames, so it takes little from
+    that poller); `sched` says what it got. `cpu_tid` is its native thread id, for CPU
+    accounting. Any thread may call the methods; `stop()` is idempotent."""
+
+    def __init__(self, model: GuestModel, *, size: int, core: int, wait: str = "interrupt",
+                 interval: float = 0.0, realtime: bool = True) -> None:
+        self.model = model
+        self.size = size
+        self.core = core
+        self.wait = wait
+        self.interval = interval
+        self.realtime = realtime
+        self.sched = "SCHED_OTHER"
+        self.cpu_tid: int | None = None
+        self._pinned = threading.Event()
+        self._window = threading.Event()
+        self._end = threading.Event()
+        self._result: PingPongResult | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="pingpong-alongside",
+                                        daemon=True)
+
+    def start(self) -> Self:
+        """Start the thread; returns once it has pinned itself (cpu_tid is known)."""
+        self._thread.start()
+        self._pinned.wait(5.0)
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.cpu_tid = threading.get_native_id()
+            os.sched_setaffinity(0, {self.core})
+            if self.realtime:
+                try:
+                    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+                    self.sched = "SCHED_FIFO 1"
+                except OSError as err:
+                    self.sched = f"SCHED_OTHER (SCHED_FIFO refused: {err.strerror})"
+            self._pinned.set()
+            run = self.model.pingpong
+            run(1e9, self.size, wait=self.wait, interval=self.interval, record=False,
+                should_stop=self._window.is_set)
+            if not self._end.is_set():
+                self._result = run(1e9, self.size, wait=self.wait, interval=self.interval,
+                                   should_stop=self._end.is_set)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller in end_window()
+            self._error = err
+        finally:
+            self._pinned.set()
+
+    def begin_window(self) -> None:
+        self._window.set()
+
+    def end_window(self, timeout: float = 5.0) -> PingPongResult:
+        """Stop the flow and return its window's result; RuntimeError when the flow failed."""
+        self.stop(timeout)
+        if self._error is not None:
+            raise RuntimeError(f"alongside ping-pong failed: {type(self._error).__name__}: "
+                               f"{self._error}") from self._error
+        if self._result is None:
+            raise RuntimeError("alongside ping-pong did not finish its window")
+        return self._result
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._window.set()
+        self._end.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
 
 
 def _drain(fd: int) -> None:

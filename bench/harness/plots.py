@@ -4,8 +4,8 @@
 results directory:
 - throughput_vs_devices.png: median Mpps against the number of devices, one line per backend
   (stream tests swept over `devices`; error bars: min-max over repetitions);
-- latency_cdf.png: CDF of round-trip times per backend (ping-pong tests; all repetitions pooled;
-  one panel per case);
+- latency_cdf.png: CDF of round-trip times per backend (ping-pong tests and ping-pong flows
+  alongside streams; all repetitions pooled; one panel per case);
 - cpu_vs_load.png: backend cores against the offered (or measured) packet rate per backend;
 - notifications.png: kicks, interrupts and polling switches per packet per backend and case.
 Any thread (the Agg backend is selected on import).
@@ -75,6 +75,9 @@ def _latency(runs: Sequence[dict[str, Any]], path: Path) -> bool:
         if r.get("kind") == "pingpong" and _ok(r) and r.get("_rtt_ns"):
             cases.setdefault(r["case"], {}).setdefault(r["backend"], []).extend(
                 x / 1000.0 for x in r["_rtt_ns"])
+        elif _ok(r) and r.get("_alongside_rtt_ns"):  # a ping-pong riding alongside a stream
+            cases.setdefault(f"{r['case']} (ping-pong alongside)", {}).setdefault(
+                r["backend"], []).extend(x / 1000.0 for x in r["_alongside_rtt_ns"])
     if not cases:
         return False
     shown = list(cases.items())[:6]

@@ -25,7 +25,11 @@ RATIO_METRICS: dict[str, tuple[str, bool]] = {
     "p99_us": ("latency.p99_us", False),
     "p99_9_us": ("latency.p99_9_us", False),
     "backend_cpu": ("backend_cpu.total", False),
+    "alongside_p50_us": ("alongside.latency.p50_us", False),
+    "alongside_p99_us": ("alongside.latency.p99_us", False),
+    "alongside_p99_9_us": ("alongside.latency.p99_9_us", False),
 }
+_ALONGSIDE_RATIOS = ("alongside_p50_us", "alongside_p99_us", "alongside_p99_9_us")
 _KIND_RATIOS = {"stream": ("pps", "backend_cpu"), "pingpong": ("p50_us", "p99_us", "pps"),
                 "idle": ("backend_cpu",)}
 
@@ -85,7 +89,12 @@ def summarize(scenario: Scenario, runs: Sequence[dict[str, Any]]) -> list[dict[s
                                "notifications.per_packet.poll_switches"),
                               ("kicks_avoided_per_packet",
                                "notifications.per_packet.kicks_avoided"),
-                              ("rss_without_guest_mb", "memory.rss_without_guest_mb")):
+                              ("rss_without_guest_mb", "memory.rss_without_guest_mb"),
+                              ("alongside_p50_us", "alongside.latency.p50_us"),
+                              ("alongside_p99_us", "alongside.latency.p99_us"),
+                              ("alongside_p99_9_us", "alongside.latency.p99_9_us"),
+                              ("alongside_rtps", "alongside.round_trips_per_s"),
+                              ("alongside_cpu", "alongside.cpu.total")):
                 b[key] = _median([metric(r, path) for r in ok])
             cores: dict[str, list[float]] = {}
             for r in ok:
@@ -100,7 +109,10 @@ def summarize(scenario: Scenario, runs: Sequence[dict[str, Any]]) -> list[dict[s
                 if name == ref:
                     continue
                 ratios[name] = {}
-                for mname in _KIND_RATIOS.get(first["kind"], ("pps",)):
+                names = _KIND_RATIOS.get(first["kind"], ("pps",))
+                if first["params"].get("pingpong_alongside"):
+                    names = names + _ALONGSIDE_RATIOS
+                for mname in names:
                     path, higher = RATIO_METRICS[mname]
                     a = {r["rep"]: metric(r, path) for r in brs}
                     bb = {r["rep"]: metric(r, path) for r in by_backend[ref]}
@@ -193,6 +205,27 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                     f"{_ratio(r.get('p99_us')) if name != ref else 'ref'} | "
                     f"{_f(b['backend_cpu'])} | {_f(b['kicks_per_packet'], '.3f')} | "
                     f"{_f(b['interrupts_per_packet'], '.3f')} | {b['ok']}/{b['runs']} |")
+        lines.append("")
+    along = [e for e in by_kind.get("stream", []) if e["params"].get("pingpong_alongside")]
+    if along:
+        lines += ["## Ping-pong alongside the streams", "",
+                  ("One more device of the same backend carries a guest-model ping-pong flow "
+                   "during the stream's window; the throughput table above excludes it. The "
+                   "flow's thread shares the client core with testpmd (2-core machine), so its "
+                   "round trips include that sharing: like for like across backends, absolute "
+                   "figures inflated."), "",
+                  ("| case | backend | p50 us | p99 us | p99.9 us | round trips/s | p50 ratio | "
+                   "p99 ratio | p99.9 ratio | ping-pong cores | runs ok |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in along:
+            for name, b in e["backends"].items():
+                r = e["ratios"].get(name, {})
+                cells = [_ratio(r.get(k)) if name != ref else "ref" for k in _ALONGSIDE_RATIOS]
+                lines.append(
+                    f"| {e['case']} | {name} | {_f(b['alongside_p50_us'], '.1f')} | "
+                    f"{_f(b['alongside_p99_us'], '.1f')} | {_f(b['alongside_p99_9_us'], '.1f')} "
+                    f"| {_f(b['alongside_rtps'], '.0f')} | {' | '.join(cells)} | "
+                    f"{_f(b['alongside_cpu'], '.3f')} | {b['ok']}/{b['runs']} |")
         lines.append("")
     if "idle" in by_kind:
         lines += ["## Idle cost", "",

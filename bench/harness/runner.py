@@ -46,7 +46,7 @@ from .backends import (
     start_backend,
     start_testpmd_client,
 )
-from .pingpong import GuestModel
+from .pingpong import AlongsideFlow, GuestModel, PingPongResult
 from .scenario import Backend, Case, Scenario
 from .stats import latency_summary
 
@@ -97,6 +97,10 @@ class Runner:
         self.dims = system.dimensions()
         self.dims["backends"] = {b.name: self._backend_dims(b) for b in self.sc.backends}
         self.dims["placement"] = asdict(self.sc.placement)
+        if any(c.pingpong_alongside for c in self.sc.cases()):
+            # 2 cores: the alongside ping-pong thread can only share the client core with testpmd
+            self.dims["placement"]["pingpong_alongside_core"] = self.sc.placement.client_core
+            self.dims["placement"]["pingpong_alongside_shares_core_with"] = "testpmd client"
         self.dims["clients"] = {"testpmd": asdict(self.sc.testpmd),
                                 "guest_model": asdict(self.sc.guest_model)}
         self.started = time.time()
@@ -174,6 +178,7 @@ class Runner:
                                                        logs))
                 rec["backend_pids"] = list(be.pids)
                 rec["logs"] = list(be.logs)
+                rec["backend_setup"] = be.setup
                 self._call_hook("started", rec)
                 if case.kind == "stream" and case.client == "testpmd":
                     self._stream_testpmd(stack, be, case, rec, logs)
@@ -206,20 +211,24 @@ class Runner:
 
     # ---- snapshots ---------------------------------------------------------------------------
     def _snap(self, be: RunningBackend, case: Case, client_pids: list[int],
-              own_thread: bool) -> dict[str, Any]:
+              own_thread: bool, alongside_tid: int | None = None) -> dict[str, Any]:
         stats = be.stats()
         snap = {
             "t": time.monotonic(),
             "backend_threads": {pid: system.thread_times(pid) for pid in be.pids},
             "client_threads": {pid: system.thread_times(pid) for pid in client_pids},
-            "stats": stats,
+            "stats": be.stream_stats(stats),
             "backend_packets": be.packets(case.direction if case.kind == "stream" else "guest_tx",
                                           stats),
         }
-        if own_thread:
-            tid = threading.get_native_id()
+        if own_thread or alongside_tid is not None:
             me = system.thread_times(os.getpid())
-            snap["own"] = {tid: me[tid]} if tid in me else {}
+            if own_thread:
+                tid = threading.get_native_id()
+                snap["own"] = {tid: me[tid]} if tid in me else {}
+            if alongside_tid is not None:
+                snap["alongside"] = ({alongside_tid: me[alongside_tid]} if alongside_tid in me
+                                     else {})
         return snap
 
     def _fill_common(self, rec: dict[str, Any], s0: dict[str, Any], s1: dict[str, Any],
@@ -262,6 +271,7 @@ class Runner:
                                       self.sc.placement, logs)
         rec["client_pids"] = client.pids
         rec.setdefault("logs", []).extend(client.logs)
+        flow = self._start_alongside(stack, be, case) if case.pingpong_alongside else None
         busy = case.busy_devices if case.busy else None
         if case.direction == "guest_tx":
             be.start_traffic()
@@ -269,13 +279,20 @@ class Runner:
         else:
             client.start(busy)
             be.start_traffic()
+        if flow is not None:
+            flow.start()
         time.sleep(self.sc.run.warmup)
-        s0 = self._snap(be, case, client.pids, False)
+        tid = flow.cpu_tid if flow is not None else None
+        if flow is not None:
+            flow.begin_window()
+        s0 = self._snap(be, case, client.pids, False, tid)
         c0 = client.port_stats()
         self._call_hook("window", rec)
         time.sleep(self.sc.run.duration)
         c1 = client.port_stats()
-        s1 = self._snap(be, case, client.pids, False)
+        s1 = self._snap(be, case, client.pids, False, tid)
+        pp = flow.end_window() if flow is not None else None
+        sched = flow.sched if flow is not None else ""
         window, rates = sample_rates(c0, c1)
         key = "tx" if case.direction == "guest_tx" else "rx"
         per_dev = [{"device": k, "pps": r[f"{key}_pps"], "bps": r[f"{key}_bps"]}
@@ -286,9 +303,51 @@ class Runner:
                  devices_with_traffic=sum(1 for d in per_dev if d["pps"] > 0))
         self._fill_common(rec, s0, s1, window, pps, be)
         m["client_tx_drops"] = client.stop()
-        # clean: the busy-polling client had its core (other load shows here first)
-        m["clean"] = m["client_cpu"]["total"] >= CLEAN_CLIENT_CPU
+        client_core = m["client_cpu"]["total"]
+        if pp is not None:
+            client_core += self._alongside_metrics(rec, pp, sched, s0, s1)
+        # clean: the busy-polling client had its core (other load shows here first); with a
+        # ping-pong alongside, testpmd and the ping-pong thread share that core
+        m["clean"] = client_core >= CLEAN_CLIENT_CPU
 
+    def _start_alongside(self, stack: ExitStack, be: RunningBackend,
+                         case: Case) -> AlongsideFlow:
+        """Connect the guest model to the alongside device; the flow starts later (`start`)."""
+        if be.alongside is None:
+            raise RuntimeError(f"backend {be.spec.name} has no alongside ping-pong device")
+        gm_cfg = self.sc.guest_model
+        gm = stack.enter_context(GuestModel([be.alongside], queue_size=gm_cfg.queue_size,
+                                            mem_mb=gm_cfg.mem_mb))
+        flow = AlongsideFlow(gm, size=case.size, core=self.sc.placement.client_core,
+                             wait=gm_cfg.wait,
+                             interval=1.0 / case.pingpong_rate if case.pingpong_rate else 0.0)
+        stack.callback(flow.stop)  # before the guest model closes (LIFO)
+        return flow
+
+    def _alongside_metrics(self, rec: dict[str, Any], res: PingPongResult, sched: str,
+                           s0: dict[str, Any], s1: dict[str, Any]) -> float:
+        """metrics["alongside"] of a stream run; returns the ping-pong thread's CPU (cores)."""
+        case_rate = rec["params"]["pingpong_rate"]
+        cpu = system.cpu_usage(s0.get("alongside", {}), s1.get("alongside", {}),
+                               s1["t"] - s0["t"])
+        rate = res.received / res.elapsed_s if res.elapsed_s else 0.0
+        rec["metrics"]["alongside"] = {
+            "device": "one more device of the same backend, not counted in pps/per_device",
+            "core": self.sc.placement.client_core,
+            "shares_core_with": "testpmd client forwarding lcore",
+            "size": rec["params"]["size"], "wait": self.sc.guest_model.wait,
+            "sched": sched,
+            "attempted_rate": case_rate or "back to back",
+            "round_trips_per_s": rate, "round_trips": res.received, "sent": res.sent,
+            "lost": res.lost, "bad": res.bad, "elapsed_s": round(res.elapsed_s, 4),
+            "latency": latency_summary(res.rtt_ns), "cpu": cpu,
+        }
+        rec["_alongside_rtt_ns"] = res.rtt_ns
+        if res.received == 0:
+            rec["error"] = (f"the alongside ping-pong completed no round trip in "
+                            f"{res.elapsed_s:.1f} s (sent {res.sent}, lost {res.lost}, bad "
+                            f"replies {res.bad})")
+        return float(cpu["total"])
     # ---- guest model: ping-pong, paced stream, idle ------------------------------------------
     def _guest_model(self, stack: ExitStack, be: RunningBackend, case: Case,
                      rec: dict[str, Any]) -> None:
@@ -344,8 +403,10 @@ class Runner:
     # ---- output ------------------------------------------------------------------------------
     def _write_run(self, rec: dict[str, Any]) -> None:
         name = f"{rec['index']:03d}-{_slug(rec['case'])}-{_slug(rec['backend'])}-{rec['rep']}.json"
-        data = {k: v for k, v in rec.items() if k != "_rtt_ns"}
+        data = {k: v for k, v in rec.items() if not k.startswith("_")}
         data["rtt_ns"] = rec.get("_rtt_ns", [])
+        if "_alongside_rtt_ns" in rec:
+            data["alongside_rtt_ns"] = rec["_alongside_rtt_ns"]
         data["dimensions"] = self.dims
         _atomic_write(self.out / "runs" / name, json.dumps(data, default=str))
         rec["file"] = f"runs/{name}"
@@ -353,7 +414,7 @@ class Runner:
     def _write(self, final: bool = False) -> dict[str, Any]:
         from .report import summarize
 
-        runs = [{k: v for k, v in r.items() if k != "_rtt_ns"} for r in self.runs]
+        runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.runs]
         doc = {
             "scenario": {"name": self.sc.name, "description": self.sc.description,
                          "source": self.sc.source, "raw": self.sc.raw,

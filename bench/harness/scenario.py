@@ -128,6 +128,8 @@ class TestSpec:
     rate: int = 0  # stream: offered packets/s per device (0: unlimited, testpmd)
     client: str = ""  # "" -> testpmd for unlimited streams, guest_model otherwise
     idle_time: float = 0.0  # idle: seconds without traffic before the window
+    pingpong_alongside: bool = False  # stream: one more device carrying a guest-model ping-pong
+    pingpong_rate: int = 1000  # round trips/s the alongside flow attempts (0: back to back)
     sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
@@ -146,6 +148,8 @@ class Case:
     client: str
     idle_time: float
     sweep_values: tuple[tuple[str, Any], ...] = ()
+    pingpong_alongside: bool = False  # one more device (not counted in `devices`): a ping-pong
+    pingpong_rate: int = 1000  # flow by the guest model during the stream's window
 
     @property
     def label(self) -> str:
@@ -186,7 +190,8 @@ class Scenario:
                                          else "guest_model")
                 case = Case(base.name, base.kind, base.direction, base.size, base.devices,
                             base.busy, base.queues, base.rate, client, base.idle_time,
-                            tuple(values.items()))
+                            tuple(values.items()), base.pingpong_alongside,
+                            base.pingpong_rate)
                 _check_case(case, f"tests '{t.name}'" + (f" sweep {values}" if values else ""))
                 out.append(case)
         return out
@@ -278,6 +283,11 @@ def _str(table: Mapping[str, Any], key: str, default: str, where: str,
     return value
 
 
+def _bool(table: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
+    value = _opt_bool(table, key, where)
+    return default if value is None else value
+
+
 def _opt_bool(table: Mapping[str, Any], key: str, where: str) -> bool | None:
     if key not in table:
         return None
@@ -299,7 +309,7 @@ _TESTPMD = ["queue_size", "burst", "memory_mb", "total_num_mbufs", "mrg_rxbuf", 
             "packed_vq"]
 _GUEST_MODEL = ["queue_size", "wait", "mem_mb"]
 _TEST = ["name", "kind", "direction", "size", "devices", "busy", "queues", "rate", "client",
-         "idle_time", "sweep"]
+         "idle_time", "pingpong_alongside", "pingpong_rate", "sweep"]
 
 
 def _cpu_count() -> int:
@@ -469,6 +479,8 @@ def _parse_test(t: Any, i: int) -> TestSpec:
             if len(set(map(str, values))) != len(values):
                 raise ScenarioError(f"{where}.sweep.{key} = {values!r}: repeated values")
             sweep.append((key, tuple(values)))
+    if "pingpong_rate" in t and t.get("pingpong_alongside") is not True:
+        raise ScenarioError(f"{where}.pingpong_rate: applies only with pingpong_alongside = true")
     return TestSpec(
         name=name, kind=kind,
         direction=_str(t, "direction", "guest_tx", where, DIRECTIONS),
@@ -479,6 +491,8 @@ def _parse_test(t: Any, i: int) -> TestSpec:
         rate=_int(t, "rate", 0, 0, 10_000_000, where),
         client=_str(t, "client", "", where, ("", "testpmd", "guest_model")),
         idle_time=_float(t, "idle_time", 0.0, 0.0, 3600, where),
+        pingpong_alongside=_bool(t, "pingpong_alongside", False, where),
+        pingpong_rate=_int(t, "pingpong_rate", 1000, 0, 100_000, where),
         sweep=tuple(sweep),
     )
 
@@ -510,6 +524,17 @@ def _check_case(c: Case, where: str) -> None:
             raise ScenarioError(f"{where}: kind = {c.kind!r} uses one queue pair per device")
     if c.kind != "idle" and c.idle_time:
         raise ScenarioError(f"{where}: idle_time applies to kind = 'idle' only")
+    if c.pingpong_alongside:
+        if c.kind != "stream" or c.client != "testpmd" or c.direction != "guest_tx":
+            raise ScenarioError(f"{where}: pingpong_alongside applies to guest_tx streams driven "
+                                f"by testpmd only (got kind = {c.kind!r}, client = {c.client!r}, "
+                                f"direction = {c.direction!r})")
+        if c.queues != 1:
+            raise ScenarioError(f"{where}: pingpong_alongside needs queues = 1 (the guest model "
+                                "drives one queue pair)")
+        if c.devices + 1 > MAX_DEVICES:
+            raise ScenarioError(f"{where}: pingpong_alongside adds a device: devices = "
+                                f"{c.devices} + 1 exceeds {MAX_DEVICES}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +570,11 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "", default_name: st
         raise ScenarioError(f"tests: name(s) {', '.join(sorted(tdup))} used twice")
     sc = Scenario(name, description, run, placement, backends, testpmd, guest, tests,
                   source=source, raw=raw)
-    sc.cases()  # checks the rules across keys on every sweep point
+    cases = sc.cases()  # checks the rules across keys on every sweep point
+    if guest.wait == "poll" and any(c.pingpong_alongside for c in cases):
+        raise ScenarioError("clients.guest_model.wait = 'poll' with pingpong_alongside: the "
+                            "alongside flow shares the client core with testpmd, and two pollers "
+                            "on one core collapse; use wait = 'interrupt'")
     return sc
 
 

@@ -3,6 +3,7 @@
 - `dimensions(...)`: git commit and dirty flag, machine (cpu model, nproc, memory), kernel,
   Python, QEMU and DPDK versions, time; the per-backend parameters are added by the runner.
 - `thread_times(pid)`: {tid: ThreadTime(name, cpu seconds, last cpu)} from /proc/PID/task/*/stat.
+- `alive(pid)`: the process exists and is not a zombie.
 - `cpu_usage(before, after, window)`: per-thread and per-core shares of a core over a window; a
   thread's time is attributed to the core it last ran on (exact for pinned threads, which is how
   every benchmark here places them).
@@ -27,7 +28,7 @@ from typing import Any
 from bench.dpdk_compare import _cpu_model, _git_commit
 from bench.testpmd import dpdk_version
 
-__all__ = ["ThreadTime", "cpu_usage", "dimensions", "qemu_version", "thread_times"]
+__all__ = ["ThreadTime", "alive", "cpu_usage", "dimensions", "qemu_version", "thread_times"]
 
 _CLK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent.parent
@@ -44,6 +45,16 @@ def qemu_version() -> str:
         return "unknown"
     m = re.search(r"version\s+(\S+)", out)
     return m.group(1) if m else "unknown"
+
+
+def alive(pid: int) -> bool:
+    """True while process `pid` exists and is not a zombie (tests check that runs stop every
+    process they started)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _mem_total_kb() -> int:

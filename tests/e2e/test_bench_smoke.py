@@ -13,17 +13,10 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.harness.system import alive as _alive
 from bench.testpmd import find_testpmd
 
 pytestmark = [pytest.mark.dpdk, pytest.mark.timeout(180)]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_smoke_scenario(tmp_path: Path) -> None:

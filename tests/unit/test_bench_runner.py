@@ -5,7 +5,6 @@ reported and skipped while the others go on."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,17 +12,7 @@ import pytest
 
 from bench.harness.runner import Runner
 from bench.harness.scenario import parse_scenario
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purpose
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from bench.harness.system import alive as _alive
 
 
 def scenario(**run: Any) -> Any:
