@@ -92,6 +92,7 @@ class Guest:
         files: dict[str, bytes] | None = None,
         qemu: str | None = None,
         extra_args: Sequence[str] = (),
+        affinity: set[int] | None = None,
     ) -> None:
         if len(nics) > 8:
             raise ValueError(f"at most 8 NICs are supported, got {len(nics)}")
@@ -106,6 +107,7 @@ class Guest:
         self.files = dict(files or {})
         self.qemu = qemu or qemu_binary() or "qemu-system-x86_64"
         self.extra_args = tuple(extra_args)
+        self.affinity = set(affinity) if affinity else None  # CPUs for every QEMU thread
         self._own_workdir = workdir is None
         self.workdir = (
             Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"vx-{name}-"))
@@ -190,11 +192,18 @@ class Guest:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            preexec_fn=_set_pdeathsig,  # noqa: PLW1509 - only prctl(), async-signal-safe
+            preexec_fn=self._child_setup,  # noqa: PLW1509 - prctl() and sched_setaffinity()
         )
         self._reader = threading.Thread(target=self._read, name=f"{self.name}-console", daemon=True)
         self._reader.start()
         return self
+
+    def _child_setup(self) -> None:
+        """In the child before exec: die with the parent thread, and run on `affinity` (every
+        thread QEMU creates inherits it)."""
+        _set_pdeathsig()
+        if self.affinity:
+            os.sched_setaffinity(0, self.affinity)
 
     def _read(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None

@@ -141,6 +141,11 @@ def _ratio(r: dict[str, Any] | None) -> str:
     return f"**{r['median']:.2f}** ({r['min']:.2f}-{r['max']:.2f}, n={r['pairs']})"
 
 
+def _case(e: dict[str, Any]) -> str:
+    """A summary entry's case label, marked when its client is a TCG guest."""
+    return e["case"] + (" (qemu TCG guest)" if e["params"].get("client") == "qemu" else "")
+
+
 def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
     sc = doc["scenario"]
     dims = doc.get("dimensions", {})
@@ -166,6 +171,15 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                  if b.get("kind") == "vhostx" else
                  f"memory_mb {b.get('memory_mb')}, mbufs {b.get('total_num_mbufs')}")
         lines.append(f"- backend `{name}`: {b.get('kind')}, {extra}")
+    qemu = (dims.get("clients") or {}).get("qemu")
+    if qemu:
+        lines.append(
+            f"- client `qemu`: QEMU {qemu.get('qemu_version')} **TCG** guest (emulated CPU, "
+            f"{qemu.get('smp')} vCPU, {qemu.get('memory_mb')} MB, kernel "
+            f"{qemu.get('kernel_release')}) on core {qemu.get('core')} running vxperf: rows "
+            "marked \"qemu TCG guest\" are TCG-guest figures, bounded by the emulated guest; "
+            "read their ratios, not their absolute values"
+            + (f"; UNAVAILABLE: {qemu['unavailable'][:300]}" if qemu.get("unavailable") else ""))
     for name, why in (doc.get("unavailable") or {}).items():
         lines.append(f"- backend `{name}` unavailable: {why[:300]}")
     lines.append("")
@@ -181,7 +195,7 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
         for e in by_kind["stream"]:
             for name, b in e["backends"].items():
                 lines.append(
-                    f"| {e['case']} | {name} | {_f(b['pps'], '.3f', 1e6)} | "
+                    f"| {_case(e)} | {name} | {_f(b['pps'], '.3f', 1e6)} | "
                     f"{_f(b['bps'], '.2f', 1e9)} | "
                     f"{_ratio(e['ratios'].get(name, {}).get('pps')) if name != ref else 'ref'} | "
                     f"{_f(b['backend_cpu'])} | {_f(b['kicks_per_packet'], '.4f')} | "
@@ -199,7 +213,7 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
             for name, b in e["backends"].items():
                 r = e["ratios"].get(name, {})
                 lines.append(
-                    f"| {e['case']} | {name} | {_f(b['p50_us'], '.1f')} | {_f(b['p99_us'], '.1f')} "
+                    f"| {_case(e)} | {name} | {_f(b['p50_us'], '.1f')} | {_f(b['p99_us'], '.1f')} "
                     f"| {_f(b['p99_9_us'], '.1f')} | {_f(b['pps'], '.0f')} | "
                     f"{_ratio(r.get('p50_us')) if name != ref else 'ref'} | "
                     f"{_ratio(r.get('p99_us')) if name != ref else 'ref'} | "

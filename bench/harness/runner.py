@@ -85,6 +85,8 @@ class Runner:
         self.interrupted = False
         self.dims: dict[str, Any] = {}
         self.started = 0.0
+        self.qemu_info: Any = None  # qemu_client.GuestImageInfo, built when a case needs it
+        self.qemu_unavailable = ""
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -103,6 +105,8 @@ class Runner:
             self.dims["placement"]["pingpong_alongside_shares_core_with"] = "testpmd client"
         self.dims["clients"] = {"testpmd": asdict(self.sc.testpmd),
                                 "guest_model": asdict(self.sc.guest_model)}
+        if any(c.client == "qemu" for c in self.sc.cases()):
+            self.dims["clients"]["qemu"] = self._qemu_dims()
         self.started = time.time()
         todo = plan(self.sc)
         self._write()
@@ -182,6 +186,8 @@ class Runner:
                 self._call_hook("started", rec)
                 if case.kind == "stream" and case.client == "testpmd":
                     self._stream_testpmd(stack, be, case, rec, logs)
+                elif case.client == "qemu":
+                    self._qemu(stack, be, case, rec, rundir, logs)
                 else:
                     self._guest_model(stack, be, case, rec)
                 if be.daemon is not None:
@@ -400,6 +406,72 @@ class Runner:
             self._fill_common(rec, s0, s1, s1["t"] - s0["t"], 0.0, be)
             m["pps"] = 0.0
 
+    # ---- QEMU guests (TCG) --------------------------------------------------------------------
+    def _qemu_dims(self) -> dict[str, Any]:
+        from .qemu_client import QemuClientError, guest_image
+
+        d: dict[str, Any] = {**asdict(self.sc.qemu), "accel": "tcg", "smp": 1,
+                             "nic": "virtio-net-pci vectors=0 (INTx), vhost-user",
+                             "core": self.sc.placement.client_core,
+                             "qemu_version": system.qemu_version()}
+        try:
+            self.qemu_info = guest_image()
+            d.update(self.qemu_info.dims())
+        except (QemuClientError, OSError, RuntimeError) as err:
+            self.qemu_unavailable = f"{type(err).__name__}: {err}"[:2000]
+            d["unavailable"] = self.qemu_unavailable
+        return d
+
+    def _qemu(self, stack: ExitStack, be: RunningBackend, case: Case, rec: dict[str, Any],
+              rundir: Path, logs: Path) -> None:
+        from .qemu_client import QemuRun
+
+        if self.qemu_info is None:
+            raise RuntimeError(f"no QEMU guest: {self.qemu_unavailable or 'not built'}")
+        run = self.sc.run
+        be.start_traffic()
+        guest = QemuRun(self.qemu_info, be.sockets[0], case, self.sc.qemu, warmup=run.warmup,
+                        duration=run.duration, core=self.sc.placement.client_core,
+                        workdir=rundir, name=f"g{rec['index']:03d}")
+        # registered before the guest: runs after QEMU stopped, keeps its console log
+        stack.callback(_copy_quietly, guest.console_log, logs / "guest.console.log")
+        stack.enter_context(guest)
+        pids = [guest.pid] if guest.pid is not None else []
+        rec["client_pids"] = pids
+        rec.setdefault("logs", []).append(str(logs / "guest.console.log"))
+        guest.wait_window_begin()
+        s0 = self._snap(be, case, pids, False)
+        self._call_hook("window", rec)
+        guest.wait_window_end()
+        s1 = self._snap(be, case, pids, False)
+        res = guest.finish()
+        v = res.values
+        elapsed = v["elapsed_ns"] / 1e9
+        m = rec.setdefault("metrics", {})
+        m.update(client="qemu", tcg_guest=True, boot_s=round(res.boot_s, 3),
+                 guest_window_s=round(elapsed, 4), guest=dict(v))
+        if res.mode == "pingpong":
+            rate = v["received"] / elapsed if elapsed else 0.0
+            m.update(pps=rate, bps=rate * case.size * 8, round_trips=v["received"],
+                     sent=v["sent"], lost=v["lost"], bad=v["bad"], per_flow=[v["received"]],
+                     latency=latency_summary(res.rtt_ns))
+            rec["_rtt_ns"] = res.rtt_ns
+            if v["received"] == 0:
+                rec["error"] = (f"the guest completed no round trip in {elapsed:.1f} s (sent "
+                                f"{v['sent']}, lost {v['lost']}, bad replies {v['bad']})")
+            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], 2 * rate, be)
+        else:
+            # the guest driver's own counters (frames through eth0) over the guest's window
+            pps = v["if_packets"] / elapsed if elapsed else 0.0
+            bps = v["if_bytes"] * 8 / elapsed if elapsed else 0.0
+            m.update(pps=pps, bps=bps, per_device=[{"device": 0, "pps": pps, "bps": bps}],
+                     devices_with_traffic=int(pps > 0))
+            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], pps, be)
+            # clean: the guest's vCPU (busy sending or receiving) had the client core
+            m["clean"] = m["client_cpu"]["total"] >= CLEAN_CLIENT_CPU
+            if pps == 0:
+                rec["error"] = f"the guest moved no frame in its {elapsed:.1f} s window"
+
     # ---- output ------------------------------------------------------------------------------
     def _write_run(self, rec: dict[str, Any]) -> None:
         name = f"{rec['index']:03d}-{_slug(rec['case'])}-{_slug(rec['backend'])}-{rec['rep']}.json"
@@ -446,6 +518,13 @@ class Runner:
                 self.log(f"plots failed: {type(err).__name__}: {err}")
         del rtts
         _atomic_write(self.out / "report.md", markdown(doc, plots=plots))
+
+
+def _copy_quietly(src: Path, dst: Path) -> None:
+    try:
+        shutil.copyfile(src, dst)
+    except OSError:
+        pass
 
 
 def _atomic_write(path: Path, text: str) -> None:

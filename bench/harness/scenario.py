@@ -28,6 +28,7 @@ __all__ = [
     "Case",
     "GuestModelClient",
     "Placement",
+    "QemuClient",
     "RunSettings",
     "Scenario",
     "ScenarioError",
@@ -113,6 +114,12 @@ class GuestModelClient:
 
 
 @dataclass(frozen=True)
+class QemuClient:
+    memory_mb: int = 256  # guest RAM (memfd, shared with the backend)
+    boot_timeout: float = 180.0  # s from QEMU start to the guest's VX-READY
+
+
+@dataclass(frozen=True)
 class TestSpec:
     """One [[tests]] entry before its sweep is expanded."""
 
@@ -126,7 +133,7 @@ class TestSpec:
     busy: int = 0  # stream: devices carrying traffic (0: all)
     queues: int = 1  # queue pairs per device
     rate: int = 0  # stream: offered packets/s per device (0: unlimited, testpmd)
-    client: str = ""  # "" -> testpmd for unlimited streams, guest_model otherwise
+    client: str = ""  # "" -> testpmd for unlimited streams, guest_model otherwise; or qemu
     idle_time: float = 0.0  # idle: seconds without traffic before the window
     pingpong_alongside: bool = False  # stream: one more device carrying a guest-model ping-pong
     pingpong_rate: int = 1000  # round trips/s the alongside flow attempts (0: back to back)
@@ -174,6 +181,7 @@ class Scenario:
     tests: tuple[TestSpec, ...]
     source: str = ""  # the file it came from
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    qemu: QemuClient = QemuClient()
 
     @property
     def reference(self) -> str:
@@ -308,6 +316,8 @@ _CLIENTS = ["testpmd", "guest_model", "qemu"]
 _TESTPMD = ["queue_size", "burst", "memory_mb", "total_num_mbufs", "mrg_rxbuf", "in_order",
             "packed_vq"]
 _GUEST_MODEL = ["queue_size", "wait", "mem_mb"]
+_QEMU = ["memory_mb", "boot_timeout"]
+CLIENTS = ("testpmd", "guest_model", "qemu")
 _TEST = ["name", "kind", "direction", "size", "devices", "busy", "queues", "rate", "client",
          "idle_time", "pingpong_alongside", "pingpong_rate", "sweep"]
 
@@ -403,13 +413,15 @@ def _check_vhostx_params(params: tuple[tuple[str, Any], ...], where: str) -> Non
             raise ScenarioError(f"{where}.params: unknown parameter {key!r}") from err
 
 
-def _parse_clients(raw: Mapping[str, Any]) -> tuple[TestpmdClient, GuestModelClient]:
+def _parse_clients(raw: Mapping[str, Any]) -> tuple[TestpmdClient, GuestModelClient,
+                                                    QemuClient]:
     t = _table(raw, "clients", "")
     _check_keys(t, _CLIENTS, "[clients]")
-    if "qemu" in t:
-        raise ScenarioError("[clients.qemu]: QEMU guests as clients are a reserved slot (TCG "
-                            "guests are far too slow to load a backend here); use testpmd or "
-                            "guest_model")
+    qm = _table(t, "qemu", "clients.")
+    _check_keys(qm, _QEMU, "[clients.qemu]")
+    qemu = QemuClient(memory_mb=_int(qm, "memory_mb", 256, 128, 8192, "clients.qemu"),
+                      boot_timeout=_float(qm, "boot_timeout", 180.0, 10.0, 1200.0,
+                                          "clients.qemu"))
     tp = _table(t, "testpmd", "clients.")
     _check_keys(tp, _TESTPMD, "[clients.testpmd]")
     w = "clients.testpmd"
@@ -432,7 +444,7 @@ def _parse_clients(raw: Mapping[str, Any]) -> tuple[TestpmdClient, GuestModelCli
     guest = GuestModelClient(queue_size=gqs, wait=_str(gm, "wait", "interrupt", w,
                                                         ("interrupt", "poll")),
                              mem_mb=_int(gm, "mem_mb", 16, 4, 4096, w))
-    return testpmd, guest
+    return testpmd, guest, qemu
 
 
 _SWEEP_CHECK: dict[str, tuple[str, Any]] = {
@@ -489,7 +501,7 @@ def _parse_test(t: Any, i: int) -> TestSpec:
         busy=_int(t, "busy", 0, 0, MAX_DEVICES, where),
         queues=_int(t, "queues", 1, 1, 8, where),
         rate=_int(t, "rate", 0, 0, 10_000_000, where),
-        client=_str(t, "client", "", where, ("", "testpmd", "guest_model")),
+        client=_str(t, "client", "", where, ("", *CLIENTS)),
         idle_time=_float(t, "idle_time", 0.0, 0.0, 3600, where),
         pingpong_alongside=_bool(t, "pingpong_alongside", False, where),
         pingpong_rate=_int(t, "pingpong_rate", 1000, 0, 100_000, where),
@@ -501,7 +513,16 @@ def _check_case(c: Case, where: str) -> None:
     """Rules across keys, checked on every expanded case."""
     if c.busy > c.devices:
         raise ScenarioError(f"{where}: busy = {c.busy} exceeds devices = {c.devices}")
-    if c.kind == "stream":
+    if c.client == "qemu":
+        if c.kind == "idle":
+            raise ScenarioError(f"{where}: client = 'qemu' runs kind = 'stream' or 'pingpong'")
+        for key, value, want in (("devices", c.devices, 1), ("queues", c.queues, 1),
+                                 ("rate", c.rate, 0), ("busy", c.busy, 0)):
+            if value != want:
+                raise ScenarioError(f"{where}: client = 'qemu' boots one guest with one NIC "
+                                    f"and one queue pair, unpaced: {key} = {value} (allowed "
+                                    f"{want})")
+    elif c.kind == "stream":
         if c.rate and c.client == "testpmd":
             raise ScenarioError(f"{where}: rate = {c.rate} needs client = 'guest_model' (testpmd "
                                 "txonly cannot pace a virtio-user port)")
@@ -516,7 +537,8 @@ def _check_case(c: Case, where: str) -> None:
             raise ScenarioError(f"{where}: busy applies to testpmd clients only")
     else:
         if c.client == "testpmd":
-            raise ScenarioError(f"{where}: kind = {c.kind!r} uses the guest model client")
+            raise ScenarioError(f"{where}: kind = {c.kind!r} uses the guest model (or qemu) "
+                                "client")
         for key, bad in (("rate", c.rate), ("busy", c.busy)):
             if bad:
                 raise ScenarioError(f"{where}: {key} applies to kind = 'stream' only")
@@ -559,7 +581,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "", default_name: st
     if run.reference and run.reference not in names:
         raise ScenarioError(f"run.reference = {run.reference!r}: not a backend; known: "
                             f"{', '.join(names)}")
-    testpmd, guest = _parse_clients(raw)
+    testpmd, guest, qemu = _parse_clients(raw)
     traw = raw.get("tests")
     if not isinstance(traw, list) or not traw:
         raise ScenarioError("tests: expected at least one [[tests]] table")
@@ -569,7 +591,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "", default_name: st
     if tdup:
         raise ScenarioError(f"tests: name(s) {', '.join(sorted(tdup))} used twice")
     sc = Scenario(name, description, run, placement, backends, testpmd, guest, tests,
-                  source=source, raw=raw)
+                  source=source, raw=raw, qemu=qemu)
     cases = sc.cases()  # checks the rules across keys on every sweep point
     if guest.wait == "poll" and any(c.pingpong_alongside for c in cases):
         raise ScenarioError("clients.guest_model.wait = 'poll' with pingpong_alongside: the "

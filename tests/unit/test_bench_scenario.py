@@ -105,7 +105,7 @@ def test_reference_defaults_to_last_backend() -> None:
         ({"backends__0__params": {"mode": "shared"}}, "with the backend's own 'mode' key"),
         ({"backends__0__params": [1]}, "expected a table"),
         ({"backends__0__name": "a b"}, "expected letters, digits"),
-        ({"clients": {"qemu": {}}}, "QEMU guests as clients are a reserved slot"),
+        ({"clients": {"qemu": {"memory_mb": 64}}}, "clients.qemu.memory_mb = 64: out of range"),
         ({"clients": {"testpmd": {"queue_size": 100}}}, "expected a power of two"),
         ({"clients": {"testpmd": {"mrg_rxbuf": 1}}}, "mrg_rxbuf = 1: expected true or false"),
         ({"clients": {"guest_model": {"wait": "spin"}}}, "allowed interrupt | poll"),
