@@ -760,6 +760,14 @@ DEVICES_PER_WORKER = declare(
     "worker (a new one if all are full); applies to later placements",
     unit="devices", min=1, max=1024, runtime=True, scope=Scope.WORKER,
 )  # fmt: skip
+MAX_WORKERS = declare(
+    "max_workers", int, 0,
+    "shared mode: first_fit starts a new worker for a device only while the pool has fewer "
+    "workers than this, else it places the device on the least loaded one; 0 = the number of "
+    "CPUs the workers may run on (worker_cpus, else the daemon's affinity): polling workers "
+    "time-sharing one core starve each other; applies to later placements",
+    unit="workers", min=0, max=1024, runtime=True, scope=Scope.GLOBAL,
+)  # fmt: skip
 POLL_START_RATE = declare(
     "poll_start_rate", int, 1,
     "start polling a queue (kicks suppressed) once one worker tick served at least this many "

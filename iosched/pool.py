@@ -5,8 +5,11 @@
 - shared: `workers` workers (I/O cores, optionally pinned) started at once; each serves any mix of
   queues from any devices. `bind()` places a device on a worker: the device's explicit `worker`
   index when given, else the `placement` parameter: first_fit (ELVIS: the first worker with fewer
-  than devices_per_worker devices, a new worker when all are full), least_loaded, or explicit
-  (devices without an index fall back to first_fit).
+  than devices_per_worker devices, a new worker when all are full, as long as the pool has fewer
+  than `max_workers`, else the least loaded), least_loaded, or explicit (devices without an index
+  fall back to first_fit). max_workers 0 means as many as the CPUs the workers may run on
+  (worker_cpus, else the process's affinity): a polling worker keeps its core busy, and two of them
+  time-sharing one core serve each of their queues half the time, in slices of milliseconds.
 
 A device holds a `DeviceBinding` and hands it its works (`attach` / `detach`, both returning
 futures). The pool remembers where every attached work runs, the device's home worker, and
@@ -101,6 +104,7 @@ class WorkerPool:
         devices_per_worker: int = 7,
         settings: SchedSettings | None = None,
         policy: str = "elvis",
+        max_workers: int = 0,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode={mode!r}: allowed {', '.join(MODES)}")
@@ -113,6 +117,7 @@ class WorkerPool:
         self.cpus = tuple(cpus)
         self.placement = placement
         self.devices_per_worker = devices_per_worker
+        self.max_workers = max_workers
         self.settings = settings or SchedSettings(polling=mode == "shared")
         self.policy = policy
         self._lock = threading.RLock()
@@ -136,6 +141,18 @@ class WorkerPool:
             raise ConfigError(f"placement={placement!r}: allowed {', '.join(PLACEMENTS)}")
         if devices_per_worker < 1:
             raise ConfigError(f"devices_per_worker={devices_per_worker}: allowed [1, 1024]")
+
+    def worker_cap(self) -> int:
+        """How many workers first_fit may grow the pool to (max_workers; 0: the CPU count the
+        workers may run on)."""
+        if self.max_workers > 0:
+            return self.max_workers
+        if self.cpus:
+            return len(set(self.cpus))
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except OSError:
+            return os.cpu_count() or 1
 
     def _worker_policy(self) -> str:
         return "vhost" if self.mode == "baseline" else self.policy
@@ -175,6 +192,8 @@ class WorkerPool:
         for i in self._candidates():
             if self._devices_on(i) < self.devices_per_worker:
                 return i
+        if len(self._candidates()) >= self.worker_cap():
+            return self._least_loaded()
         return self._spawn(None)
 
     def _known_workers(self) -> str:
@@ -355,13 +374,17 @@ class WorkerPool:
             f.result(_TIMEOUT)
 
     def set_placement(self, placement: str | None = None,
-                      devices_per_worker: int | None = None) -> None:
+                      devices_per_worker: int | None = None,
+                      max_workers: int | None = None) -> None:
         """For later placements (bind); nothing moves."""
         with self._lock:
             p = placement if placement is not None else self.placement
             d = devices_per_worker if devices_per_worker is not None else self.devices_per_worker
+            m = max_workers if max_workers is not None else self.max_workers
             self._check_placement(p, d)
-            self.placement, self.devices_per_worker = p, d
+            if m < 0:
+                raise ConfigError(f"max_workers={m}: allowed [0, 1024] (0: the CPU count)")
+            self.placement, self.devices_per_worker, self.max_workers = p, d, m
 
     # ---- statistics ---------------------------------------------------------------------------
 

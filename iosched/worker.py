@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from virtio.errors import GuestError
-from virtio.net import Round, RoundBroken
+from virtio.net import Op, Round, RoundBroken
 
 from .policy import Policy, SchedSettings, make_policy
 
@@ -631,13 +631,14 @@ class Worker:
         """The Round over every polled work, if each has a C op (else the Python path)."""
         self._round_gen = self._poll_gen
         qs = list(self._polled)
-        ops = [getattr(q.work, "op", None) for q in qs]
-        if any(op is None for op in ops):
-            self._round, self._round_qs = None, []
-            return False
-        pol = self.policy
-        for q, op in zip(qs, ops, strict=True):
-            op.set_budget(*pol.batch_budget(q))
+        ops: list[Op] = []
+        for q in qs:
+            op = getattr(q.work, "op", None)
+            if op is None:
+                self._round, self._round_qs = None, []
+                return False
+            op.set_budget(*self.policy.batch_budget(q))
+            ops.append(op)
         self._round, self._round_qs = Round(ops), qs
         return True
 
@@ -659,8 +660,8 @@ class Worker:
         total = 0
         empty_polls = 0
         idle: list[QueueState] = []
-        for q in self._round_qs:
-            batches, found, full, pkts, last_work = q.work.op.results()
+        for i, q in enumerate(self._round_qs):
+            batches, found, full, pkts, last_work = rnd.ops[i].results()
             if not batches:
                 continue
             st = q.stats

@@ -83,7 +83,8 @@ class Daemon:
 
     def _placement_changed(self, name: str, old: Any, new: Any) -> None:
         if self.pool is not None:
-            self.pool.set_placement(P.PLACEMENT.get(), P.DEVICES_PER_WORKER.get())
+            self.pool.set_placement(P.PLACEMENT.get(), P.DEVICES_PER_WORKER.get(),
+                                    P.MAX_WORKERS.get())
 
     def _policy_changed(self, name: str, old: Any, new: Any) -> None:
         if self.pool is not None:
@@ -102,10 +103,11 @@ class Daemon:
                 devices_per_worker=P.DEVICES_PER_WORKER.get(),
                 settings=self._settings(),
                 policy=P.POLICY.get(),
+                max_workers=P.MAX_WORKERS.get(),
             )
             for handle in _SETTINGS_PARAMS:
                 self._unsubscribe.append(handle.subscribe(self._settings_changed))
-            for handle in (P.PLACEMENT, P.DEVICES_PER_WORKER):
+            for handle in (P.PLACEMENT, P.DEVICES_PER_WORKER, P.MAX_WORKERS):
                 self._unsubscribe.append(handle.subscribe(self._placement_changed))
             self._unsubscribe.append(P.POLICY.subscribe(self._policy_changed))
             for dcfg in self.cfg.devices:

@@ -188,7 +188,8 @@ def test_control_errors_name_the_allowed_values(daemon_factory) -> None:
 
 
 def test_worker_add_and_remove_move_works(daemon_factory) -> None:
-    d = daemon_factory(params=["mode=shared", "workers=1", "devices_per_worker=1"])
+    d = daemon_factory(params=["mode=shared", "workers=1", "devices_per_worker=1",
+                                "max_workers=8"])
     socks = [d.add_device(f"net{i}", port="sink") for i in range(3)]
     d.start()
     # first_fit with one device per worker: three devices made three workers

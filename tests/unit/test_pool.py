@@ -33,13 +33,38 @@ def homes(pool: WorkerPool) -> dict[int, list[str]]:
 
 
 def test_first_fit_fills_devices_per_worker_then_creates_a_worker(pools) -> None:
-    pool = pools(workers=2, devices_per_worker=2)
+    pool = pools(workers=2, devices_per_worker=2, max_workers=8)
     for name in "abcde":
         pool.bind(name)
     assert homes(pool) == {0: ["a", "b"], 1: ["c", "d"], 2: ["e"]}
     pool.set_placement(devices_per_worker=3)  # later placements only
     pool.bind("f")
     assert homes(pool)[0] == ["a", "b", "f"]
+
+
+def test_first_fit_grows_the_pool_only_up_to_max_workers(pools) -> None:
+    pool = pools(workers=1, devices_per_worker=1, max_workers=2)
+    for name in "abcd":
+        pool.bind(name)
+    # a, b fill workers 0 and 1; then no new worker: the least loaded takes the device
+    assert homes(pool) == {0: ["a", "c"], 1: ["b", "d"]}
+    pool.set_placement(max_workers=3)  # later placements only
+    pool.bind("e")
+    assert homes(pool)[2] == ["e"]
+    with pytest.raises(ConfigError, match="max_workers"):
+        pool.set_placement(max_workers=-1)
+
+
+def test_max_workers_zero_means_the_cpus_the_workers_may_use(pools) -> None:
+    import os
+
+    pool = pools(workers=1, devices_per_worker=1, cpus=(0,))
+    assert pool.worker_cap() == 1  # one CPU to run on: polling workers would share it
+    for name in "abc":
+        pool.bind(name)
+    assert homes(pool) == {0: ["a", "b", "c"]}
+    free = pools(workers=1)
+    assert free.worker_cap() == len(os.sched_getaffinity(0))
 
 
 def test_least_loaded_and_explicit(pools) -> None:
