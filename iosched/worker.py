@@ -217,6 +217,7 @@ class Worker:
         self._round_qs: list[QueueState] = []
         self._round_gen = -1
         self._round_ns = 0
+        self._coalesce_ns = 0
         self._epoll = select.epoll()
         self._epoll.register(self._cmd_fd, _EV_IN)
         self._apply_settings_values()
@@ -305,7 +306,8 @@ class Worker:
     def _apply_settings_values(self) -> None:
         s = self.settings
         self._poll_gen += 1  # budgets may have changed: rebuild the round
-        self._round_ns = s.poll_round_ns if (s.polling and s.poll_coalescing_us == 0) else 0
+        self._round_ns = s.poll_round_ns if s.polling else 0
+        self._coalesce_ns = s.poll_coalescing_ns
         periods = [p for p in (s.max_queue_stuck_ns, s.min_poll_period_ns) if p > 0]
         if s.max_queue_stuck_ns == 0:
             periods.append(1)
@@ -652,7 +654,7 @@ class Worker:
             return self._serve_polled(self._clock())
         broken: RoundBroken | None = None
         try:
-            rnd.run(_ROUND_MAX_PASSES, self._round_ns)
+            rnd.run(_ROUND_MAX_PASSES, self._round_ns, self._coalesce_ns)
         except RoundBroken as err:
             broken = err
         now = self._clock()

@@ -245,12 +245,15 @@ class Round:
         self.n = len(self.ops)
         self._arr = ffi.new("struct vx_op *[]", [o.c_op for o in self.ops] or 1)
 
-    def run(self, max_passes: int, max_ns: int) -> int:
+    def run(self, max_passes: int, max_ns: int, coalesce_ns: int = 0) -> int:
         """Passes completed (>= 1 when there are ops); RoundBroken when an op's ring broke (the
-        round stopped there; every op's results() tell what ran until then)."""
-        if max_passes < 0 or max_ns < 0:
-            raise ConfigError(f"max_passes and max_ns must be >= 0, got {max_passes}, {max_ns}")
-        r = lib.vx_round(self._arr, self.n, min(max_passes, 0xFFFFFFFF), min(max_ns, _U64_MAX))
+        round stopped there; every op's results() tell what ran until then). coalesce_ns > 0:
+        each op runs at most once per coalesce_ns (across rounds too)."""
+        if max_passes < 0 or max_ns < 0 or coalesce_ns < 0:
+            raise ConfigError(f"max_passes, max_ns and coalesce_ns must be >= 0, got "
+                              f"{max_passes}, {max_ns}, {coalesce_ns}")
+        r = lib.vx_round(self._arr, self.n, min(max_passes, 0xFFFFFFFF), min(max_ns, _U64_MAX),
+                         min(coalesce_ns, _U64_MAX))
         if r < 0:
             i = -r - 1
             op = self.ops[i]

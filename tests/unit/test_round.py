@@ -86,6 +86,23 @@ def test_round_ends_on_time(env):
     assert all(op.results()[0] == passes for _, _, op in rings)
 
 
+def test_coalescing_runs_each_op_at_most_once_per_period(env):
+    rings = _sinks(env, 2)
+    rnd = net.Round([op for _, _, op in rings])
+    second = 1_000_000_000
+    assert rnd.run(50, FOREVER, coalesce_ns=second) == 50
+    assert [op.results()[0] for _, _, op in rings] == [1, 1]  # one batch each in 50 passes
+    _send(env, rings[0][0], 3)
+    rnd.run(20, FOREVER, coalesce_ns=second)  # the period carries over to the next round
+    assert [op.results()[0] for _, _, op in rings] == [0, 0]
+    assert rings[0][1].stats()["packets"] == 0
+    rnd.run(3, FOREVER)  # no coalescing: every pass again
+    assert [op.results()[0] for _, _, op in rings] == [3, 3]
+    assert rings[0][1].stats()["packets"] == 3
+    with pytest.raises(ConfigError):
+        rnd.run(1, 1, coalesce_ns=-1)
+
+
 def test_round_last_work_time_is_within_the_round(env):
     rings = _sinks(env, 2)
     _send(env, rings[1][0], 1)
