@@ -15,6 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_core_env import Env
 from test_net_core import BCAST, MAC_A, MAC_B, Guest, _frame
+from test_sched import POINTS, SHARED, RingWork, wait_until
+
+from iosched.worker import Worker
 
 from virtio import net
 from virtio.errors import ConfigError, GuestError
@@ -216,10 +219,6 @@ def test_unknown_kind_is_reported_not_run(env):
 
 
 # ---- the worker's C poll rounds (poll_round_us) ------------------------------------------------
-
-from test_sched import POINTS, SHARED, RingWork, wait_until  # noqa: E402
-
-from iosched.worker import Worker  # noqa: E402
 
 
 def _consumed_all(works: list[RingWork], timeout: float = 10.0) -> bool:
