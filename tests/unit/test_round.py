@@ -18,7 +18,6 @@ from test_net_core import BCAST, MAC_A, MAC_B, Guest, _frame
 from test_sched import POINTS, SHARED, RingWork, wait_until
 
 from iosched.worker import Worker
-
 from virtio import net
 from virtio.errors import ConfigError, GuestError
 
