@@ -66,6 +66,7 @@ class PingPongResult:
     received: int = 0
     lost: int = 0
     bad: int = 0
+    late: int = 0  # replies to frames of an earlier call (its window ended) or declared lost
     elapsed_s: float = 0.0
 
 
@@ -89,6 +90,9 @@ class GuestModel:
         self.connect_timeout = connect_timeout
         self.frontends: list[VhostUserFrontend] = []
         self.drivers: list[NetDriver] = []
+        # Sequence numbers carry on from one pingpong() call to the next (warm-up, window): a
+        # reply still in flight when a call ended arrives in the next one and is told apart.
+        self._seq: list[int] = []
 
     def connect(self) -> Self:
         try:
@@ -134,7 +138,9 @@ class GuestModel:
         sleeps."""
         n = len(self.drivers)
         res = PingPongResult(per_flow=[0] * n)
-        seq = [0] * n
+        if len(self._seq) != n:
+            self._seq = [0] * n
+        seq = self._seq
         inflight: list[int | None] = [None] * n  # send time of the frame in flight
         macs = [self._macs(i) for i in range(n)]
         call_fds = [fe.call_fds[0] for fe in self.frontends]
@@ -193,6 +199,9 @@ class GuestModel:
         t = time.monotonic_ns()
         for frame in frames:
             parsed = parse_frame(frame)
+            if parsed is not None and parsed[0] == (i & 0xFFFF) and parsed[1] < seq[i]:
+                res.late += 1  # an older frame's reply: not this one's, not corrupt either
+                continue
             if parsed is None or parsed[0] != (i & 0xFFFF) or parsed[1] != seq[i]:
                 res.bad += 1
                 continue

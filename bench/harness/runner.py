@@ -345,7 +345,8 @@ class Runner:
             "sched": sched,
             "attempted_rate": case_rate or "back to back",
             "round_trips_per_s": rate, "round_trips": res.received, "sent": res.sent,
-            "lost": res.lost, "bad": res.bad, "elapsed_s": round(res.elapsed_s, 4),
+            "lost": res.lost, "bad": res.bad, "late": res.late,
+            "elapsed_s": round(res.elapsed_s, 4),
             "latency": latency_summary(res.rtt_ns), "cpu": cpu,
         }
         rec["_alongside_rtt_ns"] = res.rtt_ns
@@ -375,7 +376,8 @@ class Runner:
             window = s1["t"] - s0["t"]
             rate = res.received / res.elapsed_s if res.elapsed_s else 0.0
             m.update(pps=rate, bps=rate * case.size * 8, round_trips=res.received,
-                     sent=res.sent, lost=res.lost, bad=res.bad, per_flow=res.per_flow,
+                     sent=res.sent, lost=res.lost, bad=res.bad, late=res.late,
+                     per_flow=res.per_flow,
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
             if res.received == 0:
