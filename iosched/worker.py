@@ -629,8 +629,8 @@ class Worker:
         polled.append(q)
         return total
 
-    def _build_round(self) -> bool:
-        """The Round over every polled work, if each has a C op (else the Python path)."""
+    def _build_round(self) -> None:
+        """The Round over every polled work, if each has a C op (else None: the Python path)."""
         self._round_gen = self._poll_gen
         qs = list(self._polled)
         ops: list[Op] = []
@@ -638,17 +638,16 @@ class Worker:
             op = getattr(q.work, "op", None)
             if op is None:
                 self._round, self._round_qs = None, []
-                return False
+                return
             op.set_budget(*self.policy.batch_budget(q))
             ops.append(op)
         self._round, self._round_qs = Round(ops), qs
-        return True
 
     def _serve_round(self) -> int:
         """Every polled queue in one C call (vx_round): one batch each per pass, passes for up to
         poll_round_ns; then the per-queue bookkeeping of _serve_polled, once per round."""
-        if self._round_gen != self._poll_gen and not self._build_round():
-            return self._serve_polled(self._clock())
+        if self._round_gen != self._poll_gen:
+            self._build_round()
         rnd = self._round
         if rnd is None:
             return self._serve_polled(self._clock())

@@ -155,25 +155,6 @@ def testpmd_ok(tmp_path_factory: pytest.TempPathFactory) -> str:
     return binary
 
 
-def _daemon_queues(stats: dict[str, Any], device: str = "net0") -> dict[int, dict[str, int]]:
-    for dev in stats["devices"]:
-        if dev["name"] == device:
-            return {int(k): v for k, v in dev["queues"].items()}
-    raise AssertionError(f"device {device} not in daemon stats: {[d['name'] for d in stats['devices']]}")
-
-
-def _settled_queues(daemon: Any, device: str = "net0") -> dict[int, dict[str, int]]:
-    """The daemon's queue counters once they stop moving (the client has stopped sending)."""
-    last = _daemon_queues(daemon.stats(), device)
-    for _ in range(50):
-        time.sleep(0.1)
-        now = _daemon_queues(daemon.stats(), device)
-        if now == last:
-            return now
-        last = now
-    raise AssertionError(f"daemon counters still moving 5 s after the client stopped: {last}")
-
-
 @pytest.fixture
 def client(testpmd_ok: str, e2e_dir: Path) -> Iterator[Callable[..., Testpmd]]:
     """client(socket, forward_mode, queues=1, **kw) -> a launched virtio-user testpmd on core 0;
