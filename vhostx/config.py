@@ -42,6 +42,7 @@ class DeviceConfig:
     tap_netns: str = ""  # port=tap: move the interface into this namespace (created if absent)
     tap_address: str = ""  # port=tap: address/prefix to give the interface, e.g. 10.0.0.1/24
     worker: int = -1  # explicit placement (shared mode, later); -1: the policy decides
+    in_order: bool = True  # offer VIRTIO_F_IN_ORDER (chains are always completed in avail order)
 
     def effective_mac(self) -> bytes:
         if self.mac:
@@ -70,7 +71,7 @@ _INT_RANGES = {
     "frame_size": (60, 9000),
     "worker": (-1, 1023),
 }
-_BOOL_KEYS = {"client"}
+_BOOL_KEYS = {"client", "in_order"}
 _STR_KEYS = {
     "name", "socket", "type", "port", "mac", "switch", "tap_name", "tap_netns", "tap_address",
 }

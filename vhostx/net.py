@@ -227,6 +227,12 @@ class NetDevice(VhostUserDevice):
         feats = _BASE_FEATURES
         if cfg.queues > 1:
             feats |= 1 << vf.VIRTIO_NET_F_MQ
+        if cfg.in_order:
+            # every port op completes chains in the order the driver made them available (the C
+            # core pushes used entries as it walks the avail ring, drops and errors included),
+            # which is all IN_ORDER asks of a split-ring device; drivers then skip reading used
+            # ids (DPDK's virtio PMD frees TX mbufs from used->idx alone)
+            feats |= 1 << vf.VIRTIO_F_IN_ORDER
         self.tap: Any = None
         if cfg.port == "tap":
             feats |= _TAP_OFFLOADS

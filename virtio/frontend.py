@@ -51,10 +51,13 @@ __all__ = [
 
 PF = ProtocolFeature
 
-# What this driver implements (split rings only; no IN_ORDER: DriverQueue reads every used entry).
+# What this driver implements (split rings only). Under IN_ORDER it takes descriptors in ring
+# order and refuses a used entry that does not name the oldest chain in flight (DriverQueue); it
+# still reads every used entry (no batched completions).
 DEFAULT_FEATURES = vf.mask(
     [
         vf.VIRTIO_F_VERSION_1,
+        vf.VIRTIO_F_IN_ORDER,
         vf.VHOST_USER_F_PROTOCOL_FEATURES,
         vf.VIRTIO_RING_F_EVENT_IDX,
         vf.VIRTIO_RING_F_INDIRECT_DESC,
@@ -375,10 +378,12 @@ class VhostUserFrontend:
 
     def _start_rings(self) -> None:
         event_idx = self.has_feature(vf.VIRTIO_RING_F_EVENT_IDX)
+        in_order = self.has_feature(vf.VIRTIO_F_IN_ORDER)
         for i in range(self.num_queues):
             _, _, _, total = DriverQueue.layout(self.queue_size)
             gpa = self.alloc(total, _PAGE)
-            q = DriverQueue(self.mem[gpa : gpa + total], gpa, self.queue_size, event_idx=event_idx)
+            q = DriverQueue(self.mem[gpa : gpa + total], gpa, self.queue_size, event_idx=event_idx,
+                            in_order=in_order)
             self.queues.append(q)
             self.kick_fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
             self.call_fds.append(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))

@@ -62,10 +62,18 @@ class BackendFailed(RuntimeError):
         self.permanent = permanent
 
 
-def auto_mbufs(ports: int, queues: int) -> int:
-    """--total-num-mbufs for `ports` x `queues` virtio ports on one lcore (RX ring fill + TX ring
-    + per-lcore caches), never below testpmd's 16384."""
-    return max(16384, ports * queues * 1024 + 8192)
+def auto_mbufs(ports: int, queues: int, queue_size: int = 0) -> int:
+    """--total-num-mbufs for `ports` x `queues` ports on one lcore: enough to fill every RX and
+    TX ring (`queue_size` entries each, 0: DPDK's 256) plus the lcore's mempool cache and a
+    burst, never below the 16384 of reference/environment.md's commands.
+
+    Not more: testpmd's mempool is a FIFO ring behind a 250-mbuf lcore cache, so a TX client
+    whose rings drain quickly cycles through the *whole* pool. Session 2's 1024 mbufs per port
+    gave 32-port clients a 40960-mbuf pool (about 90 MB of 4 KiB pages with --no-huge): the
+    client then ran at about half speed against whichever backend kept its rings empty
+    (measured in session 4, docs/bench-results/README.md)."""
+    qs = queue_size or 256
+    return max(16384, ports * queues * 2 * qs + 2048)
 
 
 def _groups(n: int) -> list[range]:
@@ -139,7 +147,8 @@ def start_testpmd_client(stack: ExitStack, sockets: Sequence[str], case: Case,
             main_lcore=placement.backend_core,
             txpkts=case.size if mode == "txonly" else None, burst=client.burst or None,
             rxq=q, txq=q, memory_mb=client.memory_mb,
-            total_num_mbufs=client.total_num_mbufs or auto_mbufs(len(vdevs), case.queues),
+            total_num_mbufs=client.total_num_mbufs or auto_mbufs(len(vdevs), case.queues,
+                                                                 client.queue_size),
             log_dir=logs, name=f"client{gi}", start_timeout=120.0, socket_timeout=60.0,
             app_args=("--port-topology=loop",),  # each port's stream stays on its own device
         )

@@ -95,10 +95,16 @@ def test_rxonly_from_source_receives_frames_of_the_configured_size(
     assert got.rx_packets <= queues[0]["packets"] <= got.rx_packets + 256
 
 
-def test_echo_returns_every_packet(client: Any, vhostx_daemon: Any, e2e_dir: Path) -> None:
-    sock, spec = _device(e2e_dir, "echo")
+@pytest.mark.parametrize("in_order", ["on", "off"])
+def test_echo_returns_every_packet(client: Any, vhostx_daemon: Any, e2e_dir: Path,
+                                   in_order: str) -> None:
+    """Both directions, with VIRTIO_F_IN_ORDER negotiated (virtio-user takes its in-order paths,
+    which trust used->idx alone to free TX mbufs) and without."""
+    sock, spec = _device(e2e_dir, "echo", in_order=in_order)
     daemon = vhostx_daemon([spec], cpus={DAEMON_CORE})
     tp = client(sock, "macswap", txpkts=64)
+    dev = next(d for d in daemon.stats()["devices"] if d["name"] == "net0")
+    assert bool(int(dev["features"], 16) >> 35 & 1) == (in_order == "on")
     # 4 bursts of 32 circulate: client -> daemon echo -> client macswap -> daemon ...
     tp.start_forwarding(tx_first=4)
     time.sleep(2)

@@ -15,7 +15,9 @@ __all__ = ["Env"]
 class Env:
     """A guest memory region (gpa -> uva offset fixed) with a bump allocator."""
 
-    def __init__(self, size: int = 4 << 20, gpa: int = 0x100000, uva: int = 0x7F00_0000_0000):
+    def __init__(self, size: int = 4 << 20, gpa: int = 0x100000, uva: int = 0x7F00_0000_0000,
+                 *, in_order: bool = False):
+        self.in_order = in_order  # every DriverQueue of pair() checks VIRTIO_F_IN_ORDER
         self.fd = os.memfd_create("vx-test")
         os.ftruncate(self.fd, size)
         self.region = MemoryRegion(gpa, size, uva, 0)
@@ -58,7 +60,8 @@ class Env:
         total = DriverQueue.layout(size)[3]
         base = self.alloc(total, 4096)
         drv = DriverQueue(
-            self.view(base, total), base, size, event_idx=event_idx, start_idx=start_idx
+            self.view(base, total), base, size, event_idx=event_idx, start_idx=start_idx,
+            in_order=self.in_order,
         )
         dev = DeviceQueue(
             self.mem,

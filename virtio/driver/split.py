@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 import sys
 import threading
+from collections import deque
 from collections.abc import Sequence
 
 from virtio.errors import VhostError
@@ -73,6 +74,7 @@ class DriverQueue:
         *,
         event_idx: bool = False,
         start_idx: int = 0,
+        in_order: bool = False,
     ) -> None:
         if size <= 0 or size > 32768 or size & (size - 1):
             raise ValueError(f"queue size must be a power of two in 1..32768, got {size}")
@@ -89,6 +91,9 @@ class DriverQueue:
         self.base_gpa = base_gpa
         self.size = size
         self.event_idx = event_idx
+        # VIRTIO_F_IN_ORDER: descriptors are taken in ring order (a FIFO of free ids), and every
+        # used entry must name the oldest chain in flight, or get_used raises.
+        self.in_order = in_order
         self.desc_gpa = base_gpa + desc_off
         self.avail_gpa = base_gpa + avail_off
         self.used_gpa = base_gpa + used_off
@@ -101,8 +106,10 @@ class DriverQueue:
         self._published = start_idx & 0xFFFF  # last published avail->idx
         self._last_used = start_idx & 0xFFFF
         self._irq_enabled = True
-        self._free: list[int] = list(range(size - 1, -1, -1))  # stack of free descriptor ids
+        # free descriptor ids: a stack, or under in_order a FIFO taken from the left
+        self._free: deque[int] = deque(range(size) if in_order else range(size - 1, -1, -1))
         self._chains: dict[int, list[int]] = {}  # head -> descriptor ids it holds
+        self._order: deque[int] = deque()  # heads in avail order (in_order only)
         # zero the rings, then write the starting indexes
         self._mem[desc_off:total] = bytes(total - desc_off)
         self._store16(avail_off + 2, self._avail_idx)
@@ -160,7 +167,7 @@ class DriverQueue:
                 raise ValueError(f"indirect chain of {len(bufs)} > {limit} buffers")
             if not self._free:
                 raise ValueError("ring full")
-            head = self._free.pop()
+            head = self._take()
             table_off = self._ind_off + head * self.INDIRECT_MAX * 16
             for i, (addr, length, flags) in enumerate(bufs):
                 nxt = i + 1 if i + 1 < len(bufs) else 0
@@ -173,7 +180,7 @@ class DriverQueue:
         else:
             if len(bufs) > len(self._free):
                 raise ValueError(f"ring full: chain of {len(bufs)} with {len(self._free)} free")
-            ids = [self._free.pop() for _ in bufs]
+            ids = [self._take() for _ in bufs]
             for i, (addr, length, flags) in enumerate(bufs):
                 last = i + 1 == len(bufs)
                 fl = flags | (0 if last else VRING_DESC_F_NEXT)
@@ -181,7 +188,12 @@ class DriverQueue:
             head = ids[0]
             self._chains[head] = ids
         self.push_avail(head)
+        if self.in_order:
+            self._order.append(head)
         return head
+
+    def _take(self) -> int:
+        return self._free.popleft() if self.in_order else self._free.pop()
 
     def publish(self) -> bool:
         """Publish added entries (bump avail->idx); True if the device wants a kick."""
@@ -209,10 +221,18 @@ class DriverQueue:
         for k in range(n):
             slot = (self._last_used + k) % self.size
             hid, length = _USED_ELEM.unpack_from(self._mem, self._used_off + 4 + 8 * slot)
+            if self.in_order:
+                expect = self._order[0] if self._order else None
+                if hid != expect:
+                    raise VhostError(
+                        f"IN_ORDER: used entry {(self._last_used + k) & 0xFFFF} names head {hid}, "
+                        f"but the oldest chain in flight is {expect}"
+                    )
+                self._order.popleft()
             ids = self._chains.pop(hid, None)
             if ids is None:
                 raise VhostError(f"device returned head {hid} which is not in flight")
-            self._free.extend(reversed(ids))
+            self._free.extend(ids if self.in_order else reversed(ids))
             res.append((hid, length))
         self._last_used = used_idx
         if self.event_idx and self._irq_enabled:
