@@ -87,3 +87,18 @@ def test_refused_backend_is_skipped_and_others_go_on(tmp_path: Path,
     assert by[("bad", 1)]["skipped"]
     assert by[("good", 0)]["error"] is None and by[("good", 1)]["error"] is None
     assert "bad" in doc["unavailable"]
+
+
+def test_client_mbuf_pool_fills_every_ring_and_no_more() -> None:
+    """The pool holds every RX and TX ring's worth plus cache and burst slack (the reference
+    command's 16384 at least); not a fixed 1024 per port, whose cold surplus halved a 32-port
+    client's rate (docs/bench-results/README.md, session 4)."""
+    from bench.harness.backends import auto_mbufs
+
+    assert auto_mbufs(1, 1) == 16384
+    assert auto_mbufs(8, 1) == 16384  # 8 x (256 + 256) = 4096 fits under the floor
+    assert auto_mbufs(32, 1) == 32 * 2 * 256 + 2048
+    assert auto_mbufs(8, 4, 1024) == 8 * 4 * 2 * 1024 + 2048
+    for ports, queues, qs in ((32, 1, 0), (16, 2, 512), (3, 3, 4096)):
+        need = ports * queues * 2 * (qs or 256)
+        assert need < auto_mbufs(ports, queues, qs) <= max(16384, need + 2048)
