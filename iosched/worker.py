@@ -254,8 +254,8 @@ class Worker:
             fut = self.submit(self._request_stop)
             try:
                 fut.result(timeout)
-            except Exception:  # noqa: BLE001 - stopping anyway
-                pass
+            except Exception as err:  # noqa: BLE001 - stopping anyway
+                log.debug("worker %s: stop request failed (%s); joining anyway", self.name, err)
             self._thread.join(timeout)
         try:
             self._epoll.close()

@@ -23,7 +23,6 @@ from typing import Any
 
 from iosched.pool import DeviceBinding
 from iosched.worker import QueueWork
-
 from virtio import vhost_user as vu
 from virtio.errors import GuestError, RemoteProtocolError
 from virtio.memory import GuestMemory, MemoryRegion
@@ -230,7 +229,7 @@ class VhostUserDevice:
             log.warning("%s: closing connection: %s", self.name, err)
         except (ConnectionError, asyncio.CancelledError):
             raise
-        except Exception:  # noqa: BLE001 - a bug here must cost one connection, not the daemon
+        except Exception:
             self.counters.protocol_errors += 1
             log.exception("%s: internal error while serving the frontend; closing it", self.name)
         finally:

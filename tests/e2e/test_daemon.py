@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vhostx.process import DaemonProcess
+from vhostx.process import DaemonFailed, DaemonProcess
 from virtio.frontend import NetDriver, VhostUserFrontend
 from virtio.vhost_user import FrontendConnection, Request
 
@@ -300,7 +300,7 @@ def test_parameters_precedence_and_live_change(daemon_factory, tmp_path) -> None
 def test_bad_parameter_at_start_exits_2(daemon_factory) -> None:
     d = daemon_factory(params=["poll_stop_idle=-5"])
     d.add_device("net0")
-    with pytest.raises(Exception):
+    with pytest.raises(DaemonFailed, match="exited with 2"):
         d.start(timeout=10)
     assert d.returncode == 2
     assert "poll_stop_idle" in d.log_tail() and "allowed" in d.log_tail()

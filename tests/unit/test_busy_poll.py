@@ -412,7 +412,7 @@ def test_no_spin_while_other_queues_wait(env):
         def subscribe(self, cb):
             return lambda: None
 
-    drv, tx = env.pair(64, index=1)
+    _drv, tx = env.pair(64, index=1)
     seen: list[int] = []
 
     def run(p: int, b: int, s: int) -> int:

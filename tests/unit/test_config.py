@@ -84,7 +84,7 @@ def test_cli_exits_2_on_bad_config(tmp_path: Path) -> None:
     r = subprocess.run(
         [sys.executable, "-m", "vhostx", "serve", "--device",
          f"name=a,socket={tmp_path}/a.sock,port=nowhere"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False,
     )
     assert r.returncode == 2
     assert "port='nowhere'" in r.stderr and "sink | echo" in r.stderr
@@ -95,7 +95,7 @@ def test_cli_exits_2_when_socket_path_is_not_a_socket(tmp_path: Path) -> None:
     f.write_text("x")
     r = subprocess.run(
         [sys.executable, "-m", "vhostx", "serve", "--device", f"name=a,socket={f}"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False,
     )
     assert r.returncode == 2
     assert "not a socket" in r.stderr
@@ -144,7 +144,7 @@ def test_cli_exits_2_on_bad_metrics_address(tmp_path: Path, args: list[str]) -> 
     r = subprocess.run(
         [sys.executable, "-m", "vhostx", "serve", "--device", f"name=a,socket={tmp_path}/a.sock",
          *args],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True, text=True, timeout=30, check=False,
     )
     assert r.returncode == 2, r.stderr
     assert "--metrics=" in r.stderr and "configuration error" in r.stderr
@@ -155,6 +155,6 @@ def test_cli_exits_2_on_bad_metrics_in_file(tmp_path: Path) -> None:
     f = tmp_path / "c.toml"
     f.write_text(f'[daemon]\nmetrics = "x:y"\n[[device]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\n')
     r = subprocess.run([sys.executable, "-m", "vhostx", "serve", "--config", str(f)],
-                       capture_output=True, text=True, timeout=30)
+                       capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 2, r.stderr
     assert "[daemon] metrics='x:y'" in r.stderr

@@ -20,7 +20,7 @@ from test_net_core import MAC_A, MAC_B, _frame
 from vhostx.config import parse_device_spec
 from virtio import features as vf
 from virtio import net
-from virtio.errors import VhostError
+from virtio.errors import ConfigError, VhostError
 
 HDR = 12
 BIG = 1 << 40
@@ -74,7 +74,7 @@ def test_device_offers_in_order_unless_configured_off():
                     SwitchRegistry())
     assert on.offered_features() & (1 << vf.VIRTIO_F_IN_ORDER)
     assert not off.offered_features() & (1 << vf.VIRTIO_F_IN_ORDER)
-    with pytest.raises(Exception, match="in_order"):
+    with pytest.raises(ConfigError, match="in_order"):
         parse_device_spec("name=c,socket=/tmp/z.sock,in_order=maybe")
 
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from iosched import params as P
-from iosched.params import REGISTRY, Param, Registry, Source
 from typing import Any
 
 import pytest
 
+from iosched import params as P
+from iosched.params import REGISTRY, Param, Registry, Source
 from virtio.errors import ConfigError
 
 ELVIS_NAMES = (

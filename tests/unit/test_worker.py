@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import threading
 import time
-from iosched.policy import SchedSettings
-from iosched.worker import Worker, WorkStats
 
 import pytest
 
+from iosched.policy import SchedSettings
+from iosched.worker import Worker, WorkStats
 from virtio.errors import GuestError
 
 
