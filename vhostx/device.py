@@ -229,7 +229,7 @@ class VhostUserDevice:
             log.warning("%s: closing connection: %s", self.name, err)
         except (ConnectionError, asyncio.CancelledError):
             raise
-        except Exception:
+        except Exception:  # a bug here must cost one connection, not the daemon
             self.counters.protocol_errors += 1
             log.exception("%s: internal error while serving the frontend; closing it", self.name)
         finally:
