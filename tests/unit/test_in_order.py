@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_core_env import Env
-from test_net_core import MAC_A, MAC_B, _frame
+from test_net_core import MAC_A, MAC_B, Guest, _frame
 
 from vhostx.config import parse_device_spec
 from virtio import features as vf
@@ -88,20 +88,11 @@ CHAIN = st.tuples(
 TX_KINDS = ["sink", "echo", "fwd", "switch", "to_fd"]
 
 
-class _Side:
-    """One guest's TX and RX rings on an in-order Env."""
+class _Side(Guest):
+    """One guest's TX and RX rings on an in-order Env, with hostile TX chain shapes."""
 
-    def __init__(self, env: Env, size: int, mrg: bool, rx_buf: int) -> None:
-        self.env = env
-        self.rx_drv, self.rx = env.pair(size, mrg_rxbuf=mrg, index=0)
-        self.tx_drv, self.tx = env.pair(size, mrg_rxbuf=mrg, index=1)
-        self.rx_buf = rx_buf
-        self.pool = env.alloc(64 << 10)
-
-    def post_rx(self, n: int) -> None:
-        for _ in range(min(n, self.rx_drv.num_free)):
-            self.rx_drv.add([], [(self.env.alloc(self.rx_buf, 64), self.rx_buf)])
-        self.rx_drv.publish()
+    def post_rx(self, n: int, q: int = 0) -> None:
+        super().post_rx(min(n, self.rx_drv.num_free), q)
 
     def add_tx(self, shape: str, length: int) -> bool:
         frame = _frame(MAC_B, MAC_A, max(length, 14))
@@ -138,8 +129,8 @@ def test_tx_ops_complete_in_avail_order(kind, chains, budgets, rx_posts, mrg, rx
     env = Env(size=16 << 20, in_order=True)
     s1 = s2 = None
     try:
-        a = _Side(env, 16, mrg, rx_buf)
-        b = _Side(env, 16, mrg, rx_buf)
+        a = _Side(env, mrg=mrg, size=16, rx_buf=rx_buf)
+        b = _Side(env, mrg=mrg, size=16, rx_buf=rx_buf)
         if kind == "sink":
             op = net.Op.tx_sink(a.tx)
         elif kind == "echo":
