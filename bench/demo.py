@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from vhostx.live import stats_table
-from vhostx.process import DaemonProcess
+from bench.process import DaemonProcess
 
 from .testpmd import Testpmd, TestpmdError, VirtioUserVdev, find_testpmd
 
