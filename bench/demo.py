@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -332,6 +333,7 @@ def run_demo(seconds: float = 10.0, devices: int = 4, size: int = 64,
                                     results, None, None, None), refresh=True)
         except KeyboardInterrupt:
             pass
+    console.print()
     for line in summary_lines(results):
         console.print(line, highlight=False)
     return 1 if any(r.error for r in results) else 0
@@ -353,7 +355,8 @@ def _one_phase(res: PhaseResult, seconds: float, size: int,
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.seconds <= 0 or args.devices < 1 or not 60 <= args.size <= 1514:
-        print("vhostx demo: expected --seconds > 0, --devices >= 1 and --size in [60, 1514]")
+        print("vhostx demo: expected --seconds > 0, --devices >= 1 and --size in [60, 1514]",
+              file=sys.stderr)
         return 2
     return run_demo(seconds=args.seconds, devices=args.devices, size=args.size)
 
