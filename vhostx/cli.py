@@ -77,10 +77,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if args.print_capabilities:  # the backend program conventions: print, ignore the rest, exit 0
         print(json.dumps(CAPABILITIES))
         return 0
-    from .config import backend_device, load_config
+    from .config import DeviceConfig, backend_device, load_config
     from .daemon import run_daemon
 
-    extra = ()
+    extra: tuple[DeviceConfig, ...] = ()
     if args.socket_path is not None or args.fd is not None:
         extra = (backend_device(socket_path=args.socket_path, fd=args.fd, name=args.name,
                                 port=args.port, options=args.device_option),)

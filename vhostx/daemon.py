@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -120,7 +121,7 @@ class Daemon:
                 if dev.cfg.fd >= 0:
                     task = asyncio.create_task(serve_fd(adopt_fd(dev.cfg.fd), dev.serve))
                     # an inherited connection cannot come back: when it ends, so does the daemon
-                    task.add_done_callback(lambda _t, d=dev: self._fd_closed(d))
+                    task.add_done_callback(functools.partial(self._fd_closed, dev))
                     started.set()
                 elif dev.cfg.client:
                     task = asyncio.create_task(connect_unix(dev.cfg.socket, dev.serve))
@@ -149,7 +150,7 @@ class Daemon:
             raise
         log.info("serving %d device(s) in %s mode", len(self.devices), self.mode)
 
-    def _fd_closed(self, dev: NetDevice) -> None:
+    def _fd_closed(self, dev: NetDevice, _task: asyncio.Task[None]) -> None:
         if not self._stop.is_set():
             log.info("%s: the frontend on --fd %d hung up; stopping", dev.name, dev.cfg.fd)
             self._stop.set()

@@ -122,3 +122,9 @@ def test_summary_compares_the_phases() -> None:
     assert "the daemon received 243,000,000 (100.0%)" in lines[0]
     assert lines[-1] == ("one shared I/O core moved 2.00x the packets per second of a thread "
                          "per device on the same core")
+
+
+def test_cpu_busy_reads_each_cpu() -> None:
+    busy = demo.cpu_busy((0,), seconds=0.1)
+    assert set(busy) == {0} and 0.0 <= busy[0] <= 1.0
+    assert demo.cpu_busy((), seconds=0.01) == {}
