@@ -50,6 +50,7 @@ __all__ = [
     "summary_lines",
 ]
 
+INTERRUPTED = "not measured: stopped by Ctrl-C"
 DAEMON_CPU = 1  # the one core every daemon thread runs on
 CLIENT_CPU = 0  # testpmd's forwarding lcore
 
@@ -215,7 +216,7 @@ def comparison_table(results: Sequence[PhaseResult], running: str | None) -> Any
     for r in results:
         state = ("now" if r.phase.mode == running else "avg" if r.window.seconds else "next")
         if r.error:
-            state = "failed"
+            state = "stopped" if r.error == INTERRUPTED else "failed"
         t.add_column(f"{r.phase.mode} ({state})", justify="right", no_wrap=True)
         cols.append(r.last if r.phase.mode == running else r.window if r.window.seconds else None)
 
@@ -264,7 +265,7 @@ def summary_lines(results: Sequence[PhaseResult]) -> list[str]:
     lines = []
     for r in results:
         if r.error:
-            lines.append(f"{r.phase.mode}: failed: {r.error}")
+            lines.append(f"{r.phase.mode}: {r.error}")
             continue
         share = (f" ({100.0 * r.daemon_counted / r.client_sent:.1f}%)" if r.client_sent else "")
         lines.append(f"{r.phase.mode}: the client sent {r.client_sent:,} packets over "
@@ -347,11 +348,13 @@ def run_demo(seconds: float = 10.0, devices: int = 4, size: int = 64,
                 try:
                     _one_phase(res, seconds, size, tick)
                 except (TestpmdError, DaemonFailed) as err:
-                    res.error = str(err).splitlines()[0]
+                    res.error = "failed: " + str(err).splitlines()[0]
                 live.update(_layout("done" if i == len(results) - 1 else "next phase...",
                                     results, None, None, None), refresh=True)
-        except KeyboardInterrupt:
-            pass
+        except KeyboardInterrupt:  # the children got the SIGINT too: what ran is not measured
+            for r in results:
+                if not r.window.seconds and not r.error:
+                    r.error = INTERRUPTED
     console.print()
     for line in summary_lines(results):
         console.print(line, highlight=False)
@@ -360,6 +363,8 @@ def run_demo(seconds: float = 10.0, devices: int = 4, size: int = 64,
         console.print(f"note: before the demo other work kept {cpus} busy; the phases shared "
                       "those cores with it (a single polling thread gets less of a busy core "
                       "than four), so these figures say little", style="yellow", highlight=False)
+    if any(r.error == INTERRUPTED for r in results):
+        return 130
     return 1 if any(r.error for r in results) else 0
 
 
