@@ -1,6 +1,7 @@
 """`vhostx bench list` and `vhostx bench run FILE|NAME`: the benchmark harness's command line.
 
-`register(subparsers)` adds the `bench` command to vhostx's parser (vhostx/cli.py calls it);
+`register(subparsers)` adds the `bench` command to vhostx's parser (through the entry point
+`bench` of the group `vhostx.commands`, which vhostx/cli.py discovers: vhostx imports no bench);
 `python -m bench ...` (bench/__main__.py) gives the same commands without the daemon's CLI.
 A run prints a progress bar and one line per run, and at the end where the results went
 (results.json, report.md, plots/). Exit status: 0 when every run succeeded, 1 when some failed

@@ -226,7 +226,7 @@ def vhostx_daemon(devices: Sequence[tuple[str, str, dict[str, object]]], *,
     """A running vhostx daemon (vhostx.process.DaemonProcess) with net devices given as
     (name, port, options); yields it with `.sockets` {name: path}. Stopped with SIGTERM on exit;
     its final statistics are then in `.final_stats`."""
-    from vhostx.process import DaemonProcess  # imported late: the daemon may not exist yet
+    from bench.process import DaemonProcess  # imported late: the daemon may not exist yet
 
     daemon = DaemonProcess(params=params, cpus=cpus, workdir=workdir, log_level="WARNING")
     sockets = {name: daemon.add_device(name, port, **opts) for name, port, opts in devices}

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from vhostx.process import DaemonProcess
+from bench.process import DaemonProcess
 
 
 @pytest.fixture

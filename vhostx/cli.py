@@ -1,4 +1,5 @@
-"""The `vhostx` command line: serve, stats, params, param, workers, worker, migrate, demo, bench.
+"""The `vhostx` command line: serve, stats, params, param, workers, worker, migrate, and the
+commands of installed plugins (entry-point group `vhostx.commands`: bench/ adds `bench`, `demo`).
 
 Exit codes: 0 success, 1 runtime failure (no daemon, or the daemon refused a command), 2 bad
 configuration or usage.
@@ -16,10 +17,14 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
-__all__ = ["CommandFailed", "ask", "build_parser", "control_request", "main"]
+__all__ = ["CAPABILITIES", "CommandFailed", "ask", "backend_main", "build_parser",
+           "control_request", "main"]
 
 
 CONTROL_TIMEOUT_S = 5.0  # how long a control command may take before the CLI gives up
+# `--print-capabilities` (QEMU docs/interop/vhost-user.json, VHostUserBackendCapabilities): the
+# union's base is the type; "net" has no member of its own, so no "features" list
+CAPABILITIES: dict[str, Any] = {"type": "net"}
 
 
 class CommandFailed(Exception):
@@ -69,10 +74,22 @@ def ask(control: str, req: dict[str, Any], timeout: float | None = None, *,
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import load_config
+    if args.print_capabilities:  # the backend program conventions: print, ignore the rest, exit 0
+        print(json.dumps(CAPABILITIES))
+        return 0
+    from .config import DeviceConfig, backend_device, load_config
     from .daemon import run_daemon
 
-    cfg = load_config(args.config, args.device, args.control, args.param, metrics=args.metrics)
+    extra: tuple[DeviceConfig, ...] = ()
+    if args.socket_path is not None or args.fd is not None:
+        extra = (backend_device(socket_path=args.socket_path, fd=args.fd, name=args.name,
+                                port=args.port, options=args.device_option),)
+    elif args.device_option or args.name != "net0" or args.port != "sink":
+        raise ConfigError("--name, --port and --device-option describe the device of "
+                          "--socket-path PATH or --fd N; give one of those")
+    cfg = load_config(args.config, args.device, args.control, args.param, metrics=args.metrics,
+                      extra_devices=extra, socket_group=args.socket_group,
+                      socket_mode=args.socket_mode)
     return run_daemon(cfg, stats_file=args.stats_file, ready_file=args.ready_file)
 
 
@@ -180,12 +197,40 @@ def _cmd_param(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from bench.demo import (
-        run_demo,  # the CLI is the top of the stack: demo and bench live in bench/
-    )
-
-    return run_demo(seconds=args.seconds, port=args.port, size=args.size)
+def _add_serve_options(s: argparse.ArgumentParser) -> None:
+    one = s.add_argument_group(
+        "one device, QEMU's backend program conventions",
+        "--socket-path PATH or --fd N serves one net device (port sink unless --port says "
+        "otherwise); --device-option KEY=VALUE sets any other device key (see README)")
+    how = one.add_mutually_exclusive_group()
+    how.add_argument("--socket-path", metavar="PATH", help="listen on this vhost-user socket")
+    how.add_argument("--fd", type=int, metavar="N",
+                     help="serve this inherited, already-connected vhost-user socket; the daemon "
+                     "exits when the frontend hangs up")
+    one.add_argument("--print-capabilities", action="store_true",
+                     help='print {"type": "net"} and exit')
+    one.add_argument("--name", default="net0", help="device name (default net0)")
+    one.add_argument("--port", default="sink", choices=["sink", "echo", "source", "switch", "tap"],
+                     help="what the device's queues connect to (default sink)")
+    one.add_argument("-o", "--device-option", action="append", default=[], metavar="KEY=VALUE",
+                     help="another device key, e.g. queues=2, tap_netns=vx (repeatable)")
+    s.add_argument("--config", help="TOML file with [[device]] tables")
+    s.add_argument("--device", action="append", default=[],
+                   help="name=NAME,type=net,socket=PATH,port=sink|echo|source|switch|tap[,...] "
+                   "(repeatable)")
+    s.add_argument("--socket-group", metavar="GROUP",
+                   help="group of every listening socket that sets none (e.g. kvm, so that a "
+                   "QEMU of that group can connect)")
+    s.add_argument("--socket-mode", metavar="MODE",
+                   help="permission bits of every listening socket that sets none, e.g. 0660")
+    s.add_argument("--control", help="control socket path (JSON lines)")
+    s.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)")
+    s.add_argument("--param", action="append", default=[], help="name=value (repeatable)")
+    s.add_argument("--stats-file", help="write final statistics as JSON here on exit")
+    s.add_argument("--ready-file", help="write the pid here once every socket listens")
+    s.add_argument("--log-level", default=argparse.SUPPRESS,
+                   help="as before the command (vhostx-net has no other place for it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,17 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the daemon")
-    s.add_argument("--config", help="TOML file with [[device]] tables")
-    s.add_argument("--device", action="append", default=[],
-                   help="name=NAME,type=net,socket=PATH,port=sink|echo|source|switch|tap[,...] (repeatable)")
-    s.add_argument("--control", help="control socket path (JSON lines)")
-    s.add_argument("--metrics", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)")
-    s.add_argument("--param", action="append", default=[], help="name=value (repeatable)")
-    s.add_argument("--stats-file", help="write final statistics as JSON here on exit")
-    s.add_argument("--ready-file", help="write the pid here once every socket listens")
+    s = sub.add_parser("serve", help="run the daemon (in the foreground, until SIGTERM)")
+    _add_serve_options(s)
     s.set_defaults(func=_cmd_serve)
+
 
     st = sub.add_parser("stats", help="show a running daemon's statistics")
     st.add_argument("--control", required=True, help="the daemon's control socket")
@@ -248,32 +286,65 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the daemon to finish the move")
     mg.set_defaults(func=_cmd_migrate)
 
-    d = sub.add_parser("demo", help="daemon + a DPDK virtio-user client, live figures on screen")
-    d.add_argument("--seconds", type=float, default=20.0, help="how long traffic runs")
-    d.add_argument("--port", default="sink", choices=["sink", "source", "echo"],
-                   help="the daemon's port: guest TX into sink, RX from source, or echo")
-    d.add_argument("--size", type=int, default=64, help="packet size in bytes")
-    d.set_defaults(func=_cmd_demo)
-
-    _register_bench(sub)
+    _register_plugins(sub)
     return p
 
 
-def _register_bench(sub: Any) -> None:
-    """`vhostx bench ...` when the benchmark harness (bench/cli.py) is installed."""
-    try:
-        import bench.cli as bench_cli
-    except ModuleNotFoundError as err:
-        # Only the absence of bench.cli itself (or of bench) is tolerated: an ImportError from
-        # inside the harness is a bug to surface, not a reason to hide the command.
-        if err.name in ("bench", "bench.cli"):
-            return
-        raise
-    bench_cli.register(sub)
+PLUGIN_GROUP = "vhostx.commands"  # entry points: name = "module:register", register(subparsers)
+
+
+def _plugin_entry_points() -> list[Any]:
+    """The installed distributions' `vhostx.commands` entry points, sorted by name."""
+    from importlib.metadata import entry_points
+
+    return sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)
+
+
+def _register_plugins(sub: Any) -> None:
+    """Commands other packages add to `vhostx` (bench registers `bench` and `demo`).
+
+    Each entry point names a `register(subparsers)` function. One that cannot be loaded or
+    registered still appears as a command, which says in one line why it is unavailable (exit 1):
+    the daemon's own commands never depend on a plugin."""
+    for ep in _plugin_entry_points():
+        if ep.name in sub.choices:
+            continue  # a second distribution offering the same name: the first one wins
+        try:
+            ep.load()(sub)
+        except Exception as err:  # noqa: BLE001 - any failure of a plugin is reported, not raised
+            sub.choices.pop(ep.name, None)  # a plugin that failed half-way through
+            reason = f"{type(err).__name__}: {err}".splitlines()[0]
+            _add_broken_plugin(sub, ep.name, f"{ep.value}: {reason}")
+
+
+def _add_broken_plugin(sub: Any, name: str, reason: str) -> None:
+    message = f"the {name!r} command is unavailable ({reason})"
+
+    def run(args: argparse.Namespace) -> int:
+        print(f"vhostx: {message}", file=sys.stderr)
+        return 1
+
+    b = sub.add_parser(name, help=f"(unavailable: {reason})", add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=run)
+
+
+def backend_main(argv: list[str] | None = None) -> int:
+    """`vhostx-net`: `vhostx serve` under the name a vhost-user descriptor gives as its binary
+    (QEMU's backend program conventions: --socket-path, --fd, --print-capabilities)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--print-capabilities" in argv:  # "other options and arguments should be ignored"
+        print(json.dumps(CAPABILITIES))
+        return 0
+    return main(["serve", *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"] and "--print-capabilities" in argv:
+        print(json.dumps(CAPABILITIES))  # before parsing: the other options are to be ignored
+        return 0
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

@@ -6,9 +6,10 @@ the value that came and what is allowed. Called from the main thread at start-up
 
 from __future__ import annotations
 
+import grp
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from virtio.errors import ConfigError
 
 from .metrics import parse_addr
 
-__all__ = ["PORTS", "DaemonConfig", "DeviceConfig", "load_config", "parse_device_spec"]
+__all__ = ["PORTS", "DaemonConfig", "DeviceConfig", "backend_device", "load_config",
+           "parse_device_spec", "parse_socket_group", "parse_socket_mode"]
 
 PORTS = ("sink", "echo", "source", "switch", "tap")
 DEVICE_TYPES = ("net",)
@@ -43,6 +45,9 @@ class DeviceConfig:
     tap_address: str = ""  # port=tap: address/prefix to give the interface, e.g. 10.0.0.1/24
     worker: int = -1  # explicit placement (shared mode, later); -1: the policy decides
     in_order: bool = True  # offer VIRTIO_F_IN_ORDER (chains are always completed in avail order)
+    socket_group: str = ""  # listening socket: its group (name or gid); "" = the daemon's group
+    socket_mode: int = -1  # listening socket: its permission bits, e.g. 0o660; -1 = as created
+    fd: int = -1  # serve this inherited, connected socket (`serve --fd N`) instead of `socket`
 
     def effective_mac(self) -> bytes:
         if self.mac:
@@ -64,7 +69,7 @@ class DaemonConfig:
     path: str = ""  # the config file, for messages
 
 
-_DAEMON_KEYS = ("control", "metrics")  # the keys of the [daemon] table
+_DAEMON_KEYS = ("control", "metrics", "socket_group", "socket_mode")  # the [daemon] table
 _INT_RANGES = {
     "queues": (1, 64),
     "mtu": (68, 65535),
@@ -75,6 +80,32 @@ _BOOL_KEYS = {"client", "in_order"}
 _STR_KEYS = {
     "name", "socket", "type", "port", "mac", "switch", "tap_name", "tap_netns", "tap_address",
 }
+_SOCKET_KEYS = {"socket_group", "socket_mode"}  # checked by parse_socket_group/_mode
+_OCTAL_RE = re.compile(r"^(0o|0)?([0-7]{1,4})$")
+
+
+def parse_socket_mode(value: Any, where: str) -> int:
+    """A socket's permission bits from a string of octal digits ("0660", "660", "0o660")."""
+    m = _OCTAL_RE.match(value) if isinstance(value, str) else None
+    mode = int(m.group(2), 8) if m else -1
+    if not 0 <= mode <= 0o777:
+        raise ConfigError(f"{where}: socket_mode={value!r}: expected a string of octal permission "
+                          "bits from \"0000\" to \"0777\", e.g. \"0660\"")
+    return mode
+
+
+def parse_socket_group(value: Any, where: str) -> str:
+    """A group that exists on this host, by name or number; returned as given."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: socket_group={value!r}: expected a group name or number")
+    try:
+        if value.isdigit():
+            grp.getgrgid(int(value))
+        else:
+            grp.getgrnam(value)
+    except (KeyError, OverflowError):
+        raise ConfigError(f"{where}: socket_group={value!r}: no such group on this host") from None
+    return value
 
 
 def _coerce(key: str, value: Any, where: str) -> Any:
@@ -100,17 +131,21 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if text in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{where}: {key}={value!r}: expected true or false")
+    if key == "socket_mode":
+        return parse_socket_mode(value, where)
+    if key == "socket_group":
+        return parse_socket_group(value, where)
     if key in _STR_KEYS:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key}={value!r}: expected a string")
         return value
-    known = sorted(_INT_RANGES) + sorted(_BOOL_KEYS) + sorted(_STR_KEYS)
+    known = sorted(_INT_RANGES) + sorted(_BOOL_KEYS) + sorted(_STR_KEYS) + sorted(_SOCKET_KEYS)
     raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
 
 
-def _device_from_mapping(raw: dict[str, Any], where: str) -> DeviceConfig:
+def _device_from_mapping(raw: dict[str, Any], where: str, fd: int = -1) -> DeviceConfig:
     values = {k: _coerce(k, v, where) for k, v in raw.items()}
-    for required in ("name", "socket"):
+    for required in ("name",) if fd >= 0 else ("name", "socket"):
         if not values.get(required):
             raise ConfigError(f"{where}: missing required key {required!r}")
     name = values["name"]
@@ -129,30 +164,58 @@ def _device_from_mapping(raw: dict[str, Any], where: str) -> DeviceConfig:
             raise ConfigError(f"{where}: mac={mac!r}: expected six hex bytes like 52:54:00:12:34:56")
         if int(mac[:2], 16) & 1:
             raise ConfigError(f"{where}: mac={mac!r}: a multicast address cannot be a device MAC")
-    sock = values["socket"]
+    sock = values.get("socket", "")
     if len(sock.encode()) > 107:
         raise ConfigError(f"{where}: socket={sock!r}: a UNIX socket path is at most 107 bytes")
+    if values.get("client") or fd >= 0:
+        for key in sorted(_SOCKET_KEYS & set(values)):
+            raise ConfigError(f"{where}: {key} applies to a socket the daemon listens on, not to "
+                              + ("an inherited --fd" if fd >= 0 else "client = true"))
     if values.get("port") != "tap":
         for key in ("tap_name", "tap_netns", "tap_address"):
             if values.get(key):
                 raise ConfigError(f"{where}: {key} is only meaningful with port = \"tap\"")
     if values.get("tap_name") and len(values["tap_name"]) > 15:
         raise ConfigError(f"{where}: tap_name={values['tap_name']!r}: at most 15 characters")
-    return DeviceConfig(**values)
+    values.setdefault("socket", "")  # an --fd device has none
+    return DeviceConfig(**values, fd=fd)
 
 
-def parse_device_spec(spec: str) -> DeviceConfig:
-    """Parse `name=net0,type=net,socket=PATH,port=sink` (the --device option)."""
+def _spec_items(items: list[str], where: str) -> dict[str, Any]:
     raw: dict[str, Any] = {}
-    for item in spec.split(","):
+    for item in items:
         item = item.strip()
         if not item:
             continue
         if "=" not in item:
-            raise ConfigError(f"--device {spec!r}: {item!r} is not key=value")
+            raise ConfigError(f"{where}: {item!r} is not key=value")
         key, value = item.split("=", 1)
         raw[key.strip()] = value.strip()
-    return _device_from_mapping(raw, f"--device {spec!r}")
+    return raw
+
+
+def parse_device_spec(spec: str) -> DeviceConfig:
+    """Parse `name=net0,type=net,socket=PATH,port=sink` (the --device option)."""
+    return _device_from_mapping(_spec_items(spec.split(","), f"--device {spec!r}"),
+                                f"--device {spec!r}")
+
+
+def backend_device(*, socket_path: str | None = None, fd: int | None = None, name: str = "net0",
+                   port: str = "sink", options: list[str] | None = None) -> DeviceConfig:
+    """The one net device of `serve --socket-path PATH` or `serve --fd N` (QEMU's backend program
+    conventions); `options` are further device keys as KEY=VALUE strings."""
+    where = f"--socket-path {socket_path}" if socket_path is not None else f"--fd {fd}"
+    raw = _spec_items(list(options or []), f"{where} --device-option")
+    for key, option in (("name", "--name"), ("port", "--port"), ("socket", "--socket-path")):
+        if key in raw:
+            raise ConfigError(f"{where}: give the device's {key} with {option}, "
+                              "not as a --device-option")
+    raw.update(name=name, port=port, type=raw.get("type", "net"))
+    if socket_path is not None:
+        return _device_from_mapping({**raw, "socket": socket_path}, where)
+    if fd is None or fd < 0:
+        raise ConfigError(f"--fd {fd}: expected a file descriptor number >= 0")
+    return _device_from_mapping(raw, where, fd=fd)
 
 
 def _check_unique(devices: list[DeviceConfig]) -> None:
@@ -164,7 +227,16 @@ def _check_unique(devices: list[DeviceConfig]) -> None:
         if dev.socket in seen_socks:
             raise ConfigError(f"socket {dev.socket!r} is used by two devices")
         seen_names.add(dev.name)
-        seen_socks.add(dev.socket)
+        if dev.socket:
+            seen_socks.add(dev.socket)
+
+
+def _with_socket_defaults(dev: DeviceConfig, defaults: dict[str, Any]) -> DeviceConfig:
+    """A listening device without its own socket_group/socket_mode takes the daemon's."""
+    if dev.client or dev.fd >= 0 or not defaults:
+        return dev
+    changes = {k: v for k, v in defaults.items() if getattr(dev, k) in ("", -1)}
+    return replace(dev, **changes) if changes else dev
 
 
 def load_config(
@@ -173,14 +245,21 @@ def load_config(
     control: str | None = None,
     params: list[str] | None = None,
     metrics: str | None = None,
+    *,
+    extra_devices: tuple[DeviceConfig, ...] = (),
+    socket_group: str | None = None,
+    socket_mode: str | None = None,
 ) -> DaemonConfig:
     """Combine a TOML file and command-line devices into one checked configuration.
 
-    `control` and `metrics` given here (the command line) win over the file's [daemon] table."""
+    `control`, `metrics`, `socket_group` and `socket_mode` given here (the command line) win over
+    the file's [daemon] table; the socket ones are defaults for devices that set neither.
+    `extra_devices` (the one of `--socket-path`/`--fd`) come after those of the file and --device."""
     devices: list[DeviceConfig] = []
     file_params: dict[str, Any] = {}
     file_control = ""
     file_metrics: str | None = None
+    sock_defaults: dict[str, Any] = {}
     if path:
         try:
             data = tomllib.loads(Path(path).read_text())
@@ -210,7 +289,9 @@ def load_config(
                     f"config file {path}: [daemon] unknown key {key!r}; "
                     f"known: {', '.join(_DAEMON_KEYS)}"
                 )
-            if key == "control":
+            if key in _SOCKET_KEYS:
+                sock_defaults[key] = _coerce(key, value, f"config file {path}: [daemon]")
+            elif key == "control":
                 if not isinstance(value, str):
                     raise ConfigError(
                         f"config file {path}: [daemon] control={value!r}: expected a string path"
@@ -232,8 +313,15 @@ def load_config(
         parse_addr(metrics, what="--metrics")
     for spec in device_specs or []:
         devices.append(parse_device_spec(spec))
+    devices.extend(extra_devices)
     if not devices:
-        raise ConfigError("no devices: give --config FILE or at least one --device")
+        raise ConfigError("no devices: give --config FILE, --socket-path PATH, --fd N or at least "
+                          "one --device")
+    if socket_group is not None:
+        sock_defaults["socket_group"] = parse_socket_group(socket_group, "--socket-group")
+    if socket_mode is not None:
+        sock_defaults["socket_mode"] = parse_socket_mode(socket_mode, "--socket-mode")
+    devices = [_with_socket_defaults(dev, sock_defaults) for dev in devices]
     _check_unique(devices)
     return DaemonConfig(
         devices=tuple(devices),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from virtio.errors import ConfigError
 
 from .config import DaemonConfig
 from .net import NetDevice, SwitchRegistry
-from .transport import connect_unix, listen_unix
+from .transport import adopt_fd, connect_unix, listen_unix, serve_fd
 
 __all__ = ["Daemon", "run_daemon"]
 
@@ -117,11 +118,19 @@ class Daemon:
                 self.devices.append(dev)
             for dev in self.devices:
                 started = asyncio.Event()
-                if dev.cfg.client:
+                if dev.cfg.fd >= 0:
+                    task = asyncio.create_task(serve_fd(adopt_fd(dev.cfg.fd), dev.serve))
+                    # an inherited connection cannot come back: when it ends, so does the daemon
+                    task.add_done_callback(functools.partial(self._fd_closed, dev))
+                    started.set()
+                elif dev.cfg.client:
                     task = asyncio.create_task(connect_unix(dev.cfg.socket, dev.serve))
                     started.set()
                 else:
-                    task = asyncio.create_task(listen_unix(dev.cfg.socket, dev.serve, started))
+                    mode = dev.cfg.socket_mode if dev.cfg.socket_mode >= 0 else None
+                    task = asyncio.create_task(listen_unix(
+                        dev.cfg.socket, dev.serve, started,
+                        group=dev.cfg.socket_group or None, mode=mode))
                 self._tasks.append(task)
                 # Surface bind errors now, not later in a forgotten task.
                 waiter = asyncio.create_task(started.wait())
@@ -140,6 +149,11 @@ class Daemon:
             await self.stop()
             raise
         log.info("serving %d device(s) in %s mode", len(self.devices), self.mode)
+
+    def _fd_closed(self, dev: NetDevice, _task: asyncio.Task[None]) -> None:
+        if not self._stop.is_set():
+            log.info("%s: the frontend on --fd %d hung up; stopping", dev.name, dev.cfg.fd)
+            self._stop.set()
 
     async def _start_control(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -247,8 +247,11 @@ class NetDevice(VhostUserDevice):
             self._open_tap()
 
     def _open_tap(self) -> None:
-        from . import netdev  # pyroute2 is only needed for tap ports
-
+        try:
+            from . import netdev  # pyroute2 is only needed for tap ports
+        except ImportError as err:
+            raise ConfigError(f"device {self.name}: port = \"tap\" needs pyroute2, which does "
+                              f"not import here ({err}); pip install pyroute2") from err
         try:
             self.tap = netdev.open_tap(
                 self.cfg.tap_name or None,

@@ -1,8 +1,11 @@
 """asyncio transport for vhost-user: UNIX stream sockets carrying bytes plus SCM_RIGHTS fds.
 
-`listen_unix` serves a path (one frontend at a time per device: a second connection is refused);
+`listen_unix` serves a path (one frontend at a time per device: a second connection is refused),
+its group and mode set between bind() and listen(), so no frontend connects before they apply;
 `connect_unix` dials a listening frontend (QEMU `server=on`, DPDK `server=1`) and dials again after
-every disconnect. Both hand each connection to `serve(recv, send)` until it returns.
+every disconnect; `adopt_fd` checks an inherited, already-connected socket (`serve --fd N`, as a
+management tool hands one over) and `serve_fd` serves it once. All hand each connection to
+`serve(recv, send)` until it returns.
 
 Threads: the asyncio loop thread only.
 """
@@ -12,15 +15,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import grp
 import logging
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from virtio.errors import ConfigError, RemoteProtocolError
 
-__all__ = ["MAX_FDS", "Channel", "connect_unix", "listen_unix"]
+__all__ = ["MAX_FDS", "Channel", "adopt_fd", "connect_unix", "listen_unix", "serve_fd"]
 
 log = logging.getLogger("vhostx.control")
 
@@ -85,7 +90,26 @@ async def _run_connection(sock: socket.socket, serve: Serve) -> None:
         ch.close()
 
 
-def _bind(path: str) -> socket.socket:
+def _group_id(group: str, path: str) -> int:
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket {path}: socket_group={group!r}: no such group") from None
+
+
+def _set_owner_mode(path: str, group: str | None, mode: int | None) -> None:
+    """Give the bound socket file its group and permission bits (connecting needs write access)."""
+    try:
+        if group:
+            os.chown(path, -1, _group_id(group, path))
+        if mode is not None:
+            os.chmod(path, mode)
+    except OSError as err:
+        what = f"group {group!r}" if group else f"mode {mode:04o}" if mode is not None else ""
+        raise ConfigError(f"socket {path}: cannot set its {what}: {err.strerror}") from err
+
+
+def _bind(path: str, group: str | None = None, mode: int | None = None) -> socket.socket:
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -107,18 +131,29 @@ def _bind(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        sock.listen(4)
     except OSError as err:
         sock.close()
+        raise ConfigError(f"socket {path}: cannot bind: {err.strerror}") from err
+    try:
+        _set_owner_mode(path, group, mode)  # before listen(): until then every connect is refused
+        sock.listen(4)
+    except (OSError, ConfigError) as err:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if isinstance(err, ConfigError):
+            raise
         raise ConfigError(f"socket {path}: cannot listen: {err.strerror}") from err
     sock.setblocking(False)
     return sock
 
 
-async def listen_unix(path: str, serve: Serve, started: asyncio.Event | None = None) -> None:
-    """Accept frontends on `path` forever, one connection served at a time."""
+async def listen_unix(path: str, serve: Serve, started: asyncio.Event | None = None, *,
+                      group: str | None = None, mode: int | None = None) -> None:
+    """Accept frontends on `path` forever, one connection served at a time. `group` (name or
+    gid) and `mode` (permission bits), when given, apply to the socket file before it listens."""
     loop = asyncio.get_running_loop()
-    lsock = _bind(path)
+    lsock = _bind(path, group, mode)
     busy: asyncio.Task[None] | None = None
     try:
         if started is not None:
@@ -164,3 +199,41 @@ async def connect_unix(path: str, serve: Serve, *, retry_s: float = 0.2, max_ret
         log.info("%s: connected to the frontend", path)
         await _run_connection(sock, serve)
         await asyncio.sleep(retry_s)
+
+
+def adopt_fd(fd: int) -> socket.socket:
+    """The inherited socket `fd` as a socket object, after checking that it is what a vhost-user
+    backend can serve: an open, connected AF_UNIX stream socket. ConfigError otherwise (the fd
+    is then left as it was)."""
+    where = f"--fd {fd}"
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        raise ConfigError(f"{where}: not an open file descriptor ({err.strerror})") from err
+    if not stat.S_ISSOCK(st.st_mode):
+        kind = ("a regular file" if stat.S_ISREG(st.st_mode) else "a pipe"
+                if stat.S_ISFIFO(st.st_mode) else "a character device"
+                if stat.S_ISCHR(st.st_mode) else "not a socket")
+        raise ConfigError(f"{where}: expected a connected AF_UNIX stream socket, got {kind}")
+    sock = socket.socket(fileno=fd)
+    try:
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ConfigError(f"{where}: expected a connected AF_UNIX stream socket, got "
+                              f"{sock.family.name} {sock.type.name}")
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ConfigError(f"{where}: expected a connected AF_UNIX stream socket, got a "
+                              "listening one (give its path with --socket-path instead)")
+        try:
+            sock.getpeername()
+        except OSError as err:
+            raise ConfigError(f"{where}: expected a connected AF_UNIX stream socket, got an "
+                              f"unconnected one ({err.strerror})") from err
+    except BaseException:
+        sock.detach()
+        raise
+    return sock
+
+
+async def serve_fd(sock: socket.socket, serve: Serve) -> None:
+    """Serve the one connection of an adopted socket (`adopt_fd`) until the frontend hangs up."""
+    await _run_connection(sock, serve)

@@ -173,6 +173,12 @@ class VhostUserFrontend:
         sock.settimeout(None)
         self._setup(sock)
 
+    def adopt(self, sock: socket.socket, timeout: float = 10.0) -> None:
+        """Use an already-connected socket (e.g. one end of a socketpair whose other end was
+        handed to a backend with `--fd`), then negotiate, share memory and start rings."""
+        self.timeout = timeout
+        self._setup(sock)
+
     def _setup(self, sock: socket.socket) -> None:
         self.sock = sock
         try:

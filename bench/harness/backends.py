@@ -296,7 +296,7 @@ def start_backend(spec: Backend, case: Case, placement: Placement, rundir: Path,
     rb = RunningBackend(spec)
     with ExitStack() as stack:
         if spec.kind == "vhostx":
-            from vhostx.process import DaemonFailed
+            from bench.process import DaemonFailed
 
             port, opts = _vhostx_port(case)
             if case.queues > 1:

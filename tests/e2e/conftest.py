@@ -110,11 +110,11 @@ def netns() -> Iterator[Any]:
 
 @pytest.fixture
 def vhostx_daemon(e2e_dir: Path) -> Iterator[Callable[..., Any]]:
-    """start(devices: list[str], **kw) -> a started vhostx.process.DaemonProcess in e2e_dir;
+    """start(devices: list[str], **kw) -> a started bench.process.DaemonProcess in e2e_dir;
     every daemon started is stopped (SIGTERM, then SIGKILL) at teardown. Skips when the daemon's
     CLI does not exist yet."""
     try:
-        from vhostx.process import DaemonProcess
+        from bench.process import DaemonProcess
     except ImportError as e:
         pytest.skip(f"the daemon is not available yet: {e}")
     started: list[Any] = []

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from vhostx.process import DaemonFailed, DaemonProcess
+from bench.process import DaemonFailed, DaemonProcess
 from virtio.frontend import NetDriver, VhostUserFrontend
 from virtio.vhost_user import FrontendConnection, Request
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vhostx.process import DaemonProcess
+from bench.process import DaemonProcess
 from virtio.frontend import NetDriver, VhostUserFrontend
 
 MAC_A = bytes.fromhex("525400aa0001")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from vhostx.process import DaemonProcess
+from bench.process import DaemonProcess
 from virtio.frontend import NetDriver, VhostUserFrontend
 
 MAC_A = bytes.fromhex("525400aa0001")

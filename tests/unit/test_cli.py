@@ -1,14 +1,18 @@
 """The control-socket commands of the CLI (stats, workers, worker add/remove, migrate, param)
 against a small fake daemon: a real UNIX socket speaking JSON lines. Also the error paths (no
-daemon, a refused command, a daemon that hangs or babbles) and the `vhostx bench` hook."""
+daemon, a refused command, a daemon that hangs or babbles), the plugin commands (entry points;
+vhostx imports no bench) and `vhostx-net`."""
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import json
 import socket
+import subprocess
 import sys
 import threading
-import types
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -238,7 +242,7 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# the `vhostx bench` hook
+# plugins: commands other packages add through the `vhostx.commands` entry points
 
 
 def _subcommands(parser: Any) -> set[str]:
@@ -246,32 +250,99 @@ def _subcommands(parser: Any) -> set[str]:
     return set(action.choices)
 
 
-def test_bench_hook_registers_when_present(monkeypatch: pytest.MonkeyPatch) -> None:
-    mod = types.ModuleType("bench.cli")
-
-    def register(sub: Any) -> None:
-        p = sub.add_parser("bench", help="benchmarks")
-        p.set_defaults(func=lambda args: 0)
-
-    mod.register = register  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "bench.cli", mod)
-    assert "bench" in _subcommands(cli.build_parser())
+def _fake_distribution(root: Path, module: str, source: str, entry_points: str) -> None:
+    """A distribution on sys.path with `module.py` and the given entry_points.txt, found by
+    importlib.metadata as an installed one would be."""
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{module}_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(entry_points)
 
 
-def test_bench_hook_tolerates_absence(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "bench.cli", None)  # import -> ModuleNotFoundError('bench.cli')
-    names = _subcommands(cli.build_parser())
-    assert "bench" not in names and {"serve", "stats", "workers", "worker", "migrate"} <= names
+def _only_these_plugins(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
+    """Discovery sees only the distributions under `root` (not the checkout's own install)."""
+    from importlib import metadata
+
+    monkeypatch.setattr(cli, "_plugin_entry_points", lambda: sorted(
+        (ep for d in metadata.distributions(path=[str(root)]) for ep in d.entry_points
+         if ep.group == cli.PLUGIN_GROUP), key=lambda ep: ep.name))
+    monkeypatch.syspath_prepend(str(root))
 
 
-def test_bench_hook_does_not_hide_other_import_errors(monkeypatch: pytest.MonkeyPatch,
-                                                      tmp_path: Path) -> None:
-    pkg = tmp_path / "fakebench"
-    (pkg / "bench").mkdir(parents=True)
-    (pkg / "bench" / "__init__.py").write_text("")
-    (pkg / "bench" / "cli.py").write_text("import a_module_that_does_not_exist_xyz\n")
-    monkeypatch.syspath_prepend(str(pkg))
-    for name in ("bench", "bench.cli"):
+def test_vhostx_does_not_import_bench() -> None:
+    code = ("import sys; import vhostx.cli, vhostx.daemon, vhostx.config, vhostx.transport; "
+            "vhostx.cli._plugin_entry_points = lambda: []; vhostx.cli.build_parser(); "
+            "print(sorted(m for m in sys.modules if m == 'bench' or m.startswith('bench.')))")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"}, timeout=60,
+                          check=True)
+    assert done.stdout.strip() == "[]"
+    for path in (root / "vhostx").glob("*.py"):
+        text = path.read_text()
+        assert "import bench" not in text and "from bench" not in text, path
+
+
+def test_plugin_from_an_entry_point_adds_its_command(monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    _fake_distribution(tmp_path, "vxplug_ok", (
+        "def register(sub):\n"
+        "    p = sub.add_parser('hello', help='says hello')\n"
+        "    p.add_argument('--who', default='world')\n"
+        "    p.set_defaults(func=lambda a: print('hello', a.who) or 0)\n"),
+        "[vhostx.commands]\nhello = vxplug_ok:register\n")
+    _only_these_plugins(monkeypatch, tmp_path)
+    assert "hello" in _subcommands(cli.build_parser())
+    rc, out, _ = run(capsys, "hello", "--who", "qemu")
+    assert rc == 0 and out == "hello qemu\n"
+
+
+@pytest.mark.parametrize("source, reason", [
+    (None, "ModuleNotFoundError: No module named 'vxplug_gone'"),
+    ("import a_module_that_does_not_exist_xyz\n",
+     "No module named 'a_module_that_does_not_exist_xyz'"),
+    ("def register(sub):\n    raise RuntimeError('half-made\\nsecond line')\n",
+     "RuntimeError: half-made"),
+])
+def test_missing_or_broken_plugin_says_so_in_one_line(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        source: str | None, reason: str) -> None:
+    _fake_distribution(tmp_path, "vxplug_bad", source or "", "[vhostx.commands]\n"
+                       f"bench = {'vxplug_gone' if source is None else 'vxplug_bad'}:register\n")
+    if source is None:
+        (tmp_path / "vxplug_bad.py").unlink()
+    for name in ("vxplug_bad", "vxplug_gone"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    with pytest.raises(ModuleNotFoundError, match="a_module_that_does_not_exist_xyz"):
-        cli.build_parser()
+    _only_these_plugins(monkeypatch, tmp_path)
+    names = _subcommands(cli.build_parser())  # the daemon's own commands are all there
+    assert {"serve", "stats", "params", "workers", "worker", "migrate", "bench"} <= names
+    rc, out, err = run(capsys, "bench", "run", "shared8")
+    assert rc == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("vhostx: the 'bench' command is unavailable")
+    assert reason in err
+
+
+def test_the_shipped_entry_points_resolve() -> None:
+    """pyproject.toml's vhostx.commands name register functions that exist (bench and demo)."""
+    root = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    eps = project["entry-points"][cli.PLUGIN_GROUP]
+    assert set(eps) == {"bench", "demo"}
+    for name, value in eps.items():
+        module, func = value.split(":")
+        register = getattr(importlib.import_module(module), func)
+        sub = argparse.ArgumentParser().add_subparsers()
+        register(sub)
+        assert name in sub.choices
+    assert project["scripts"]["vhostx-net"] == "vhostx.cli:backend_main"
+
+
+def test_backend_main_is_serve(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.backend_main(["--print-capabilities", "--fd", "7", "--junk"]) == 0
+    assert capsys.readouterr().out == '{"type": "net"}\n'
+    assert cli.main(["serve", "--print-capabilities"]) == 0
+    assert capsys.readouterr().out == '{"type": "net"}\n'
+    assert cli.backend_main(["--port", "echo"]) == 2  # a device option without its device
+    assert "give one of those" in capsys.readouterr().err

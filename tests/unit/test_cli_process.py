@@ -1,4 +1,4 @@
-"""vhostx.process.DaemonProcess: the daemon dies with its parent (PR_SET_PDEATHSIG), and the
+"""bench.process.DaemonProcess: the daemon dies with its parent (PR_SET_PDEATHSIG), and the
 metrics option reaches the command line."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vhostx.process import DaemonProcess
+from bench.process import DaemonProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,7 @@ def wait_gone(pid: int, timeout: float = 10.0) -> bool:
 PARENT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {root!r})
-    from vhostx.process import DaemonProcess
+    from bench.process import DaemonProcess
 
     class Fake(DaemonProcess):
         def command(self):

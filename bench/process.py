@@ -27,8 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from .cli import control_request
-from .metrics import parse_addr
+from vhostx.cli import control_request
+from vhostx.metrics import parse_addr
 
 __all__ = ["DaemonFailed", "DaemonProcess"]
 
