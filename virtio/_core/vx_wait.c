@@ -44,6 +44,7 @@ struct vx_wait {
     int epfd;
     struct src cmd;
     struct src *py;        /* watched fds */
+    struct src *dead;      /* srcs whose fd could not be unregistered (closed under us) */
     struct vx_kq *head;    /* run queue */
     struct vx_kq *tail;
     uint32_t nrun;
@@ -245,6 +246,11 @@ void vx_wait_free(struct vx_wait *w)
         w->py = s->next;
         free(s);
     }
+    while (w->dead) {
+        struct src *s = w->dead;
+        w->dead = s->next;
+        free(s);
+    }
     /* kqs still added keep their srcs until vx_wait_remove; forget them here */
     close(w->epfd);
     free(w);
@@ -272,7 +278,15 @@ static void src_del(struct vx_wait *w, struct src *s)
 {
     if (!s)
         return;
-    epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->fd, NULL);
+    if (epoll_ctl(w->epfd, EPOLL_CTL_DEL, s->fd, NULL) < 0) {
+        /* the fd was closed while registered: if a duplicate keeps the file open, epoll may
+         * still report it with this pointer; keep the src, inert, until the wait goes away */
+        s->kind = 0;
+        s->kq = NULL;
+        s->next = w->dead;
+        w->dead = s;
+        return;
+    }
     free(s);
 }
 
@@ -413,6 +427,8 @@ static void dispatch(struct vx_wait *w, const struct epoll_event *evs, int n, in
             break;
         case SRC_DATA:
             wake(w, s->kq, serve);
+            break;
+        default: /* inert (see src_del) */
             break;
         }
     }
