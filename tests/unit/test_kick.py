@@ -427,3 +427,31 @@ def test_guest_error_type_is_reported(env):
         assert isinstance(kq.error(), GuestError)
     finally:
         r.close()
+
+
+def test_c_served_and_python_served_works_share_a_worker(env):
+    """A C-served queue kept runnable in the C run queue (budget 1) and a queue served in Python
+    (no kick queue) on one worker: the Python one's kick makes the wait hand the C one over to the
+    Python lists; both are served to the end, and the C one returns to the C wait."""
+    from test_worker import FakeWork
+
+    r = KickedRing(env)
+    fake = FakeWork("py")
+    w = Worker("mix", settings=BASELINE.with_(turn_max_packets=1), policy="vhost")
+    try:
+        w.attach(r.work).result(2)
+        w.attach(fake).result(2)
+        for _ in range(20):
+            r.add(30)
+            fake.add(5)
+            n = r.added
+            assert wait_until(lambda n=n: r.consumed() == n), (r.consumed(), n)
+        assert wait_until(lambda: fake.served == 100)
+        assert wait_until(lambda: r.work.kick_queue.state == kick.KQ_IDLE and fake.notify)
+        assert r.work.stats.budget_exhausted > 0
+        assert r.add(1)
+        assert wait_until(lambda: r.consumed() == r.added)
+    finally:
+        w.stop()
+        r.close()
+        fake.close()
