@@ -455,3 +455,13 @@ def test_c_served_and_python_served_works_share_a_worker(env):
         w.stop()
         r.close()
         fake.close()
+
+
+def test_iosched_does_not_import_virtio_net():
+    """Layering: the scheduler knows queues, fds and opaque C work, not the net device."""
+    import subprocess
+
+    code = ("import sys, iosched.worker, iosched.pool, iosched.policy; "
+            "bad = [m for m in sys.modules if m == 'virtio.net' or m.startswith('vhostx')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ}, timeout=60)
