@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from . import params as P
 
 if TYPE_CHECKING:
-    from .worker import QueueState
+    from .work import QueueState
 
 __all__ = [
     "POLICIES",

@@ -415,7 +415,7 @@ class WorkerPool:
         out_q = []
         for work, idx in sorted(where.items(), key=lambda kv: kv[0].name):
             owner = workers.get(idx)
-            ws = owner.work_stats(work) if owner is not None else vars(work.stats).copy()
+            ws = owner.work_stats(work) if owner is not None else work.stats.as_dict()
             counters_fn = getattr(work, "counters", None)
             counters = counters_fn() if callable(counters_fn) else {}
             row: dict[str, Any] = {

@@ -14,16 +14,28 @@ data path, in either mode:
     3. checks the head of the poll list (skipping it under poll_coalescing unless it is stuck or
        overdue) and moves it to the tail; new buffers count as a kick avoided; after
        poll_stop_idle without work the queue stops polling: kicks on, then one more re-check;
-    4. never sleeps while a queue is polled or queued; otherwise blocks in epoll (no CPU).
+    4. never sleeps while a queue is polled or queued; otherwise waits in C (no CPU).
   Stuck detection (max_queue_stuck_us / max_queue_stuck_size) and min_poll_rate run on a timer
   scan of the poll list and move a queue to its head.
+
+Where the thread waits: in a virtio.kick.Wait (C, GIL released) over its command eventfd and the
+fds of its works. A work with a `kick_queue` (a C op and its kick fd) is served on kicks inside
+that wait, entirely in C: drain, kicks off, one batch per turn (round robin, the policy's batch
+budget), kicks on, re-check. The wait returns to Python only for a command, a due deadline, an
+fd of a work served in Python, or a decision: a batch that served >= poll_start_rate items
+(shared mode: the policy decides on polling), a full batch under a multi-batch policy (the turn
+goes on in Python), a broken ring. So baseline runs Python per command and statistics snapshot,
+not per kick; its kick counters are kept in C (work.stats adds them). While the Python side
+serves queued or polled works (shared mode polling, works without a kick queue), each tick
+collects the wait's events without blocking, and kicked C-served queues join the Python lists.
 
 A work attached to a worker is treated as runnable at once (kicks off, queued): a kick that landed
 while the work was on no worker (between the two phases of a migration) is never lost.
 
 Threads: `submit`, `attach`, `detach`, `update`, `stop` and the `stats`/`works` readers may be
 called from any thread (normally the daemon's asyncio thread or the pool); everything else runs in
-the worker's own thread. Commands run between turns, never in the middle of one.
+the worker's own thread. Commands run between turns (between two C batches at most), never in the
+middle of one.
 """
 
 from __future__ import annotations
@@ -32,150 +44,36 @@ import collections
 import concurrent.futures
 import logging
 import os
-import select
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from virtio.errors import GuestError
-from virtio.net import Op, Round, RoundBroken
+from virtio.kick import (
+    WAIT_CMD,
+    WAIT_FDS,
+    WAIT_SCHED,
+    WHY_BROKEN,
+    WHY_BUDGET,
+    WHY_KICK,
+    COp,
+    Round,
+    RoundBroken,
+    Wait,
+)
 
 from .policy import Policy, SchedSettings, make_policy
+from .work import IDLE, POLLED, QUEUED, RUNNING, QueueState, QueueWork, WorkerStats, WorkStats
 
 __all__ = ["QueueState", "QueueWork", "WorkStats", "Worker", "WorkerStats"]
 
 log = logging.getLogger("vhostx.data")
 
 
-class QueueWork(Protocol):
-    """One thing a worker serves: usually one virtqueue and the port behind it.
-
-    Optional (read with getattr): `device: str` (the device's name), `counters() -> dict` (the C
-    queue counters; "bytes" drives the data limits), `queue` (a DeviceQueue whose `pending()`
-    gives the pending count for stuck detection), `migratable_alone: bool` (False: the work
-    shares a ring with another work of its device without a lock, so it may only move with its
-    whole device).
-    """
-
-    name: str
-    stats: WorkStats
-    poll_only: bool  # no kick fd: the work is polled for as long as it is attached
-    solo: bool  # set by the worker before each turn: no other queue of this worker is waiting
-
-    def kick_fds(self) -> list[int]:
-        """Eventfds the driver writes to kick (drained by the worker on wake-up)."""
-
-    def data_fds(self) -> list[int]:
-        """Other fds whose readability means work (a TAP fd); never read by the worker."""
-
-    def run(self, budget_pkts: int, budget_bytes: int) -> int:
-        """Serve one C batch; return the packets handled (0: nothing to do)."""
-
-    def pending(self) -> bool:
-        """Whether there is work right now (checked after re-enabling notifications)."""
-
-    def set_notify(self, enable: bool) -> None:
-        """Ask the driver for kicks (True) or suppress them (False)."""
-
-    def broken(self, err: GuestError) -> None:
-        """Worker thread: the ring broke and the work was detached; tell its device."""
-
-
-@dataclass
-class WorkStats:
-    """Per-work counters kept by the worker thread that serves it (Python side, once per wake or
-    turn). They live with the work, so they survive migrations and are monotonic."""
-
-    kicks: int = 0
-    turns: int = 0
-    empty_turns: int = 0
-    notify_on: int = 0
-    notify_off: int = 0
-    budget_exhausted: int = 0
-    kicks_avoided: int = 0
-    poll_starts: int = 0
-    poll_stops: int = 0
-    polled_ns: int = 0  # closed polling periods; add now - poll_since_ns while `polling`
-    stuck_events: int = 0
-    polling: bool = False
-    poll_since_ns: int = 0
-
-
-@dataclass
-class WorkerStats:
-    loops: int = 0
-    sleeps: int = 0
-    busy_ns: int = 0  # ticks that moved packets
-    idle_ns: int = 0  # asleep in epoll, or ticks (spinning polls) that found nothing
-    works: int = 0
-    empty_polls: int = 0  # checks of a polled queue that found nothing
-    rounds: int = 0  # C poll rounds (poll_round_us): all polled queues served in one C call
-    polling: int = 0  # works currently polled
-
-
-_EV_IN = select.EPOLLIN
-
-IDLE, QUEUED, POLLED, RUNNING = 0, 1, 2, 3
 _DRAINED, _BUDGET = 0, 1
 _NOMINAL_PKT = 64  # bytes assumed for a batch that ran before any counter reading
 _ROUND_MAX_PASSES = 1 << 20  # C rounds end on time (poll_round_ns), not on a pass count
-_FALLBACK_PKT = 1500  # bytes per packet when a work has no counters()
-
-
-class QueueState:
-    """The worker's per-work scheduling state (worker thread only)."""
-
-    __slots__ = (
-        "_worker",
-        "busy",
-        "bytes_fn",
-        "enq_ns",
-        "full_ewma",
-        "klass",
-        "last_checked_ns",
-        "last_served_ns",
-        "last_work_ns",
-        "pending_count",
-        "poll_only",
-        "state",
-        "stats",
-        "stuck_pending",
-        "stuck_since_ns",
-        "urgent",
-        "work",
-    )  # fmt: skip
-
-    def __init__(self, work: QueueWork, worker: Worker, now: int) -> None:
-        self._worker = worker
-        self.work = work
-        self.stats: WorkStats = work.stats
-        self.poll_only = bool(getattr(work, "poll_only", False))
-        self.state = IDLE
-        self.enq_ns = now
-        self.last_served_ns = now
-        self.last_checked_ns = now
-        self.last_work_ns = now
-        self.stuck_pending = 0
-        self.stuck_since_ns = now
-        self.urgent = False
-        self.busy = False  # the last turn had a full batch
-        self.full_ewma = 0
-        self.klass = "latency"
-        counters = getattr(work, "counters", None)
-        self.bytes_fn: Callable[[], int] | None = (
-            (lambda: int(counters()["bytes"])) if callable(counters) else None
-        )
-        queue = getattr(work, "queue", None)
-        qpending = getattr(queue, "pending", None)
-        self.pending_count: Callable[[], int] = (
-            qpending if callable(qpending) else (lambda: int(work.pending()))
-        )
-
-    def worker_has_latency(self) -> bool:
-        """Another work on this worker is in the latency class (ClassesPolicy)."""
-        return any(o is not self and o.klass == "latency" for o in self._worker._states.values())
 
 
 class Worker:
@@ -195,8 +93,12 @@ class Worker:
         self.cpu = cpu
         self.settings = settings or SchedSettings()
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, self.settings)
-        self.stats = WorkerStats()
         self._cmd_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # The one place the thread blocks: kicks of C-served works are served inside it.
+        self._wait = Wait(self._cmd_fd)
+        self.stats = WorkerStats(self._wait.stats)
+        self._ids: dict[int, QueueState] = {}  # C kick queue id -> its state
+        self._next_id = 1
         self._cmds: list[tuple[Callable[[], Any], concurrent.futures.Future[Any]]] = []
         self._cmd_lock = threading.Lock()
         self._states: dict[QueueWork, QueueState] = {}
@@ -218,8 +120,6 @@ class Worker:
         self._round_gen = -1
         self._round_ns = 0
         self._coalesce_ns = 0
-        self._epoll = select.epoll()
-        self._epoll.register(self._cmd_fd, _EV_IN)
         self._apply_settings_values()
         self._thread = threading.Thread(target=self._main, name=f"vhostx-{name}", daemon=True)
         self._thread.start()
@@ -257,8 +157,12 @@ class Worker:
             except Exception as err:  # noqa: BLE001 - stopping anyway
                 log.debug("worker %s: stop request failed (%s); joining anyway", self.name, err)
             self._thread.join(timeout)
+        if self._thread.is_alive():  # stuck in a port call: leave it the wait it may still use
+            log.warning("worker %s did not stop within %.1f s", self.name, timeout)
+            return
         try:
-            self._epoll.close()
+            self.stats.freeze_c()
+            self._wait.close()
         finally:
             try:
                 os.close(self._cmd_fd)
@@ -276,7 +180,7 @@ class Worker:
     def work_stats(self, work: QueueWork) -> dict[str, Any]:
         """Scheduling counters of one work, with the open polling period added (any thread)."""
         st = work.stats
-        d = vars(st).copy()
+        d = st.as_dict()
         if st.polling:
             d["polled_ns"] = st.polled_ns + max(0, self._clock() - st.poll_since_ns)
         return d
@@ -313,23 +217,37 @@ class Worker:
             periods.append(1)
         self._scan_every = max(2_000, min(periods) // 4) if periods else 0
         self._next_scan = 0
+        # What the C wait hands back instead of deciding itself: a kicked queue that may start
+        # polling (its batch served >= poll_start_rate), a full batch of a multi-batch policy.
+        pol = self.policy
+        poll_start = s.poll_start_rate if (s.polling and pol.polls) else 0
+        self._wait.configure(max(0, poll_start), pol.multi_batch)
+        for q in self._states.values():
+            if q.kq is not None:
+                q.kq.set_budget(*pol.batch_budget(q))
 
     def _attach(self, work: QueueWork) -> None:
         if work in self._states:
             return
         now = self._clock()
-        q = QueueState(work, self, now)
+        q = QueueState(work, now, self._states.values, self._next_id)
+        self._next_id += 1
+        if q.kq is not None:  # served in C on kicks: the wait watches its fds
+            q.kq.set_budget(*self.policy.batch_budget(q))
+            self._wait.add(q.kq, q.ident)
+            self._ids[q.ident] = q
+        else:
+            for fd in work.kick_fds():
+                if fd >= 0:
+                    self._kick_fds.add(fd)
+            for fd in work.kick_fds() + work.data_fds():
+                if fd < 0:
+                    continue
+                users = self._by_fd.setdefault(fd, [])
+                if not users:
+                    self._wait.watch(fd)
+                users.append(q)
         self._states[work] = q
-        for fd in work.kick_fds():
-            if fd >= 0:
-                self._kick_fds.add(fd)
-        for fd in work.kick_fds() + work.data_fds():
-            if fd < 0:
-                continue
-            users = self._by_fd.setdefault(fd, [])
-            if not users:
-                self._epoll.register(fd, _EV_IN | select.EPOLLET)
-            users.append(q)
         self.stats.works = len(self._states)
         # Runnable at once: the driver may have queued buffers (and kicked) before we listened.
         try:
@@ -364,7 +282,10 @@ class Worker:
             st.poll_stops += 1
             self.stats.polling -= 1
         q.state = IDLE
-        for fd in work.kick_fds() + work.data_fds():
+        if q.kq is not None:
+            self._wait.remove(q.kq)
+            self._ids.pop(q.ident, None)
+        for fd in [] if q.kq is not None else work.kick_fds() + work.data_fds():
             users = self._by_fd.get(fd)
             if not users or q not in users:
                 continue
@@ -372,10 +293,7 @@ class Worker:
             if not users:
                 del self._by_fd[fd]
                 self._kick_fds.discard(fd)
-                try:
-                    self._epoll.unregister(fd)
-                except (OSError, ValueError):
-                    pass
+                self._wait.unwatch(fd)
         self.stats.works = len(self._states)
 
     def _run_commands(self) -> None:
@@ -395,12 +313,55 @@ class Worker:
 
     # ---- worker thread: events ----------------------------------------------------------------
 
-    def _events(self, events: list[tuple[int, int]], arrival: int, in_turn: bool = False) -> None:
-        for fd, _ in events:
-            if fd == self._cmd_fd:
-                if not in_turn:  # level-triggered: mid-turn it simply shows up again later
-                    self._run_commands()
-                continue
+    def _collect(self, arrival: int, in_turn: bool = False) -> None:
+        """Look at the wait without blocking (the Python side is serving queues): kicked
+        C-served queues join the queue list (their kicks already off), Python fds are handled,
+        commands run unless mid-turn."""
+        reasons = self._wait.run(False)
+        if reasons & (WAIT_FDS | WAIT_SCHED):
+            rep = self._wait.report()
+            if rep.fds:
+                self._events(rep.fds, arrival)
+            for ident in rep.ids:
+                self._handed(ident, arrival)
+        if reasons & WAIT_CMD and not in_turn:  # level-triggered: mid-turn it shows up later
+            self._run_commands()
+
+    def _handed(self, ident: int, now: int) -> None:
+        """The C wait handed a C-served queue over (its kicks off): decide as after a turn."""
+        q = self._ids.get(ident)
+        if q is None or q.kq is None:
+            return
+        kq = q.kq
+        why = kq.why
+        if why == WHY_BROKEN:
+            self._fail(q, kq.error())
+            return
+        if why == WHY_KICK:  # kicked (or runnable) while the Python side serves other queues
+            q.state = QUEUED
+            q.enq_ns = now
+            self._queued.append(q)
+            return
+        # WHY_POLL / WHY_BUDGET: one C batch served kq.last items; the rest is _serve_queued's
+        n = max(kq.last, 0)
+        self._served(q, now)
+        q.last_work_ns = now
+        pol = self.policy
+        bp, _ = pol.batch_budget(q)
+        q.busy = n >= bp
+        pol.after_turn(q, n, 0, q.busy)
+        if self.settings.polling and pol.start_polling(q, n):
+            self._start_polling(q, now)
+        elif why == WHY_BUDGET or q.poll_only:  # its turn goes on first
+            q.state = QUEUED
+            q.enq_ns = now
+            self._queued.appendleft(q)
+        else:
+            self._rearm(q, now)
+
+    def _events(self, fds: list[int], arrival: int) -> None:
+        """Python-served works whose fds fired (kick fds are drained here)."""
+        for fd in fds:
             states = self._by_fd.get(fd)
             if not states:
                 continue
@@ -437,16 +398,12 @@ class Worker:
 
     # ---- worker thread: serving ---------------------------------------------------------------
 
-    def _bytes(self, q: QueueState, packets: int) -> int:
-        fn = q.bytes_fn
-        return fn() if fn is not None else packets * _FALLBACK_PKT
-
     def _turn(self, q: QueueState) -> tuple[int, int]:
         """Serve `q` for one turn: (packets, _DRAINED | _BUDGET). GuestError propagates."""
         work, pol, st = q.work, self.policy, q.stats
         st.turns += 1
         bp, bb = pol.batch_budget(q)
-        start = self._bytes(q, 0) if (q.busy and pol.multi_batch) else None
+        start = q.bytes_moved(0) if (q.busy and pol.multi_batch) else None
         # A C batch may busy-poll its ring (busy_poll_us) only while no other queue of this
         # worker waits: the client refills the other rings meanwhile, and they would wait.
         work.solo = not (self._queued or self._polled)
@@ -463,7 +420,7 @@ class Worker:
         outcome = _DRAINED
         turn_bytes = 0
         while True:
-            now_bytes = self._bytes(q, total)
+            now_bytes = q.bytes_moved(total)
             if start is None:
                 start = now_bytes - min(bb, bp * _NOMINAL_PKT)
             turn_bytes = now_bytes - start
@@ -488,9 +445,7 @@ class Worker:
             if now - self._last_epoll >= limit // 2:
                 prev = self._last_epoll
                 self._last_epoll = now
-                events = self._epoll.poll(0)
-                if events:
-                    self._events(events, prev, in_turn=True)
+                self._collect(prev, in_turn=True)
             if self._queued and now - self._queued[0].enq_ns >= limit:
                 return True
         if self._scan_every and now >= self._next_scan:
@@ -577,6 +532,8 @@ class Worker:
             self._queued.append(q)
         else:
             q.state = IDLE
+            if q.kq is not None:  # kicks on and re-checked: the C wait serves the next kick
+                q.kq.give_back()
 
     def _serve_queued(self, q: QueueState) -> int:
         now = self._clock()
@@ -633,9 +590,9 @@ class Worker:
         """The Round over every polled work, if each has a C op (else None: the Python path)."""
         self._round_gen = self._poll_gen
         qs = list(self._polled)
-        ops: list[Op] = []
+        ops: list[COp] = []
         for q in qs:
-            op = getattr(q.work, "op", None)
+            op = q.kq.op if q.kq is not None else getattr(q.work, "op", None)
             if op is None:
                 self._round, self._round_qs = None, []
                 return
@@ -692,6 +649,18 @@ class Worker:
             self._stop_polling(q, now)
         return total
 
+    def _waited(self) -> None:
+        reasons = self._wait.run(True)
+        now = self._clock()
+        if reasons & (WAIT_FDS | WAIT_SCHED):
+            rep = self._wait.report()
+            for ident in rep.ids:
+                self._handed(ident, now)
+            if rep.fds:
+                self._events(rep.fds, now)
+        if reasons & WAIT_CMD:
+            self._run_commands()
+
     def _main(self) -> None:
         if self.cpu is not None:
             try:
@@ -700,14 +669,11 @@ class Worker:
                 log.warning("worker %s: cannot pin to cpu %s: %s", self.name, self.cpu, err)
         stats = self.stats
         clock = self._clock
-        poll = self._epoll.poll
         last = clock()
         while not self._stopping:
             if self._queued or self._polled:
                 self._last_epoll = last
-                events = poll(0)
-                if events:
-                    self._events(events, last)
+                self._collect(last)
                 now = clock()
                 if self._scan_every and now >= self._next_scan:
                     self._scan(now)
@@ -726,12 +692,11 @@ class Worker:
                     stats.idle_ns += now - last
                 last = now
             else:
-                stats.sleeps += 1
-                events = poll(-1)
-                now = clock()
-                stats.idle_ns += now - last
-                last = now
-                self._events(events, now)
+                # Nothing for Python to serve: wait in C (GIL released), which serves kicked
+                # C-served queues itself and returns only when Python is needed. Its sleeps,
+                # loops and busy/idle time are counted in C.
+                self._waited()
+                last = clock()
             stats.loops += 1
         # Leave every work with kicks enabled so a restarted backend sees the ring as the driver
         # left it.

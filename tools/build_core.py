@@ -17,7 +17,7 @@ __all__ = ["cdef_from_header", "ffibuilder"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "virtio" / "_core"
-SOURCES = ["vx_core.c", "vx_drv.c"]
+SOURCES = ["vx_core.c", "vx_drv.c", "vx_wait.c"]
 
 
 def cdef_from_header(text: str) -> str:

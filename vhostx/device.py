@@ -189,7 +189,7 @@ class VhostUserDevice:
         for vr in self.vrings:
             if vr.queue is not None:
                 queues[str(vr.index)] = vr.queue.stats()
-        works = {w.name: vars(w.stats).copy() for w in self._works}
+        works = {w.name: w.stats.as_dict() for w in self._works}
         return {
             "name": self.name,
             "broken": self.broken,

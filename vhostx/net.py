@@ -22,10 +22,11 @@ from typing import Any
 
 from iosched import params as P
 from iosched.pool import DeviceBinding
-from iosched.worker import QueueWork, WorkStats
+from iosched.work import QueueWork, WorkStats
 from virtio import features as vf
 from virtio import net as vnet
 from virtio.errors import ConfigError, GuestError
+from virtio.kick import KickQueue, SpinWindow
 from virtio.ring import STATS_FIELDS, DeviceQueue
 from virtio.vhost_user import ProtocolFeature as PF
 
@@ -114,18 +115,23 @@ class BusyPoll:
     """The busy-poll window of the C batches (busy_poll_us, in ns) shared by one device's works.
 
     Follows the parameter through one registry subscription (made here, dropped by close()):
-    the works read the plain attribute `ns` once per turn, never the registry.
-    Threads: the subscription callback runs on whichever thread sets the parameter; a work sees
-    the new value from its next turn on (an int attribute store is atomic under the GIL).
+    the value lives in a C cell (`window`, a virtio.kick.SpinWindow) that the kick queues' C
+    batches read, and Python turns read `ns`; never the registry.
+    Threads: the subscription callback runs on whichever thread sets the parameter; a batch sees
+    the new value from its next call on (one aligned 8-byte store).
     """
 
     def __init__(self, param: Any = None) -> None:
         self._param = P.BUSY_POLL_US if param is None else param
-        self.ns: int = int(self._param.get()) * 1000
+        self.window = SpinWindow(int(self._param.get()) * 1000)
         self._unsubscribe: Callable[[], None] | None = self._param.subscribe(self._changed)
 
+    @property
+    def ns(self) -> int:
+        return self.window.ns
+
     def _changed(self, name: str, old: Any, new: Any) -> None:
-        self.ns = int(new) * 1000
+        self.window.ns = int(new) * 1000
 
     def close(self) -> None:
         if self._unsubscribe is not None:
@@ -134,7 +140,13 @@ class BusyPoll:
 
 
 class QueueWorkItem:
-    """A QueueWork made of a queue and the port operation that serves it."""
+    """A QueueWork made of a queue and the port operation that serves it.
+
+    Given a virtio.net.Op (every port vhostx builds), it also carries the op as `op` (served in
+    a worker's C poll rounds) and a `kick_queue` over the op and the kick fd: the worker then
+    serves its kicks inside its C wait, and `stats` count with the kick queue's C counters.
+    With a data fd (TAP RX) the C re-check also asks the fd, like `pending`.
+    """
 
     def __init__(
         self,
@@ -154,11 +166,18 @@ class QueueWorkItem:
         self.device = device or name.rsplit(".", 1)[0]
         self._on_broken = on_broken
         self.queue = queue
-        self.stats = WorkStats()
-        # A C operation (virtio.net.Op) can also be served in a worker's C poll round (`op`);
-        # a plain callable only one batch at a time through run().
+        # A C operation (virtio.net.Op) can also be served in a worker's C poll round (`op`)
+        # and on kicks inside the worker's C wait (`kick_queue`); a plain callable only one
+        # batch at a time through run().
         self.op: vnet.Op | None = run if isinstance(run, vnet.Op) else None
         self._run: Callable[..., int] = run.run if isinstance(run, vnet.Op) else run
+        self.kick_queue: KickQueue | None = None
+        if self.op is not None and kick_fd >= 0 and len(data_fds) <= 1:
+            self.kick_queue = KickQueue(
+                self.op, kick_fd, data_fd=data_fds[0] if data_fds else -1,
+                spin=busy_poll.window if busy_poll is not None else None,
+            )  # fmt: skip
+        self.stats = WorkStats(self.kick_queue.counters if self.kick_queue is not None else None)
         # With busy_poll, `run` takes a third argument: the spin window of this C batch. The
         # worker clears `solo` while other queues wait for it: spinning on one ring then only
         # delays them (the client refills the others meanwhile).

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from virtio._vx_core import ffi, lib
 from virtio.errors import ConfigError, GuestError
+from virtio.kick import Round, RoundBroken, now_ns
 from virtio.ring import DeviceQueue
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "Switch",
     "echo",
     "fwd",
+    "now_ns",
     "rx_fill",
     "rx_from_fd",
     "tx_sink",
@@ -123,9 +125,10 @@ _OP_KINDS = frozenset(
 
 class Op:
     """One of the operations above as data (a C `struct vx_op`): the same C call, made either
-    alone (`run`, like the functions above) or as one of many in a worker's C poll round
-    (`Round`). Build it with the class methods; it keeps alive everything its C struct points to
-    (queues, frame buffer, switch).
+    alone (`run`, like the functions above), as the batch of a kicked queue (virtio.kick
+    .KickQueue) or as one of many in a worker's C poll round (virtio.kick.Round, re-exported
+    here with RoundBroken and now_ns). Build it with the class methods; it keeps alive
+    everything its C struct points to (queues, frame buffer, switch).
 
     Threads: like the function it stands for (the worker owning the served ring runs it).
     """
@@ -221,51 +224,6 @@ class Op:
         """What the last Round did with this op: (batches, found, full, packets, last_work_ns)."""
         c = self._c
         return int(c.batches), int(c.found), int(c.full), int(c.pkts), int(c.last_work_ns)
-
-
-class RoundBroken(Exception):
-    """A Round stopped because op `index` broke; `error` is its GuestError."""
-
-    def __init__(self, index: int, error: GuestError) -> None:
-        super().__init__(str(error))
-        self.index = index
-        self.error = error
-
-
-class Round:
-    """Many Ops served by one C call (vx_round): round robin, one batch of each per pass, passes
-    repeated until max_passes or max_ns (see vx_core.h). Build one for a fixed list of ops (the
-    owner rebuilds it when the list changes); run it from the thread owning all their rings.
-    """
-
-    __slots__ = ("_arr", "n", "ops")
-
-    def __init__(self, ops: Sequence[Op]) -> None:
-        self.ops = list(ops)
-        self.n = len(self.ops)
-        self._arr = ffi.new("struct vx_op *[]", [o.c_op for o in self.ops] or 1)
-
-    def run(self, max_passes: int, max_ns: int, coalesce_ns: int = 0) -> int:
-        """Passes completed (>= 1 when there are ops); RoundBroken when an op's ring broke (the
-        round stopped there; every op's results() tell what ran until then). coalesce_ns > 0:
-        each op runs at most once per coalesce_ns (across rounds too)."""
-        if max_passes < 0 or max_ns < 0 or coalesce_ns < 0:
-            raise ConfigError(f"max_passes, max_ns and coalesce_ns must be >= 0, got "
-                              f"{max_passes}, {max_ns}, {coalesce_ns}")
-        r = lib.vx_round(self._arr, self.n, min(max_passes, 0xFFFFFFFF), min(max_ns, _U64_MAX),
-                         min(coalesce_ns, _U64_MAX))
-        if r < 0:
-            i = -r - 1
-            op = self.ops[i]
-            if op.c_op.result == -2:  # type: ignore[attr-defined]
-                raise RoundBroken(i, GuestError(f"{op.name}: unknown operation kind {op.kind}"))
-            raise RoundBroken(i, op.error())
-        return r
-
-
-def now_ns() -> int:
-    """CLOCK_MONOTONIC as the C core reads it (the same clock as time.monotonic_ns)."""
-    return int(lib.vx_now_ns())
 
 
 class Switch:

@@ -192,4 +192,120 @@ void vx_drv_fill_descs(struct vx_drv *d, uint64_t buf_gpa, uint32_t stride, uint
 uint32_t vx_drv_post_all(struct vx_drv *d);
 uint32_t vx_drv_recycle(struct vx_drv *d);
 
+/* ==== kicked queues and the worker's wait (vx_wait.c) ===================================== *
+ * A vx_kq is one queue a worker serves on kicks: a vx_op (its batch), the kick eventfd the
+ * driver writes, optionally a data fd whose readability also means work (a TAP fd), the batch
+ * budget, and counters. It is owned by the Python side (ffi.new), which keeps its op alive.
+ *
+ * vx_kq_kick serves one kick in one call: drain the kick eventfd, kicks off, one batch (the op,
+ * its budget), then, unless the batch used its whole packet budget: kicks back on (full
+ * barrier), re-check the ring (a buffer that landed between the batch's last look and the
+ * re-enable came with no kick: it is found here), kicks off again if it is not empty, signal.
+ *
+ * A vx_wait is one worker thread's waiting point: an epoll fd over its command eventfd, the
+ * kick and data fds of its C-served queues (vx_wait_add) and the fds the Python side serves
+ * itself (vx_wait_watch), plus VX_WAIT_SLOTS one-shot deadlines (CLOCK_MONOTONIC ns; the Python
+ * side names the slots: scans, statistics, moderation deadlines ...).
+ * vx_wait_run(w, 1) blocks (no CPU) and serves kicked queues in C, round robin, one batch per
+ * turn (a queue whose batch used its budget goes to the tail of the run queue), until something
+ * needs Python; it returns the VX_WAIT_* reasons and fills vx_wait_report():
+ *   CMD    the command eventfd is readable (not read here)
+ *   TIMER  deadline slots are due (`due`, bit i = slot i; a due slot is cleared)
+ *   FDS    watched (Python-served) fds are readable (`fds`; not read here)
+ *   SCHED  queues handed to Python (`ids`, their vx_kq.id; `why` and `last` say what happened;
+ *          their state is VX_KQ_PY and their kicks are off): a batch served >= poll_start items
+ *          (a polling decision), or used its whole budget while budget_to_python is set (the
+ *          policy continues the turn), or the ring broke (last < 0)
+ * Between two epoll looks it serves each queued kq once; a command waits at most one batch.
+ * vx_wait_run(w, 0) never blocks and serves nothing: it collects the events (a kicked VX_KQ_IDLE
+ * queue gets its kicks turned off and is handed over with why KICK) and hands every queue of
+ * the run queue over (why KICK): the Python side is serving queues of its own (polling).
+ * A kq the Python side holds (VX_KQ_PY) is only counted on kicks; the Python side gives it back
+ * by storing state = VX_KQ_IDLE once it turned kicks on and re-checked the ring itself.
+ * Returns the reasons (> 0), or -1 with errno when epoll failed.
+ * Threads: everything on one wait and its kqs from the worker thread that owns it. */
+enum {
+    VX_KQ_IDLE = 0,           /* kicks on: the wait serves it on its next kick */
+    VX_KQ_RUN = 1,            /* kicks off, in the wait's run queue */
+    VX_KQ_PY = 2,             /* kicks off, the Python side serves it */
+    VX_WHY_KICK = 1,
+    VX_WHY_POLL = 2,
+    VX_WHY_BUDGET = 3,
+    VX_WHY_BROKEN = 4,
+    VX_TURN_IDLE = 0,         /* vx_kq_kick: drained, kicks on, nothing pending */
+    VX_TURN_AGAIN = 1,        /* runnable again: kicks off (budget used, or pending at re-check) */
+    VX_TURN_HANDED = 2,       /* needs a decision: see vx_kq.why */
+    VX_WAIT_CMD = 1,
+    VX_WAIT_TIMER = 2,
+    VX_WAIT_FDS = 4,
+    VX_WAIT_SCHED = 8,
+    VX_WAIT_SLOTS = 4,
+    VX_WAIT_REPORT_MAX = 256,
+    VX_HOOK_BATCHED = 1,      /* TEST SUPPORT: after the batch, before kicks come back on */
+    VX_HOOK_ENABLED = 2       /* TEST SUPPORT: after kicks came back on, before the re-check */
+};
+
+struct vx_kq_stats {
+    uint64_t kicks;            /* kick eventfd wake-ups seen (in any state) */
+    uint64_t turns;            /* batches run in C */
+    uint64_t empty_turns;      /* ... that found nothing */
+    uint64_t budget_exhausted; /* ... that used the whole packet budget and were requeued */
+    uint64_t notify_on;        /* kicks re-enabled in C */
+    uint64_t notify_off;       /* kicks suppressed in C */
+    uint64_t packets;          /* packets of the batches run in C */
+};
+
+struct vx_kq {
+    struct vx_op *op;          /* the batch; op->vq is the ring kicked and re-checked */
+    int32_t kick_fd;           /* eventfd the driver writes, -1: none */
+    int32_t data_fd;           /* -1, or an fd whose readability is work (never read here) */
+    uint32_t id;               /* the Python side's name for it (reported in ids) */
+    uint32_t state;            /* VX_KQ_* */
+    uint32_t max_pkts;         /* budget of one batch */
+    uint64_t max_bytes;
+    const uint64_t *spin_ns;   /* busy-poll window of a batch run alone (NULL: none) */
+    uint32_t why;              /* VX_WHY_* of the last hand-over */
+    int32_t last;              /* the last batch's return (< 0: broken) */
+    uint64_t last_work_ns;     /* CLOCK_MONOTONIC after the last batch that found work */
+    struct vx_kq_stats stats;
+    /* the wait's own */
+    struct vx_kq *next;
+    struct vx_wait *owner;
+    void *src[2];
+};
+
+struct vx_wait_report {
+    uint32_t reasons;
+    uint32_t due;
+    uint32_t nfds;
+    uint32_t nids;
+    int32_t fds[256];
+    uint32_t ids[256];
+};
+
+struct vx_wait_stats {
+    uint64_t loops;            /* batches run plus wake-ups */
+    uint64_t sleeps;           /* blocking epoll waits */
+    uint64_t busy_ns;          /* batches that moved packets */
+    uint64_t idle_ns;          /* asleep, or batches that found nothing */
+    uint64_t batches;
+    uint64_t calls;            /* vx_wait_run calls (returns to Python) */
+};
+
+struct vx_wait;
+int vx_kq_kick(struct vx_kq *kq, uint32_t poll_start, uint32_t budget_to_python);
+struct vx_wait *vx_wait_new(int cmd_fd);
+void vx_wait_free(struct vx_wait *w);
+int vx_wait_add(struct vx_wait *w, struct vx_kq *kq);
+int vx_wait_remove(struct vx_wait *w, struct vx_kq *kq);
+int vx_wait_watch(struct vx_wait *w, int fd);
+int vx_wait_unwatch(struct vx_wait *w, int fd);
+void vx_wait_configure(struct vx_wait *w, uint32_t poll_start, uint32_t budget_to_python);
+void vx_wait_set_deadline(struct vx_wait *w, uint32_t slot, uint64_t at_ns);
+int vx_wait_run(struct vx_wait *w, int serve);
+struct vx_wait_report *vx_wait_report(struct vx_wait *w);
+struct vx_wait_stats *vx_wait_stats(struct vx_wait *w);
+/* TEST SUPPORT: hook(arg, VX_HOOK_*, kq id) at the two points of a C turn's re-arm */
+void vx_wait_set_hook(struct vx_wait *w, void (*hook)(void *, uint32_t, uint32_t), void *arg);
+
 #endif
