@@ -8,8 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from iosched.params import REGISTRY, Registry, Source
+from iosched.params import Registry, Source
 from iosched.policy import (
+    PARAMS,
     POLICIES,
     ClassesPolicy,
     ElvisPolicy,
@@ -20,10 +21,7 @@ from iosched.policy import (
 
 
 def fresh_registry() -> Registry:
-    reg = Registry()
-    for p in REGISTRY.params():
-        reg.add(p)
-    return reg
+    return Registry(PARAMS)
 
 
 def q(**kw):
@@ -35,7 +33,7 @@ def q(**kw):
 
 def test_from_registry_reads_every_parameter_in_user_units() -> None:
     reg = fresh_registry()
-    reg.set_many({"mode": "shared", "poll_stop_idle": "250ms", "poll_coalescing": "20us",
+    reg.set_many({"poll_stop_idle": "250ms", "poll_coalescing": "20us",
                   "max_work_stuck_us": 50, "max_queue_stuck_us": "1ms",
                   "max_queue_stuck_size": 8, "min_processed_data_limit": "2k",
                   "max_processed_data_limit": "64KiB", "min_poll_rate": 100,
@@ -115,7 +113,7 @@ def test_classes_policy_classifies_and_shortens_throughput_turns() -> None:
 
 def test_registry_of_policies() -> None:
     assert set(POLICIES) == {"elvis", "classes", "vhost"}
-    assert set(REGISTRY.param("policy").choices) == set(POLICIES)
+    assert set(fresh_registry().param("policy").choices) == set(POLICIES)
     assert isinstance(make_policy("elvis", SchedSettings()), ElvisPolicy)
     with pytest.raises(ValueError, match="allowed"):
         make_policy("nope", SchedSettings())
