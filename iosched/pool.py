@@ -11,6 +11,9 @@
   (worker_cpus, else the process's affinity): a polling worker keeps its core busy, and two of them
   time-sharing one core serve each of their queues half the time, in slices of milliseconds.
 
+The pool's parameters (workers, worker_cpus, placement, devices_per_worker, max_workers) are
+declared here (`PARAMS`); whoever builds the pool reads them from its registry and passes them in.
+
 A device holds a `DeviceBinding` and hands it its works (`attach` / `detach`, both returning
 futures). The pool remembers where every attached work runs, the device's home worker, and
 per-queue overrides, so a device's re-plan puts its works back where they were migrated to.
