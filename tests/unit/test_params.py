@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from iosched import param_types
 from iosched import params as P
 from iosched.params import Param, Registry, Scope, Source
 from vhostx.daemon import PARAM_SPECS
@@ -167,7 +168,7 @@ def test_every_declared_parameter_has_a_range_test() -> None:
 
 
 def test_worker_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(P.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(param_types.os, "cpu_count", lambda: 4)
     p = SPECS["worker_cpus"]
     assert p.parse(" 0-1,3 ") == "0-1,3"
     assert p.parse("") == ""
