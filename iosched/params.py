@@ -4,9 +4,10 @@ Like Linux module parameters (`modinfo -p`). A parameter is declared as data, a 
 module that reads it (the scheduling knobs in iosched.policy, placement in iosched.pool, `mode`
 in vhostx.daemon, `busy_poll_us` in vhostx.net), each module listing its own in a `PARAMS` tuple;
 this module holds only the machinery (`Param`, its parsing, scopes and sources live in
-iosched.param_types and are re-exported here). Nothing registers itself on import: whoever runs the code
-builds a `Registry(specs)` of the modules it uses (the daemon: `vhostx.daemon.new_registry()`), so
-two registries in one process (two daemons in a test) share no value.
+iosched.param_types and are re-exported here). Nothing registers itself on import: whoever runs
+the code builds a `Registry(specs)` of the modules it uses (the daemon:
+`vhostx.daemon.new_registry()`), so two registries in one process (two daemons in a test) share
+no value.
 
 A declaration has a type, a default, an allowed range (or choices), an explicit unit, a one-line
 description, whether it may change at run time, and a scope:
