@@ -51,6 +51,7 @@ __all__ = [
     "SchedSettings",
     "VhostPolicy",
     "make_policy",
+    "settings_field",
 ]
 
 _NS_PER_US = 1_000
@@ -144,7 +145,7 @@ POLICY = Param(
 )  # fmt: skip
 
 
-def _setting(param: Param) -> Any:
+def settings_field(param: Param) -> Any:
     """A SchedSettings field carried from `param` (its default; from_registry reads it)."""
     return field(default=param.default, metadata={"param": param})
 
@@ -153,24 +154,27 @@ def _setting(param: Param) -> Any:
 class SchedSettings:
     """Every scheduling parameter in user units (microseconds, bytes, items, Hz).
 
-    A field made with `_setting(PARAM)` is read from the registry by `from_registry`; adding a
-    parameter the worker needs is one such field. `devices` holds, for each device with a value
-    of its own of a device-scope parameter, that device's complete settings; `for_device(name)`
-    returns them (or these settings for a device that has none)."""
+    A field made with `settings_field(PARAM)` is read from the registry by `from_registry` (and
+    listed in SETTINGS_PARAMS, so the daemon declares it and pushes its changes to the workers):
+    a new parameter the worker needs is one such field, e.g.
+    `irq_coalesce_frames: int = settings_field(Param(..., scope=Scope.DEVICE))`.
+    `devices` holds, for each device with a value of its own of a device-scope parameter, that
+    device's complete settings; `for_device(name)` returns them (or these settings for a device
+    that has none)."""
 
     polling: bool = False  # False in baseline mode: kicks drive everything (stock vhost)
-    poll_start_rate: int = _setting(POLL_START_RATE)
-    poll_stop_idle_us: int = _setting(POLL_STOP_IDLE)
-    poll_coalescing_us: int = _setting(POLL_COALESCING)
-    max_work_stuck_us: int = _setting(MAX_WORK_STUCK_US)
-    max_queue_stuck_us: int = _setting(MAX_QUEUE_STUCK_US)
-    max_queue_stuck_size: int = _setting(MAX_QUEUE_STUCK_SIZE)
-    min_processed_data_limit: int = _setting(MIN_PROCESSED_DATA_LIMIT)
-    max_processed_data_limit: int = _setting(MAX_PROCESSED_DATA_LIMIT)
-    min_poll_rate: int = _setting(MIN_POLL_RATE)
-    turn_max_packets: int = _setting(TURN_MAX_PACKETS)
-    turn_max_bytes: int = _setting(TURN_MAX_BYTES)
-    poll_round_us: int = _setting(POLL_ROUND_US)  # 0: no C poll rounds
+    poll_start_rate: int = settings_field(POLL_START_RATE)
+    poll_stop_idle_us: int = settings_field(POLL_STOP_IDLE)
+    poll_coalescing_us: int = settings_field(POLL_COALESCING)
+    max_work_stuck_us: int = settings_field(MAX_WORK_STUCK_US)
+    max_queue_stuck_us: int = settings_field(MAX_QUEUE_STUCK_US)
+    max_queue_stuck_size: int = settings_field(MAX_QUEUE_STUCK_SIZE)
+    min_processed_data_limit: int = settings_field(MIN_PROCESSED_DATA_LIMIT)
+    max_processed_data_limit: int = settings_field(MAX_PROCESSED_DATA_LIMIT)
+    min_poll_rate: int = settings_field(MIN_POLL_RATE)
+    turn_max_packets: int = settings_field(TURN_MAX_PACKETS)
+    turn_max_bytes: int = settings_field(TURN_MAX_BYTES)
+    poll_round_us: int = settings_field(POLL_ROUND_US)  # 0: no C poll rounds
     devices: tuple[tuple[str, SchedSettings], ...] = ()
 
     def __post_init__(self) -> None:

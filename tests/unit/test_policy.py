@@ -187,3 +187,30 @@ def test_parameters_are_declared_beside_their_readers() -> None:
     assert [p.name for p in daemon.PARAMS] == ["mode"]
     assert [p.name for p in net.PARAMS] == ["busy_poll_us"]
     assert set(daemon.PARAM_SPECS) == {*PARAMS, *pool.PARAMS, *daemon.PARAMS, *net.PARAMS}
+
+
+def test_a_new_per_device_worker_parameter_is_one_settings_field() -> None:
+    """What interrupt moderation per queue will need: one field, and from_registry carries the
+    global value and every device's own to the workers."""
+    from dataclasses import dataclass
+
+    from iosched.params import Param, Scope
+    from iosched.policy import settings_field
+
+    frames = Param("irq_coalesce_frames", int, 0, "interrupt after this many used entries",
+                   unit="frames", min=0, max=256, runtime=True, scope=Scope.DEVICE)
+
+    @dataclass(frozen=True)
+    class Extended(SchedSettings):
+        irq_coalesce_frames: int = settings_field(frames)
+
+    reg = Registry([*PARAMS, frames])
+    reg.add_device("net0")
+    reg.add_device("net1")
+    reg.load_config({"irq_coalesce_frames": 32}, device="net0")
+    reg.set("irq_coalesce_frames", 4)
+    s = Extended.from_registry(reg, mode="shared")
+    assert s.irq_coalesce_frames == 4
+    assert s.for_device("net0").irq_coalesce_frames == 32
+    assert s.for_device("net1").irq_coalesce_frames == 4  # follows the global value
+    assert not hasattr(SchedSettings(), "irq_coalesce_frames")  # the base class is unchanged
