@@ -11,6 +11,9 @@
   (worker_cpus, else the process's affinity): a polling worker keeps its core busy, and two of them
   time-sharing one core serve each of their queues half the time, in slices of milliseconds.
 
+The pool's parameters (workers, worker_cpus, placement, devices_per_worker, max_workers) are
+declared here (`PARAMS`); whoever builds the pool reads them from its registry and passes them in.
+
 A device holds a `DeviceBinding` and hands it its works (`attach` / `detach`, both returning
 futures). The pool remembers where every attached work runs, the device's home worker, and
 per-queue overrides, so a device's re-plan puts its works back where they were migrated to.
@@ -40,16 +43,70 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
+from .params import Param, Scope, parse_cpu_list
 from .policy import POLICIES, SchedSettings
 from .worker import QueueWork, Worker
 
-__all__ = ["MODES", "PLACEMENTS", "DeviceBinding", "WorkerPool"]
+__all__ = [
+    "DEVICES_PER_WORKER",
+    "MAX_WORKERS",
+    "MODES",
+    "PARAMS",
+    "PLACEMENT",
+    "PLACEMENTS",
+    "WORKERS",
+    "WORKER_CPUS",
+    "DeviceBinding",
+    "WorkerPool",
+]
 
 log = logging.getLogger("vhostx.control")
 
 MODES = ("baseline", "shared")
 PLACEMENTS = ("first_fit", "least_loaded", "explicit")
 _TIMEOUT = 10.0
+
+
+def _check_cpu_list(value: str) -> None:
+    parse_cpu_list(value)
+
+
+# ---- parameters (read by whoever builds the pool: the daemon passes them to WorkerPool) ------
+
+WORKERS = Param(
+    "workers", int, 1,
+    "shared mode: worker threads started with the daemon (baseline ignores it: one per device)",
+    unit="workers", min=1, max=1024, scope=Scope.GLOBAL,
+)  # fmt: skip
+WORKER_CPUS = Param(
+    "worker_cpus", str, "",
+    'CPUs the worker threads are pinned to, e.g. "1" or "0-1,3", handed out in order; '
+    '"" = no pinning',
+    check=_check_cpu_list, allowed_hint="CPU list like 0-1,3 below os.cpu_count()",
+    scope=Scope.GLOBAL,
+)  # fmt: skip
+PLACEMENT = Param(
+    "placement", str, "first_fit",
+    "shared mode: how a new device picks its worker: first_fit (ELVIS: first with fewer than "
+    "devices_per_worker), least_loaded, or explicit (the device's worker= key); next attach",
+    choices=PLACEMENTS, runtime=True, scope=Scope.GLOBAL,
+)  # fmt: skip
+DEVICES_PER_WORKER = Param(
+    "devices_per_worker", int, 7,
+    "shared mode: devices one worker serves before first_fit places the next on another "
+    "worker (a new one if all are full); applies to later placements",
+    unit="devices", min=1, max=1024, runtime=True, scope=Scope.GLOBAL,
+)  # fmt: skip
+MAX_WORKERS = Param(
+    "max_workers", int, 0,
+    "shared mode: first_fit starts a new worker for a device only while the pool has fewer "
+    "workers than this, else it places the device on the least loaded one; 0 = the number of "
+    "CPUs the workers may run on (worker_cpus, else the daemon's affinity): polling workers "
+    "time-sharing one core starve each other; applies to later placements",
+    unit="workers", min=0, max=1024, runtime=True, scope=Scope.GLOBAL,
+)  # fmt: skip
+PARAMS: tuple[Param, ...] = (WORKERS, WORKER_CPUS, PLACEMENT, DEVICES_PER_WORKER, MAX_WORKERS)
+"""The pool's parameters (worker count, pinning, placement)."""
 
 _QUEUE_FIELDS = ("packets", "bytes", "interrupts", "interrupts_suppressed", "ring_full")
 _WORK_FIELDS = (

@@ -197,10 +197,13 @@ class Worker:
         else:
             self.policy.update(settings)
         self._apply_settings_values()
-        if not settings.polling or settings.poll_start_rate == 0 or not self._can_poll():
+        if not settings.polling or not self._can_poll() or any(
+                s.poll_start_rate == 0 for s in settings.every()):  # fmt: skip
             now = self._clock()
             for q in list(self._polled):
-                if not q.poll_only:
+                s = self.policy.settings_for(q)
+                if not q.poll_only and (not s.polling or s.poll_start_rate == 0
+                                        or not self._can_poll()):  # fmt: skip
                     self._polled.remove(q)
                     self._stop_polling(q, now)
 
@@ -212,8 +215,10 @@ class Worker:
         self._poll_gen += 1  # budgets may have changed: rebuild the round
         self._round_ns = s.poll_round_ns if s.polling else 0
         self._coalesce_ns = s.poll_coalescing_ns
-        periods = [p for p in (s.max_queue_stuck_ns, s.min_poll_period_ns) if p > 0]
-        if s.max_queue_stuck_ns == 0:
+        # per-device settings (s.every()): the scan must come as often as the most demanding
+        periods = [p for d in s.every() for p in (d.max_queue_stuck_ns, d.min_poll_period_ns)
+                   if p > 0]  # fmt: skip
+        if any(d.max_queue_stuck_ns == 0 for d in s.every()):
             periods.append(1)
         self._scan_every = max(2_000, min(periods) // 4) if periods else 0
         self._next_scan = 0
@@ -456,7 +461,7 @@ class Worker:
         """Stuck detection and min_poll_rate over the poll list; urgent queues go to its head."""
         self._next_scan = now + self._scan_every
         pol = self.policy
-        stuck_on = self.settings.max_queue_stuck_ns >= 0
+        stuck_on = any(d.max_queue_stuck_ns >= 0 for d in self.settings.every())
         for q in list(self._polled):
             if q.urgent:
                 continue

@@ -162,38 +162,42 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    if args.control:
-        answer = ask(args.control, {"cmd": "params"})
-        if args.json:
-            print(json.dumps(answer["params"], indent=1))
-            return 0
-        for row in answer["params"]:
-            rng = row.get("range", "")
-            print(f"{row['name']}: {row['value']!r} ({row['source']}) [{rng}] {row.get('unit', '')}"
-                  f" - {row['description']}")
-        return 0
-    from iosched.params import REGISTRY
+    from iosched.params import format_rows
 
+    if args.control:  # a running daemon's values, sources and per-device values
+        rows = ask(args.control, {"cmd": "params"})["params"]
+    else:  # the declarations every daemon starts from (the same specs, at their defaults)
+        from .daemon import new_registry
+
+        rows = [r.as_dict() for r in new_registry().describe()]
     if args.json:
-        print(json.dumps([r.as_dict() for r in REGISTRY.describe()], indent=1))
+        print(json.dumps(rows, indent=1))
     else:
-        print(REGISTRY.format_table())
+        print(format_rows(rows), end="")
     return 0
 
 
 def _cmd_param(args: argparse.Namespace) -> int:
-    if args.action == "get":
-        req: dict[str, Any] = {"cmd": "param_get", "name": args.name}
-    else:
+    req: dict[str, Any] = {"cmd": f"param_{args.action}", "name": args.name}
+    if args.action == "set":
         if args.value is None:
             raise ConfigError("param set needs NAME VALUE")
-        req = {"cmd": "param_set", "name": args.name, "value": args.value}
+        req["value"] = args.value
+    elif args.value is not None:
+        raise ConfigError(f"param {args.action} takes NAME only, got a value {args.value!r}")
+    if args.device:
+        req["device"] = args.device
     answer = ask(args.control, req, check=False)
     if not answer.get("ok"):
         # a refused value is a configuration error (exit 2), as for --param at start-up
         print(f"vhostx: the daemon refused {req['cmd']!r}: {answer.get('error')}", file=sys.stderr)
         return 2
-    print(f"{answer['name']} = {answer['value']!r}" + (f" ({answer['source']})" if "source" in answer else ""))
+    where = answer.get("source", "")
+    if "device" in answer:
+        whose = "own value" if answer.get("own") else "follows the global value"
+        where = f"{where}, device {answer['device']}: {whose}" if where else whose
+    target = f"{answer['name']}@{answer['device']}" if "device" in answer else answer["name"]
+    print(f"{target} = {answer['value']!r}" + (f" ({where})" if where else ""))
     return 0
 
 
@@ -226,7 +230,8 @@ def _add_serve_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--control", help="control socket path (JSON lines)")
     s.add_argument("--metrics", metavar="HOST:PORT",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any)")
-    s.add_argument("--param", action="append", default=[], help="name=value (repeatable)")
+    s.add_argument("--param", action="append", default=[],
+                   help="name=value, or name@DEVICE=value for one device's own value (repeatable)")
     s.add_argument("--stats-file", help="write final statistics as JSON here on exit")
     s.add_argument("--ready-file", help="write the pid here once every socket listens")
     s.add_argument("--log-level", default=argparse.SUPPRESS,
@@ -255,10 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--json", action="store_true")
     ps.set_defaults(func=_cmd_params)
 
-    pa = sub.add_parser("param", help="get or set one parameter of a running daemon")
-    pa.add_argument("action", choices=["get", "set"])
+    pa = sub.add_parser("param", help="get, set or reset (drop the run-time value of) one "
+                        "parameter of a running daemon")
+    pa.add_argument("action", choices=["get", "set", "reset"])
     pa.add_argument("name")
     pa.add_argument("value", nargs="?")
+    pa.add_argument("--device", help="this device's own value (device-scope parameters); "
+                    "reset drops it, and the device follows the global value again")
     pa.add_argument("--control", required=True, help="the daemon's control socket")
     pa.set_defaults(func=_cmd_param)
 

@@ -1,7 +1,10 @@
 """Daemon configuration: devices from a TOML file (configs/*.toml) or `--device k=v,...` strings.
 
 Every value is checked here, before anything starts; a bad one raises ConfigError naming the key,
-the value that came and what is allowed. Called from the main thread at start-up only.
+the value that came and what is allowed. Parameter values (`[params]`, a device's
+`[device.params]`, `--param`) are only checked to be tables of scalars here: the daemon's
+registry checks names, scopes and ranges when it starts. Called from the main thread at start-up
+only.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class DeviceConfig:
     socket_group: str = ""  # listening socket: its group (name or gid); "" = the daemon's group
     socket_mode: int = -1  # listening socket: its permission bits, e.g. 0o660; -1 = as created
     fd: int = -1  # serve this inherited, connected socket (`serve --fd N`) instead of `socket`
+    # [device.params]: this device's own values of device-scope parameters, as typed, in order
+    params: tuple[tuple[str, Any], ...] = ()
 
     def effective_mac(self) -> bytes:
         if self.mac:
@@ -139,12 +144,30 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {key}={value!r}: expected a string")
         return value
-    known = sorted(_INT_RANGES) + sorted(_BOOL_KEYS) + sorted(_STR_KEYS) + sorted(_SOCKET_KEYS)
+    known = (sorted(_INT_RANGES) + sorted(_BOOL_KEYS) + sorted(_STR_KEYS) + sorted(_SOCKET_KEYS)
+             + ["params"])
     raise ConfigError(f"{where}: unknown key {key!r}; known keys: {', '.join(known)}")
 
 
+def _param_table(raw: Any, where: str) -> tuple[tuple[str, Any], ...]:
+    """A table of parameter name = scalar value (the registry checks the rest)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table of parameter = value, got {raw!r}")
+    for key, value in raw.items():
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{where}: {key} = {value!r}: expected a single value")
+    return tuple((str(k), v) for k, v in raw.items())
+
+
 def _device_from_mapping(raw: dict[str, Any], where: str, fd: int = -1) -> DeviceConfig:
-    values = {k: _coerce(k, v, where) for k, v in raw.items()}
+    values = {k: _coerce(k, v, where) for k, v in raw.items() if k != "params"}
+    if "params" in raw:
+        if not isinstance(raw["params"], dict):
+            raise ConfigError(
+                f"{where}: params={raw['params']!r}: expected a table ([device.params] in a "
+                "config file; on the command line use --param NAME@DEVICE=VALUE)"
+            )
+        values["params"] = _param_table(raw["params"], f"{where} [device.params]")
     for required in ("name",) if fd >= 0 else ("name", "socket"):
         if not values.get(required):
             raise ConfigError(f"{where}: missing required key {required!r}")
@@ -308,7 +331,7 @@ def load_config(
         raw_params = data.get("params", {})
         if not isinstance(raw_params, dict):
             raise ConfigError(f"config file {path}: [params] must be a table")
-        file_params = dict(raw_params)
+        file_params = dict(_param_table(raw_params, f"config file {path}: [params]"))
     if metrics is not None:
         parse_addr(metrics, what="--metrics")
     for spec in device_specs or []:

@@ -1,13 +1,18 @@
 """The vhostx daemon: devices, their sockets, the worker pool, a control socket, a clean stop.
 
 The parameter `mode` picks the scheduling, nothing else (same devices, same ports):
-`baseline` = one worker thread per device driven by kicks (stock vhost); `shared` = ELVIS-style
-worker pool (iosched.pool) whose workers serve the queues of many devices, with adaptive
-polling and fine-grained scheduling. Every scheduling parameter applies to running workers when
-it changes (the daemon subscribes and calls `pool.update`).
+`shared` (the default) = ELVIS-style worker pool (iosched.pool) whose workers serve the queues of
+many devices, with adaptive polling and fine-grained scheduling; `baseline` = one worker thread
+per device driven by kicks (stock vhost). Every scheduling parameter applies to running workers
+when it changes (the daemon subscribes and calls `pool.update`).
+
+Parameters: each daemon has its own registry (`new_registry()`: the specs of every module it
+uses, `PARAM_SPECS`), with its devices known to it so that device-scope parameters can have a
+value per device ([device.params], `--param name@device=value`, `param_set` with "device").
 
 The control socket speaks JSON lines; every answer is one JSON object with "ok" (errors:
-{"ok": false, "error": ...}). Commands: ping, stats, params, param_get, param_set, workers,
+{"ok": false, "error": ...}). Commands: ping, stats, params, param_get {"name", "device"?},
+param_set {"name", "value", "device"?}, param_reset {"name", "device"?}, workers,
 worker_add {"cpu"?}, worker_remove {"worker"}, migrate {"device", "worker", "queue"?}.
 
 Threads: `Daemon` lives on the asyncio thread (uvloop when available); workers are threads.
@@ -23,39 +28,65 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from iosched import params as P
+from iosched import policy as iopolicy
+from iosched import pool as iopool
+from iosched.params import Param, Registry, Scope, parse_cpu_list
 from iosched.policy import SchedSettings
 from iosched.pool import WorkerPool
 from virtio.errors import ConfigError
 
+from . import net as vxnet
 from .config import DaemonConfig
 from .net import NetDevice, SwitchRegistry
 from .transport import adopt_fd, connect_unix, listen_unix, serve_fd
 
-__all__ = ["Daemon", "run_daemon"]
+__all__ = ["MODE", "PARAMS", "PARAM_SPECS", "Daemon", "new_registry", "run_daemon"]
 
 log = logging.getLogger("vhostx.control")
 
-# Parameters that change the workers' settings (SchedSettings) and are pushed to them live.
-_SETTINGS_PARAMS = (
-    P.POLL_START_RATE, P.POLL_STOP_IDLE, P.POLL_COALESCING, P.MAX_WORK_STUCK_US,
-    P.MAX_QUEUE_STUCK_US, P.MAX_QUEUE_STUCK_SIZE, P.MIN_PROCESSED_DATA_LIMIT,
-    P.MAX_PROCESSED_DATA_LIMIT, P.MIN_POLL_RATE, P.TURN_MAX_PACKETS, P.TURN_MAX_BYTES,
-    P.POLL_ROUND_US,
+MODE = Param(
+    "mode", str, "shared",
+    "shared: ELVIS-style workers each serving the queues of many devices (the default); "
+    "baseline: one worker thread per device driven by kicks (the vhost model)",
+    choices=iopool.MODES, scope=Scope.GLOBAL,
 )  # fmt: skip
-_COMMANDS = ("ping", "stats", "params", "param_get", "param_set", "workers", "worker_add",
-             "worker_remove", "migrate")
+PARAMS: tuple[Param, ...] = (MODE,)
+"""The parameters this module reads."""
+PARAM_SPECS: tuple[Param, ...] = (
+    *PARAMS, *iopool.PARAMS, *iopolicy.PARAMS, *vxnet.PARAMS,
+)  # fmt: skip
+"""Every parameter of every module the daemon uses (what `vhostx params` lists)."""
+
+
+def new_registry(devices: Iterable[str] = ()) -> Registry:
+    """A registry of PARAM_SPECS at their defaults, knowing `devices`."""
+    reg = Registry(PARAM_SPECS)
+    for name in devices:
+        reg.add_device(name)
+    return reg
+
+
+# Parameters that change the workers' settings (SchedSettings) and are pushed to them live.
+_SETTINGS_PARAMS = tuple(p.name for p in iopolicy.SETTINGS_PARAMS)
+_PLACEMENT_PARAMS = (iopool.PLACEMENT.name, iopool.DEVICES_PER_WORKER.name,
+                     iopool.MAX_WORKERS.name)
+_COMMANDS = ("ping", "stats", "params", "param_get", "param_set", "param_reset", "workers",
+             "worker_add", "worker_remove", "migrate")
 
 
 class Daemon:
-    def __init__(self, cfg: DaemonConfig) -> None:
+    def __init__(self, cfg: DaemonConfig, params: Registry | None = None) -> None:
+        """`params`: the registry to use (its specs must include PARAM_SPECS'); None: a new one
+        of its own."""
         self.cfg = cfg
+        self.params = params if params is not None else new_registry()
         self.devices: list[NetDevice] = []
         self.pool: WorkerPool | None = None
         self.switches = SwitchRegistry()
-        self.mode = "baseline"
+        self.mode = MODE.default
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._control_server: asyncio.AbstractServer | None = None
@@ -64,11 +95,17 @@ class Daemon:
         self.started_at = time.time()
 
     def _load_params(self) -> None:
-        reg = P.REGISTRY
+        reg = self.params
+        for dcfg in self.cfg.devices:
+            reg.add_device(dcfg.name)
         if self.cfg.param_table:
             reg.load_config(self.cfg.param_table, where=f"{self.cfg.path} [params]")
+        for dcfg in self.cfg.devices:
+            if dcfg.params:
+                reg.load_config(dict(dcfg.params), device=dcfg.name,
+                                where=f"{self.cfg.path}: device {dcfg.name} [device.params]")
         reg.load_cmdline(self.cfg.param_items)
-        self.mode = P.MODE.get()
+        self.mode = reg.get(MODE.name)
 
     @property
     def workers(self) -> list[Any]:
@@ -76,16 +113,18 @@ class Daemon:
         return list(self.pool.workers.values()) if self.pool is not None else []
 
     def _settings(self) -> SchedSettings:
-        return SchedSettings.from_registry(mode=self.mode)
+        return SchedSettings.from_registry(self.params, mode=self.mode)
 
     def _settings_changed(self, name: str, old: Any, new: Any) -> None:
         if self.pool is not None:
             self.pool.update(self._settings())
 
+    def _device_settings_changed(self, device: str, name: str, old: Any, new: Any) -> None:
+        self._settings_changed(name, old, new)
+
     def _placement_changed(self, name: str, old: Any, new: Any) -> None:
         if self.pool is not None:
-            self.pool.set_placement(P.PLACEMENT.get(), P.DEVICES_PER_WORKER.get(),
-                                    P.MAX_WORKERS.get())
+            self.pool.set_placement(*(self.params.get(n) for n in _PLACEMENT_PARAMS))
 
     def _policy_changed(self, name: str, old: Any, new: Any) -> None:
         if self.pool is not None:
@@ -95,26 +134,29 @@ class Daemon:
         """Create every device and start serving; ConfigError if any cannot be set up."""
         try:
             self._load_params()
-            cpus = P.parse_cpu_list(P.WORKER_CPUS.get()) if P.WORKER_CPUS.get() else ()
+            reg = self.params
+            cpu_list = reg.get(iopool.WORKER_CPUS.name)
             self.pool = WorkerPool(
                 mode=self.mode,
-                workers=P.WORKERS.get(),
-                cpus=cpus,
-                placement=P.PLACEMENT.get(),
-                devices_per_worker=P.DEVICES_PER_WORKER.get(),
+                workers=reg.get(iopool.WORKERS.name),
+                cpus=parse_cpu_list(cpu_list) if cpu_list else (),
+                placement=reg.get(iopool.PLACEMENT.name),
+                devices_per_worker=reg.get(iopool.DEVICES_PER_WORKER.name),
                 settings=self._settings(),
-                policy=P.POLICY.get(),
-                max_workers=P.MAX_WORKERS.get(),
+                policy=reg.get(iopolicy.POLICY.name),
+                max_workers=reg.get(iopool.MAX_WORKERS.name),
             )
-            for handle in _SETTINGS_PARAMS:
-                self._unsubscribe.append(handle.subscribe(self._settings_changed))
-            for handle in (P.PLACEMENT, P.DEVICES_PER_WORKER, P.MAX_WORKERS):
-                self._unsubscribe.append(handle.subscribe(self._placement_changed))
-            self._unsubscribe.append(P.POLICY.subscribe(self._policy_changed))
+            for name in _SETTINGS_PARAMS:
+                self._unsubscribe.append(reg.subscribe(self._settings_changed, name))
+                self._unsubscribe.append(
+                    reg.subscribe_overrides(self._device_settings_changed, name))
+            for name in _PLACEMENT_PARAMS:
+                self._unsubscribe.append(reg.subscribe(self._placement_changed, name))
+            self._unsubscribe.append(reg.subscribe(self._policy_changed, iopolicy.POLICY.name))
             for dcfg in self.cfg.devices:
                 explicit = dcfg.worker if dcfg.worker >= 0 else None
                 binding = self.pool.bind(dcfg.name, worker=explicit)
-                dev = NetDevice(dcfg, binding, self.switches)  # type: ignore[arg-type]
+                dev = NetDevice(dcfg, binding, self.switches, reg)  # type: ignore[arg-type]
                 self.devices.append(dev)
             for dev in self.devices:
                 started = asyncio.Event()
@@ -199,10 +241,8 @@ class Daemon:
             index = _int_arg(req, "worker")
             await asyncio.to_thread(pool.remove_worker, index)
             return {"ok": True, "worker": index}
-        if cmd == "param_set":
-            name = str(req["name"])
-            await asyncio.to_thread(P.REGISTRY.set, name, req["value"], where="control socket")
-            return {"ok": True, "name": name, "value": P.REGISTRY.get(name)}
+        if cmd in ("param_set", "param_reset"):  # subscribers may block on the workers
+            return await asyncio.to_thread(self.control, req)
         return self.control(req)
 
     def _pool(self) -> WorkerPool:
@@ -217,15 +257,9 @@ class Daemon:
         if cmd == "stats":
             return {"ok": True, **self.stats()}
         if cmd == "params":
-            return {"ok": True, "params": [row.as_dict() for row in P.REGISTRY.describe()]}
-        if cmd == "param_get":
-            name = str(req["name"])
-            return {"ok": True, "name": name, "value": P.REGISTRY.get(name),
-                    "source": P.REGISTRY.source(name).label}
-        if cmd == "param_set":
-            name = str(req["name"])
-            P.REGISTRY.set(name, req["value"], where="control socket")
-            return {"ok": True, "name": name, "value": P.REGISTRY.get(name)}
+            return {"ok": True, "params": [row.as_dict() for row in self.params.describe()]}
+        if cmd in ("param_get", "param_set", "param_reset"):
+            return self._param_command(cmd, req)
         if cmd == "workers":
             return {"ok": True, "mode": self.mode, "workers": self._pool().stats()["workers"]}
         if cmd == "worker_add":
@@ -253,8 +287,28 @@ class Daemon:
             "devices": [dev.stats() for dev in self.devices],
             "workers": pool["workers"],
             "queues": pool["queues"],
-            "params": P.REGISTRY.snapshot(),
+            "params": self.params.snapshot(),
+            "device_params": self.params.device_snapshot(),
         }
+
+    def _param_command(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
+        """param_get / param_set / param_reset, of the global value or of one device's
+        ("device"); the answer says which value is in force and where it came from."""
+        reg = self.params
+        name = str(req["name"])
+        device = req.get("device")
+        device = str(device) if device not in (None, "") else None
+        if cmd == "param_set":
+            reg.set(name, req["value"], device=device, where="control socket")
+        elif cmd == "param_reset":
+            reg.reset(name, device=device, where="control socket")
+        cur = reg.current(name, device)
+        answer: dict[str, Any] = {"ok": True, "name": name, "value": cur.value,
+                                  "source": cur.source.label}
+        if device is not None:
+            answer["device"] = device
+            answer["own"] = reg.has_own(name, device)  # False: it follows the global value
+        return answer
 
     def request_stop(self) -> None:
         self._stop.set()

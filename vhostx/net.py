@@ -20,7 +20,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from iosched import params as P
+from iosched.params import Param, ParamHandle, Registry, Scope
 from iosched.pool import DeviceBinding
 from iosched.work import QueueWork, WorkStats
 from virtio import features as vf
@@ -34,7 +34,9 @@ from .config import DeviceConfig
 from .device import Refused, VhostUserDevice
 
 __all__ = [
+    "BUSY_POLL_US",
     "COUNTER_FIELDS",
+    "PARAMS",
     "BusyPoll",
     "NetDevice",
     "QueueWorkItem",
@@ -111,18 +113,32 @@ def make_udp_frame(dst: bytes, src: bytes, size: int) -> bytes:
 COUNTER_FIELDS: tuple[str, ...] = STATS_FIELDS
 
 
+BUSY_POLL_US = Param(
+    "busy_poll_us", int, 50,
+    "inside one C batch that has found work, keep re-reading the ring once it runs empty, for "
+    "up to this long in total per batch, before returning to the worker loop (like vhost-net's "
+    "busyloop_timeout); completions are published first; an idle ring never spins; bounds one "
+    "batch's extra latency for other queues on the same worker; 0 = return at once",
+    unit="us", min=0, max=1000, runtime=True, scope=Scope.DEVICE,
+)  # fmt: skip
+PARAMS: tuple[Param, ...] = (BUSY_POLL_US,)
+"""The parameters this module reads."""
+
+
 class BusyPoll:
     """The busy-poll window of the C batches (busy_poll_us, in ns) shared by one device's works.
 
-    Follows the parameter through one registry subscription (made here, dropped by close()):
-    the value lives in a C cell (`window`, a virtio.kick.SpinWindow) that the kick queues' C
-    batches read, and Python turns read `ns`; never the registry.
+    Follows the value the device uses (`param`: a handle such as
+    `registry.handle("busy_poll_us", device="net0")`; None: the default, fixed) through one
+    subscription (made here, dropped by close()): the value lives in a C cell (`window`, a
+    virtio.kick.SpinWindow) that the kick queues' C batches read, and Python turns read `ns`;
+    never the registry.
     Threads: the subscription callback runs on whichever thread sets the parameter; a batch sees
     the new value from its next call on (one aligned 8-byte store).
     """
 
-    def __init__(self, param: Any = None) -> None:
-        self._param = P.BUSY_POLL_US if param is None else param
+    def __init__(self, param: ParamHandle | Any = None) -> None:
+        self._param = Registry(PARAMS).handle(BUSY_POLL_US.name) if param is None else param
         self.window = SpinWindow(int(self._param.get()) * 1000)
         self._unsubscribe: Callable[[], None] | None = self._param.subscribe(self._changed)
 
@@ -238,7 +254,10 @@ def _fd_readable(fd: int) -> bool:
 class NetDevice(VhostUserDevice):
     """A virtio-net device whose queues are served by one port."""
 
-    def __init__(self, cfg: DeviceConfig, worker: DeviceBinding, switches: SwitchRegistry) -> None:
+    def __init__(self, cfg: DeviceConfig, worker: DeviceBinding, switches: SwitchRegistry,
+                 params: Registry | None = None) -> None:
+        """`params`: the daemon's registry, which knows this device (its per-device values);
+        None: parameters at their defaults."""
         self.cfg = cfg
         self.num_queues = 2 * cfg.queues
         self.mac = cfg.effective_mac()
@@ -260,7 +279,9 @@ class NetDevice(VhostUserDevice):
         self._switch = switches.get(cfg.switch) if cfg.port == "switch" else None
         self._switch_port: int | None = None
         self._frame = make_udp_frame(self.mac, b"\x02\x00\x00\x00\x00\x01", cfg.frame_size)
-        self.busy_poll = BusyPoll()
+        self.busy_poll = BusyPoll(
+            params.handle(BUSY_POLL_US.name, device=cfg.name) if params is not None else None
+        )
         super().__init__(cfg.name, worker)
         if cfg.port == "tap":
             self._open_tap()

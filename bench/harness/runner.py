@@ -145,9 +145,9 @@ class Runner:
             d["mode"] = b.mode
             d["params_set"] = dict(b.params)
             try:
-                from iosched.params import REGISTRY
+                from vhostx.daemon import PARAM_SPECS
 
-                eff = {p.name: p.default for p in REGISTRY.params()}
+                eff = {p.name: p.default for p in PARAM_SPECS}
             except Exception:  # noqa: BLE001 - best effort: the daemon reports its own too
                 eff = {}
             eff.update(dict(b.params))

@@ -393,24 +393,21 @@ def _parse_backend(t: Any, i: int) -> Backend:
 
 
 def _check_vhostx_params(params: tuple[tuple[str, Any], ...], where: str) -> None:
-    """Check names, types and ranges against the daemon's parameter registry (iosched.params)."""
-    try:
-        from iosched.params import REGISTRY
-    except ImportError:  # pragma: no cover - the daemon package is part of the repository
-        return
+    """Check names, types and ranges against the daemon's own parameter declarations
+    (vhostx.daemon.PARAM_SPECS, the specs `vhostx params` lists): all of them at once, as the
+    daemon's --param would."""
+    from vhostx.daemon import new_registry
+
     for key, value in params:
         if key == "mode":
             raise ScenarioError(f"{where}.params.mode: set the mode with the backend's own "
                                 "'mode' key, not in params")
         if isinstance(value, list | dict):
             raise ScenarioError(f"{where}.params.{key} = {value!r}: expected a scalar")
-        try:
-            param = REGISTRY.param(key)
-            param.parse(value)
-        except ConfigError as err:
-            raise ScenarioError(f"{where}.params: {err}") from err
-        except KeyError as err:
-            raise ScenarioError(f"{where}.params: unknown parameter {key!r}") from err
+    try:
+        new_registry().load_cmdline(f"{k}={_param_text(v)}" for k, v in params)
+    except ConfigError as err:
+        raise ScenarioError(f"{where}.params: {err}") from err
 
 
 def _parse_clients(raw: Mapping[str, Any]) -> tuple[TestpmdClient, GuestModelClient,

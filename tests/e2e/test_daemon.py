@@ -277,7 +277,8 @@ def test_client_mode_dials_the_frontend_and_redials_after_disconnect(daemon_fact
 def test_parameters_precedence_and_live_change(daemon_factory, tmp_path) -> None:
     cfg = tmp_path / "d.toml"
     cfg.write_text("[params]\nturn_max_packets = 16\nturn_max_bytes = \"256KiB\"\n")
-    d = daemon_factory(config=str(cfg), params=["turn_max_packets=32"])
+    # baseline: one C batch per turn, so a turn's budget shows in budget_exhausted
+    d = daemon_factory(config=str(cfg), params=["mode=baseline", "turn_max_packets=32"])
     s0 = d.add_device("net0")
     d.start()
     got = d.request({"cmd": "param_get", "name": "turn_max_packets"})
@@ -288,8 +289,15 @@ def test_parameters_precedence_and_live_change(daemon_factory, tmp_path) -> None
     assert not bad["ok"] and "turn_max_packets" in bad["error"] and "allowed" in bad["error"]
     bad = d.request({"cmd": "param_set", "name": "mode", "value": "shared"})
     assert not bad["ok"] and "run time" in bad["error"]
-    # A live change is visible in behaviour: with one packet per turn every busy turn exhausts.
-    assert d.request({"cmd": "param_set", "name": "turn_max_packets", "value": "1"})["ok"]
+    bad = d.request({"cmd": "param_set", "name": "turn_max_packets", "value": "1",
+                     "device": "net9"})
+    assert not bad["ok"] and "unknown device 'net9'" in bad["error"]
+    # A live change of net0's own value is visible in behaviour: with one packet per turn every
+    # busy turn exhausts; the global value stays.
+    got = d.request({"cmd": "param_set", "name": "turn_max_packets", "value": "1",
+                     "device": "net0"})
+    assert got["ok"] and (got["value"], got["own"]) == (1, True), got
+    assert d.request({"cmd": "param_get", "name": "turn_max_packets"})["value"] == 32
     with VhostUserFrontend(s0) as fe:
         NetDriver(fe).send([frame(MAC_B, MAC_A, i) for i in range(40)])
         assert wait_until(lambda: queue_packets(d, "net0", "1") == 40)

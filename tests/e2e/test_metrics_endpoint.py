@@ -62,12 +62,13 @@ def vhostx_cli(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
-@pytest.mark.parametrize("params", [[], ["mode=shared", "workers=2"]], ids=["baseline", "shared"])
+@pytest.mark.parametrize("params", [["mode=baseline"], ["mode=shared", "workers=2"]],
+                         ids=["baseline", "shared"])
 def test_metrics_scrape_matches_traffic(daemon_factory: Any, params: list[str]) -> None:
     d = daemon_factory(metrics="127.0.0.1:0", params=params)
     sock = d.add_device("net0", port="sink")
     d.start()
-    mode = "shared" if params else "baseline"
+    mode = params[0].removeprefix("mode=")
     _, s = scrape(d)
     assert by_name(s, "vhostx_mode", mode=mode) == [1]
     assert by_name(s, "vhostx_uptime_seconds")[0] >= 0

@@ -66,6 +66,14 @@ def test_defaults_and_params() -> None:
     assert case.client == "testpmd" and case.devices == 1 and case.label == "tx"
 
 
+def test_params_are_checked_against_the_daemons_own_declarations() -> None:
+    from vhostx.daemon import PARAM_SPECS
+
+    every = {p.name: p.default for p in PARAM_SPECS if p.name != "mode"}
+    sc = parse_scenario(make(backends__0__params=every))
+    assert dict(sc.backends[0].params) == every
+
+
 def test_sweep_is_cartesian_in_file_order() -> None:
     sc = parse_scenario(make(tests__0__sweep={"direction": ["guest_tx", "guest_rx"],
                                               "size": [64, 1500]}))
@@ -100,7 +108,13 @@ def test_reference_defaults_to_last_backend() -> None:
         ({"backends__1": {"name": "dpdk", "kind": "dpdk", "mode": "shared"}},
          "key 'mode' does not apply to kind = 'dpdk'"),
         ({"backends__0__mode": "turbo"}, "mode = 'turbo': allowed baseline | shared"),
-        ({"backends__0__params": {"busy_poll_us": 5000}}, "busy_poll_us"),
+        ({"backends__0__params": {"busy_poll_us": 5000}},
+         "busy_poll_us='5000': out of range, allowed [0, 1000] us"),
+        ({"backends__0__params": {"busy_poll_us": "2ms"}}, "out of range (2000 us)"),
+        ({"backends__0__params": {"placement": "random"}},
+         "allowed one of first_fit, least_loaded, explicit"),
+        ({"backends__0__params": {"turn_max_packts": 8}}, "did you mean turn_max_packets"),
+        ({"backends__0__params": {"turn_max_packets@net0": 8}}, "unknown device 'net0'"),
         ({"backends__0__params": {"no_such_param": 1}}, "no_such_param"),
         ({"backends__0__params": {"mode": "shared"}}, "with the backend's own 'mode' key"),
         ({"backends__0__params": [1]}, "expected a table"),

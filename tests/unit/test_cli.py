@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from vhostx import cli
+from virtio.errors import ConfigError
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -231,6 +232,89 @@ def test_param_set_refused_value_exits_2(fake: Any, capsys: pytest.CaptureFixtur
     d = fake(lambda req: {"ok": False, "error": "turn_max_packets=0: out of range [1, 4096]"})
     rc, _, err = run(capsys, "param", "set", "turn_max_packets", "0", "--control", d.path)
     assert rc == 2 and "out of range" in err
+
+
+def param_daemon() -> Handler:
+    """Answers the param commands with a real (never started) daemon whose registry knows
+    net0 (busy_poll_us = 0 of its own, from the config) and net1."""
+    from vhostx.config import load_config
+    from vhostx.daemon import Daemon, new_registry
+
+    reg = new_registry(["net0", "net1"])
+    reg.load_config({"busy_poll_us": 0}, device="net0")
+    daemon = Daemon(load_config(None, ["name=net0,socket=/nonexistent/0",
+                                       "name=net1,socket=/nonexistent/1"]), reg)
+
+    def handler(req: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return daemon.control(req)
+        except ConfigError as err:
+            return {"ok": False, "error": str(err)}
+
+    return handler
+
+
+def test_param_set_get_reset_of_one_device(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(param_daemon())
+    rc, out, _ = run(capsys, "param", "set", "turn_max_packets", "8", "--device", "net1",
+                     "--control", d.path)
+    assert rc == 0 and out.strip() == "turn_max_packets@net1 = 8 (runtime, device net1: own value)"
+    rc, out, _ = run(capsys, "param", "get", "busy_poll_us", "--device", "net1", "--control", d.path)
+    assert rc == 0 and out.strip() == (
+        "busy_poll_us@net1 = 50 (default, device net1: follows the global value)")
+    rc, out, _ = run(capsys, "param", "reset", "busy_poll_us", "--control", d.path)
+    assert rc == 0 and out.strip() == "busy_poll_us = 50 (default)"
+    assert d.requests == [
+        {"cmd": "param_set", "name": "turn_max_packets", "value": "8", "device": "net1"},
+        {"cmd": "param_get", "name": "busy_poll_us", "device": "net1"},
+        {"cmd": "param_reset", "name": "busy_poll_us"},
+    ]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["set", "turn_max_packets", "0", "--device", "net0"],
+     ["device net0: turn_max_packets='0': out of range, allowed [1, 65536] packets"]),
+    (["set", "turn_max_packets", "8", "--device", "net7"], ["unknown device 'net7'", "net0, net1"]),
+    (["set", "workers", "8", "--device", "net0"], ["workers@net0", "scope global"]),
+    (["set", "placement", "somewhere"], ["placement='somewhere'", "first_fit, least_loaded"]),
+])
+def test_param_refused_for_a_device_exits_2(fake: Any, capsys: pytest.CaptureFixture[str],
+                                             argv: list[str], words: list[str]) -> None:
+    d = fake(param_daemon())
+    rc, _, err = run(capsys, "param", *argv, "--control", d.path)
+    assert rc == 2
+    for w in words:
+        assert w in err, err
+
+
+def test_param_get_with_a_value_is_a_usage_error(fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(param_daemon())
+    rc, _, err = run(capsys, "param", "get", "busy_poll_us", "3", "--control", d.path)
+    assert rc == 2 and "takes NAME only" in err and d.requests == []
+
+
+def test_params_without_a_daemon_lists_the_daemons_specs(capsys: pytest.CaptureFixture[str]) -> None:
+    from vhostx.daemon import PARAM_SPECS
+
+    rc, out, _ = run(capsys, "params", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rc == 0 and set(rows) == {p.name for p in PARAM_SPECS}
+    assert rows["mode"]["default"] == "shared" and rows["busy_poll_us"]["scope"] == "device"
+    rc, out, _ = run(capsys, "params")
+    assert rc == 0 and out.splitlines()[0].split()[0] == "NAME"
+    assert len(out.splitlines()) == 1 + len(PARAM_SPECS)
+
+
+def test_params_of_a_daemon_show_device_values_and_sources(
+        fake: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(param_daemon())
+    rc, out, _ = run(capsys, "params", "--control", d.path)
+    assert rc == 0
+    line = next(ln for ln in out.splitlines() if ln.startswith("busy_poll_us@net0 "))
+    assert line.split()[2] == "0" and "config" in line and "global: 50" in line
+    rc, out, _ = run(capsys, "params", "--json", "--control", d.path)
+    row = next(r for r in json.loads(out) if r["name"] == "busy_poll_us")
+    assert row["devices"] == {"net0": {"value": 0, "source": "config"}}
 
 
 def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -158,3 +158,61 @@ def test_cli_exits_2_on_bad_metrics_in_file(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=30, check=False)
     assert r.returncode == 2, r.stderr
     assert "[daemon] metrics='x:y'" in r.stderr
+
+
+def test_device_params_table(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        '[params]\nturn_max_packets = 128\n'
+        '[[device]]\nname = "net0"\nsocket = "/tmp/n0"\n'
+        '[device.params]\nbusy_poll_us = 0\npoll_stop_idle = "1ms"\n'
+        '[[device]]\nname = "net1"\nsocket = "/tmp/n1"\n'
+        '[[device]]\nname = "net2"\nsocket = "/tmp/n2"\nparams = { turn_max_packets = 32 }\n'
+    )
+    cfg = load_config(str(f))
+    assert [d.params for d in cfg.devices] == [
+        (("busy_poll_us", 0), ("poll_stop_idle", "1ms")), (), (("turn_max_packets", 32),)]
+    assert cfg.param_table == {"turn_max_packets": 128}
+
+
+@pytest.mark.parametrize(
+    "device, words",
+    [
+        ("params = 3", ["params=3", "expected a table", "--param NAME@DEVICE=VALUE"]),
+        ("[device.params]\nbusy_poll_us = [1, 2]",
+         ["[device.params]", "busy_poll_us = [1, 2]", "single value"]),
+        ("[device.params.more]\nx = 1", ["[device.params]", "more", "single value"]),
+    ],
+)
+def test_bad_device_params_are_refused(tmp_path: Path, device: str, words: list[str]) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f"[[device]]\nname = 'a'\nsocket = '/tmp/a'\n{device}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(f))
+    for w in words:
+        assert w in str(info.value), str(info.value)
+
+
+def test_device_spec_params_point_to_param_option() -> None:
+    with pytest.raises(ConfigError, match="--param NAME@DEVICE=VALUE"):
+        parse_device_spec("name=a,socket=/tmp/a,params=busy_poll_us")
+
+
+@pytest.mark.parametrize(
+    "params, words",
+    [
+        ("workers = 2", ["device a [device.params]", "workers@a", "scope global"]),
+        ("turn_max_packets = 0", ["device a [device.params]", "turn_max_packets=0",
+                                  "allowed [1, 65536]"]),
+        ("turn_max_packet = 8", ["unknown parameter 'turn_max_packet'", "turn_max_packets"]),
+    ],
+)
+def test_cli_exits_2_on_bad_device_param(tmp_path: Path, params: str, words: list[str]) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(f'[[device]]\nname = "a"\nsocket = "{tmp_path}/a.sock"\n[device.params]\n{params}\n')
+    r = subprocess.run([sys.executable, "-m", "vhostx", "serve", "--config", str(f)],
+                       capture_output=True, text=True, timeout=30, check=False)
+    assert r.returncode == 2, r.stderr
+    for w in words:
+        assert w in r.stderr, r.stderr
+    assert not (tmp_path / "a.sock").exists()  # refused before anything started

@@ -19,8 +19,8 @@ from types import ModuleType
 import pytest
 
 from bench.harness.scenario import load_scenario
-from iosched.params import REGISTRY
 from vhostx.config import load_config
+from vhostx.daemon import new_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -51,8 +51,12 @@ def test_every_file_in_configs_is_checked_here() -> None:
 def test_daemon_config_loads(path: Path) -> None:
     cfg = load_config(str(path))
     assert cfg.devices and cfg.control
+    registry = new_registry(d.name for d in cfg.devices)
     for name, value in cfg.param_table.items():
-        REGISTRY.parse(name, value)  # checks without applying
+        registry.parse(name, value)  # checks without applying
+    for dev in cfg.devices:
+        for name, value in dev.params:
+            registry.parse(name, value)
     ports = {d.port for d in cfg.devices}
     if path.stem == "tap-netns":
         assert ports == {"tap"} and cfg.devices[0].tap_netns

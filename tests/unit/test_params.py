@@ -6,9 +6,13 @@ from typing import Any
 
 import pytest
 
+from iosched import param_types
 from iosched import params as P
-from iosched.params import REGISTRY, Param, Registry, Source
+from iosched.params import Param, Registry, Scope, Source
+from vhostx.daemon import PARAM_SPECS
 from virtio.errors import ConfigError
+
+SPECS = {p.name: p for p in PARAM_SPECS}
 
 ELVIS_NAMES = (
     "devices_per_worker",
@@ -34,11 +38,8 @@ EXTRA_NAMES = (
 
 
 def fresh() -> Registry:
-    """A registry with a copy of every declaration of REGISTRY, all at defaults."""
-    reg = Registry()
-    for p in REGISTRY.params():
-        reg.add(p)
-    return reg
+    """A registry of every declaration the daemon uses, all at defaults."""
+    return Registry(PARAM_SPECS)
 
 
 # ---- what is declared ----------------------------------------------------------------------
@@ -46,8 +47,8 @@ def fresh() -> Registry:
 
 def test_every_elvis_parameter_and_extra_is_declared_with_elvis_defaults() -> None:
     for name in ELVIS_NAMES + EXTRA_NAMES:
-        assert name in REGISTRY, name
-    d = {p.name: p for p in REGISTRY.params()}
+        assert name in SPECS, name
+    d = SPECS
     assert d["devices_per_worker"].default == 7
     assert d["poll_start_rate"].default == 1
     assert (d["poll_stop_idle"].default, d["poll_stop_idle"].unit) == (3_000_000, "us")
@@ -64,7 +65,7 @@ def test_every_elvis_parameter_and_extra_is_declared_with_elvis_defaults() -> No
         "bytes",
     )
     assert d["min_poll_rate"].default == 0
-    assert d["mode"].choices == ("baseline", "shared") and d["mode"].default == "baseline"
+    assert d["mode"].choices == ("baseline", "shared") and d["mode"].default == "shared"
     assert not d["mode"].runtime
     assert d["workers"].default == 1 and d["workers"].min == 1
     assert d["worker_cpus"].default == ""
@@ -74,7 +75,7 @@ def test_every_elvis_parameter_and_extra_is_declared_with_elvis_defaults() -> No
 
 
 def test_every_parameter_has_unit_description_and_valid_default() -> None:
-    for p in REGISTRY.params():
+    for p in PARAM_SPECS:
         assert p.description and "\n" not in p.description, p.name
         if p.type is int and not p.choices:
             assert p.unit, f"{p.name}: numbers need an explicit unit"
@@ -82,9 +83,12 @@ def test_every_parameter_has_unit_description_and_valid_default() -> None:
 
 
 def test_handles_read_registry_values() -> None:
-    assert P.POLL_STOP_IDLE.get() == REGISTRY.get("poll_stop_idle")
-    assert P.MODE.value == "baseline"
-    assert P.DEVICES_PER_WORKER.source is REGISTRY.source("devices_per_worker")
+    reg = fresh()
+    idle, mode = reg.handle("poll_stop_idle"), reg.handle("mode")
+    assert idle.get() == reg.get("poll_stop_idle") == 3_000_000
+    assert mode.value == "shared" and mode.source is Source.DEFAULT
+    reg.load_cmdline(["poll_stop_idle=1s"])
+    assert (idle.get(), idle.source) == (1_000_000, Source.CMDLINE)
 
 
 def test_declaring_twice_is_an_error() -> None:
@@ -93,7 +97,7 @@ def test_declaring_twice_is_an_error() -> None:
     with pytest.raises(ValueError, match="declared twice"):
         reg.declare("a", int, 1, "again", min=0, max=3, unit="items")
     with pytest.raises(ValueError, match="declared twice"):
-        fresh().add(REGISTRY.param("mode"))
+        fresh().add(SPECS["mode"])
 
 
 def test_bad_declarations_are_refused() -> None:
@@ -113,7 +117,7 @@ def test_bad_declarations_are_refused() -> None:
 
 
 def _numeric() -> list[Param]:
-    return [p for p in REGISTRY.params() if p.type in (int, float)]
+    return [p for p in PARAM_SPECS if p.type in (int, float)]
 
 
 def _check_refusal(p: Param, value: Any, reason: str) -> None:
@@ -144,7 +148,7 @@ def test_numbers_below_min_above_max_wrong_type(p: Param) -> None:
     assert p.parse(str(p.max)) == p.max
 
 
-@pytest.mark.parametrize("p", [p for p in REGISTRY.params() if p.choices], ids=lambda p: p.name)
+@pytest.mark.parametrize("p", [p for p in PARAM_SPECS if p.choices], ids=lambda p: p.name)
 def test_enums_refuse_unknown_choices_and_non_strings(p: Param) -> None:
     _check_refusal(p, "nope", "not a valid choice")
     _check_refusal(p, 3, "expected a string")
@@ -154,18 +158,18 @@ def test_enums_refuse_unknown_choices_and_non_strings(p: Param) -> None:
 
 def test_enum_refusal_suggests_close_choice() -> None:
     with pytest.raises(ConfigError, match="did you mean shared"):
-        REGISTRY.parse("mode", "share")
+        SPECS["mode"].parse("share")
 
 
 def test_every_declared_parameter_has_a_range_test() -> None:
-    covered = {p.name for p in _numeric()} | {p.name for p in REGISTRY.params() if p.choices}
+    covered = {p.name for p in _numeric()} | {p.name for p in PARAM_SPECS if p.choices}
     covered |= {"worker_cpus"}  # below
-    assert covered == set(REGISTRY), set(REGISTRY) - covered
+    assert covered == set(SPECS), set(SPECS) - covered
 
 
 def test_worker_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(P.os, "cpu_count", lambda: 4)
-    p = REGISTRY.param("worker_cpus")
+    monkeypatch.setattr(param_types.os, "cpu_count", lambda: 4)
+    p = SPECS["worker_cpus"]
     assert p.parse(" 0-1,3 ") == "0-1,3"
     assert p.parse("") == ""
     assert P.parse_cpu_list("0-1,3") == (0, 1, 3)
@@ -205,7 +209,7 @@ def test_worker_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_time_suffixes(raw: Any, want: int) -> None:
-    assert REGISTRY.parse("poll_stop_idle", raw) == want
+    assert SPECS["poll_stop_idle"].parse(raw) == want
 
 
 @pytest.mark.parametrize(
@@ -222,16 +226,16 @@ def test_time_suffixes(raw: Any, want: int) -> None:
 )
 def test_time_suffix_refusals(raw: str, why: str) -> None:
     with pytest.raises(ConfigError) as info:
-        REGISTRY.parse("poll_stop_idle", raw)
+        SPECS["poll_stop_idle"].parse(raw)
     msg = str(info.value)
     assert msg.startswith(f"poll_stop_idle={raw!r}: ") and why in msg, msg
     assert "allowed [0, 60000000] us" in msg
 
 
 def test_negative_time_and_plain_negative() -> None:
-    assert REGISTRY.parse("max_work_stuck_us", "-1") == -1
+    assert SPECS["max_work_stuck_us"].parse("-1") == -1
     with pytest.raises(ConfigError) as info:
-        REGISTRY.parse("poll_stop_idle", "-5")
+        SPECS["poll_stop_idle"].parse("-5")
     assert str(info.value) == "poll_stop_idle='-5': out of range, allowed [0, 60000000] us"
 
 
@@ -251,7 +255,7 @@ def test_negative_time_and_plain_negative() -> None:
     ],
 )
 def test_size_suffixes(raw: Any, want: int) -> None:
-    assert REGISTRY.parse("turn_max_bytes", raw) == want
+    assert SPECS["turn_max_bytes"].parse(raw) == want
 
 
 @pytest.mark.parametrize(
@@ -265,15 +269,15 @@ def test_size_suffixes(raw: Any, want: int) -> None:
 )
 def test_size_suffix_refusals(raw: str, why: str) -> None:
     with pytest.raises(ConfigError) as info:
-        REGISTRY.parse("turn_max_bytes", raw)
+        SPECS["turn_max_bytes"].parse(raw)
     assert why in str(info.value), str(info.value)
 
 
 def test_plain_units_take_no_suffix() -> None:
     with pytest.raises(ConfigError, match="no unit suffix for packets"):
-        REGISTRY.parse("turn_max_packets", "64k")
+        SPECS["turn_max_packets"].parse("64k")
     with pytest.raises(ConfigError, match="no unit suffix for devices"):
-        REGISTRY.parse("devices_per_worker", "5s")
+        SPECS["devices_per_worker"].parse("5s")
 
 
 @pytest.mark.parametrize(
@@ -362,7 +366,7 @@ def test_four_sources_in_rising_precedence_and_source_tracking() -> None:
     assert rows["devices_per_worker"].source == "config"
     assert rows["turn_max_packets"].source == "cmdline"
     assert rows["workers"].source == "default"
-    assert REGISTRY.get("poll_stop_idle") == 3_000_000  # fresh() did not touch the global one
+    assert fresh().get("poll_stop_idle") == 3_000_000  # registries share no value
 
 
 def test_cmdline_later_wins_and_bad_items() -> None:
@@ -504,7 +508,7 @@ def test_describe_rows() -> None:
     reg = fresh()
     reg.set("poll_stop_idle", "1s")
     rows = {r.name: r for r in reg.describe()}
-    assert set(rows) == set(REGISTRY)
+    assert set(rows) == set(SPECS)
     r = rows["poll_stop_idle"].as_dict()
     assert r == {
         "name": "poll_stop_idle",
@@ -514,9 +518,10 @@ def test_describe_rows() -> None:
         "range": "[0, 60000000]",
         "unit": "us",
         "runtime": True,
-        "scope": "queue",
+        "scope": "device",
         "source": "runtime",
-        "description": REGISTRY.param("poll_stop_idle").description,
+        "description": SPECS["poll_stop_idle"].description,
+        "devices": {},
     }
     assert rows["mode"].type == "enum" and rows["mode"].range == "baseline|shared"
 
@@ -539,3 +544,183 @@ def test_format_table_contains_every_parameter() -> None:
     assert workers.split()[2:4] == ["2", "1"] and "cmdline" in workers
     worker_cpus = next(ln for ln in lines if ln.startswith("worker_cpus "))
     assert '""' in worker_cpus
+
+
+# ---- scopes and per-device values ----------------------------------------------------------
+
+DEVICE_SCOPE = {
+    "poll_start_rate", "poll_stop_idle", "max_queue_stuck_us", "max_queue_stuck_size",
+    "min_processed_data_limit", "max_processed_data_limit", "min_poll_rate", "turn_max_packets",
+    "turn_max_bytes", "busy_poll_us",
+}  # fmt: skip
+
+
+def with_devices(*names: str) -> Registry:
+    reg = fresh()
+    for name in names:
+        reg.add_device(name)
+    return reg
+
+
+def test_scopes_are_global_or_device_and_device_ones_are_read_per_queue() -> None:
+    assert set(Scope) == {Scope.GLOBAL, Scope.DEVICE}
+    assert {p.name for p in PARAM_SPECS if p.scope is Scope.DEVICE} == DEVICE_SCOPE
+
+
+def test_device_value_from_config_beats_every_global_source_and_others_follow() -> None:
+    reg = with_devices("net0", "net1")
+    reg.load_config({"turn_max_packets": 64}, device="net0", where="d.toml: device net0")
+    reg.set("turn_max_packets", 32)  # a run-time global value does not touch net0's own
+    assert (reg.get("turn_max_packets", "net0"), reg.source("turn_max_packets", "net0")) == (
+        64, Source.CONFIG)  # fmt: skip
+    assert (reg.get("turn_max_packets", "net1"), reg.source("turn_max_packets", "net1")) == (
+        32, Source.RUNTIME)  # fmt: skip
+    assert reg.get("turn_max_packets") == 32
+    assert reg.has_own("turn_max_packets", "net0") and not reg.has_own("turn_max_packets", "net1")
+    assert reg.overrides("turn_max_packets") == {"net0": reg.current("turn_max_packets", "net0")}
+    assert reg.device_snapshot() == {"net0": {"turn_max_packets": 64}}
+    assert reg.snapshot()["turn_max_packets"] == 32
+
+
+def test_device_without_own_value_follows_later_global_changes() -> None:
+    reg = with_devices("net0", "net1")
+    net0, net1 = reg.handle("busy_poll_us", "net0"), reg.handle("busy_poll_us", "net1")
+    seen0: list[tuple[str, Any, Any]] = []
+    seen1: list[tuple[str, Any, Any]] = []
+    net0.subscribe(lambda *a: seen0.append(a))
+    net1.subscribe(lambda *a: seen1.append(a))
+    reg.set("busy_poll_us", 0, device="net1")
+    reg.set("busy_poll_us", 20)  # net0 follows it, net1 keeps its own
+    assert (net0.get(), net1.get()) == (20, 0)
+    assert seen0 == [("busy_poll_us", 50, 20)] and seen1 == [("busy_poll_us", 50, 0)]
+    assert reg.reset("busy_poll_us", device="net1") == 20  # its own value gone: follows again
+    assert seen1[-1] == ("busy_poll_us", 0, 20) and not reg.has_own("busy_poll_us", "net1")
+    reg.set("busy_poll_us", 30)
+    assert (net0.get(), net1.get()) == (30, 30)
+    assert seen1[-1] == ("busy_poll_us", 20, 30)
+
+
+def test_device_values_per_source_fall_back_like_the_global_ones() -> None:
+    reg = with_devices("net0")
+    reg.load_config({"poll_stop_idle": "1s"}, device="net0")
+    reg.load_cmdline(["poll_stop_idle@net0=2s", "poll_stop_idle=5s"])
+    reg.set("poll_stop_idle", "3s", device="net0")
+    assert (reg.get("poll_stop_idle", "net0"), reg.source("poll_stop_idle", "net0")) == (
+        3_000_000, Source.RUNTIME)  # fmt: skip
+    reg.reset("poll_stop_idle", device="net0")
+    assert reg.source("poll_stop_idle", "net0") is Source.CMDLINE
+    reg.reset("poll_stop_idle", Source.CMDLINE, device="net0")
+    assert (reg.get("poll_stop_idle", "net0"), reg.source("poll_stop_idle", "net0")) == (
+        1_000_000, Source.CONFIG)  # fmt: skip
+    reg.reset("poll_stop_idle", Source.CONFIG, device="net0")
+    assert (reg.get("poll_stop_idle", "net0"), reg.source("poll_stop_idle", "net0")) == (
+        5_000_000, Source.CMDLINE)  # the global value again  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda r: r.set("turn_max_packets", 8, device="net9"),
+         ["unknown device 'net9'", "devices: net0, net1"]),
+        (lambda r: r.set("workers", 2, Source.CONFIG, device="net0"),
+         ["workers@net0", "scope global", "without a device"]),
+        (lambda r: r.set("turn_max_packets", 0, device="net0", where="control socket"),
+         ["control socket: device net0: turn_max_packets=0: out of range, allowed [1, 65536]"]),
+        (lambda r: r.set("busy_poll_us", "5ms", device="net0"),
+         ["busy_poll_us='5ms': out of range (5000 us), allowed [0, 1000] us"]),
+        (lambda r: r.load_config({"policy": "elvis"}, device="net1", where="d.toml"),
+         ["d.toml: policy@net1", "scope global"]),
+        (lambda r: r.load_cmdline(["turn_max_packets@=3"]), ["expected name=value or name@device"]),
+        (lambda r: r.load_cmdline(["turn_max_packets@net7=3"]), ["unknown device 'net7'"]),
+        (lambda r: r.reset("mode", Source.CONFIG, device="net0"), ["mode@net0", "scope global"]),
+        (lambda r: r.handle("busy_poll_us", "nope"), ["unknown device 'nope'"]),
+    ],
+    ids=["unknown-device", "global-scope", "range", "suffix-range", "config-global",
+         "cmdline-empty-device", "cmdline-unknown-device", "reset-global", "handle"],
+)
+def test_device_values_are_refused_with_what_is_allowed(call: Any, words: list[str]) -> None:
+    reg = with_devices("net0", "net1")
+    with pytest.raises(ConfigError) as info:
+        call(reg)
+    for w in words:
+        assert w in str(info.value), str(info.value)
+    assert reg.device_snapshot() == {}  # nothing half-applied
+
+
+def test_device_value_of_a_start_up_only_parameter_is_refused_at_run_time() -> None:
+    reg = Registry([Param("ring_hint", int, 4, "start-up only, per device", unit="items",
+                          min=1, max=8, scope=Scope.DEVICE)])
+    reg.add_device("net0")
+    with pytest.raises(ConfigError, match="ring_hint: cannot be changed at run time"):
+        reg.set("ring_hint", 2, device="net0")
+    reg.load_config({"ring_hint": 2}, device="net0")
+    assert reg.get("ring_hint", "net0") == 2
+
+
+def test_registries_are_independent() -> None:
+    a, b = with_devices("net0"), with_devices("net0")
+    a.set("turn_max_packets", 8)
+    a.set("busy_poll_us", 0, device="net0")
+    a.add_device("net1")
+    assert (b.get("turn_max_packets"), b.get("busy_poll_us", "net0")) == (256, 50)
+    assert b.devices() == ["net0"] and a.devices() == ["net0", "net1"]
+    with pytest.raises(ConfigError, match="unknown device"):
+        Registry(PARAM_SPECS).set("busy_poll_us", 0, device="net0")
+
+
+def test_override_subscribers_see_device_values_only_and_can_refuse() -> None:
+    reg = with_devices("net0")
+    seen: list[tuple[str, str, Any, Any]] = []
+    reg.subscribe_overrides(lambda *a: seen.append(a), "turn_max_bytes")
+    reg.set("turn_max_bytes", "64k")  # a global change: not an override
+    reg.set("turn_max_bytes", "128k", device="net0")
+    assert seen == [("net0", "turn_max_bytes", 65536, 131072)]
+    followed: list[tuple[str, Any, Any]] = []
+    reg.subscribe(lambda *a: followed.append(a), "turn_max_bytes", device="net0")
+
+    def refuse(name: str, old: Any, new: Any) -> None:
+        raise RuntimeError("the ring cannot take it")
+
+    reg.subscribe(refuse, "turn_max_bytes", device="net0")
+    with pytest.raises(ConfigError) as info:
+        reg.set("turn_max_bytes", "1M", device="net0")
+    assert "turn_max_bytes@net0=1048576" in str(info.value)
+    assert "the ring cannot take it" in str(info.value)
+    # rolled back: its value and source as before, the subscriber that accepted told so
+    assert reg.get("turn_max_bytes", "net0") == 131072
+    assert followed == [("turn_max_bytes", 131072, 1048576), ("turn_max_bytes", 1048576, 131072)]
+    assert len(seen) == 1  # refused before the override subscriber heard of it
+
+
+def test_listing_shows_device_values_and_their_sources() -> None:
+    reg = with_devices("net0", "net1")
+    reg.load_config({"busy_poll_us": 0}, device="net1")
+    reg.set("busy_poll_us", 10, device="net0")
+    row = next(r for r in reg.describe() if r.name == "busy_poll_us")
+    assert row.devices == {"net0": {"value": 10, "source": "runtime"},
+                           "net1": {"value": 0, "source": "config"}}
+    assert row.value == 50 and row.source == "default"
+    lines = reg.format_table().splitlines()
+    assert len(lines) == 1 + len(reg) + 2
+    net1 = next(ln for ln in lines if ln.startswith("busy_poll_us@net1 "))
+    assert net1.split()[1:3] == ["int", "0"] and "config" in net1 and "global: 50" in net1
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("busy_poll_us "))
+    assert lines[i + 1].startswith("busy_poll_us@net0 ")  # right under its parameter
+
+
+def test_a_new_device_parameter_is_one_declaration() -> None:
+    """Declared as data with scope device, it gets config, command line, run-time and listing
+    support per device with nothing else to write (e.g. interrupt moderation per queue)."""
+    irq = Param("irq_coalesce_frames", int, 0, "interrupt after this many used entries",
+                unit="frames", min=0, max=256, runtime=True, scope=Scope.DEVICE)
+    reg = Registry([*PARAM_SPECS, irq])
+    reg.add_device("net0")
+    reg.add_device("net1")
+    reg.load_config({"irq_coalesce_frames": 32}, device="net0")
+    reg.load_cmdline(["irq_coalesce_frames=4"])
+    reg.set("irq_coalesce_frames", "16", device="net1")
+    assert [reg.get("irq_coalesce_frames", d) for d in ("net0", "net1")] == [32, 16]
+    assert reg.get("irq_coalesce_frames") == 4
+    with pytest.raises(ConfigError, match=r"allowed \[0, 256\] frames"):
+        reg.set("irq_coalesce_frames", 300, device="net0")
+    assert "irq_coalesce_frames@net0" in reg.format_table()
