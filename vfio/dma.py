@@ -217,11 +217,14 @@ class DmaMapper:
     """Maps and unmaps process memory in a container, allocating IOVA space."""
 
     def __init__(self, container: Container, info: IommuInfo | None = None, *,
-                 reserve_low: int = 0) -> None:
+                 reserve_low: int = 0, dma_mask_bits: int = 64) -> None:
+        """``dma_mask_bits``: the device's DMA address width (e.g. 28 for QEMU's edu); IOVAs
+        are allocated below 2**dma_mask_bits. ``reserve_low``: IOVAs below it are not used."""
         self.container = container
         self.info = info or container.iommu_info()
-        self.allocator = IovaAllocator(self.info.iova_ranges, self.info.pgsizes,
-                                       reserve_low=reserve_low)
+        top = (1 << dma_mask_bits) - 1
+        ranges = [(s, min(e, top)) for s, e in self.info.iova_ranges if s <= top]
+        self.allocator = IovaAllocator(ranges, self.info.pgsizes, reserve_low=reserve_low)
         self.ioctls = 0
         self.mapped_bytes = 0
         self._mappings: dict[int, Mapping] = {}

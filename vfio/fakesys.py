@@ -59,7 +59,6 @@ class FakeSysfs(Sysfs):
                   "bus/mdev/devices", "devices/pci0000:00", "class/iommu"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         (self.root / "bus/pci/drivers_probe").touch()
-        self._native: dict[str, str | None] = {}
 
     def add_driver(self, name: str) -> Path:
         d = self.root / "bus/pci/drivers" / name
@@ -85,7 +84,7 @@ class FakeSysfs(Sysfs):
         os.symlink(os.path.relpath(real, self.pci_devices), self.pci_devices / bdf)
         if group is not None:
             self._join_group(real, bdf, group)
-        self._native[bdf] = driver
+        (real / ".native_driver").write_text(driver or "")  # what drivers_probe picks
         if driver is not None:
             self._bind(bdf, driver)
         return real
@@ -133,7 +132,8 @@ class FakeSysfs(Sysfs):
             override = (self.pci_devices / value / "driver_override").read_text().strip()
             if (self.pci_devices / value / "driver").is_symlink():
                 return
-            want = override if override not in ("", "(null)") else self._native.get(value)
+            native = (self.pci_devices / value / ".native_driver").read_text() or None
+            want = override if override not in ("", "(null)") else native
             if want is not None and (self.root / "bus/pci/drivers" / want).is_dir():
                 self._bind(value, want)
         elif path.name == "create":

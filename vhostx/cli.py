@@ -16,6 +16,8 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
+from . import vfio_cmd
+
 __all__ = ["CommandFailed", "ask", "build_parser", "control_request", "main"]
 
 
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     _register_bench(sub)
+    vfio_cmd.add_parser(sub)
     return p
 
 

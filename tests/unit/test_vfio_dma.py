@@ -179,3 +179,13 @@ def test_mapper_counts_ioctls_and_tracks_dma_avail() -> None:
     assert c.calls[-1] == ("unmap", pages, 16 * K4)
     with pytest.raises(DmaError, match="expected an IOVA returned by map"):
         m.unmap(pages)
+
+
+def test_mapper_dma_mask_keeps_iovas_below_the_device_limit() -> None:
+    c = _FakeContainer()
+    info = IommuInfo(X86_PGSIZES, ((0, 0xFEDFFFFF), (0xFEF00000, 2**39 - 1)))
+    m = DmaMapper(c, info, dma_mask_bits=28, reserve_low=0x100000)  # type: ignore[arg-type]
+    iova = m.map([(0x40000000, 64 * K4)])
+    assert 0x100000 <= iova and iova + 64 * K4 <= 1 << 28
+    with pytest.raises(DmaError, match="largest free range"):
+        m.map([(0x80000000, 1 << 28)])
