@@ -12,6 +12,7 @@ Threads: one thread at a time per device; IrqEventfds may be waited on from any 
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
@@ -20,7 +21,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 from . import ioctls as V
-from .errors import DeviceError
+from .errors import DeviceError, IoctlError
 from .irq import IrqEventfd
 from .pcicaps import PciCapability, walk_capabilities
 
@@ -199,7 +200,16 @@ class Device:
         return self._regions[index]
 
     def regions(self) -> list[Region]:
-        return [self.region(i) for i in range(self.num_regions)]
+        """Every region the device has; indexes it refuses with EINVAL (vfio-pci does for the
+        VGA region of a device that is not a VGA device) are left out."""
+        out = []
+        for i in range(self.num_regions):
+            try:
+                out.append(self.region(i))
+            except IoctlError as err:
+                if err.errno != errno.EINVAL:
+                    raise
+        return out
 
     def bar(self, n: int) -> Region:
         r = self.region(V.PCI_BAR0_REGION_INDEX + n)
