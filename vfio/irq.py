@@ -2,18 +2,24 @@
 
 Role: ``IrqEventfd`` wraps an eventfd the kernel signals when the device raises the interrupt.
 ``fileno()`` lets the caller ``loop.add_reader(e.fileno(), ...)``; ``wait(timeout)`` blocks;
-``consume()`` reads the count without blocking. vfio.device.Device.enable_irq creates them.
+``consume()`` reads the count without blocking; ``wait_async()`` awaits it on a loop. vfio.device.Device.enable_irq creates them.
 Threads: any thread may wait on its own eventfd; close from the owner.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import select
 from types import TracebackType
 from typing import Self
 
 __all__ = ["IrqEventfd"]
+
+
+def _set_once(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class IrqEventfd:
@@ -39,6 +45,21 @@ class IrqEventfd:
         0 on timeout."""
         ready, _, _ = select.select([self.fd], [], [], timeout)
         return self.consume() if ready else 0
+
+    async def wait_async(self) -> int:
+        """Wait on the running asyncio loop (through ``loop.add_reader``) until at least one
+        interrupt came; returns the count."""
+        loop = asyncio.get_running_loop()
+        while True:
+            n = self.consume()
+            if n:
+                return n
+            ready: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self.fd, _set_once, ready)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(self.fd)
 
     def close(self) -> None:
         if self.fd >= 0:

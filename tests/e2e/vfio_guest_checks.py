@@ -11,6 +11,7 @@ Threads: the main thread only.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import struct
 import subprocess
@@ -158,6 +159,13 @@ def _msi() -> None:
     bar0.write32(EDU_IRQ_ACK, 0x1)
     dev.trigger(V.PCI_MSI_IRQ_INDEX)  # type: ignore[attr-defined]
     expect(efd.wait(2.0) == 1, "the kernel's loopback trigger arrives")
+
+    async def on_loop() -> int:  # the same interrupt, awaited on an asyncio loop
+        asyncio.get_running_loop().call_soon(bar0.write32, EDU_IRQ_RAISE, 0x4)
+        return await asyncio.wait_for(efd.wait_async(), 5.0)
+
+    expect(asyncio.run(on_loop()) == 1, "MSI awaited on an asyncio loop")
+    bar0.write32(EDU_IRQ_ACK, 0x4)
     result("fig.msi_rtt_us", f"{rtt * 1e6:.0f}")
 
 
@@ -288,6 +296,9 @@ def _not_viable() -> None:
             expect(err.blockers == [(BR_NET, "virtio-pci")], f"blockers, got {err.blockers}")
             expect(BR_NET in str(err) and "virtio-pci" in str(err), f"message names it: {err}")
             result("fig.not_viable_message", str(err).replace("\n", " "))
+        sysfs.bind_vfio(BR_NET)  # the blocker too: now the group is viable
+        expect(g.status().viable, "viable once every device is on vfio-pci")
+    expect(sysfs.unbind_vfio(BR_NET) == "virtio-pci", "the blocker given back to virtio-pci")
     sysfs.unbind_vfio(BR_EDU)
 
 

@@ -75,3 +75,11 @@ async def test_eventfd_on_an_asyncio_loop() -> None:
         loop.call_later(0.01, os.eventfd_write, e.fd, 1)
         assert await asyncio.wait_for(got, 2.0) == 1
         loop.remove_reader(e.fileno())
+
+
+async def test_eventfd_wait_async_returns_the_count() -> None:
+    with IrqEventfd(1, 0) as e:
+        asyncio.get_running_loop().call_later(0.01, os.eventfd_write, e.fd, 3)
+        assert await asyncio.wait_for(e.wait_async(), 2.0) == 3
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(e.wait_async(), 0.05)
