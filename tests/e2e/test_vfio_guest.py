@@ -3,7 +3,7 @@
 One guest boots per module and runs every in-guest check in one invocation of
 tests/e2e/vfio_guest_checks.py (the project's Python, from the host's root shared read-only over
 9p); each check's result comes back as a ``VX-RESULT vfio.<check>`` console line and is one test
-here. The whole module takes about 15-30 s here (boot ~3-7 s, Python start, edu's 100 ms DMA
+here. The whole module takes about 15-60 s here (boot ~3-7 s, Python start, edu's 100 ms DMA
 timer per transfer, 16384 page-by-page MAP_DMAs).
 """
 

@@ -19,14 +19,19 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from vfio import (
     Container,
+    Device,
     DeviceError,
     DmaBuffer,
     DmaMapper,
     Group,
     GroupNotViable,
+    IommuInfo,
+    Region,
     Sysfs,
     VfioError,
 )
@@ -43,7 +48,28 @@ DMA_START, DMA_TO_RAM, DMA_IRQ = 1, 2, 4
 PAGE = mmap.PAGESIZE
 
 sysfs = Sysfs()
-state: dict[str, object] = {}
+
+
+@dataclass
+class State:
+    """What one check sets up for the next (a check that finds its input missing fails)."""
+
+    container: Container | None = None
+    group: Group | None = None
+    info: IommuInfo | None = None
+    dev: Device | None = None
+    mapper: DmaMapper | None = None
+    bufs: tuple[DmaBuffer, DmaBuffer] | None = None
+
+    def need(self, *names: str) -> Any:
+        values = [getattr(self, n) for n in names]
+        missing = [n for n, v in zip(names, values, strict=True) if v is None]
+        if missing:
+            raise AssertionError(f"an earlier check did not set up {', '.join(missing)}")
+        return values[0] if len(values) == 1 else values
+
+
+state = State()
 
 
 def result(name: str, value: object) -> None:
@@ -86,13 +112,12 @@ def _container() -> None:
     types = c.supported_iommu_types()
     expect(V.TYPE1v2_IOMMU in types and V.TYPE1_IOMMU in types, f"type1 and type1v2, got {types}")
     expect(not c.check_extension(V.NOIOMMU_IOMMU), "no noiommu in Debian's kernel")
-    state["container"] = c
+    state.container = c
 
 
 @check("group")
 def _group() -> None:
-    c = state["container"]
-    assert isinstance(c, Container)
+    c = state.need("container")
     g = Group.of_device(EDU)
     st = g.status()
     expect(st.viable and not st.container_set, f"viable, no container: got {st}")
@@ -108,13 +133,12 @@ def _group() -> None:
     result("fig.iommu_pgsizes", f"{info.pgsizes:#x}")
     result("fig.iova_ranges", ",".join(f"{s:#x}-{e:#x}" for s, e in info.iova_ranges))
     result("fig.dma_avail", info.dma_avail)
-    state["group"], state["info"] = g, info
+    state.group, state.info = g, info
 
 
 @check("device")
 def _device() -> None:
-    g = state["group"]
-    assert isinstance(g, Group)
+    g = state.need("group")
     dev = g.open_device(EDU)
     expect(dev.is_pci and dev.num_regions >= 9 and dev.num_irqs >= 2,
            f"a PCI device with 9 regions, got flags {dev.flags:#x} {dev.num_regions} regions")
@@ -130,13 +154,13 @@ def _device() -> None:
         expect("RESET" in str(err), f"the reset error names the flag: {err}")
     cmd = dev.enable_dma()
     expect(cmd & 0x6 == 0x6, f"memory space and bus master set, command {cmd:#x}")
-    state["dev"] = dev
+    state.dev = dev
 
 
 @check("bar")
 def _bar() -> None:
-    dev = state["dev"]
-    bar0 = dev.bar(0)  # type: ignore[attr-defined]
+    dev = state.need("dev")
+    bar0 = dev.bar(0)
     expect(bar0.read32(EDU_ID) == 0x010000ED, f"edu id 0x010000ed, got {bar0.read32(EDU_ID):#x}")
     bar0.write32(EDU_LIVE, 0x12345678)
     expect(bar0.read32(EDU_LIVE) == 0xEDCBA987, "liveness returns the inverse")
@@ -147,9 +171,9 @@ def _bar() -> None:
 
 @check("msi")
 def _msi() -> None:
-    dev = state["dev"]
-    [efd] = dev.enable_irq(V.PCI_MSI_IRQ_INDEX)  # type: ignore[attr-defined]
-    bar0 = dev.bar(0)  # type: ignore[attr-defined]
+    dev = state.need("dev")
+    [efd] = dev.enable_irq(V.PCI_MSI_IRQ_INDEX)
+    bar0 = dev.bar(0)
     t0 = time.monotonic()
     bar0.write32(EDU_IRQ_RAISE, 0x1)
     n = efd.wait(5.0)
@@ -157,7 +181,7 @@ def _msi() -> None:
     expect(n == 1, f"one MSI on the eventfd within 5 s, got {n}")
     expect(bar0.read32(EDU_IRQ_STATUS) == 1, "irq status 1")
     bar0.write32(EDU_IRQ_ACK, 0x1)
-    dev.trigger(V.PCI_MSI_IRQ_INDEX)  # type: ignore[attr-defined]
+    dev.trigger(V.PCI_MSI_IRQ_INDEX)
     expect(efd.wait(2.0) == 1, "the kernel's loopback trigger arrives")
 
     async def on_loop() -> int:  # the same interrupt, awaited on an asyncio loop
@@ -169,14 +193,13 @@ def _msi() -> None:
     result("fig.msi_rtt_us", f"{rtt * 1e6:.0f}")
 
 
-def edu_dma(bar0: object, src: int, dst: int, count: int, to_ram: bool) -> None:
-    b = bar0
-    b.write64(EDU_DMA_SRC, src)  # type: ignore[attr-defined]
-    b.write64(EDU_DMA_DST, dst)  # type: ignore[attr-defined]
-    b.write64(EDU_DMA_CNT, count)  # type: ignore[attr-defined]
-    b.write64(EDU_DMA_CMD, DMA_START | (DMA_TO_RAM if to_ram else 0))  # type: ignore[attr-defined]
+def edu_dma(b: Region, src: int, dst: int, count: int, to_ram: bool) -> None:
+    b.write64(EDU_DMA_SRC, src)
+    b.write64(EDU_DMA_DST, dst)
+    b.write64(EDU_DMA_CNT, count)
+    b.write64(EDU_DMA_CMD, DMA_START | (DMA_TO_RAM if to_ram else 0))
     deadline = time.monotonic() + 10
-    while b.read64(EDU_DMA_CMD) & DMA_START:  # type: ignore[attr-defined]
+    while b.read64(EDU_DMA_CMD) & DMA_START:
         if time.monotonic() > deadline:
             raise AssertionError("edu DMA did not complete within 10 s")
         time.sleep(0.01)
@@ -184,28 +207,26 @@ def edu_dma(bar0: object, src: int, dst: int, count: int, to_ram: bool) -> None:
 
 @check("dma")
 def _dma() -> None:
-    c, dev, info = state["container"], state["dev"], state["info"]
-    mapper = DmaMapper(c, info, dma_mask_bits=28, reserve_low=0x100000)  # type: ignore[arg-type]
+    c, dev, info = state.need("container", "dev", "info")
+    mapper = DmaMapper(c, info, dma_mask_bits=28, reserve_low=0x100000)
     src, dst = DmaBuffer(PAGE), DmaBuffer(PAGE)
     pattern = bytes((i * 7 + 3) & 0xFF for i in range(PAGE))
     src.view()[:] = pattern
-    mapper.map_buffer(src)
-    mapper.map_buffer(dst)
-    bar0 = dev.bar(0)  # type: ignore[attr-defined]
-    edu_dma(bar0, src.iova, EDU_BUF, XFER, to_ram=False)  # type: ignore[arg-type]
-    edu_dma(bar0, EDU_BUF, dst.iova, XFER, to_ram=True)  # type: ignore[arg-type]
+    src_iova, dst_iova = mapper.map_buffer(src), mapper.map_buffer(dst)
+    bar0 = dev.bar(0)
+    edu_dma(bar0, src_iova, EDU_BUF, XFER, to_ram=False)
+    edu_dma(bar0, EDU_BUF, dst_iova, XFER, to_ram=True)
     expect(bytes(dst.view()[:XFER]) == pattern[:XFER], "RAM -> edu -> RAM returns the pattern")
     expect(bytes(dst.view()[XFER:]) == bytes(PAGE - XFER), "nothing written past the transfer")
-    state["mapper"], state["bufs"] = mapper, (src, dst)
+    state.mapper, state.bufs = mapper, (src, dst)
 
 
 @check("isolation")
 def _isolation() -> None:
-    dev, mapper = state["dev"], state["mapper"]
-    assert isinstance(mapper, DmaMapper)
+    dev, mapper = state.need("dev", "mapper")
     before = dmar_faults()
     iova = mapper.allocator.alloc(PAGE)  # allocated IOVA space, never mapped
-    edu_dma(dev.bar(0), EDU_BUF, iova, XFER, to_ram=True)  # type: ignore[attr-defined]
+    edu_dma(dev.bar(0), EDU_BUF, iova, XFER, to_ram=True)
     time.sleep(0.2)
     after = dmar_faults()
     expect(after > before, f"a DMAR fault for the unmapped IOVA {iova:#x} (faults {before} -> "
@@ -215,10 +236,9 @@ def _isolation() -> None:
 
 @check("unmap_revokes")
 def _unmap_revokes() -> None:
-    dev, mapper = state["dev"], state["mapper"]
-    assert isinstance(mapper, DmaMapper)
-    src, _ = state["bufs"]  # type: ignore[misc]
-    bar0 = dev.bar(0)  # type: ignore[attr-defined]
+    dev, mapper = state.need("dev", "mapper")
+    src, _ = state.need("bufs")
+    bar0 = dev.bar(0)
     target = DmaBuffer(PAGE)
     iova = mapper.map_buffer(target)
     edu_dma(bar0, EDU_BUF, iova, XFER, to_ram=True)
@@ -235,29 +255,29 @@ def _unmap_revokes() -> None:
 
 @check("intx")
 def _intx() -> None:
-    dev = state["dev"]
-    dev.disable_irq(V.PCI_MSI_IRQ_INDEX)  # type: ignore[attr-defined]
-    info = dev.irq_info(V.PCI_INTX_IRQ_INDEX)  # type: ignore[attr-defined]
+    dev = state.need("dev")
+    dev.disable_irq(V.PCI_MSI_IRQ_INDEX)
+    info = dev.irq_info(V.PCI_INTX_IRQ_INDEX)
     expect(info.count == 1 and info.automasked, f"one automasked INTx, got {info}")
-    [efd] = dev.enable_irq(V.PCI_INTX_IRQ_INDEX)  # type: ignore[attr-defined]
-    bar0 = dev.bar(0)  # type: ignore[attr-defined]
+    [efd] = dev.enable_irq(V.PCI_INTX_IRQ_INDEX)
+    bar0 = dev.bar(0)
     for _ in range(2):  # the second only arrives if unmask works
         bar0.write32(EDU_IRQ_RAISE, 0x2)
         expect(efd.wait(5.0) >= 1, "INTx on the eventfd")
         bar0.write32(EDU_IRQ_ACK, 0x2)
-        dev.unmask_intx()  # type: ignore[attr-defined]
-    dev.disable_irq(V.PCI_INTX_IRQ_INDEX)  # type: ignore[attr-defined]
+        dev.unmask_intx()
+    dev.disable_irq(V.PCI_INTX_IRQ_INDEX)
 
 
 @check("batching")
 def _batching() -> None:
-    c, info = state["container"], state["info"]
-    mapper = DmaMapper(c, info, reserve_low=1 << 32)  # type: ignore[arg-type]
-    for label, mib, kw in (("batched", 256, {}), ("per_page", 64, {"per_page": True})):
+    c, info = state.need("container", "info")
+    mapper = DmaMapper(c, info, reserve_low=1 << 32)
+    for label, mib, per_page in (("batched", 256, False), ("per_page", 64, True)):
         buf = DmaBuffer(mib << 20)
         n0 = mapper.ioctls
         t0 = time.perf_counter()
-        iova = mapper.map([(buf.vaddr, buf.size)], **kw)  # type: ignore[arg-type]
+        iova = mapper.map([(buf.vaddr, buf.size)], per_page=per_page)
         t_map = time.perf_counter() - t0
         maps = mapper.ioctls - n0
         t0 = time.perf_counter()
@@ -286,8 +306,10 @@ def _batching() -> None:
 def _not_viable() -> None:
     sysfs.bind_vfio(BR_EDU)
     number = sysfs.group_of(BR_EDU)
-    expect(number == sysfs.group_of(BR_NET), "both devices behind the bridge share a group")
-    with Group(number) as g:  # type: ignore[arg-type]
+    expect(number is not None and number == sysfs.group_of(BR_NET),
+           "both devices behind the bridge share a group")
+    assert number is not None
+    with Group(number) as g:
         expect(not g.status().viable, "the group is not viable")
         try:
             g.set_container(Container())
@@ -320,19 +342,19 @@ def _virtio_net() -> None:
                    f"{sorted(k for k in vendor if k is not None)}")
             result("fig.virtio_net_caps", ",".join(names))
 
-            def locate(cfg_type: int) -> tuple[object, int]:
+            def locate(cfg_type: int) -> tuple[Region, int]:
                 off = vendor[cfg_type].offset
                 bar, offset = dev.config_read(off + 4, 1), dev.config_read(off + 8, 4)
                 return dev.bar(bar), offset
 
             bar, common = locate(1)
-            bar.write32(common + 0, 1)  # type: ignore[attr-defined]
-            hi = bar.read32(common + 4)  # type: ignore[attr-defined]
+            bar.write32(common + 0, 1)
+            hi = bar.read32(common + 4)
             expect(hi & 0b11 == 0b11, f"VERSION_1 and ACCESS_PLATFORM offered, hi {hi:#x}")
-            nq = struct.unpack("<H", bar.read(common + 0x12, 2))[0]  # type: ignore[attr-defined]
+            nq = struct.unpack("<H", bar.read(common + 0x12, 2))[0]
             expect(nq == 3, f"3 queues (rx, tx, ctrl), got {nq}")
             dbar, devcfg = locate(4)
-            mac = dbar.read(devcfg, 6)  # type: ignore[attr-defined]
+            mac = dbar.read(devcfg, 6)
             expect(mac == bytes.fromhex("5254000f1004"), f"MAC 52:54:00:0f:10:04, got {mac.hex()}")
             msix = dev.irq_info(V.PCI_MSIX_IRQ_INDEX)
             expect(msix.count >= 3 and msix.eventfd, f"MSI-X vectors, got {msix}")
@@ -374,10 +396,9 @@ def main() -> int:
     for run in CHECKS:
         run()
     try:
-        for key in ("dev", "group", "container"):
-            obj = state.get(key)
+        for obj in (state.dev, state.group, state.container):
             if obj is not None:
-                obj.close()  # type: ignore[attr-defined]
+                obj.close()
     except VfioError as err:
         print(f"cleanup: {err}")
     return 0

@@ -71,7 +71,11 @@ async def test_eventfd_on_an_asyncio_loop() -> None:
     loop = asyncio.get_running_loop()
     got: asyncio.Future[int] = loop.create_future()
     with IrqEventfd(2, 3) as e:
-        loop.add_reader(e.fileno(), lambda: got.done() or got.set_result(e.consume()))
+        def on_readable() -> None:
+            if not got.done():
+                got.set_result(e.consume())
+
+        loop.add_reader(e.fileno(), on_readable)
         loop.call_later(0.01, os.eventfd_write, e.fd, 1)
         assert await asyncio.wait_for(got, 2.0) == 1
         loop.remove_reader(e.fileno())
@@ -83,3 +87,28 @@ async def test_eventfd_wait_async_returns_the_count() -> None:
         assert await asyncio.wait_for(e.wait_async(), 2.0) == 3
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(e.wait_async(), 0.05)
+
+
+def test_regions_leave_out_the_vga_index_vfio_pci_refuses_with_einval() -> None:
+    """vfio-pci answers GET_REGION_INFO for index 8 (VGA) with EINVAL on a device that is not a
+    VGA device; `vhostx vfio show` failed on virtio-net-pci until regions() left it out."""
+    import errno
+
+    from vfio.device import Device
+    from vfio.errors import IoctlError
+
+    refuse = {8: errno.EINVAL}
+
+    class _Dev(Device):
+        def __init__(self) -> None:
+            self.num_regions = 9
+
+        def region(self, index: int) -> Region:
+            if index in refuse:
+                raise IoctlError("VFIO_DEVICE_GET_REGION_INFO", refuse[index], f"region {index}")
+            return Region(self, V.RegionInfo(index=index, size=0x1000))
+
+    assert [r.index for r in _Dev().regions()] == list(range(8))
+    refuse[6] = errno.EIO  # any other error still surfaces
+    with pytest.raises(IoctlError, match="region 6"):
+        _Dev().regions()
