@@ -137,8 +137,7 @@ class Container:
         return rc > 0
 
     def supported_iommu_types(self) -> list[int]:
-        """The IOMMU types this kernel offers, best first (type1 types need a group attached
-        first on some kernels to answer for the group's IOMMU; the container answers anyway)."""
+        """The IOMMU types this kernel offers, best first (CHECK_EXTENSION per type)."""
         return [t for t in IOMMU_TYPE_NAMES if self.check_extension(t)]
 
     def set_iommu(self, iommu_type: int | None = None) -> int:

@@ -225,8 +225,10 @@ class DmaMapper:
         top = (1 << dma_mask_bits) - 1
         ranges = [(s, min(e, top)) for s, e in self.info.iova_ranges if s <= top]
         self.allocator = IovaAllocator(ranges, self.info.pgsizes, reserve_low=reserve_low)
-        self.ioctls = 0
-        self.mapped_bytes = 0
+        self.ioctls = 0  # MAP_DMA + UNMAP_DMA issued
+        self.map_ioctls = 0  # MAP_DMA issued
+        self.mapped_bytes = 0  # mapped now
+        self.total_mapped_bytes = 0  # mapped since creation
         self._mappings: dict[int, Mapping] = {}
 
     def map(self, buffers: Sequence[tuple[int, int]], *, coalesce: bool = True,
@@ -247,6 +249,7 @@ class DmaMapper:
                 self.container.map_dma(op.vaddr, iova + op.iova_offset, op.size,
                                        read=read, write=write)
                 self.ioctls += 1
+                self.map_ioctls += 1
                 done.append(op)
         except Exception:
             for op in done:
@@ -255,10 +258,17 @@ class DmaMapper:
             raise
         self._mappings[iova] = Mapping(iova, block, tuple(ops))
         self.mapped_bytes += total
+        self.total_mapped_bytes += total
         if self.info.dma_avail is not None:
             self.info = IommuInfo(self.info.pgsizes, self.info.iova_ranges,
                                   self.info.dma_avail - len(ops), self.info.caps)
         return iova
+
+    @property
+    def map_ioctls_per_gib(self) -> float:
+        """MAP_DMA ioctls per GiB mapped since creation (0.0 before the first map)."""
+        gib = self.total_mapped_bytes / (1 << 30)
+        return self.map_ioctls / gib if gib else 0.0
 
     def map_buffer(self, buf: DmaBuffer, **kw: bool) -> int:
         buf.iova = self.map([(buf.vaddr, buf.size)], **kw)  # type: ignore[arg-type]

@@ -4,14 +4,16 @@ IOMMU info parser (capability chain) the mapper starts from."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import resource
+from pathlib import Path
 
 import pytest
 
 from vfio import ioctls as V
-from vfio.container import IommuInfo, parse_type1_info
+from vfio.container import Container, IommuInfo, parse_type1_info
 from vfio.dma import DmaMapper, IovaAllocator, check_memlock, plan_mappings
-from vfio.errors import DmaError, IommuError, MemlockError
+from vfio.errors import DmaError, IoctlError, IommuError, MemlockError
 
 K4, M2, G1 = 4096, 2 << 20, 1 << 30
 X86_PGSIZES = K4 | M2 | G1  # what VT-d reports with superpages
@@ -175,6 +177,7 @@ def test_mapper_counts_ioctls_and_tracks_dma_avail() -> None:
     assert m.ioctls == 1 and m.info.dma_avail == 99 and iova % M2 == 0
     pages = m.map([(base + 8 * M2, 16 * K4)], per_page=True)
     assert m.ioctls == 17 and m.info.dma_avail == 83
+    assert m.map_ioctls_per_gib == 17 / ((512 + 16) * K4 / G1)
     assert m.unmap(pages) == 16 * K4 and m.info.dma_avail == 99
     assert c.calls[-1] == ("unmap", pages, 16 * K4)
     with pytest.raises(DmaError, match="expected an IOVA returned by map"):
@@ -189,3 +192,11 @@ def test_mapper_dma_mask_keeps_iovas_below_the_device_limit() -> None:
     assert 0x100000 <= iova and iova + 64 * K4 <= 1 << 28
     with pytest.raises(DmaError, match="largest free range"):
         m.map([(0x80000000, 1 << 28)])
+
+
+def test_container_on_a_non_vfio_file_names_the_ioctl(tmp_path: Path) -> None:
+    (tmp_path / "vfio").write_bytes(b"")
+    with pytest.raises(IoctlError) as err:
+        Container(str(tmp_path / "vfio"))
+    assert err.value.name == "VFIO_GET_API_VERSION" and err.value.errno == errno.ENOTTY
+    assert str(err.value).startswith(f"VFIO_GET_API_VERSION ({tmp_path / 'vfio'}) failed: ENOTTY")
