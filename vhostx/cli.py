@@ -17,6 +17,8 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
+from . import vfio_cmd
+
 __all__ = ["CAPABILITIES", "CommandFailed", "ask", "backend_main", "build_parser",
            "control_request", "main"]
 
@@ -295,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.set_defaults(func=_cmd_migrate)
 
     _register_plugins(sub)
+    vfio_cmd.add_parser(sub)
     return p
 
 
