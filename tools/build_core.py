@@ -1,7 +1,7 @@
 """cffi builder of the C core: `python tools/build_core.py` builds virtio/_vx_core*.so in place.
 
 vx_core.h is the single source of truth: its preprocessor lines are stripped and the rest is the
-cdef. The internal headers (vx_internal.h, vx_cursor.h) are only compiled, never fed to
+cdef. The internal headers (vx_internal.h, vx_cursor.h, vx_tx.h) are only compiled, never fed to
 cdef. setup.py names `tools/build_core.py:ffibuilder` in cffi_modules. Runs at build time only.
 
 VHOSTX_SANITIZE=1 in the environment builds with AddressSanitizer and UndefinedBehaviorSanitizer

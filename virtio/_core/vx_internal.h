@@ -6,8 +6,9 @@
  *
  * Files of the core: vx_ring.c (queue life cycle, avail side, chain walk, busy-poll),
  * vx_used.c (used shadow publication and the interrupt decision), vx_cursor.h (copy cursors),
- * vx_net_rx.c (RX delivery), vx_net_tx.c (TX operations), vx_switch.c (L2 switch), vx_round.c
- * (vx_op / vx_round), vx_drv.c (driver-side test support).
+ * vx_tx.h (the one TX loop), vx_net_rx.c (RX delivery), vx_net_tx.c (the sink, echo, fwd and
+ * tx_to_fd actions), vx_switch.c (L2 switch and its TX action), vx_round.c (vx_op / vx_round),
+ * vx_drv.c (driver-side test support).
  */
 #ifndef VX_INTERNAL_H
 #define VX_INTERNAL_H
@@ -42,6 +43,17 @@ static inline void cpu_relax(void)
     __asm__ __volatile__("" ::: "memory");
 #endif
 }
+
+/* virtio-net header (VIRTIO 1.2, 5.1.6): its first 10 bytes (flags, gso_type, hdr_len, gso_size,
+ * csum_start, csum_offset) are passed from TX to RX; with 12 or more bytes, bytes 10..11 are
+ * le16 num_buffers (the RX chains one mergeable frame used) */
+#define VX_NET_HDR_BASE_LEN 10
+#define VX_NET_HDR_NUM_BUFFERS 10 /* offset of num_buffers */
+#define VX_NET_HDR_MRG_LEN 12     /* a header that has num_buffers */
+#define VX_MAX_HDR_LEN 64         /* largest net header a queue accepts (vx_vq_start) */
+/* largest frame delivered into an RX queue (echo, fwd, switch): a 64 KiB GSO frame + slack */
+#define VX_MAX_FRAME_LEN (65535 + 64)
+#define VX_IOV_MAX 1024 /* Linux IOV_MAX: the fd paths truncate longer chains to this */
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2

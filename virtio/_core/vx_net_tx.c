@@ -1,15 +1,16 @@
 /*
  * vx_net_tx.c - the net TX direction: TX chains consumed into a sink, into an RX queue (echo, fwd)
- * or into an fd (tx_to_fd).
+ * or into an fd (tx_to_fd). Each operation is the one TX loop (vx_tx.h) with its action here;
+ * the switch's action is in vx_switch.c.
  *
  * Threads: the TX queue's owning worker (fwd writes the RX queue under its lock).
  */
-#include "vx_internal.h"
+#include "vx_tx.h"
 
 #include <pthread.h>
 
 /* ------------------------------------------------------------------------------------------ */
-/* net operations                                                                               */
+/* sink: copy each frame out, count it, drop it                                                 */
 
 /*
  * The sink's copy destination: a rotating set of VX_SINK_SLOTS buffers of VX_SINK_SLOT_LEN bytes
@@ -61,21 +62,6 @@ static struct sink_ring *sink_ring_get(void)
     return r;
 }
 
-/*
- * The sink works in stages of up to VX_SINK_STAGE chains: walk them (descriptors checked, buffers
- * translated) and prefetch the first bytes of each frame, then copy them all. The frame data was
- * just written by the driver on another core; copying it right after the walk stalls on each
- * line in turn, prefetching the stage first overlaps those misses (DPDK's vhost dequeue does the
- * same). A chain is completed (used entry) only after its copy.
- */
-#define VX_SINK_STAGE 32
-
-struct sink_item {
-    const uint8_t *src; /* the frame (net header skipped), NULL: copy through a cursor */
-    uint32_t len;
-    uint16_t head;
-};
-
 static inline uint8_t *sink_dst(struct vx_vq *tx, struct sink_ring *ring, uint32_t len)
 {
     if (likely(ring != NULL && len <= VX_SINK_SLOT_LEN))
@@ -83,301 +69,177 @@ static inline uint8_t *sink_dst(struct vx_vq *tx, struct sink_ring *ring, uint32
     return tx->scratch;
 }
 
-/* copy every staged frame out, then complete its chain (in stage order); returns 0 */
-static inline uint32_t sink_flush(struct vx_vq *tx, struct sink_ring *ring,
-                                  const struct sink_item *stage, uint32_t ns)
+struct sink_ctx {
+    struct sink_ring *ring;
+};
+
+static inline void sink_begin(void *ctx)
 {
-    for (uint32_t i = 0; i < ns; i++) {
-        memcpy(sink_dst(tx, ring, stage[i].len), stage[i].src, stage[i].len);
-        vq_push(tx, stage[i].head, 0);
-    }
-    return 0;
+    ((struct sink_ctx *)ctx)->ring = sink_ring_get();
 }
+
+static inline int sink_chain(void *ctx, struct vx_vq *tx, const struct tx_item *it)
+{
+    uint8_t *dst = sink_dst(tx, ((struct sink_ctx *)ctx)->ring, it->len);
+    if (likely(it->kind == TX_FLAT)) {
+        memcpy(dst, it->frame, it->len);
+    } else {
+        struct cur c;
+        cur_init(&c, tx->segs, tx->nread);
+        cur_skip(&c, tx->hdr_len);
+        cur_read(&c, dst, it->len);
+    }
+    return TX_SENT;
+}
+
+/* frames up to the scratch buffer's size; longer ones count as too_big */
+static const struct tx_action SINK = {
+    .stage = VX_TX_STAGE_MAX,
+    .max_frame = VX_SCRATCH_LEN,
+    .oversize_too_big = 1,
+    .begin = sink_begin,
+    .chain = sink_chain,
+};
 
 int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns)
 {
-    int n = tx_turn_begin(tx, max_pkts);
-    if (n <= 0)
-        return n;
-    const uint32_t hlen = tx->hdr_len;
-    struct sink_ring *ring = sink_ring_get();
-    uint64_t bytes = 0, spin_left = spin_ns;
-    int done = 0;
-    for (;;) {
-        while (done < n) {
-            struct sink_item stage[VX_SINK_STAGE];
-            uint32_t ns = 0;
-            int full = 0;
-            while (done < n && ns < VX_SINK_STAGE) {
-                uint16_t slot = tx->last_avail_idx & tx->mask;
-                uint16_t head = tx->avail->ring[slot];
-                __builtin_prefetch(&tx->desc[tx->avail->ring[(slot + 1) & tx->mask] & tx->mask]);
-                if (vq_walk(tx, head) < 0)
-                    return -1;
-                tx->last_avail_idx++;
-                done++;
-                if (unlikely(tx->rlen < hlen || tx->rlen - hlen > VX_SCRATCH_LEN)) {
-                    if (tx->rlen < hlen)
-                        tx->stats.dropped++;
-                    else
-                        tx->stats.too_big++;
-                    ns = sink_flush(tx, ring, stage, ns); /* keep the avail order */
-                    vq_push(tx, head, 0);
-                    continue;
-                }
-                uint32_t len = (uint32_t)(tx->rlen - hlen);
-                const struct vx_seg *sg = tx->segs;
-                const uint8_t *src = NULL;
-                if (likely(tx->nread == 1))
-                    src = sg[0].ptr + hlen;
-                else if (tx->nread == 2 && sg[0].len == hlen)
-                    src = sg[1].ptr; /* header in its own buffer, frame in one */
-                if (likely(src != NULL)) {
-                    __builtin_prefetch(src);
-                    if (len > 64)
-                        __builtin_prefetch(src + 64);
-                    stage[ns].src = src;
-                    stage[ns].len = len;
-                    stage[ns].head = head;
-                    ns++;
-                } else { /* scattered: copy now, through a cursor (segs are per chain), after
-                          * the stage so that used entries keep the avail order */
-                    ns = sink_flush(tx, ring, stage, ns);
-                    struct cur c;
-                    cur_init(&c, sg, tx->nread);
-                    cur_skip(&c, hlen);
-                    cur_read(&c, sink_dst(tx, ring, len), len);
-                    vq_push(tx, head, 0);
-                }
-                tx->stats.packets++;
-                tx->stats.bytes += len;
-                bytes += len;
-                if (bytes >= max_bytes) {
-                    full = 1;
-                    break;
-                }
-            }
-            sink_flush(tx, ring, stage, ns);
-            if (full)
-                goto out;
-        }
-        if ((uint32_t)done >= max_pkts || spin_left == 0)
-            break;
-        int m = tx_reread(tx, max_pkts, done);
-        if (m == 0) {
-            vx_vq_signal(tx); /* completions first: the driver must not wait on our spin */
-            int r = vq_spin(tx, &spin_left);
-            if (r <= 0) {
-                if (r < 0)
-                    return -1;
-                break;
-            }
-            m = tx_reread(tx, max_pkts, done);
-        } else if (m > 0) {
-            vq_flush(tx); /* publish what this snapshot consumed before taking the next */
-        }
-        if (m < 0)
-            return -1;
-        if (m == 0)
-            break;
-        n = m;
-    }
-out:
-    vx_vq_signal(tx);
-    return done;
+    struct sink_ctx ctx = {NULL};
+    return tx_run(tx, max_pkts, max_bytes, spin_ns, &SINK, &ctx);
 }
 
-/*
- * TX chains of `tx` delivered into `rx`. locked: take rx's lock around the deliveries (the rx
- * queue may be written by other threads; never held while spinning). Returns TX chains consumed,
- * or -1 if TX broke (or rx broke and rx_fatal).
- */
-static int tx_to_rx(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
-                    int swap, int locked, int rx_fatal, uint64_t spin_ns)
+/* ------------------------------------------------------------------------------------------ */
+/* TX into an RX queue: echo (MACs swapped, back into the same device) and fwd (another device) */
+
+struct to_rx_ctx {
+    struct vx_vq *rx;
+    int swap_mac; /* echo: swap destination and source MAC */
+    int locked;   /* fwd: rx may be written by other threads: hold its lock (never while spinning) */
+    int rx_fatal; /* echo: rx breaking fails the call; fwd: its frames are dropped */
+    int wrote;    /* delivered into rx since its last publication */
+};
+
+static inline int to_rx_precheck(void *ctx, struct vx_vq *tx)
 {
-    if (unlikely(rx_fatal && rx->broken))
-        return -1;
-    int n = tx_turn_begin(tx, max_pkts);
-    if (n <= 0)
-        return n;
-    const uint32_t hlen = tx->hdr_len;
-    uint64_t bytes = 0, spin_left = spin_ns;
-    int done = 0, wrote = 0, ret;
-    if (locked)
-        vq_lock(rx);
-    for (;;) {
-        while (done < n) {
-            uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
-            if (vq_walk(tx, head) < 0) {
-                ret = -1;
-                goto fail;
-            }
-            tx->last_avail_idx++;
-            vq_push(tx, head, 0);
-            done++;
-            if (unlikely(tx->rlen < hlen || tx->rlen - hlen > 65535 + 64)) {
-                tx->stats.dropped++;
-                continue;
-            }
-            uint8_t thdr[10] = {0};
-            struct rx_src src;
-            cur_init(&src.cur, tx->segs, tx->nread);
-            cur_read(&src.cur, thdr, hlen < 10 ? hlen : 10);
-            cur_skip(&src.cur, hlen > 10 ? hlen - 10 : 0);
-            src.len = (uint32_t)(tx->rlen - hlen);
-            src.hdr = thdr;
-            src.swap_mac = swap;
-            int r = rx_deliver(rx, &src);
-            if (r < 0) {
-                if (rx_fatal) {
-                    ret = -1;
-                    goto fail;
-                }
-                tx->stats.dropped++;
-                continue;
-            }
-            if (r == 0) {
-                tx->stats.dropped++;
-                continue;
-            }
-            wrote = 1;
-            tx->stats.packets++;
-            tx->stats.bytes += src.len;
-            bytes += src.len;
-            if (bytes >= max_bytes)
-                goto out;
-        }
-        if ((uint32_t)done >= max_pkts || spin_left == 0)
-            break;
-        int m = tx_reread(tx, max_pkts, done);
-        if (m == 0) {
-            /* completions of both rings first, and no lock held while we wait */
-            if (wrote || rx->nshadow)
-                vx_vq_signal(rx);
-            wrote = 0;
-            if (locked)
-                vq_unlock(rx);
-            vx_vq_signal(tx);
-            int r = vq_spin(tx, &spin_left);
-            if (locked)
-                vq_lock(rx);
-            if (r < 0) {
-                ret = -1;
-                goto fail;
-            }
-            if (r == 0)
-                break;
-            if (rx_fatal && rx->broken) { /* echo: the RX ring broke while we waited */
-                ret = -1;
-                goto fail;
-            }
-            m = tx_reread(tx, max_pkts, done);
-        } else if (m > 0) {
-            vq_flush(tx);
-        }
-        if (m < 0) {
-            ret = -1;
-            goto fail;
-        }
-        if (m == 0)
-            break;
-        n = m;
-    }
-out:
-    if (wrote || rx->nshadow)
-        vx_vq_signal(rx);
-    if (locked)
-        vq_unlock(rx);
-    vx_vq_signal(tx);
-    return done;
-fail:
-    if (wrote || rx->nshadow)
-        vx_vq_signal(rx);
-    if (locked)
-        vq_unlock(rx);
-    return ret;
+    const struct to_rx_ctx *x = ctx;
+    (void)tx;
+    return unlikely(x->rx_fatal && x->rx->broken) ? -1 : 1;
 }
+
+static inline void to_rx_lock(void *ctx)
+{
+    struct to_rx_ctx *x = ctx;
+    if (x->locked)
+        vq_lock(x->rx);
+}
+
+/* publish rx (used entries and interrupt) if anything went in, then drop its lock */
+static inline void to_rx_release(void *ctx)
+{
+    struct to_rx_ctx *x = ctx;
+    if (x->wrote || x->rx->nshadow)
+        vx_vq_signal(x->rx);
+    x->wrote = 0;
+    if (x->locked)
+        vq_unlock(x->rx);
+}
+
+static inline int to_rx_resume(void *ctx, int spun)
+{
+    struct to_rx_ctx *x = ctx;
+    to_rx_lock(ctx);
+    /* echo: the RX ring broke while we waited */
+    return spun > 0 && x->rx_fatal && x->rx->broken ? -1 : 0;
+}
+
+static inline int to_rx_chain(void *ctx, struct vx_vq *tx, const struct tx_item *it)
+{
+    struct to_rx_ctx *x = ctx;
+    uint8_t thdr[VX_NET_HDR_BASE_LEN];
+    struct vx_seg one;
+    struct rx_src src;
+    tx_item_header(tx, it, thdr);
+    tx_item_frame(tx, it, &one, &src.cur);
+    src.len = it->len;
+    src.hdr = thdr;
+    src.swap_mac = x->swap_mac;
+    int r = rx_deliver(x->rx, &src);
+    if (r < 0 && x->rx_fatal)
+        return TX_FAIL;
+    if (r <= 0) { /* rx broke (fwd), no room or too big: the frame is dropped */
+        tx->stats.dropped++;
+        return TX_DROPPED;
+    }
+    x->wrote = 1;
+    return TX_SENT;
+}
+
+static const struct tx_action TO_RX = {
+    .stage = VX_TX_STAGE_MAX,
+    .max_frame = VX_MAX_FRAME_LEN,
+    .precheck = to_rx_precheck,
+    .begin = to_rx_lock,
+    .chain = to_rx_chain,
+    .before_wait = to_rx_release,
+    .after_wait = to_rx_resume,
+    .end = to_rx_release,
+};
 
 int vx_net_echo(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
                 uint64_t spin_ns)
 {
-    return tx_to_rx(tx, rx, max_pkts, max_bytes, 1, 0, 1, spin_ns);
+    struct to_rx_ctx ctx = {.rx = rx, .swap_mac = 1, .locked = 0, .rx_fatal = 1};
+    return tx_run(tx, max_pkts, max_bytes, spin_ns, &TO_RX, &ctx);
 }
 
 int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
                uint64_t spin_ns)
 {
-    return tx_to_rx(tx, rx, max_pkts, max_bytes, 0, 1, 0, spin_ns);
+    struct to_rx_ctx ctx = {.rx = rx, .swap_mac = 0, .locked = 1, .rx_fatal = 0};
+    return tx_run(tx, max_pkts, max_bytes, spin_ns, &TO_RX, &ctx);
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* TX into an fd: writev of each chain, net header included (a TAP fd with IFF_VNET_HDR)        */
+
+struct to_fd_ctx {
+    int fd;
+};
+
+/* stage 1, segs_only: tx->segs are this chain's */
+static inline int to_fd_chain(void *ctx, struct vx_vq *tx, const struct tx_item *it)
+{
+    (void)it;
+    uint32_t k = tx->nread < VX_IOV_MAX ? tx->nread : VX_IOV_MAX; /* longer chains truncated */
+    for (uint32_t i = 0; i < k; i++) {
+        tx->iov[i].iov_base = tx->segs[i].ptr;
+        tx->iov[i].iov_len = tx->segs[i].len;
+    }
+    ssize_t w = writev(((struct to_fd_ctx *)ctx)->fd, tx->iov, k);
+    if (likely(w >= 0))
+        return TX_SENT;
+    if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        tx->stats.eagain++;
+        return TX_STOP; /* chain stays in the ring; no spinning on a full fd */
+    }
+    if (errno == EINTR)
+        return TX_RETRY;
+    tx->stats.io_errors++;
+    tx->stats.dropped++;
+    return TX_DROPPED;
+}
+
+/* one chain per stage: a syscall per chain dwarfs the cache misses a prefetch would hide, and
+ * an EAGAIN must leave the rest of the ring unwalked */
+static const struct tx_action TO_FD = {
+    .stage = 1,
+    .budget_after_drop = 1,
+    .segs_only = 1,
+    .chain = to_fd_chain,
+};
 
 int vx_net_tx_to_fd(struct vx_vq *tx, int fd, uint32_t max_pkts, uint64_t max_bytes,
                     uint64_t spin_ns)
 {
-    int n = tx_turn_begin(tx, max_pkts);
-    if (n <= 0)
-        return n;
-    uint64_t bytes = 0, spin_left = spin_ns;
-    int done = 0;
-    for (;;) {
-        while (done < n) {
-            uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
-            if (vq_walk(tx, head) < 0)
-                return -1;
-            if (unlikely(tx->rlen < tx->hdr_len)) {
-                tx->stats.dropped++;
-            } else {
-                uint32_t k = tx->nread;
-                if (k > 1024)
-                    k = 1024; /* IOV_MAX; longer chains are truncated */
-                for (uint32_t i = 0; i < k; i++) {
-                    tx->iov[i].iov_base = tx->segs[i].ptr;
-                    tx->iov[i].iov_len = tx->segs[i].len;
-                }
-                ssize_t w = writev(fd, tx->iov, k);
-                if (w < 0) {
-                    if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                        tx->stats.eagain++;
-                        goto out; /* chain stays in the ring; no spinning on a full fd */
-                    }
-                    if (errno == EINTR)
-                        continue;
-                    tx->stats.io_errors++;
-                    tx->stats.dropped++;
-                } else {
-                    uint64_t len = tx->rlen - tx->hdr_len;
-                    tx->stats.packets++;
-                    tx->stats.bytes += len;
-                    bytes += len;
-                }
-            }
-            tx->last_avail_idx++;
-            vq_push(tx, head, 0);
-            done++;
-            if (bytes >= max_bytes)
-                goto out;
-        }
-        if ((uint32_t)done >= max_pkts || spin_left == 0)
-            break;
-        int m = tx_reread(tx, max_pkts, done);
-        if (m == 0) {
-            vx_vq_signal(tx);
-            int r = vq_spin(tx, &spin_left);
-            if (r < 0)
-                return -1;
-            if (r == 0)
-                break;
-            m = tx_reread(tx, max_pkts, done);
-        } else if (m > 0) {
-            vq_flush(tx);
-        }
-        if (m < 0)
-            return -1;
-        if (m == 0)
-            break;
-        n = m;
-    }
-out:
-    vx_vq_signal(tx);
-    return done;
+    struct to_fd_ctx ctx = {fd};
+    return tx_run(tx, max_pkts, max_bytes, spin_ns, &TO_FD, &ctx);
 }
-

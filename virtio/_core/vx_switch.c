@@ -5,7 +5,13 @@
  * Threads: vx_switch_tx from any worker owning a TX queue; add/remove port from the control
  * thread (remove waits for senders inside a delivery to that port).
  */
-#include "vx_internal.h"
+#include "vx_tx.h"
+
+#define VX_ETH_ALEN 6          /* bytes of a MAC address */
+#define VX_ETH_HLEN 14         /* destination MAC, source MAC, EtherType */
+#define VX_ETH_GROUP_BIT 0x01  /* I/G bit of a MAC's first byte: multicast or broadcast */
+/* bytes of a frame the flow hash reads: Ethernet + an IPv4 header without options + L4 ports */
+#define VX_FLOW_HDR_LEN 38
 
 struct sw_port {
     int active;
@@ -150,15 +156,26 @@ static inline uint32_t flow_hash(const uint8_t *h, uint32_t n)
     return (uint32_t)(x >> 32);
 }
 
-/* deliver one TX chain (tx->segs) to one port; returns 1 if delivered */
+/* RX queues written in this call, signalled once at its end (or before it busy-polls) */
+#define VX_SWITCH_TOUCHED_MAX 64
+
 struct sw_touched {
     struct vx_vq *rx;
     int port;
 };
 
-static int sw_deliver(struct vx_switch *sw, struct vx_vq *tx, int port, uint32_t fhash,
-                      const uint8_t *thdr, struct sw_touched *touched, uint32_t *ntouched)
+struct sw_ctx {
+    struct vx_switch *sw;
+    int port;
+    uint32_t ntouched;
+    struct sw_touched touched[VX_SWITCH_TOUCHED_MAX];
+};
+
+/* deliver one TX chain to one port; returns 1 if delivered */
+static int sw_deliver(struct sw_ctx *x, const struct vx_vq *tx, const struct tx_item *it,
+                      int port, uint32_t fhash, const uint8_t *thdr)
 {
+    struct vx_switch *sw = x->sw;
     struct sw_port *sp = &sw->ports[port];
     if (!__atomic_load_n(&sp->active, __ATOMIC_ACQUIRE)) {
         __atomic_fetch_add(&sw->stats.dest_down, 1, __ATOMIC_RELAXED);
@@ -171,10 +188,10 @@ static int sw_deliver(struct vx_switch *sw, struct vx_vq *tx, int port, uint32_t
     vq_lock(rx);
     int r = 0;
     if (__atomic_load_n(&sp->active, __ATOMIC_ACQUIRE) && !rx->broken) {
+        struct vx_seg one;
         struct rx_src src;
-        cur_init(&src.cur, tx->segs, tx->nread);
-        cur_skip(&src.cur, tx->hdr_len);
-        src.len = (uint32_t)(tx->rlen - tx->hdr_len);
+        tx_item_frame(tx, it, &one, &src.cur);
+        src.len = it->len;
         src.hdr = thdr;
         src.swap_mac = 0;
         r = rx_deliver(rx, &src);
@@ -186,14 +203,14 @@ static int sw_deliver(struct vx_switch *sw, struct vx_vq *tx, int port, uint32_t
     vq_unlock(rx);
     if (r > 0) {
         uint32_t i;
-        for (i = 0; i < *ntouched; i++)
-            if (touched[i].rx == rx)
+        for (i = 0; i < x->ntouched; i++)
+            if (x->touched[i].rx == rx)
                 break;
-        if (i == *ntouched) {
-            if (*ntouched < 64) {
-                touched[*ntouched].rx = rx;
-                touched[*ntouched].port = port;
-                (*ntouched)++;
+        if (i == x->ntouched) {
+            if (x->ntouched < VX_SWITCH_TOUCHED_MAX) {
+                x->touched[x->ntouched].rx = rx;
+                x->touched[x->ntouched].port = port;
+                x->ntouched++;
             } else { /* too many destinations in one batch: signal now */
                 vq_lock(rx);
                 if (__atomic_load_n(&sp->active, __ATOMIC_ACQUIRE))
@@ -205,114 +222,90 @@ static int sw_deliver(struct vx_switch *sw, struct vx_vq *tx, int port, uint32_t
     return r;
 }
 
-static void sw_signal_touched(struct vx_switch *sw, struct sw_touched *touched, uint32_t *ntouched)
+/* publish every RX queue written (of a port still there) */
+static void sw_signal_touched(void *ctx)
 {
-    for (uint32_t i = 0; i < *ntouched; i++) {
-        struct vx_vq *rx = touched[i].rx;
+    struct sw_ctx *x = ctx;
+    for (uint32_t i = 0; i < x->ntouched; i++) {
+        struct vx_vq *rx = x->touched[i].rx;
         vq_lock(rx);
-        if (__atomic_load_n(&sw->ports[touched[i].port].active, __ATOMIC_ACQUIRE))
+        if (__atomic_load_n(&x->sw->ports[x->touched[i].port].active, __ATOMIC_ACQUIRE))
             vx_vq_signal(rx);
         vq_unlock(rx);
     }
-    *ntouched = 0;
+    x->ntouched = 0;
 }
+
+static inline int sw_precheck(void *ctx, struct vx_vq *tx)
+{
+    const struct sw_ctx *x = ctx;
+    if (unlikely(tx->broken))
+        return -1;
+    return x->port >= 0 && x->port < VX_SWITCH_MAX_PORTS ? 1 : 0;
+}
+
+/* learn the source, look the destination up, deliver (unicast) or flood */
+static inline int sw_chain(void *ctx, struct vx_vq *tx, const struct tx_item *it)
+{
+    struct sw_ctx *x = ctx;
+    struct vx_switch *sw = x->sw;
+    const int port = x->port;
+    uint8_t thdr[VX_NET_HDR_BASE_LEN];
+    uint8_t eth[VX_FLOW_HDR_LEN]; /* one copy: the guest may rewrite its buffer meanwhile */
+    uint32_t elen;
+    tx_item_header(tx, it, thdr);
+    if (likely(it->kind == TX_FLAT)) {
+        elen = it->len < sizeof(eth) ? it->len : (uint32_t)sizeof(eth);
+        memcpy(eth, it->frame, elen);
+    } else {
+        struct vx_seg one;
+        struct cur c;
+        tx_item_frame(tx, it, &one, &c);
+        elen = (uint32_t)cur_read(&c, eth, sizeof(eth));
+    }
+    const uint8_t *dst = eth, *srcm = eth + VX_ETH_ALEN;
+    if (!(srcm[0] & VX_ETH_GROUP_BIT) && mac48(srcm) != 0)
+        fdb_learn(sw, mac48(srcm), port);
+    uint32_t fh = flow_hash(eth, elen);
+    int delivered = 0;
+    int dport = (dst[0] & VX_ETH_GROUP_BIT) ? -1 : fdb_find(sw, mac48(dst));
+    if (dport >= 0) {
+        if (dport == port) {
+            __atomic_fetch_add(&sw->stats.hairpin, 1, __ATOMIC_RELAXED);
+        } else {
+            __atomic_fetch_add(&sw->stats.unicast, 1, __ATOMIC_RELAXED);
+            delivered += sw_deliver(x, tx, it, dport, fh, thdr);
+        }
+    } else {
+        __atomic_fetch_add(&sw->stats.flooded, 1, __ATOMIC_RELAXED);
+        for (int p = 0; p < VX_SWITCH_MAX_PORTS; p++) {
+            if (p == port || !__atomic_load_n(&sw->ports[p].active, __ATOMIC_RELAXED))
+                continue;
+            delivered += sw_deliver(x, tx, it, p, fh, thdr);
+        }
+    }
+    if (!delivered)
+        tx->stats.dropped++;
+    return TX_SENT; /* counted as sent (packets, bytes) even when no port took it */
+}
+
+/* frames of at least an Ethernet header, at most VX_MAX_FRAME_LEN */
+static const struct tx_action SWITCH = {
+    .stage = VX_TX_STAGE_MAX,
+    .min_frame = VX_ETH_HLEN,
+    .max_frame = VX_MAX_FRAME_LEN,
+    .precheck = sw_precheck,
+    .chain = sw_chain,
+    .before_wait = sw_signal_touched,
+    .end = sw_signal_touched,
+};
 
 int vx_switch_tx(struct vx_switch *sw, int port, struct vx_vq *tx, uint32_t max_pkts,
                  uint64_t max_bytes, uint64_t spin_ns)
 {
-    if (unlikely(tx->broken))
-        return -1;
-    if (port < 0 || port >= VX_SWITCH_MAX_PORTS)
-        return 0;
-    int n = tx_turn_begin(tx, max_pkts);
-    if (n <= 0)
-        return n;
-    const uint32_t hlen = tx->hdr_len;
-    struct sw_touched touched[64];
-    uint32_t ntouched = 0;
-    uint64_t bytes = 0, spin_left = spin_ns;
-    int done = 0;
-    for (;;) {
-        while (done < n) {
-            uint16_t head = tx->avail->ring[tx->last_avail_idx & tx->mask];
-            if (vq_walk(tx, head) < 0) {
-                done = -1;
-                goto out;
-            }
-            tx->last_avail_idx++;
-            vq_push(tx, head, 0);
-            done++;
-            if (unlikely(tx->rlen < hlen + 14 || tx->rlen - hlen > 65535 + 64)) {
-                tx->stats.dropped++;
-                continue;
-            }
-            uint8_t thdr[10] = {0};
-            uint8_t eth[38];
-            struct cur c;
-            cur_init(&c, tx->segs, tx->nread);
-            cur_read(&c, thdr, hlen < 10 ? hlen : 10);
-            cur_skip(&c, hlen > 10 ? hlen - 10 : 0);
-            uint32_t elen = (uint32_t)cur_read(&c, eth, sizeof(eth));
-            uint32_t flen = (uint32_t)(tx->rlen - hlen);
-            const uint8_t *dst = eth, *srcm = eth + 6;
-            if (!(srcm[0] & 1) && mac48(srcm) != 0)
-                fdb_learn(sw, mac48(srcm), port);
-            uint32_t fh = flow_hash(eth, elen);
-            int delivered = 0;
-            int dport = (dst[0] & 1) ? -1 : fdb_find(sw, mac48(dst));
-            if (dport >= 0) {
-                if (dport == port) {
-                    __atomic_fetch_add(&sw->stats.hairpin, 1, __ATOMIC_RELAXED);
-                } else {
-                    __atomic_fetch_add(&sw->stats.unicast, 1, __ATOMIC_RELAXED);
-                    delivered += sw_deliver(sw, tx, dport, fh, thdr, touched, &ntouched);
-                }
-            } else {
-                __atomic_fetch_add(&sw->stats.flooded, 1, __ATOMIC_RELAXED);
-                for (int p = 0; p < VX_SWITCH_MAX_PORTS; p++) {
-                    if (p == port || !__atomic_load_n(&sw->ports[p].active, __ATOMIC_RELAXED))
-                        continue;
-                    delivered += sw_deliver(sw, tx, p, fh, thdr, touched, &ntouched);
-                }
-            }
-            if (!delivered)
-                tx->stats.dropped++;
-            tx->stats.packets++;
-            tx->stats.bytes += flen;
-            bytes += flen;
-            if (bytes >= max_bytes)
-                goto out;
-        }
-        if ((uint32_t)done >= max_pkts || spin_left == 0)
-            break;
-        int m = tx_reread(tx, max_pkts, done);
-        if (m == 0) {
-            sw_signal_touched(sw, touched, &ntouched); /* every completion before we wait */
-            vx_vq_signal(tx);
-            int r = vq_spin(tx, &spin_left);
-            if (r < 0) {
-                done = -1;
-                goto out;
-            }
-            if (r == 0)
-                break;
-            m = tx_reread(tx, max_pkts, done);
-        } else if (m > 0) {
-            vq_flush(tx);
-        }
-        if (m < 0) {
-            done = -1;
-            goto out;
-        }
-        if (m == 0)
-            break;
-        n = m;
-    }
-out:
-    sw_signal_touched(sw, touched, &ntouched);
-    if (done < 0)
-        return -1;
-    vx_vq_signal(tx);
-    return done;
+    struct sw_ctx ctx;
+    ctx.sw = sw;
+    ctx.port = port;
+    ctx.ntouched = 0;
+    return tx_run(tx, max_pkts, max_bytes, spin_ns, &SWITCH, &ctx);
 }
-
