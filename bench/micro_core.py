@@ -241,7 +241,7 @@ def callgrind(name: str, count: int, size: int, pkt: int, batch: int) -> tuple[i
         ]
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         pkts = int(re.search(r"packets=(\d+)", res.stdout).group(1))  # type: ignore[union-attr]
-        summary = re.search(r"^summary: (\d+)", out.read_text(), re.M)
+        summary = re.search(r"^summary: (\d+)", out.read_text(), re.MULTILINE)
         return int(summary.group(1)) if summary else 0, pkts
 
 

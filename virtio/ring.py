@@ -11,15 +11,25 @@ every C call.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from virtio._vx_core import ffi, lib
 from virtio.errors import GuestError
 from virtio.memory import GuestMemory
 
-__all__ = ["STATS_FIELDS", "DeviceQueue", "RecyclingDriver", "make_mem_table"]
+__all__ = ["STATS_FIELDS", "DeviceQueue", "NotifyOutcome", "RecyclingDriver", "make_mem_table"]
 
 STATS_FIELDS: tuple[str, ...] = tuple(name for name, _ in ffi.typeof("struct vx_stats").fields)
+
+
+class NotifyOutcome(enum.IntEnum):
+    """What one interrupt decision (vx_vq_notify_decide) did; each but NONE has a stats counter."""
+
+    NONE = lib.VX_NOTIFY_NONE  # nothing published since the last decision
+    SENT = lib.VX_NOTIFY_SENT  # call eventfd written ("interrupts")
+    SUPPRESSED = lib.VX_NOTIFY_SUPPRESSED  # the driver wants none ("interrupts_suppressed")
+    NO_FD = lib.VX_NOTIFY_NO_FD  # wanted, but no call fd ("interrupts_no_fd")
 
 
 def make_mem_table(mem: GuestMemory) -> Any:
@@ -157,6 +167,13 @@ class DeviceQueue:
         if r < 0:
             raise _err(self._vq, f"queue {self.index}")
         return bool(r)
+
+    def notify_decide(self) -> NotifyOutcome:
+        """signal() with its outcome: publish, ask the driver, apply the policy, send, count."""
+        r = lib.vx_vq_notify_decide(self._vq)
+        if r < 0:
+            raise _err(self._vq, f"queue {self.index}")
+        return NotifyOutcome(r)
 
     def set_call_fd(self, fd: int) -> None:
         self._call_fd = fd

@@ -85,6 +85,13 @@ struct vring_used {
     struct vring_used_elem ring[];
 };
 
+/* A queue's interrupt policy: what vx_vq_notify_decide does with a publication the driver wants
+ * signalled. IMMEDIATE (0, a new queue's): write the call eventfd at once. Interrupt moderation
+ * and posted interrupts add their policies here (and their state to struct vx_vq). */
+enum vx_notify_policy {
+    VX_NOTIFY_POLICY_IMMEDIATE = 0
+};
+
 struct vx_vq {
     struct vring_desc *desc;
     struct vring_avail *avail;
@@ -103,8 +110,9 @@ struct vx_vq {
     uint16_t last_avail_idx;
     uint16_t avail_idx; /* last value read from avail->idx */
     uint16_t used_idx;  /* published used->idx */
-    uint16_t signalled_used;
-    int signalled_valid;
+    uint16_t signalled_used; /* used->idx at the last interrupt decision */
+    int signalled_valid;     /* a decision was made since start (signalled_used is meaningful) */
+    uint32_t notify_policy;  /* enum vx_notify_policy */
     uint32_t nshadow;
     struct vring_used_elem *shadow; /* 2 * size */
     /* chain of the current descriptor being handled: readable segs then writable segs */

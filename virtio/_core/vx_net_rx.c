@@ -170,7 +170,7 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
         int starved = (rx->flags & VX_F_MRG_RXBUF) || rx->avail_idx == rx->last_avail_idx;
         if (!starved || done == 0 || spin_left == 0)
             break;
-        if (vx_vq_signal(rx) < 0) /* publish and interrupt before we wait */
+        if (vx_vq_notify_decide(rx) < 0) /* publish and interrupt before we wait */
             return -1;
         int s = vq_spin(rx, &spin_left);
         if (s < 0)
@@ -179,7 +179,7 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
             break;
         rx->stats.ring_full--; /* the wait found buffers: nothing was refused after all */
     }
-    if (vx_vq_signal(rx) < 0)
+    if (vx_vq_notify_decide(rx) < 0)
         return -1;
     return done;
 }
@@ -201,7 +201,7 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
             if (a == 0 && done > 0 && spin_left) {
                 /* out of RX buffers after some work: publish, then wait for the driver's
                  * refill (the fd may hold more; we only learn that by reading it) */
-                if (vx_vq_signal(rx) < 0)
+                if (vx_vq_notify_decide(rx) < 0)
                     return -1;
                 a = vq_spin(rx, &spin_left);
                 if (a < 0)
@@ -284,7 +284,7 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
         rx->stats.bytes += (uint64_t)r - hlen;
         done++;
     }
-    if (vx_vq_signal(rx) < 0)
+    if (vx_vq_notify_decide(rx) < 0)
         return -1;
     return done;
 }

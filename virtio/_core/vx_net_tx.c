@@ -137,7 +137,7 @@ static inline void to_rx_release(void *ctx)
 {
     struct to_rx_ctx *x = ctx;
     if (x->wrote || x->rx->nshadow)
-        vx_vq_signal(x->rx);
+        vx_vq_notify_decide(x->rx);
     x->wrote = 0;
     if (x->locked)
         vq_unlock(x->rx);

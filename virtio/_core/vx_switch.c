@@ -214,7 +214,7 @@ static int sw_deliver(struct sw_ctx *x, const struct vx_vq *tx, const struct tx_
             } else { /* too many destinations in one batch: signal now */
                 vq_lock(rx);
                 if (__atomic_load_n(&sp->active, __ATOMIC_ACQUIRE))
-                    vx_vq_signal(rx);
+                    vx_vq_notify_decide(rx);
                 vq_unlock(rx);
             }
         }
@@ -230,7 +230,7 @@ static void sw_signal_touched(void *ctx)
         struct vx_vq *rx = x->touched[i].rx;
         vq_lock(rx);
         if (__atomic_load_n(&x->sw->ports[x->touched[i].port].active, __ATOMIC_ACQUIRE))
-            vx_vq_signal(rx);
+            vx_vq_notify_decide(rx);
         vq_unlock(rx);
     }
     x->ntouched = 0;

@@ -233,7 +233,7 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
             /* every completion first, and no lock held: the driver must not wait on our spin */
             if (A->before_wait)
                 A->before_wait(ctx);
-            vx_vq_signal(tx);
+            vx_vq_notify_decide(tx);
             int r = vq_spin(tx, &spin_left);
             int f = A->after_wait ? A->after_wait(ctx, r) : 0;
             if (r < 0 || f < 0)
@@ -257,7 +257,7 @@ out:
     tx->stats.bytes += bytes;
     if (A->end)
         A->end(ctx);
-    vx_vq_signal(tx);
+    vx_vq_notify_decide(tx);
     return done;
 fail:
     tx->stats.packets += sent;
