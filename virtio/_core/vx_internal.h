@@ -54,6 +54,15 @@ static inline void cpu_relax(void)
 /* largest frame delivered into an RX queue (echo, fwd, switch): a 64 KiB GSO frame + slack */
 #define VX_MAX_FRAME_LEN (65535 + 64)
 #define VX_IOV_MAX 1024 /* Linux IOV_MAX: the fd paths truncate longer chains to this */
+#define VX_MAC_PAIR_LEN 12 /* destination + source MAC: what echo swaps */
+
+#define VX_MAX_QUEUE_SIZE 32768 /* the largest split ring (VIRTIO 1.2, 2.7) */
+/* ring alignments (VIRTIO 1.2, 2.7.1): descriptor table, avail ring, used ring */
+#define VRING_DESC_ALIGN 16
+#define VRING_AVAIL_ALIGN 2
+#define VRING_USED_ALIGN 4
+#define VX_ERR_LEN 192 /* a broken queue's message (vx_vq_error) */
+#define VX_NS_PER_SEC 1000000000ull
 
 #define VRING_DESC_F_NEXT 1
 #define VRING_DESC_F_WRITE 2
@@ -124,7 +133,7 @@ struct vx_vq {
     int lock;
     uint32_t rr;
     int broken;
-    char err[192];
+    char err[VX_ERR_LEN];
     struct vx_stats stats;
 };
 
@@ -217,7 +226,7 @@ static inline uint64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return (uint64_t)ts.tv_sec * VX_NS_PER_SEC + (uint64_t)ts.tv_nsec;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -16,8 +16,8 @@
  */
 int rx_deliver(struct vx_vq *rx, struct rx_src *src)
 {
-    uint8_t hdr[64];
-    uint8_t prefix[12];
+    uint8_t hdr[VX_MAX_HDR_LEN];
+    uint8_t prefix[VX_MAC_PAIR_LEN];
     uint32_t hlen = rx->hdr_len;
     uint32_t plen = 0;
     uint64_t total = (uint64_t)hlen + src->len;
@@ -30,17 +30,18 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
     }
     memset(hdr, 0, hlen);
     if (src->hdr)
-        memcpy(hdr, src->hdr, hlen < 10 ? hlen : 10);
-    if (hlen >= 12) {
-        hdr[10] = 1;
-        hdr[11] = 0;
+        memcpy(hdr, src->hdr, hlen < VX_NET_HDR_BASE_LEN ? hlen : VX_NET_HDR_BASE_LEN);
+    if (hlen >= VX_NET_HDR_MRG_LEN) { /* num_buffers = 1; mergeable frames rewrite it */
+        hdr[VX_NET_HDR_NUM_BUFFERS] = 1;
+        hdr[VX_NET_HDR_NUM_BUFFERS + 1] = 0;
     }
-    if (src->swap_mac && src->len >= 12) {
-        uint8_t m[12];
-        cur_read(&src->cur, m, 12);
-        memcpy(prefix, m + 6, 6);
-        memcpy(prefix + 6, m, 6);
-        plen = 12;
+    if (src->swap_mac && src->len >= VX_MAC_PAIR_LEN) {
+        const uint32_t alen = VX_MAC_PAIR_LEN / 2;
+        uint8_t m[VX_MAC_PAIR_LEN];
+        cur_read(&src->cur, m, VX_MAC_PAIR_LEN);
+        memcpy(prefix, m + alen, alen);
+        memcpy(prefix + alen, m, alen);
+        plen = VX_MAC_PAIR_LEN;
     }
 
     uint16_t avail_n = (uint16_t)(rx->avail_idx - rx->last_avail_idx);
@@ -109,9 +110,9 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
         struct cur d;
         cur_init(&d, rx->segs, rx->nwrite);
-        if (nbufs == 0 && hlen >= 12) {
-            nb0 = cur_at(rx->segs, rx->nwrite, 10);
-            nb1 = cur_at(rx->segs, rx->nwrite, 11);
+        if (nbufs == 0 && hlen >= VX_NET_HDR_MRG_LEN) { /* where num_buffers goes */
+            nb0 = cur_at(rx->segs, rx->nwrite, VX_NET_HDR_NUM_BUFFERS);
+            nb1 = cur_at(rx->segs, rx->nwrite, VX_NET_HDR_NUM_BUFFERS + 1);
         }
         uint64_t put = 0;
         if (hdr_done < hlen) {
@@ -250,7 +251,7 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
             return -1;
         if (unlikely(rx->nread))
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
-        uint32_t k = rx->nwrite < 1024 ? rx->nwrite : 1024;
+        uint32_t k = rx->nwrite < VX_IOV_MAX ? rx->nwrite : VX_IOV_MAX;
         for (uint32_t i = 0; i < k; i++) {
             rx->iov[i].iov_base = rx->segs[i].ptr;
             rx->iov[i].iov_len = rx->segs[i].len;
@@ -271,8 +272,9 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
             rx->stats.dropped++;
             continue; /* chain reused for the next read */
         }
-        if (hlen >= 12) {
-            uint8_t *p0 = cur_at(rx->segs, k, 10), *p1 = cur_at(rx->segs, k, 11);
+        if (hlen >= VX_NET_HDR_MRG_LEN) { /* num_buffers = 1 */
+            uint8_t *p0 = cur_at(rx->segs, k, VX_NET_HDR_NUM_BUFFERS);
+            uint8_t *p1 = cur_at(rx->segs, k, VX_NET_HDR_NUM_BUFFERS + 1);
             if (p0)
                 *p0 = 1;
             if (p1)

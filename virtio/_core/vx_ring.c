@@ -49,7 +49,7 @@ uint8_t *gpa_slow(struct vx_vq *vq, uint64_t gpa, uint64_t len)
 
 struct vx_vq *vx_vq_new(uint32_t size)
 {
-    if (size == 0 || size > 32768 || (size & (size - 1)))
+    if (size == 0 || size > VX_MAX_QUEUE_SIZE || (size & (size - 1)))
         return NULL;
     struct vx_vq *vq = calloc(1, sizeof(*vq));
     if (!vq)
@@ -83,7 +83,8 @@ int vx_vq_remap(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *av
 {
     if (!mem || !desc || !avail || !used)
         return vq_break(vq, "remap: null ring pointer or memory table");
-    if (((uintptr_t)desc & 15) || ((uintptr_t)avail & 1) || ((uintptr_t)used & 3))
+    if (((uintptr_t)desc & (VRING_DESC_ALIGN - 1)) || ((uintptr_t)avail & (VRING_AVAIL_ALIGN - 1)) ||
+        ((uintptr_t)used & (VRING_USED_ALIGN - 1)))
         return vq_break(vq, "ring addresses misaligned (desc 16, avail 2, used 4)");
     vq->mem = mem;
     vq->cache = 0;
@@ -100,8 +101,8 @@ int vx_vq_remap(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *av
 int vx_vq_start(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *avail, void *used,
                 uint16_t last_avail_idx, uint32_t flags, uint32_t hdr_len, int call_fd)
 {
-    if (hdr_len > 64)
-        return vq_break(vq, "net header length %u > 64", hdr_len);
+    if (hdr_len > VX_MAX_HDR_LEN)
+        return vq_break(vq, "net header length %u > %u", hdr_len, (unsigned)VX_MAX_HDR_LEN);
     if (vx_vq_remap(vq, mem, desc, avail, used) < 0)
         return -1;
     vq->flags = flags;
@@ -194,9 +195,10 @@ int vq_walk(struct vx_vq *vq, uint16_t head)
                 return vq_break(vq, "nested indirect table in chain %u", head);
             if (unlikely(d.flags & VRING_DESC_F_NEXT))
                 return vq_break(vq, "indirect descriptor with NEXT in chain %u", head);
-            if (unlikely(d.len == 0 || (d.len & 15) || d.len > size * 16u))
+            if (unlikely(d.len == 0 || d.len % sizeof(struct vring_desc) ||
+                         d.len > size * sizeof(struct vring_desc)))
                 return vq_break(vq, "indirect table len %u in chain %u: want a multiple of 16 in "
-                                    "16..%u", d.len, head, size * 16u);
+                                    "16..%u", d.len, head, size * (unsigned)sizeof(struct vring_desc));
             const uint8_t *t = gpa_to_host(vq, d.addr, d.len);
             if (unlikely(!t))
                 return vq_break(vq, "indirect table %#llx+%u outside guest memory",
@@ -204,7 +206,7 @@ int vq_walk(struct vx_vq *vq, uint16_t head)
             if (unlikely((uintptr_t)t & 7))
                 return vq_break(vq, "indirect table %#llx misaligned", (unsigned long long)d.addr);
             table = (const struct vring_desc *)t;
-            tmax = d.len / 16;
+            tmax = d.len / sizeof(struct vring_desc);
             idx = 0;
             count = 0;
             indirect = 1;

@@ -10,8 +10,28 @@
 #define VX_ETH_ALEN 6          /* bytes of a MAC address */
 #define VX_ETH_HLEN 14         /* destination MAC, source MAC, EtherType */
 #define VX_ETH_GROUP_BIT 0x01  /* I/G bit of a MAC's first byte: multicast or broadcast */
+#define VX_ETH_TYPE_OFF 12      /* EtherType, big endian */
+#define VX_ETHERTYPE_IPV4 0x0800
+/* IPv4 header (RFC 791) right after the Ethernet header; the flow hash reads only a header
+ * without options (IHL 5: 20 bytes) and, for TCP and UDP, the two ports after it */
+#define VX_IP_OFF VX_ETH_HLEN
+#define VX_IP_HLEN 20
+#define VX_IP_IHL_MIN 5         /* IHL (low nibble of the first byte) of a header without options */
+#define VX_IP_PROTO_OFF (VX_IP_OFF + 9)
+#define VX_IP_ADDRS_OFF (VX_IP_OFF + 12) /* source and destination address, 8 bytes */
+#define VX_IP_PROTO_TCP 6
+#define VX_IP_PROTO_UDP 17
+#define VX_L4_PORTS_OFF (VX_IP_OFF + VX_IP_HLEN) /* source and destination port, 4 bytes */
 /* bytes of a frame the flow hash reads: Ethernet + an IPv4 header without options + L4 ports */
-#define VX_FLOW_HDR_LEN 38
+#define VX_FLOW_HDR_LEN (VX_L4_PORTS_OFF + 4)
+
+/* hashing constants: 2^64 / golden ratio (Fibonacci hashing), two xxHash64 primes and the
+ * splitmix64 multiplier; any odd constants with well-mixed bits would do */
+#define HASH_GOLDEN64 0x9E3779B97F4A7C15ull
+#define HASH_PRIME64_2 0xC2B2AE3D27D4EB4Full
+#define HASH_PRIME64_5 0x165667B19E3779F9ull
+#define HASH_MIX64 0xBF58476D1CE4E5B9ull
+#define HASH_MIX_SHIFT 29
 
 struct sw_port {
     int active;
@@ -21,14 +41,26 @@ struct sw_port {
 };
 
 struct vx_switch {
-    uint64_t fdb[VX_SWITCH_FDB_SIZE]; /* (mac << 16) | (port + 1); 0 empty; ~0 tombstone */
+    uint64_t fdb[VX_SWITCH_FDB_SIZE]; /* fdb_entry(mac, port); 0 empty; FDB_TOMB removed */
     struct sw_port ports[VX_SWITCH_MAX_PORTS];
     int admin_lock;
     struct vx_switch_stats stats;
 };
 
-#define FDB_TOMB UINT64_MAX
-#define FDB_PROBE 32
+#define FDB_TOMB UINT64_MAX /* a removed entry: lookups probe past it, learning may not reuse it */
+#define FDB_PROBE 32        /* slots probed from an entry's hash before giving up */
+#define FDB_PORT_BITS 16    /* an entry: the MAC in the high 48 bits, port + 1 in the low 16 */
+#define FDB_PORT_MASK ((1ull << FDB_PORT_BITS) - 1)
+#define FDB_SIZE_BITS 13    /* log2(VX_SWITCH_FDB_SIZE) */
+_Static_assert((1u << FDB_SIZE_BITS) == VX_SWITCH_FDB_SIZE, "FDB_SIZE_BITS");
+
+static inline uint64_t fdb_entry(uint64_t mac, int port)
+{
+    return (mac << FDB_PORT_BITS) | (uint64_t)(port + 1);
+}
+
+static inline uint64_t fdb_mac(uint64_t e) { return e >> FDB_PORT_BITS; }
+static inline int fdb_port(uint64_t e) { return (int)(e & FDB_PORT_MASK) - 1; }
 
 static inline uint64_t mac48(const uint8_t *m)
 {
@@ -38,7 +70,7 @@ static inline uint64_t mac48(const uint8_t *m)
 
 static inline uint32_t fdb_hash(uint64_t mac)
 {
-    return (uint32_t)((mac * 0x9E3779B97F4A7C15ull) >> 51) & (VX_SWITCH_FDB_SIZE - 1);
+    return (uint32_t)((mac * HASH_GOLDEN64) >> (64 - FDB_SIZE_BITS)) & (VX_SWITCH_FDB_SIZE - 1);
 }
 
 struct vx_switch *vx_switch_new(void)
@@ -56,8 +88,8 @@ static int fdb_find(struct vx_switch *sw, uint64_t mac)
         uint64_t e = __atomic_load_n(&sw->fdb[(h + i) & (VX_SWITCH_FDB_SIZE - 1)], __ATOMIC_ACQUIRE);
         if (e == 0)
             return -1;
-        if (e != FDB_TOMB && (e >> 16) == mac)
-            return (int)(e & 0xFFFF) - 1;
+        if (e != FDB_TOMB && fdb_mac(e) == mac)
+            return fdb_port(e);
     }
     return -1;
 }
@@ -65,13 +97,13 @@ static int fdb_find(struct vx_switch *sw, uint64_t mac)
 static void fdb_learn(struct vx_switch *sw, uint64_t mac, int port)
 {
     uint32_t h = fdb_hash(mac);
-    uint64_t val = (mac << 16) | (uint64_t)(port + 1);
+    uint64_t val = fdb_entry(mac, port);
     for (uint32_t i = 0; i < FDB_PROBE; i++) {
         uint64_t *slot = &sw->fdb[(h + i) & (VX_SWITCH_FDB_SIZE - 1)];
         uint64_t e = __atomic_load_n(slot, __ATOMIC_ACQUIRE);
         if (e == val)
             return;
-        if (e != 0 && e != FDB_TOMB && (e >> 16) == mac) {
+        if (e != 0 && e != FDB_TOMB && fdb_mac(e) == mac) {
             __atomic_store_n(slot, val, __ATOMIC_RELEASE);
             __atomic_fetch_add(&sw->stats.moved, 1, __ATOMIC_RELAXED);
             return;
@@ -81,7 +113,7 @@ static void fdb_learn(struct vx_switch *sw, uint64_t mac, int port)
                 __atomic_fetch_add(&sw->stats.learned, 1, __ATOMIC_RELAXED);
                 return;
             }
-            if ((e >> 16) == mac) /* somebody learned it concurrently */
+            if (fdb_mac(e) == mac) /* somebody learned it concurrently */
                 return;
         }
     }
@@ -131,28 +163,33 @@ int vx_switch_remove_port(struct vx_switch *sw, int port)
         vq_unlock(sp->rxq[i]);
     for (uint32_t i = 0; i < VX_SWITCH_FDB_SIZE; i++) {
         uint64_t e = __atomic_load_n(&sw->fdb[i], __ATOMIC_ACQUIRE);
-        if (e != 0 && e != FDB_TOMB && (int)(e & 0xFFFF) - 1 == port)
+        if (e != 0 && e != FDB_TOMB && fdb_port(e) == port)
             __atomic_compare_exchange_n(&sw->fdb[i], &e, FDB_TOMB, 0, __ATOMIC_ACQ_REL,
                                         __ATOMIC_RELAXED);
     }
     return 0;
 }
 
+/* the hash of a frame's flow (its first n <= VX_FLOW_HDR_LEN bytes: MACs, and for IPv4 the
+ * addresses and the TCP / UDP ports): picks the RX queue of a multiqueue port */
 static inline uint32_t flow_hash(const uint8_t *h, uint32_t n)
 {
-    uint64_t x = mac48(h) * 0x9E3779B97F4A7C15ull ^ mac48(h + 6);
-    if (n >= 34 && h[12] == 0x08 && h[13] == 0x00) {
+    uint64_t x = mac48(h) * HASH_GOLDEN64 ^ mac48(h + VX_ETH_ALEN);
+    const uint16_t type = (uint16_t)(h[VX_ETH_TYPE_OFF] << 8 | h[VX_ETH_TYPE_OFF + 1]);
+    if (n >= VX_L4_PORTS_OFF && type == VX_ETHERTYPE_IPV4) {
         uint32_t ips[2];
-        memcpy(ips, h + 26, 8);
-        x ^= ((uint64_t)ips[0] << 32 | ips[1]) * 0xC2B2AE3D27D4EB4Full;
-        if (n >= 38 && (h[14] & 0x0F) == 5 && (h[23] == 6 || h[23] == 17)) {
+        memcpy(ips, h + VX_IP_ADDRS_OFF, sizeof(ips));
+        x ^= ((uint64_t)ips[0] << 32 | ips[1]) * HASH_PRIME64_2;
+        const uint8_t proto = h[VX_IP_PROTO_OFF];
+        if (n >= VX_FLOW_HDR_LEN && (h[VX_IP_OFF] & 0x0F) == VX_IP_IHL_MIN &&
+            (proto == VX_IP_PROTO_TCP || proto == VX_IP_PROTO_UDP)) {
             uint32_t ports;
-            memcpy(&ports, h + 34, 4);
-            x ^= (uint64_t)ports * 0x165667B19E3779F9ull;
+            memcpy(&ports, h + VX_L4_PORTS_OFF, sizeof(ports));
+            x ^= (uint64_t)ports * HASH_PRIME64_5;
         }
     }
-    x ^= x >> 29;
-    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> HASH_MIX_SHIFT;
+    x *= HASH_MIX64;
     return (uint32_t)(x >> 32);
 }
 
