@@ -22,7 +22,8 @@ __all__ = ["SOURCES", "cdef_from_header", "ffibuilder", "sanitize"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "virtio" / "_core"
-# the core's files by concern (see vx_internal.h); vx_drv.c is driver-side test support
+# the core's files by concern (see vx_internal.h); vx_fence.c: fences for the Python driver
+# side; vx_drv.c: driver-side test support (virtio.testing)
 SOURCES = [
     "vx_ring.c",
     "vx_used.c",
@@ -30,6 +31,7 @@ SOURCES = [
     "vx_net_tx.c",
     "vx_switch.c",
     "vx_round.c",
+    "vx_fence.c",
     "vx_drv.c",
 ]
 CFLAGS = ["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"]

@@ -196,6 +196,11 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
              uint64_t coalesce_ns);
 uint64_t vx_now_ns(void);
 
+/* ---- memory order for the driver side in Python (virtio.driver.split; vx_fence.c) ---- */
+void vx_fence_release(void); /* earlier loads and stores before later stores */
+void vx_fence_acquire(void); /* earlier loads before later loads and stores */
+void vx_fence_full(void);    /* all of the above, and earlier stores before later loads */
+
 /* ---- driver-side TEST SUPPORT (benchmarks): a trivial guest that recycles fixed buffers ---- */
 struct vx_drv {
     void *desc;
