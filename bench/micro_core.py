@@ -35,7 +35,7 @@ from virtio.ring import DeviceQueue
 
 try:
     from virtio.testing import RecyclingDriver
-except ImportError:  # trees before virtio.testing (instruction counts of an older commit)
+except ImportError:  # commits before virtio.testing: instruction counts to compare with
     from virtio.ring import RecyclingDriver  # type: ignore[attr-defined,no-redef]
 
 __all__ = ["CASES", "main"]

@@ -201,7 +201,8 @@ void vx_fence_release(void); /* earlier loads and stores before later stores */
 void vx_fence_acquire(void); /* earlier loads before later loads and stores */
 void vx_fence_full(void);    /* all of the above, and earlier stores before later loads */
 
-/* ---- driver-side TEST SUPPORT (benchmarks): a trivial guest that recycles fixed buffers ---- */
+/* ---- driver-side TEST SUPPORT (vx_drv.c; only virtio.testing calls it, for benchmarks): a
+ * trivial guest that recycles fixed buffers ---- */
 struct vx_drv {
     void *desc;
     void *avail;
