@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install everything vhostx needs on Debian bookworm (run as root); idempotent and quick when done.
-#   system packages: QEMU 7.2, DPDK 22.11 (testpmd), busybox-static, iproute2, a C toolchain
+#   system packages: QEMU 7.2, DPDK 22.11 (testpmd), busybox-static, iproute2, a C toolchain,
+#   valgrind (bench/micro_core.py --callgrind: instructions per packet of the C core)
 #   Python: a virtual environment in .venv with vhostx (C core built by cffi) and its test/bench extras
 #   guest: the Debian kernel + busybox initramfs for the QEMU tests, built into the cache dir
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PKGS=(qemu-system-x86 dpdk-dev busybox-static iproute2 cpio gcc libffi-dev python3-venv python3-dev pkg-config)
+PKGS=(qemu-system-x86 dpdk-dev busybox-static iproute2 cpio gcc libffi-dev python3-venv python3-dev pkg-config valgrind)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
