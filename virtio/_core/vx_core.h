@@ -9,6 +9,9 @@
  * message is in vx_vq_error(). A broken queue never touches guest memory again.
  * Threads: a vx_vq belongs to one worker thread, except RX queues fed by a vx_switch or
  * vx_net_fwd, which are written under the queue's internal lock.
+ *
+ * The implementation is split by concern into virtio/_core/vx_*.c; vx_internal.h (never fed to
+ * cdef) lists the files and holds what they share.
  */
 #ifndef VX_CORE_H
 #define VX_CORE_H
