@@ -11,15 +11,25 @@ every C call.
 
 from __future__ import annotations
 
+import enum
 from typing import Any
 
 from virtio._vx_core import ffi, lib
 from virtio.errors import GuestError
 from virtio.memory import GuestMemory
 
-__all__ = ["STATS_FIELDS", "DeviceQueue", "RecyclingDriver", "make_mem_table"]
+__all__ = ["STATS_FIELDS", "DeviceQueue", "NotifyOutcome", "make_mem_table"]
 
 STATS_FIELDS: tuple[str, ...] = tuple(name for name, _ in ffi.typeof("struct vx_stats").fields)
+
+
+class NotifyOutcome(enum.IntEnum):
+    """What one interrupt decision (vx_vq_notify_decide) did; each but NONE has a stats counter."""
+
+    NONE = lib.VX_NOTIFY_NONE  # nothing published since the last decision
+    SENT = lib.VX_NOTIFY_SENT  # call eventfd written ("interrupts")
+    SUPPRESSED = lib.VX_NOTIFY_SUPPRESSED  # the driver wants none ("interrupts_suppressed")
+    NO_FD = lib.VX_NOTIFY_NO_FD  # wanted, but no call fd ("interrupts_no_fd")
 
 
 def make_mem_table(mem: GuestMemory) -> Any:
@@ -158,6 +168,13 @@ class DeviceQueue:
             raise _err(self._vq, f"queue {self.index}")
         return bool(r)
 
+    def notify_decide(self) -> NotifyOutcome:
+        """signal() with its outcome: publish, ask the driver, apply the policy, send, count."""
+        r = lib.vx_vq_notify_decide(self._vq)
+        if r < 0:
+            raise _err(self._vq, f"queue {self.index}")
+        return NotifyOutcome(r)
+
     def set_call_fd(self, fd: int) -> None:
         self._call_fd = fd
         lib.vx_vq_set_call_fd(self._vq, fd)
@@ -176,41 +193,3 @@ class DeviceQueue:
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else f"last_avail={self.last_avail_idx}"
         return f"DeviceQueue(index={self.index}, size={self.size}, {state})"
-
-
-class RecyclingDriver:
-    """DRIVER-SIDE TEST SUPPORT (benchmarks): a C guest that recycles fixed buffers.
-
-    Descriptor i describes buffer i (one buffer per chain, `flags` e.g. VRING_DESC_F_WRITE for
-    RX); post_all() offers every descriptor once, recycle() re-offers whatever the device used
-    and publishes avail->idx once. Lays its ring out like DriverQueue (desc, avail, used).
-    """
-
-    def __init__(
-        self,
-        mem: GuestMemory,
-        desc_gpa: int,
-        avail_gpa: int,
-        used_gpa: int,
-        size: int,
-        start_idx: int = 0,
-    ) -> None:
-        self._d = ffi.new("struct vx_drv *")
-        self._d.desc = ffi.cast("void *", mem.gpa_to_host(desc_gpa, 16 * size))
-        self._d.avail = ffi.cast("void *", mem.gpa_to_host(avail_gpa, 6 + 2 * size))
-        self._d.used = ffi.cast("void *", mem.gpa_to_host(used_gpa, 6 + 8 * size))
-        self._d.size = size
-        self._d.avail_idx = start_idx & 0xFFFF
-        self._d.last_used = start_idx & 0xFFFF
-        self.mem = mem
-
-    def fill_descs(self, buf_gpa: int, stride: int, length: int, flags: int) -> None:
-        mem_ok = self.mem.gpa_to_host(buf_gpa, stride * (self._d.size - 1) + length)
-        assert mem_ok
-        lib.vx_drv_fill_descs(self._d, buf_gpa, stride, length, flags)
-
-    def post_all(self) -> int:
-        return int(lib.vx_drv_post_all(self._d))
-
-    def recycle(self) -> int:
-        return int(lib.vx_drv_recycle(self._d))

@@ -208,6 +208,33 @@ def test_fwd_no_rx_buffer_drops(env):
     assert len(g1.tx_drv.get_used()) == 3
 
 
+def test_fwd_dropped_frames_do_not_use_the_byte_budget(env):
+    # the TX loop stages chains before acting: a frame dropped for lack of RX buffers must not
+    # count against max_bytes, as if each chain were handled on its own
+    g1, g2 = Guest(env), Guest(env)
+    g2.post_rx(2)
+    g1.send([_frame(MAC_B, MAC_A, 100)] * 6)
+    assert net.fwd(g1.tx, g2.rx, 64, 250) == 6  # 2 delivered (200 B), 4 dropped
+    assert g1.tx.stats()["packets"] == 2 and g1.tx.stats()["dropped"] == 4
+    g2.post_rx(4)
+    g1.send([_frame(MAC_B, MAC_A, 100)] * 6)
+    assert net.fwd(g1.tx, g2.rx, 64, 250) == 3  # the third delivered frame reaches the budget
+    assert g1.tx.pending() == 3
+    assert len(g2.recv()) == 5
+
+
+def test_budget_stops_at_the_same_chain_with_scattered_chains_in_a_stage(env):
+    g = Guest(env)
+    g.post_rx(10)
+    frames = [_frame(MAC_B, MAC_A, 100, seed=i + 1) for i in range(6)]
+    for i, f in enumerate(frames):
+        g.send([f], split=40 if i % 2 else 0)  # flat, scattered, flat, ...
+    assert net.echo(g.tx, g.rx, 64, 350) == 4
+    assert g.recv() == [f[6:12] + f[0:6] + f[12:] for f in frames[:4]]
+    assert net.echo(g.tx, g.rx, 64, BIG) == 2
+    assert g.recv() == [f[6:12] + f[0:6] + f[12:] for f in frames[4:]]
+
+
 def test_fwd_broken_rx_does_not_break_tx(env):
     g1, g2 = Guest(env), Guest(env)
     g2.rx_drv.push_avail(1000)  # head out of range
@@ -240,6 +267,17 @@ def test_tx_to_fd_writes_header_and_frame(env, seqpacket):
     assert net.tx_to_fd(g.tx, a.fileno(), 64, BIG) == 3
     assert [b.recv(4096) for _ in frames] == [hdr + f for f in frames]
     assert len(g.tx_drv.get_used()) == 3
+
+
+def test_tx_to_fd_zero_byte_budget_takes_one_chain_per_call(env, seqpacket):
+    a, b = seqpacket
+    g = Guest(env)
+    g.send([b"x" * 4], hdr=b"")  # shorter than the net header: dropped
+    g.send([_frame(MAC_B, MAC_A)])
+    assert net.tx_to_fd(g.tx, a.fileno(), 64, 0) == 1
+    assert g.tx.stats()["dropped"] == 1
+    assert net.tx_to_fd(g.tx, a.fileno(), 64, 0) == 1
+    assert len(b.recv(4096)) == HDR + 60
 
 
 def test_tx_to_fd_eagain_leaves_chain(env, seqpacket):

@@ -24,7 +24,7 @@ from virtio.driver.split import (
     vring_need_event,
 )
 from virtio.errors import GuestError
-from virtio.ring import DeviceQueue
+from virtio.ring import DeviceQueue, NotifyOutcome
 
 HDR = 12
 START_IDX = st.sampled_from([0, 1, 100, 65535 - 300, 65535 - 5, 65535])
@@ -267,6 +267,55 @@ def test_signal_publishes_nothing_twice(env):
     assert _irqs(call) == 1
     assert dev.signal() is False  # already signalled
     os.close(call)
+
+
+def _use_one(env, drv, dev) -> None:
+    drv.add([(env.alloc(64), 64)])
+    drv.publish()
+    assert net.tx_sink(dev, 8, 1 << 20) == 1  # publishes and decides once itself
+    drv.get_used()
+    drv.add([(env.alloc(64), 64)])
+    drv.publish()
+    assert net.tx_sink(dev, 8, 1 << 20) == 1
+
+
+def test_notify_decide_outcomes_each_counted(env):
+    call = _eventfd()
+    try:
+        drv, dev = env.pair(8, call_fd=call)
+        assert dev.notify_decide() is NotifyOutcome.NONE  # nothing published yet
+        _use_one(env, drv, dev)
+        assert _irqs(call) == 2
+        assert dev.notify_decide() is NotifyOutcome.NONE  # already decided
+        drv.set_interrupts(False)
+        drv.get_used()
+        drv.add([(env.alloc(64), 64)])
+        drv.publish()
+        assert net.tx_sink(dev, 8, 1 << 20) == 1
+        assert _irqs(call) == 0
+        dev.set_call_fd(-1)
+        drv.set_interrupts(True)
+        drv.get_used()
+        drv.add([(env.alloc(64), 64)])
+        drv.publish()
+        assert net.tx_sink(dev, 8, 1 << 20) == 1
+        s = dev.stats()
+        assert (s["interrupts"], s["interrupts_suppressed"], s["interrupts_no_fd"]) == (2, 1, 1)
+        drv.push_avail(8 + 3)  # head out of range: the queue breaks
+        drv.publish()
+        with pytest.raises(GuestError):
+            net.tx_sink(dev, 8, 1 << 20)
+        with pytest.raises(GuestError):
+            dev.notify_decide()
+    finally:
+        os.close(call)
+
+
+def test_no_call_fd_is_not_counted_as_suppressed(env):
+    drv, dev = env.pair(8)  # call_fd -1
+    _use_one(env, drv, dev)
+    s = dev.stats()
+    assert (s["interrupts"], s["interrupts_suppressed"], s["interrupts_no_fd"]) == (0, 0, 2)
 
 
 # ---- hostile guests -----------------------------------------------------------------------------

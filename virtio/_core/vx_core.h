@@ -9,6 +9,9 @@
  * message is in vx_vq_error(). A broken queue never touches guest memory again.
  * Threads: a vx_vq belongs to one worker thread, except RX queues fed by a vx_switch or
  * vx_net_fwd, which are written under the queue's internal lock.
+ *
+ * The implementation is split by concern into virtio/_core/vx_*.c; vx_internal.h (never fed to
+ * cdef) lists the files and holds what they share.
  */
 #ifndef VX_CORE_H
 #define VX_CORE_H
@@ -35,7 +38,8 @@ struct vx_stats {
     uint64_t bytes;                 /* frame bytes, net header excluded */
     uint64_t chains;                /* descriptor chains used */
     uint64_t batches;               /* calls that published used entries */
-    uint64_t interrupts;            /* call eventfd writes */
+    /* the outcomes of vx_vq_notify_decide, one counter each */
+    uint64_t interrupts;            /* call eventfd writes (VX_NOTIFY_SENT) */
     uint64_t interrupts_suppressed; /* publications the driver did not want signalled */
     uint64_t ring_empty;            /* calls that found no avail entry */
     uint64_t ring_full;             /* RX frames dropped: no (or not enough) RX buffers */
@@ -50,6 +54,7 @@ struct vx_stats {
     uint64_t spins;                 /* busy-poll windows entered (ring empty, spin_ns > 0) */
     uint64_t spin_found;            /* busy-poll windows that ended with new avail entries */
     uint64_t spin_ns;               /* time spent busy-polling, ns */
+    uint64_t interrupts_no_fd;      /* publications the driver wanted signalled, no call fd */
 };
 
 enum {
@@ -88,6 +93,22 @@ void vx_vq_set_call_fd(struct vx_vq *vq, int call_fd);
 /* ---- owning worker thread ---- */
 int vx_vq_pending(struct vx_vq *vq);
 int vx_vq_set_notify(struct vx_vq *vq, int enable);
+
+/* The interrupt decision, the one function every completion goes through: publish the used
+ * entries (one release store of used->idx; with kicks on under EVENT_IDX, avail_event too),
+ * then, when something was published since the last decision, ask the driver (EVENT_IDX
+ * used_event, or VRING_AVAIL_F_NO_INTERRUPT; after a full fence: no lost interrupt), apply the
+ * queue's interrupt policy, write the call eventfd, and count the outcome in struct vx_stats.
+ * Returns the outcome: */
+enum {
+    VX_NOTIFY_BROKEN = -1,    /* the queue is broken: nothing published */
+    VX_NOTIFY_NONE = 0,       /* nothing new since the last decision (not counted) */
+    VX_NOTIFY_SENT = 1,       /* the call eventfd was written (stats.interrupts) */
+    VX_NOTIFY_SUPPRESSED = 2, /* the driver wants none (stats.interrupts_suppressed) */
+    VX_NOTIFY_NO_FD = 3       /* wanted, but the queue has no call fd (stats.interrupts_no_fd) */
+};
+int vx_vq_notify_decide(struct vx_vq *vq);
+/* vx_vq_notify_decide as a bool: 1 if the call eventfd was written, 0 if not, -1 broken */
 int vx_vq_signal(struct vx_vq *vq);
 uint16_t vx_vq_last_avail_idx(const struct vx_vq *vq);
 uint16_t vx_vq_used_idx(const struct vx_vq *vq);
@@ -178,7 +199,13 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
              uint64_t coalesce_ns);
 uint64_t vx_now_ns(void);
 
-/* ---- driver-side TEST SUPPORT (benchmarks): a trivial guest that recycles fixed buffers ---- */
+/* ---- memory order for the driver side in Python (virtio.driver.split; vx_fence.c) ---- */
+void vx_fence_release(void); /* earlier loads and stores before later stores */
+void vx_fence_acquire(void); /* earlier loads before later loads and stores */
+void vx_fence_full(void);    /* all of the above, and earlier stores before later loads */
+
+/* ---- driver-side TEST SUPPORT (vx_drv.c; only virtio.testing calls it, for benchmarks): a
+ * trivial guest that recycles fixed buffers ---- */
 struct vx_drv {
     void *desc;
     void *avail;

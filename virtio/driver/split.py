@@ -8,21 +8,23 @@ Memory layout (see `layout`): the view `mem` passed to the constructor starts at
 address `base_gpa` and holds, in order, the descriptor table, the avail ring, the used ring
 (4-aligned) and a private area of indirect tables (INDIRECT_MAX entries per descriptor slot).
 
-Memory ordering: Python has no explicit fences; on x86 (TSO) stores are seen in program order,
-which gives the write barrier before avail->idx for free. The store->load (full) barrier between
-publishing avail->idx and reading the device's suppression fields, and between re-enabling
-interrupts and re-reading used->idx, comes from acquiring and releasing a threading.Lock, whose
-implementation uses a locked (full-barrier) instruction on x86.
+Memory ordering: Python's loads and stores of guest memory are plain accesses that neither the
+compiler nor the CPU orders, so every order the protocol needs comes from a C11 fence of the C
+core (vx_fence.c), correct on aarch64 as on x86: a release fence before avail->idx is published
+(descriptors and avail entries first), an acquire fence after used->idx is read (used entries no
+older than it), and a full fence where a lost notification hinges on a store before a load:
+after publishing avail->idx and before reading the device's avail_event / NO_NOTIFY (kick or
+not), and after rewriting used_event / NO_INTERRUPT and before used->idx is read again.
 """
 
 from __future__ import annotations
 
 import struct
 import sys
-import threading
 from collections import deque
 from collections.abc import Sequence
 
+from virtio._vx_core import lib
 from virtio.errors import VhostError
 
 __all__ = [
@@ -41,13 +43,10 @@ VRING_DESC_F_INDIRECT = 4
 VRING_USED_F_NO_NOTIFY = 1
 VRING_AVAIL_F_NO_INTERRUPT = 1
 
-_fence_lock = threading.Lock()
-
-
-def _full_barrier() -> None:
-    """A store->load barrier on x86: the lock's atomic read-modify-write drains the store buffer."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+# C11 fences (vx_fence.c); module-level names: one attribute lookup fewer per call
+_fence_release = lib.vx_fence_release
+_fence_acquire = lib.vx_fence_acquire
+_fence_full = lib.vx_fence_full
 
 
 _DESC = struct.Struct("<QIHH")
@@ -200,9 +199,10 @@ class DriverQueue:
         old, new = self._published, self._avail_idx
         if old == new:
             return False
+        _fence_release()  # descriptors and avail entries before the index that offers them
         self._store16(self._avail_off + 2, new)
         self._published = new
-        _full_barrier()
+        _fence_full()  # the index before we read avail_event / flags: no lost kick
         if self.event_idx:
             event = _U16.unpack_from(self._mem, self._used_off + 4 + 8 * self.size)[0]
             return vring_need_event(event, new, old)
@@ -212,6 +212,7 @@ class DriverQueue:
     def get_used(self) -> list[tuple[int, int]]:
         """(head id, len) of each newly used entry; frees their descriptors."""
         used_idx = _U16.unpack_from(self._mem, self._used_off + 2)[0]
+        _fence_acquire()  # the used entries below are at least as new as used_idx
         n = (used_idx - self._last_used) & 0xFFFF
         if n > len(self._chains):
             raise VhostError(
@@ -237,6 +238,8 @@ class DriverQueue:
         self._last_used = used_idx
         if self.event_idx and self._irq_enabled:
             self._write_used_event(self._last_used)
+            if n:  # used_event moved: it goes before a later re-read of used->idx
+                _fence_full()
         return res
 
     def set_interrupts(self, enable: bool) -> None:
@@ -248,7 +251,7 @@ class DriverQueue:
         else:
             self._store16(self._avail_off, 0 if enable else VRING_AVAIL_F_NO_INTERRUPT)
         if enable:
-            _full_barrier()  # the caller re-checks used entries after this
+            _fence_full()  # before the caller re-checks used entries: no lost interrupt
 
     def more_used(self) -> bool:
         """True if the device published used entries not yet collected by get_used()."""
@@ -283,6 +286,7 @@ class DriverQueue:
 
     def write_avail_idx(self, idx: int) -> None:
         """Write avail->idx raw (hostile tests: jumps, rewinds)."""
+        _fence_release()
         self._store16(self._avail_off + 2, idx & 0xFFFF)
         self._published = self._avail_idx = idx & 0xFFFF
 

@@ -1,0 +1,295 @@
+/*
+ * vx_internal.h - INTERNAL header of the C core (not fed to the cffi cdef; Python never sees it):
+ * the ring layouts, struct vx_vq, and the static inline helpers every data-path file shares
+ * (guest address translation, avail reads, the used shadow, the TX turn). Functions shared
+ * between files but not public are declared here with VX_HIDDEN.
+ *
+ * Files of the core: vx_ring.c (queue life cycle, avail side, chain walk, busy-poll),
+ * vx_used.c (used shadow publication and the interrupt decision), vx_cursor.h (copy cursors),
+ * vx_tx.h (the one TX loop), vx_net_rx.c (RX delivery), vx_net_tx.c (the sink, echo, fwd and
+ * tx_to_fd actions), vx_switch.c (L2 switch and its TX action), vx_round.c (vx_op / vx_round),
+ * vx_drv.c (driver-side test support).
+ */
+#ifndef VX_INTERNAL_H
+#define VX_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include "vx_core.h"
+#include "vx_cursor.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
+
+/* shared between the core's files, not exported from the module */
+#define VX_HIDDEN __attribute__((visibility("hidden")))
+
+#define likely(x) __builtin_expect(!!(x), 1)
+#define unlikely(x) __builtin_expect(!!(x), 0)
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/* virtio-net header (VIRTIO 1.2, 5.1.6): its first 10 bytes (flags, gso_type, hdr_len, gso_size,
+ * csum_start, csum_offset) are passed from TX to RX; with 12 or more bytes, bytes 10..11 are
+ * le16 num_buffers (the RX chains one mergeable frame used) */
+#define VX_NET_HDR_BASE_LEN 10
+#define VX_NET_HDR_NUM_BUFFERS 10 /* offset of num_buffers */
+#define VX_NET_HDR_MRG_LEN 12     /* a header that has num_buffers */
+#define VX_MAX_HDR_LEN 64         /* largest net header a queue accepts (vx_vq_start) */
+/* largest frame delivered into an RX queue (echo, fwd, switch): a 64 KiB GSO frame + slack */
+#define VX_MAX_FRAME_LEN (65535 + 64)
+#define VX_IOV_MAX 1024 /* Linux IOV_MAX: the fd paths truncate longer chains to this */
+#define VX_MAC_PAIR_LEN 12 /* destination + source MAC: what echo swaps */
+
+#define VX_MAX_QUEUE_SIZE 32768 /* the largest split ring (VIRTIO 1.2, 2.7) */
+/* ring alignments (VIRTIO 1.2, 2.7.1): descriptor table, avail ring, used ring */
+#define VRING_DESC_ALIGN 16
+#define VRING_AVAIL_ALIGN 2
+#define VRING_USED_ALIGN 4
+#define VX_ERR_LEN 192 /* a broken queue's message (vx_vq_error) */
+#define VX_NS_PER_SEC 1000000000ull
+
+#define VRING_DESC_F_NEXT 1
+#define VRING_DESC_F_WRITE 2
+#define VRING_DESC_F_INDIRECT 4
+#define VRING_USED_F_NO_NOTIFY 1
+#define VRING_AVAIL_F_NO_INTERRUPT 1
+
+struct vring_desc {
+    uint64_t addr;
+    uint32_t len;
+    uint16_t flags;
+    uint16_t next;
+};
+
+struct vring_used_elem {
+    uint32_t id;
+    uint32_t len;
+};
+
+struct vring_avail {
+    uint16_t flags;
+    uint16_t idx;
+    uint16_t ring[];
+};
+
+struct vring_used {
+    uint16_t flags;
+    uint16_t idx;
+    struct vring_used_elem ring[];
+};
+
+/* A queue's interrupt policy: what vx_vq_notify_decide does with a publication the driver wants
+ * signalled. IMMEDIATE (0, a new queue's): write the call eventfd at once. Interrupt moderation
+ * and posted interrupts add their policies here (and their state to struct vx_vq). */
+enum vx_notify_policy {
+    VX_NOTIFY_POLICY_IMMEDIATE = 0
+};
+
+struct vx_vq {
+    struct vring_desc *desc;
+    struct vring_avail *avail;
+    struct vring_used *used;
+    uint16_t *used_event;  /* &avail->ring[size] */
+    uint16_t *avail_event; /* &used->ring[size] */
+    const struct vx_mem *mem;
+    uint32_t cache; /* index of the last region hit */
+    uint32_t size;
+    uint32_t mask;
+    uint32_t flags;
+    uint32_t hdr_len;
+    int call_fd;
+    int started;
+    int notify_enabled;
+    uint16_t last_avail_idx;
+    uint16_t avail_idx; /* last value read from avail->idx */
+    uint16_t used_idx;  /* published used->idx */
+    uint16_t signalled_used; /* used->idx at the last interrupt decision */
+    int signalled_valid;     /* a decision was made since start (signalled_used is meaningful) */
+    uint32_t notify_policy;  /* enum vx_notify_policy */
+    uint32_t nshadow;
+    struct vring_used_elem *shadow; /* 2 * size */
+    /* chain of the current descriptor being handled: readable segs then writable segs */
+    struct vx_seg *segs; /* size entries */
+    uint32_t nread, nwrite;
+    uint64_t rlen, wlen;
+    struct iovec *iov; /* size entries */
+    uint8_t *scratch;  /* VX_SCRATCH_LEN */
+    int lock;
+    uint32_t rr;
+    int broken;
+    char err[VX_ERR_LEN];
+    struct vx_stats stats;
+};
+
+int vq_break(struct vx_vq *vq, const char *fmt, ...) VX_HIDDEN
+    __attribute__((format(printf, 2, 3)));
+uint8_t *gpa_slow(struct vx_vq *vq, uint64_t gpa, uint64_t len) VX_HIDDEN;
+
+static inline void vq_lock(struct vx_vq *vq)
+{
+    if (likely(!__atomic_exchange_n(&vq->lock, 1, __ATOMIC_ACQUIRE)))
+        return;
+    __atomic_fetch_add(&vq->stats.lock_contended, 1, __ATOMIC_RELAXED);
+    for (;;) {
+        while (__atomic_load_n(&vq->lock, __ATOMIC_RELAXED))
+            cpu_relax();
+        if (!__atomic_exchange_n(&vq->lock, 1, __ATOMIC_ACQUIRE))
+            return;
+    }
+}
+
+static inline void vq_unlock(struct vx_vq *vq)
+{
+    __atomic_store_n(&vq->lock, 0, __ATOMIC_RELEASE);
+}
+
+/* host pointer of [gpa, gpa+len), len > 0, fully inside one region; NULL otherwise */
+static inline uint8_t *gpa_to_host(struct vx_vq *vq, uint64_t gpa, uint64_t len)
+{
+    const struct vx_region *r = &vq->mem->regions[vq->cache];
+    uint64_t off = gpa - r->gpa;
+    if (likely(gpa >= r->gpa && off < r->size && len <= r->size - off))
+        return (uint8_t *)(uintptr_t)(r->host + off);
+    return gpa_slow(vq, gpa, len);
+}
+
+/* entries available (reads avail->idx with acquire); -1 and broken if the guest lies */
+static inline int vq_avail(struct vx_vq *vq)
+{
+    uint16_t idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+    uint16_t n = (uint16_t)(idx - vq->last_avail_idx);
+    if (unlikely(n > vq->size))
+        return vq_break(vq, "avail idx %u is %u ahead of last_avail_idx %u (ring size %u)", idx,
+                        n, vq->last_avail_idx, vq->size);
+    vq->avail_idx = idx;
+    return n;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* used side                                                                                    */
+
+static inline void vq_flush(struct vx_vq *vq)
+{
+    uint32_t n = vq->nshadow;
+    if (!n)
+        return;
+    uint16_t start = vq->used_idx;
+    uint32_t slot = start & vq->mask;
+    uint32_t first = vq->size - slot;
+    if (first > n)
+        first = n;
+    memcpy(&vq->used->ring[slot], vq->shadow, first * sizeof(struct vring_used_elem));
+    if (n > first)
+        memcpy(&vq->used->ring[0], vq->shadow + first, (n - first) * sizeof(struct vring_used_elem));
+    vq->used_idx = (uint16_t)(start + n);
+    __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+    vq->nshadow = 0;
+    vq->stats.batches++;
+}
+
+/* shadow has 2*size entries: a frame being assembled (<= size chains) never forces a flush */
+static inline void vq_push_nf(struct vx_vq *vq, uint16_t head, uint32_t len)
+{
+    vq->shadow[vq->nshadow].id = head;
+    vq->shadow[vq->nshadow].len = len;
+    vq->nshadow++;
+    vq->stats.chains++;
+}
+
+static inline void vq_push(struct vx_vq *vq, uint16_t head, uint32_t len)
+{
+    if (unlikely(vq->nshadow >= vq->size))
+        vq_flush(vq);
+    vq->shadow[vq->nshadow].id = head;
+    vq->shadow[vq->nshadow].len = len;
+    vq->nshadow++;
+    vq->stats.chains++;
+}
+
+static inline uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * VX_NS_PER_SEC + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* chain walk and busy-poll (vx_ring.c)                                                         */
+
+/*
+ * Walk the chain at `head` into vq->segs: readable segments first, then writable ones.
+ * Fills nread/nwrite/rlen/wlen. Returns 0 or -1 (queue broken).
+ */
+int vq_walk(struct vx_vq *vq, uint16_t head) VX_HIDDEN;
+
+/* Wait (bounded by *left_ns) for avail->idx to move; 1 moved, 0 budget used up, -1 broke. */
+int vq_spin(struct vx_vq *vq, uint64_t *left_ns) VX_HIDDEN;
+
+
+/* The start of every TX turn: how many chains this turn may take (0: nothing to do, -1: the
+ * queue is broken or just broke). Counts an empty ring. */
+static inline int tx_turn_begin(struct vx_vq *tx, uint32_t max_pkts)
+{
+    if (unlikely(tx->broken))
+        return -1;
+    if (unlikely(!tx->started))
+        return 0;
+    int n = vq_avail(tx);
+    if (n <= 0) {
+        if (n == 0)
+            tx->stats.ring_empty++;
+        return n;
+    }
+    if ((uint32_t)n > max_pkts)
+        n = (int)max_pkts;
+    return n;
+}
+
+
+/*
+ * A TX call consumed every chain of its avail snapshot (`done` chains, below max_pkts). With spin
+ * budget left, is there more? Re-reads avail->idx. Returns the new chain limit (> done), 0 when
+ * the ring is empty, -1 when the queue broke.
+ */
+static inline int tx_reread(struct vx_vq *tx, uint32_t max_pkts, int done)
+{
+    int a = vq_avail(tx);
+    if (a <= 0)
+        return a;
+    uint32_t room = max_pkts - (uint32_t)done;
+    return done + (int)((uint32_t)a > room ? room : (uint32_t)a);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* RX delivery (vx_net_rx.c)                                                                    */
+
+struct rx_src {
+    struct cur cur;      /* positioned at the first frame byte */
+    uint32_t len;        /* frame bytes */
+    const uint8_t *hdr;  /* 10 header bytes to pass through, or NULL for a zero header */
+    int swap_mac;
+};
+
+/*
+ * Deliver one frame. Returns 1 delivered, 0 dropped (counted), -1 rx broken.
+ * Caller holds the rx lock if the queue is shared.
+ */
+int rx_deliver(struct vx_vq *rx, struct rx_src *src) VX_HIDDEN;
+
+#endif
