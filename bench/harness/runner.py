@@ -5,6 +5,12 @@ Order (`plan`): for each case, for each repetition, each backend in file order: 
 so that a slow drift of the machine touches every backend alike, and run i of A pairs with run i
 of B for the ratios.
 
+Machine modes (bench/harness/modes.py): with two or more backends, a DPDK-vs-DPDK reference probe
+measures the machine just before and just after every run, and a stream's window is sampled in
+`[modes] slices` parts. Ratios pair runs of one mode only; when a case ends with a compared
+backend short of `run.min_pairs` same-mode pairs, the case gets another repetition of every
+backend, up to `run.max_extra_repeats`.
+
 One run: a fresh short socket directory, the backend started pinned to the backend core, the
 client on the client core (testpmd's forwarding lcore, or this process's thread for the guest
 model), warm-up (excluded), then a window between two snapshots of: the client's per-port
@@ -34,11 +40,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.dpdk_compare import CLEAN_CLIENT_CPU, wait_quiet
-from bench.testpmd import TestpmdError
+from bench.testpmd import TestpmdError, find_testpmd
 
 from . import system
 from .backends import (
+    CLEAN_CLIENT_CPU,
     BackendFailed,
     RunningBackend,
     notification_counters,
@@ -46,9 +52,11 @@ from .backends import (
     start_backend,
     start_testpmd_client,
 )
+from .modes import DpdkProbe, assign_modes, rtt_slices, same_mode_pairs
 from .pingpong import AlongsideFlow, GuestModel, PingPongResult
 from .scenario import Backend, Case, Scenario
 from .stats import latency_summary
+from .system import wait_quiet
 
 __all__ = ["Runner", "plan"]
 
@@ -87,6 +95,9 @@ class Runner:
         self.started = 0.0
         self.qemu_info: Any = None  # qemu_client.GuestImageInfo, built when a case needs it
         self.qemu_unavailable = ""
+        self.probe: DpdkProbe | None = None  # the machine-mode reference pair
+        self.probe_status = "not started"
+        self.extra_runs = 0  # repetitions added to get same-mode pairs
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -111,26 +122,103 @@ class Runner:
         todo = plan(self.sc)
         self._write()
         progress_cm = _progress(self.progress, len(todo))
-        with progress_cm as prog:
+        with progress_cm as prog, ExitStack() as probes:
             task = prog.add_task("starting", total=len(todo)) if prog is not None else None
             try:
-                for i, (case, rep, backend) in enumerate(todo):
-                    desc = f"{case.label} rep {rep + 1}/{self.sc.run.repeats} {backend.name}"
-                    if prog is not None:
-                        prog.update(task, description=desc)
-                    rec = self._run_one(i, case, rep, backend)
-                    self.runs.append(rec)
-                    self._write_run(rec)
-                    self._write()
-                    self._say(prog, _one_line(rec))
-                    if prog is not None:
-                        prog.advance(task)
+                self._start_probe(probes)
+                for case in self.sc.cases():
+                    extra = 0
+                    rep = 0
+                    while rep < self.sc.run.repeats or self._wants_more(case, extra):
+                        if rep >= self.sc.run.repeats:
+                            extra += 1
+                            if prog is not None:
+                                prog.update(task, total=len(todo) + self.extra_runs
+                                            + len(self.sc.backends))
+                            self._say(prog, f"{case.label}: too few same-mode pairs, extra "
+                                      f"repetition {extra}/{self.sc.run.extra_limit}")
+                        for backend in self.sc.backends:
+                            self._one(prog, task, case, rep, backend, extra > 0)
+                        rep += 1
             except KeyboardInterrupt:
                 self.interrupted = True
                 self._say(prog, "interrupted: every process stopped; keeping the results so far")
         doc = self._write(final=True)
         self._finish(doc)
         return doc
+
+    def _one(self, prog: Any, task: Any, case: Case, rep: int, backend: Backend,
+             extra: bool) -> None:
+        desc = f"{case.label} rep {rep + 1}/{self.sc.run.repeats} {backend.name}"
+        if prog is not None:
+            prog.update(task, description=desc)
+        rec = self._run_one(len(self.runs), case, rep, backend)
+        if extra:
+            rec["extra"] = True
+            self.extra_runs += 1
+        self.runs.append(rec)
+        self._write_run(rec)
+        self._write()
+        self._say(prog, _one_line(rec))
+        if prog is not None:
+            prog.advance(task)
+
+    # ---- machine modes -----------------------------------------------------------------------
+    def _start_probe(self, stack: ExitStack) -> None:
+        """The DPDK-vs-DPDK reference pair, when the scenario compares backends."""
+        ms = self.sc.modes
+        if ms.probe == "none" or len(self.sc.backends) < 2:
+            self.probe_status = ("off: [modes] probe = 'none'" if ms.probe == "none" else
+                                 "off: one backend, nothing to pair")
+            return
+        if find_testpmd() is None:
+            self.probe_status = "unavailable: dpdk-testpmd not found"
+            return
+        logs = self.out / "logs" / "probe"
+        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            self.probe = stack.enter_context(DpdkProbe(
+                backend_core=self.sc.placement.backend_core,
+                client_core=self.sc.placement.client_core, duration=ms.probe_duration,
+                log_dir=logs))
+            self.probe_status = "on"
+        except (TestpmdError, OSError, RuntimeError, TimeoutError) as err:
+            self.probe_status = f"unavailable: {type(err).__name__}: {err}"[:500]
+            self.log(f"mode probe {self.probe_status}; modes from clustering the runs")
+
+    def _probe(self) -> float | None:
+        if self.probe is None:
+            return None
+        try:
+            return round(self.probe.measure(), 1)
+        except (TestpmdError, OSError, RuntimeError, TimeoutError, ValueError) as err:
+            self.log(f"mode probe failed: {type(err).__name__}: {err}")
+            return None
+
+    def _wants_more(self, case: Case, extra: int) -> bool:
+        """True while a compared backend of `case` has fewer than `run.min_pairs` same-mode pairs
+        with the reference (any one mode) and extra repetitions are left."""
+        if extra >= self.sc.run.extra_limit or self.interrupted:
+            return False
+        ref = self.sc.reference
+        if ref in self.unavailable:
+            return False
+        runs = [r for r in self.runs if r["case"] == case.label]
+        assign_modes(self.runs, self.sc.modes)
+        path = "pps" if case.kind != "idle" else "backend_cpu.total"
+        from .report import metric
+
+        def side(name: str) -> dict[int, tuple[str, float | None]]:
+            return {r["rep"]: (r["machine_mode"]["label"], metric(r, path)) for r in runs
+                    if r["backend"] == name}
+
+        for b in self.sc.backends:
+            if b.name == ref or b.name in self.unavailable:
+                continue
+            pairs = same_mode_pairs(side(b.name), side(ref))["by_mode"]
+            if max((len(v) for v in pairs.values()), default=0) < self.sc.run.pairs_wanted:
+                return True
+        return False
 
     def _say(self, prog: Any, msg: str) -> None:
         if prog is not None:
@@ -172,6 +260,7 @@ class Runner:
         if self.sc.run.quiet_wait > 0:
             rec["idle_cores_before"] = round(wait_quiet(self.sc.run.quiet_wait,
                                                         self.sc.run.quiet_cores), 3)
+        rec["mode_probe"] = {"before": self._probe(), "after": None, "slices": []}
         rundir = Path(tempfile.mkdtemp(prefix=f"vhxb{os.getpid()}-"))  # short: AF_UNIX paths
         logs = self.out / "logs" / f"{index:03d}-{_slug(backend.name)}"
         logs.mkdir(parents=True, exist_ok=True)
@@ -208,6 +297,12 @@ class Runner:
             rec["error"] = f"{type(err).__name__}: {err}"[:4000]
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
+        try:
+            rec["mode_probe"]["after"] = self._probe()
+        except KeyboardInterrupt:
+            self.runs.append(rec)
+            self._write_run(rec)
+            raise
         self._call_hook("done", rec)
         return rec
 
@@ -294,8 +389,7 @@ class Runner:
         s0 = self._snap(be, case, client.pids, False, tid)
         c0 = client.port_stats()
         self._call_hook("window", rec)
-        time.sleep(self.sc.run.duration)
-        c1 = client.port_stats()
+        c1 = self._sliced_window(client, case, rec, c0)
         s1 = self._snap(be, case, client.pids, False, tid)
         pp = flow.end_window() if flow is not None else None
         sched = flow.sched if flow is not None else ""
@@ -315,6 +409,27 @@ class Runner:
         # clean: the busy-polling client had its core (other load shows here first); with a
         # ping-pong alongside, testpmd and the ping-pong thread share that core
         m["clean"] = client_core >= CLEAN_CLIENT_CPU
+
+    def _sliced_window(self, client: Any, case: Case, rec: dict[str, Any], c0: Any) -> Any:
+        """Sleep through the window, sampling the client's counters `[modes] slices` times; the
+        parts' rates go to rec["mode_probe"]["slices"]. Returns the last sample."""
+        parts = self.sc.modes.slices
+        key = "tx_pps" if case.direction == "guest_tx" else "rx_pps"
+        end = time.monotonic() + self.sc.run.duration
+        prev = c0
+        slices = []
+        for k in range(1, parts):
+            time.sleep(max(0.0, end - self.sc.run.duration * (parts - k) / parts
+                           - time.monotonic()))
+            cur = client.port_stats()
+            slices.append(round(sum(r[key] for r in sample_rates(prev, cur)[1]), 1))
+            prev = cur
+        time.sleep(max(0.0, end - time.monotonic()))
+        last = client.port_stats()
+        if parts > 1:
+            slices.append(round(sum(r[key] for r in sample_rates(prev, last)[1]), 1))
+        rec["mode_probe"]["slices"] = slices
+        return last
 
     def _start_alongside(self, stack: ExitStack, be: RunningBackend,
                          case: Case) -> AlongsideFlow:
@@ -380,6 +495,8 @@ class Runner:
                      per_flow=res.per_flow,
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
+            rec["mode_probe"]["slices"] = [round(x, 1) for x in
+                                           rtt_slices(res.rtt_ns, self.sc.modes.slices)]
             if res.received == 0:
                 rec["error"] = (f"no round trip completed in the {res.elapsed_s:.1f} s window "
                                 f"(sent {res.sent}, lost {res.lost}, bad replies {res.bad})")
@@ -458,6 +575,8 @@ class Runner:
                      sent=v["sent"], lost=v["lost"], bad=v["bad"], per_flow=[v["received"]],
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
+            rec["mode_probe"]["slices"] = [round(x, 1) for x in
+                                           rtt_slices(res.rtt_ns, self.sc.modes.slices)]
             if v["received"] == 0:
                 rec["error"] = (f"the guest completed no round trip in {elapsed:.1f} s (sent "
                                 f"{v['sent']}, lost {v['lost']}, bad replies {v['bad']})")
@@ -488,6 +607,10 @@ class Runner:
     def _write(self, final: bool = False) -> dict[str, Any]:
         from .report import summarize
 
+        modes = assign_modes(self.runs, self.sc.modes)
+        modes["probe"] = self.probe_status
+        modes["min_pairs"] = self.sc.run.pairs_wanted
+        modes["max_extra_repeats"] = self.sc.run.extra_limit
         runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.runs]
         doc = {
             "scenario": {"name": self.sc.name, "description": self.sc.description,
@@ -499,6 +622,8 @@ class Runner:
             "complete": final and not self.interrupted,
             "interrupted": self.interrupted,
             "planned_runs": len(plan(self.sc)),
+            "extra_runs": self.extra_runs,
+            "modes": modes,
             "unavailable": self.unavailable,
             "runs": runs,
             "summary": summarize(self.sc, self.runs),
