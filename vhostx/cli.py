@@ -90,34 +90,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                              fetch=lambda: ask(args.control, {"cmd": "stats"}))
 
 
-def _fmt_pct(part: float, whole: float) -> str:
-    return f"{100.0 * part / whole:5.1f}%" if whole > 0 else "    -"
-
-
 def _cmd_workers(args: argparse.Namespace) -> int:
     answer = ask(args.control, {"cmd": "workers"})
     rows = answer.get("workers", [])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    if not rows:
-        print("no workers")
-        return 0
-    header = ("worker", "name", "cpu", "works", "polling", "busy", "devices")
-    table = [header]
-    for i, w in enumerate(rows):
-        busy, idle = float(w.get("busy_ns", 0) or 0), float(w.get("idle_ns", 0) or 0)
-        table.append((
-            str(w.get("index", i)), str(w.get("name", "")),
-            "-" if w.get("cpu") is None else str(w.get("cpu")),
-            str(w.get("works", "")), str(w.get("polling", "")),
-            _fmt_pct(busy, busy + idle).strip(),
-            ",".join(str(d) for d in w.get("devices", [])),
-        ))
-    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
-    for r in table:
-        print("  ".join(v.ljust(widths[c]) for c, v in enumerate(r)).rstrip())
-    return 0
+    from .live import print_workers
+
+    return print_workers(rows)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -150,17 +131,17 @@ def _cmd_params(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(answer["params"], indent=1))
             return 0
-        for row in answer["params"]:
-            rng = row.get("range", "")
-            print(f"{row['name']}: {row['value']!r} ({row['source']}) [{rng}] {row.get('unit', '')}"
-                  f" - {row['description']}")
-        return 0
+        from .live import print_params
+
+        return print_params(answer["params"])
     from iosched.params import REGISTRY
 
     if args.json:
         print(json.dumps([r.as_dict() for r in REGISTRY.describe()], indent=1))
     else:
-        print(REGISTRY.format_table())
+        from .live import print_params
+
+        return print_params([r.as_dict() for r in REGISTRY.describe()])
     return 0
 
 

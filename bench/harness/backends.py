@@ -78,10 +78,10 @@ def auto_mbufs(ports: int, queues: int, queue_size: int = 0) -> int:
     burst, never below the 16384 of reference/environment.md's commands.
 
     Not more: testpmd's mempool is a FIFO ring behind a 250-mbuf lcore cache, so a TX client
-    whose rings drain quickly cycles through the *whole* pool. Session 2's 1024 mbufs per port
-    gave 32-port clients a 40960-mbuf pool (about 90 MB of 4 KiB pages with --no-huge): the
-    client then ran at about half speed against whichever backend kept its rings empty
-    (measured in session 4, docs/bench-results/README.md)."""
+    whose rings drain quickly cycles through the *whole* pool. An earlier sizing of 1024 mbufs
+    per port gave 32-port clients a 40960-mbuf pool (about 90 MB of 4 KiB pages with --no-huge):
+    the client then ran at about half speed against whichever backend kept its rings empty
+    (measured 2026-11-21, docs/bench-results/README.md)."""
     qs = queue_size or 256
     return max(16384, ports * queues * 2 * qs + 2048)
 
