@@ -233,17 +233,25 @@ class Scenario:
     def with_overrides(self, *, repeats: int | None = None, duration: float | None = None,
                        warmup: float | None = None, quiet_wait: float | None = None,
                        backends: list[str] | None = None,
-                       tests: list[str] | None = None) -> Scenario:
+                       tests: list[str] | None = None, min_pairs: int | None = None,
+                       max_extra_repeats: int | None = None,
+                       probe: str | None = None) -> Scenario:
         """The scenario with command-line overrides applied (validated like the file)."""
         run = self.run
         for key, value, lo, hi in (("repeats", repeats, 1, 100), ("duration", duration, 0.1, 3600),
-                                   ("warmup", warmup, 0.0, 600), ("quiet_wait", quiet_wait, 0, 3600)):
+                                   ("warmup", warmup, 0.0, 600), ("quiet_wait", quiet_wait, 0, 3600),
+                                   ("min_pairs", min_pairs, 0, 100),
+                                   ("max_extra_repeats", max_extra_repeats, -1, 100)):
             if value is not None:
                 if not lo <= value <= hi:
                     raise ScenarioError(f"--{key.replace('_', '-')} {value}: out of range, "
                                         f"allowed [{lo}, {hi}]")
                 run = replace(run, **{key: value})  # type: ignore[arg-type]
         sc = replace(self, run=run)
+        if probe is not None:
+            if probe not in ("dpdk", "none"):
+                raise ScenarioError(f"--probe {probe!r}: allowed dpdk | none")
+            sc = replace(sc, modes=replace(sc.modes, probe=probe))
         if backends:
             known = [b.name for b in self.backends]
             for name in backends:

@@ -2,8 +2,8 @@
 
 Pure functions over lists of numbers; any thread.
 
-- `percentile(values, q)`: linear interpolation between closest ranks (numpy's default "linear"
-  method), q in [0, 100]; NaN for an empty list.
+- `percentile(values, q)`: numpy's percentile (its default "linear" method: interpolation between
+  closest ranks), q in [0, 100]; NaN for an empty list.
 - `paired_ratios(a, b)`: A/B ratios of runs paired by repetition index (interleaved runs A_i, B_i
   share the machine's state of that moment), skipping pairs where either side is missing or B is
   zero; `Ratio` gives median, min, max, spread in percent of the median and the number of pairs.
@@ -16,6 +16,8 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy
+
 __all__ = ["Ratio", "cdf_points", "latency_summary", "paired_ratios", "percentile"]
 
 
@@ -24,13 +26,7 @@ def percentile(values: Sequence[float], q: float) -> float:
         raise ValueError(f"percentile {q} outside [0, 100]")
     if not values:
         return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = math.ceil(pos)
-    if lo == hi:
-        return float(xs[lo])
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(numpy.percentile(values, q))  # method "linear": between closest ranks
 
 
 @dataclass(frozen=True)

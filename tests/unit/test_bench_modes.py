@@ -244,3 +244,12 @@ def test_runner_extra_repetitions_are_bounded(tmp_path: Path,
     assert r["pairs"] == 0 and r["enough"] is False and r["cross_mode_pairs"] == 3
     assert "not enough same-mode pairs (0 < 1; 3 across modes left out)" in (
         tmp_path / "report.md").read_text()
+
+
+def test_command_line_overrides_of_the_mode_settings() -> None:
+    sc = scenario().with_overrides(min_pairs=2, max_extra_repeats=0, probe="none")
+    assert sc.run.pairs_wanted == 2 and sc.run.extra_limit == 0 and sc.modes.probe == "none"
+    with pytest.raises(ScenarioError, match="--max-extra-repeats -2: out of range"):
+        scenario().with_overrides(max_extra_repeats=-2)
+    with pytest.raises(ScenarioError, match="--probe 'memcpy'"):
+        scenario().with_overrides(probe="memcpy")
