@@ -149,7 +149,8 @@ class Runner:
 
     def _one(self, prog: Any, task: Any, case: Case, rep: int, backend: Backend,
              extra: bool) -> None:
-        desc = f"{case.label} rep {rep + 1}/{self.sc.run.repeats} {backend.name}"
+        desc = (f"{case.label} rep {rep + 1}/{self.sc.run.repeats}"
+                + (" (extra)" if extra else "") + f" {backend.name}")
         if prog is not None:
             prog.update(task, description=desc)
         rec = self._run_one(len(self.runs), case, rep, backend)
@@ -212,8 +213,14 @@ class Runner:
             return {r["rep"]: (r["machine_mode"]["label"], metric(r, path)) for r in runs
                     if r["backend"] == name}
 
+        def ran(name: str) -> bool:  # at least one run of this case succeeded
+            return any(r["backend"] == name and not r.get("error") and not r.get("skipped")
+                       for r in runs)
+
+        if not ran(ref):
+            return False  # more repetitions of a failing reference would fail alike
         for b in self.sc.backends:
-            if b.name == ref or b.name in self.unavailable:
+            if b.name == ref or b.name in self.unavailable or not ran(b.name):
                 continue
             pairs = same_mode_pairs(side(b.name), side(ref))["by_mode"]
             if max((len(v) for v in pairs.values()), default=0) < self.sc.run.pairs_wanted:

@@ -253,3 +253,20 @@ def test_command_line_overrides_of_the_mode_settings() -> None:
         scenario().with_overrides(max_extra_repeats=-2)
     with pytest.raises(ScenarioError, match="--probe 'memcpy'"):
         scenario().with_overrides(probe="memcpy")
+
+
+def test_runner_adds_no_repetitions_when_a_backend_always_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def probe_for(name: str, rep: int) -> tuple[float, float, float]:
+        return FAST_PROBE, FAST_PROBE, 0.0 if name == "vx" else 15e6  # vx: 0 pps = no rate
+
+    original = runner_mod.Runner._write_run
+
+    def failing(self: Any, rec: dict[str, Any]) -> None:
+        if rec["backend"] == "vx":
+            rec["error"] = "RuntimeError: backend did not start"
+        original(self, rec)
+
+    monkeypatch.setattr(runner_mod.Runner, "_write_run", failing)
+    doc = _fake_runner(tmp_path, monkeypatch, probe_for, min_pairs=2, max_extra_repeats=5)
+    assert doc["extra_runs"] == 0 and len(doc["runs"]) == 4
