@@ -17,8 +17,10 @@ Evidence per run (recorded by the runner in ``run["mode_probe"]``):
 
 Labels (`assign_modes`):
 - ``detector = "probe"``: every probe value of the scenario is split into two clusters where
-  neighbouring sorted values are at least `gap` apart (a ratio); the upper cluster is ``fast``,
-  the lower ``slow``; when no such gap exists, every run is in the one mode seen, ``one``. A run
+  neighbouring sorted values are at least `gap` apart (a ratio) and each side has at least two
+  values (a run in a mode gives two; a lone disturbed probe is not a mode); the upper cluster is
+  ``fast``, the lower ``slow``; when no such gap exists, every run is in the one mode seen,
+  ``one``. A run
   whose probes before and after disagree, or whose window slices split by `gap`, is ``mixed``
   (changed mode around or during the run); a run without probe values is ``unknown``.
 - ``detector = "cluster"`` (no probe: ``[modes] probe = "none"``, a single backend, or the probe
@@ -77,15 +79,15 @@ def _positive(values: Iterable[Any]) -> list[float]:
     return out
 
 
-def boundary(values: Iterable[Any], gap: float) -> float | None:
+def boundary(values: Iterable[Any], gap: float, min_side: int = 1) -> float | None:
     """The value separating two clusters of positive numbers: the geometric mean of the two
-    neighbours (in sorted order) with the largest ratio, when that ratio is at least `gap`;
-    None when the values form one cluster."""
+    neighbours (in sorted order) with the largest ratio, when that ratio is at least `gap` and
+    each side holds at least `min_side` values; None when the values form one cluster."""
     xs = sorted(_positive(values))
     best: float | None = None
     best_ratio = gap
-    for lo, hi in itertools.pairwise(xs):
-        if hi / lo >= best_ratio:
+    for i, (lo, hi) in enumerate(itertools.pairwise(xs)):
+        if hi / lo >= best_ratio and min(i + 1, len(xs) - i - 1) >= min_side:
             best_ratio = hi / lo
             best = math.sqrt(lo * hi)
     return best
@@ -136,7 +138,9 @@ def assign_modes(runs: Sequence[dict[str, Any]], settings: ModeSettings) -> dict
                                         (r.get("mode_probe") or {}).get("after"))]
     have_probe = bool(_positive(probes))
     detector = "probe" if have_probe else "cluster"
-    cut = boundary(probes, gap) if have_probe else None
+    # a run in a mode gives two probe values (before, after): one lone value is a disturbed
+    # probe, not a mode
+    cut = boundary(probes, gap, min_side=2) if have_probe else None
     warnings: list[str] = []
     if have_probe:
         for r in runs:

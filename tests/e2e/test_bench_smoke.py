@@ -29,8 +29,11 @@ def test_smoke_scenario(tmp_path: Path) -> None:
     assert doc["planned_runs"] == 8 and len(doc["runs"]) == 8 + doc["extra_runs"]
     modes = doc["modes"]
     assert modes["probe"] == "on" and modes["detector"] == "probe"
-    for r in doc["runs"]:  # the reference probe measured the machine around every run
-        assert r["mode_probe"]["before"] > 0 and r["mode_probe"]["after"] > 0, r["index"]
+    for r in doc["runs"]:  # the reference probe measured the machine around every run (a busy
+        # machine may give a probe that moved nothing: 0 is a measurement, None a failed probe)
+        assert r["mode_probe"]["before"] is not None, r["index"]
+        assert r["mode_probe"]["after"] is not None, r["index"]
+        assert len(r["mode_probe"]["slices"]) == 4, r["index"]
         assert r["machine_mode"]["label"] in ("fast", "slow", "one", "mixed")
     assert sum(modes["runs_per_mode"]["dpdk"].values()) == len(doc["runs"]) // 2
 

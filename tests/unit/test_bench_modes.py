@@ -63,6 +63,9 @@ def test_boundary_splits_two_clusters_and_only_by_the_gap() -> None:
     assert boundary([15e6, 16e6, 17e6, 12e6], 1.8) is None  # noise, not a second mode
     assert boundary([5e6], 1.8) is None and boundary([], 1.8) is None
     assert boundary([0, None, float("nan"), 4e6, 12e6], 1.8) is not None
+    # one lone low value (a disturbed probe) is not a second mode when two are required
+    assert boundary([1500, 16e6, 16.5e6, 17e6, 17.2e6], 1.8, min_side=2) is None
+    assert boundary([5e6, 5.1e6, 16e6, 17e6], 1.8, min_side=2) is not None
 
 
 def test_bimodal_runs_pair_only_within_a_mode() -> None:
