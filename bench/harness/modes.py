@@ -41,7 +41,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import TracebackType
@@ -64,6 +64,7 @@ __all__ = [
     "mode_counts",
     "rtt_slices",
     "same_mode_pairs",
+    "short_of_pairs",
     "slices_step",
 ]
 
@@ -225,6 +226,31 @@ def same_mode_pairs(a: Mapping[int, tuple[str, float | None]],
             continue
         by_mode.setdefault(la, []).append(x / y)
     return {"by_mode": by_mode, "cross_mode": cross}
+
+
+def short_of_pairs(runs: Sequence[Mapping[str, Any]], compared: Sequence[str], reference: str,
+                   wanted: int, value: Callable[[Mapping[str, Any]], float | None]) -> list[str]:
+    """The backends of `compared` (the reference aside) whose labelled runs of one case have
+    fewer than `wanted` same-mode pairs with the reference in every mode. A backend, or a
+    reference, none of whose runs succeeded is never short: more repetitions would fail alike."""
+    def ran(name: str) -> bool:
+        return any(r["backend"] == name and not r.get("error") and not r.get("skipped")
+                   for r in runs)
+
+    def side(name: str) -> dict[int, tuple[str, float | None]]:
+        return {r["rep"]: ((r.get("machine_mode") or {}).get("label", UNKNOWN), value(r))
+                for r in runs if r["backend"] == name}
+
+    if not ran(reference):
+        return []
+    short = []
+    for name in compared:
+        if name == reference or not ran(name):
+            continue
+        pairs = same_mode_pairs(side(name), side(reference))["by_mode"]
+        if max((len(v) for v in pairs.values()), default=0) < wanted:
+            short.append(name)
+    return short
 
 
 class DpdkProbe:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .modes import FAST, MIXED, ONE, PAIRABLE, SLOW, assign_modes, mode_counts, same_mode_pairs
 from .scenario import Scenario
 from .stats import Ratio
 
-__all__ = ["RATIO_METRICS", "main_mode", "markdown", "metric", "summarize"]
+__all__ = ["RATIO_METRICS", "main_mode", "markdown", "metric", "one_line", "summarize"]
 
 # metric name -> (how to read it from a run's metrics, higher is better?)
 RATIO_METRICS: dict[str, tuple[str, bool]] = {
@@ -37,7 +37,7 @@ _KIND_RATIOS = {"stream": ("pps", "backend_cpu"), "pingpong": ("p50_us", "p99_us
                 "idle": ("backend_cpu",)}
 
 
-def metric(run: dict[str, Any], path: str) -> float | None:
+def metric(run: Mapping[str, Any], path: str) -> float | None:
     """A metric of one run by dotted path, None when the run failed or lacks it."""
     if run.get("error") or run.get("skipped"):
         return None
@@ -373,3 +373,22 @@ def _modes_section(doc: dict[str, Any]) -> list[str]:
 
 def _counts(counts: dict[str, int] | None) -> str:
     return ", ".join(f"{n} {m}" for m, n in sorted((counts or {}).items()))
+
+
+def one_line(rec: dict[str, Any]) -> str:
+    """The progress line of one finished run."""
+    head = f"{rec['case']:<28} rep {rec['rep']} {rec['backend']:<18}"
+    if rec.get("skipped"):
+        return head + " skipped: " + rec["skipped"][:160]
+    if rec.get("error"):
+        return head + " FAILED: " + rec["error"].splitlines()[0][:160]
+    m = rec.get("metrics", {})
+    parts = []
+    if rec["kind"] == "pingpong":
+        lat = m.get("latency", {})
+        parts.append(f"p50 {lat.get('p50_us', float('nan')):.1f} us p99 "
+                     f"{lat.get('p99_us', float('nan')):.1f} us")
+    if rec["kind"] != "idle":
+        parts.append(f"{m.get('pps', 0) / 1e6:.3f} Mpps")
+    parts.append(f"backend cpu {m.get('backend_cpu', {}).get('total', float('nan')):.2f}")
+    return head + " " + ", ".join(parts)

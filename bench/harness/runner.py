@@ -52,8 +52,9 @@ from .backends import (
     start_backend,
     start_testpmd_client,
 )
-from .modes import DpdkProbe, assign_modes, rtt_slices, same_mode_pairs
+from .modes import DpdkProbe, assign_modes, rtt_slices, short_of_pairs
 from .pingpong import AlongsideFlow, GuestModel, PingPongResult
+from .report import one_line
 from .scenario import Backend, Case, Scenario
 from .stats import latency_summary
 from .system import wait_quiet
@@ -160,7 +161,7 @@ class Runner:
         self.runs.append(rec)
         self._write_run(rec)
         self._write()
-        self._say(prog, _one_line(rec))
+        self._say(prog, one_line(rec))
         if prog is not None:
             prog.advance(task)
 
@@ -201,31 +202,16 @@ class Runner:
         with the reference (any one mode) and extra repetitions are left."""
         if extra >= self.sc.run.extra_limit or self.interrupted:
             return False
-        ref = self.sc.reference
-        if ref in self.unavailable:
+        if self.sc.reference in self.unavailable:
             return False
-        runs = [r for r in self.runs if r["case"] == case.label]
-        assign_modes(self.runs, self.sc.modes)
-        path = "pps" if case.kind != "idle" else "backend_cpu.total"
         from .report import metric
 
-        def side(name: str) -> dict[int, tuple[str, float | None]]:
-            return {r["rep"]: (r["machine_mode"]["label"], metric(r, path)) for r in runs
-                    if r["backend"] == name}
-
-        def ran(name: str) -> bool:  # at least one run of this case succeeded
-            return any(r["backend"] == name and not r.get("error") and not r.get("skipped")
-                       for r in runs)
-
-        if not ran(ref):
-            return False  # more repetitions of a failing reference would fail alike
-        for b in self.sc.backends:
-            if b.name == ref or b.name in self.unavailable or not ran(b.name):
-                continue
-            pairs = same_mode_pairs(side(b.name), side(ref))["by_mode"]
-            if max((len(v) for v in pairs.values()), default=0) < self.sc.run.pairs_wanted:
-                return True
-        return False
+        assign_modes(self.runs, self.sc.modes)
+        path = "pps" if case.kind != "idle" else "backend_cpu.total"
+        compared = [b.name for b in self.sc.backends if b.name not in self.unavailable]
+        return bool(short_of_pairs([r for r in self.runs if r["case"] == case.label], compared,
+                                   self.sc.reference, self.sc.run.pairs_wanted,
+                                   lambda r: metric(r, path)))
 
     def _say(self, prog: Any, msg: str) -> None:
         if prog is not None:
@@ -665,24 +651,6 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _one_line(rec: dict[str, Any]) -> str:
-    head = f"{rec['case']:<28} rep {rec['rep']} {rec['backend']:<18}"
-    if rec.get("skipped"):
-        return head + " skipped: " + rec["skipped"][:160]
-    if rec.get("error"):
-        return head + " FAILED: " + rec["error"].splitlines()[0][:160]
-    m = rec.get("metrics", {})
-    parts = []
-    if rec["kind"] == "pingpong":
-        lat = m.get("latency", {})
-        parts.append(f"p50 {lat.get('p50_us', float('nan')):.1f} us p99 "
-                     f"{lat.get('p99_us', float('nan')):.1f} us")
-    if rec["kind"] != "idle":
-        parts.append(f"{m.get('pps', 0) / 1e6:.3f} Mpps")
-    parts.append(f"backend cpu {m.get('backend_cpu', {}).get('total', float('nan')):.2f}")
-    return head + " " + ", ".join(parts)
 
 
 class _NoProgress:
