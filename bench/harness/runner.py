@@ -47,7 +47,6 @@ from .backends import (
     CLEAN_CLIENT_CPU,
     BackendFailed,
     RunningBackend,
-    notification_counters,
     sample_rates,
     start_backend,
     start_testpmd_client,
@@ -58,6 +57,7 @@ from .report import one_line
 from .scenario import Backend, Case, Scenario
 from .stats import latency_summary
 from .system import wait_quiet
+from .window import fill_common, snapshot
 
 __all__ = ["Runner", "plan"]
 
@@ -303,61 +303,6 @@ class Runner:
         if self.hook is not None:
             self.hook(point, rec)
 
-    # ---- snapshots ---------------------------------------------------------------------------
-    def _snap(self, be: RunningBackend, case: Case, client_pids: list[int],
-              own_thread: bool, alongside_tid: int | None = None) -> dict[str, Any]:
-        stats = be.stats()
-        snap = {
-            "t": time.monotonic(),
-            "backend_threads": {pid: system.thread_times(pid) for pid in be.pids},
-            "client_threads": {pid: system.thread_times(pid) for pid in client_pids},
-            "stats": be.stream_stats(stats),
-            "backend_packets": be.packets(case.direction if case.kind == "stream" else "guest_tx",
-                                          stats),
-        }
-        if own_thread or alongside_tid is not None:
-            me = system.thread_times(os.getpid())
-            if own_thread:
-                tid = threading.get_native_id()
-                snap["own"] = {tid: me[tid]} if tid in me else {}
-            if alongside_tid is not None:
-                snap["alongside"] = ({alongside_tid: me[alongside_tid]} if alongside_tid in me
-                                     else {})
-        return snap
-
-    def _fill_common(self, rec: dict[str, Any], s0: dict[str, Any], s1: dict[str, Any],
-                     window: float, packets: float, be: RunningBackend) -> None:
-        m = rec.setdefault("metrics", {})
-        m["window_s"] = round(window, 4)
-        bt0: dict[int, Any] = {}
-        bt1: dict[int, Any] = {}
-        for pid in be.pids:
-            bt0.update(s0["backend_threads"].get(pid, {}))
-            bt1.update(s1["backend_threads"].get(pid, {}))
-        m["backend_cpu"] = system.cpu_usage(bt0, bt1, window)
-        ct0: dict[int, Any] = {}
-        ct1: dict[int, Any] = {}
-        for pid in s1["client_threads"]:
-            ct0.update(s0["client_threads"].get(pid, {}))
-            ct1.update(s1["client_threads"].get(pid, {}))
-        if "own" in s1:
-            ct0.update(s0.get("own", {}))
-            ct1.update(s1["own"])
-        m["client_cpu"] = system.cpu_usage(ct0, ct1, window)
-        b0, b1 = s0["backend_packets"], s1["backend_packets"]
-        if b0 is not None and b1 is not None and b1[0] > b0[0]:
-            m["backend_pps"] = (b1[1] - b0[1]) / (b1[0] - b0[0])
-        if s0["stats"] is not None and s1["stats"] is not None:
-            n0, n1 = notification_counters(s0["stats"]), notification_counters(s1["stats"])
-            delta = {k: max(0, n1[k] - n0[k]) for k in n1}
-            per = {}
-            base = delta["packets"] or packets * window
-            for k in ("kicks", "kicks_avoided", "interrupts", "interrupts_suppressed",
-                      "poll_switches"):
-                per[k] = delta[k] / base if base else None
-            m["notifications"] = {"counts": delta, "per_packet": per}
-        m["memory"] = be.memory()
-
     # ---- testpmd streams ---------------------------------------------------------------------
     def _stream_testpmd(self, stack: ExitStack, be: RunningBackend, case: Case,
                         rec: dict[str, Any], logs: Path) -> None:
@@ -379,11 +324,11 @@ class Runner:
         tid = flow.cpu_tid if flow is not None else None
         if flow is not None:
             flow.begin_window()
-        s0 = self._snap(be, case, client.pids, False, tid)
+        s0 = snapshot(be, case, client.pids, False, tid)
         c0 = client.port_stats()
         self._call_hook("window", rec)
         c1 = self._sliced_window(client, case, rec, c0)
-        s1 = self._snap(be, case, client.pids, False, tid)
+        s1 = snapshot(be, case, client.pids, False, tid)
         pp = flow.end_window() if flow is not None else None
         sched = flow.sched if flow is not None else ""
         window, rates = sample_rates(c0, c1)
@@ -394,7 +339,7 @@ class Runner:
         m = rec.setdefault("metrics", {})
         m.update(pps=pps, bps=sum(d["bps"] for d in per_dev), per_device=per_dev,
                  devices_with_traffic=sum(1 for d in per_dev if d["pps"] > 0))
-        self._fill_common(rec, s0, s1, window, pps, be)
+        fill_common(rec, s0, s1, window, pps, be)
         m["client_tx_drops"] = client.stop()
         client_core = m["client_cpu"]["total"]
         if pp is not None:
@@ -477,10 +422,10 @@ class Runner:
         m = rec.setdefault("metrics", {})
         if case.kind == "pingpong":
             gm.pingpong(run.warmup, case.size, wait=gm_cfg.wait, record=False)
-            s0 = self._snap(be, case, [], True)
+            s0 = snapshot(be, case, [], True)
             self._call_hook("window", rec)
             res = gm.pingpong(run.duration, case.size, wait=gm_cfg.wait)
-            s1 = self._snap(be, case, [], True)
+            s1 = snapshot(be, case, [], True)
             window = s1["t"] - s0["t"]
             rate = res.received / res.elapsed_s if res.elapsed_s else 0.0
             m.update(pps=rate, bps=rate * case.size * 8, round_trips=res.received,
@@ -493,13 +438,13 @@ class Runner:
             if res.received == 0:
                 rec["error"] = (f"no round trip completed in the {res.elapsed_s:.1f} s window "
                                 f"(sent {res.sent}, lost {res.lost}, bad replies {res.bad})")
-            self._fill_common(rec, s0, s1, window, 2 * rate, be)
+            fill_common(rec, s0, s1, window, 2 * rate, be)
         elif case.kind == "stream":
             gm.stream(run.warmup, case.size, case.rate)
-            s0 = self._snap(be, case, [], True)
+            s0 = snapshot(be, case, [], True)
             self._call_hook("window", rec)
             res2 = gm.stream(run.duration, case.size, case.rate)
-            s1 = self._snap(be, case, [], True)
+            s1 = snapshot(be, case, [], True)
             window = s1["t"] - s0["t"]
             pps = res2.posted / res2.elapsed_s if res2.elapsed_s else 0.0
             m.update(pps=pps, bps=pps * case.size * 8, offered_pps=case.rate * case.devices,
@@ -507,15 +452,15 @@ class Runner:
                      per_device=[{"device": k, "pps": n / res2.elapsed_s, "bps":
                                   n / res2.elapsed_s * case.size * 8}
                                  for k, n in enumerate(res2.per_flow)])
-            self._fill_common(rec, s0, s1, window, pps, be)
+            fill_common(rec, s0, s1, window, pps, be)
         else:  # idle
             m["primed"] = gm.prime()
             time.sleep(run.warmup + case.idle_time)
-            s0 = self._snap(be, case, [], True)
+            s0 = snapshot(be, case, [], True)
             self._call_hook("window", rec)
             time.sleep(run.duration)
-            s1 = self._snap(be, case, [], True)
-            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], 0.0, be)
+            s1 = snapshot(be, case, [], True)
+            fill_common(rec, s0, s1, s1["t"] - s0["t"], 0.0, be)
             m["pps"] = 0.0
 
     # ---- QEMU guests (TCG) --------------------------------------------------------------------
@@ -552,10 +497,10 @@ class Runner:
         rec["client_pids"] = pids
         rec.setdefault("logs", []).append(str(logs / "guest.console.log"))
         guest.wait_window_begin()
-        s0 = self._snap(be, case, pids, False)
+        s0 = snapshot(be, case, pids, False)
         self._call_hook("window", rec)
         guest.wait_window_end()
-        s1 = self._snap(be, case, pids, False)
+        s1 = snapshot(be, case, pids, False)
         res = guest.finish()
         v = res.values
         elapsed = v["elapsed_ns"] / 1e9
@@ -573,14 +518,14 @@ class Runner:
             if v["received"] == 0:
                 rec["error"] = (f"the guest completed no round trip in {elapsed:.1f} s (sent "
                                 f"{v['sent']}, lost {v['lost']}, bad replies {v['bad']})")
-            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], 2 * rate, be)
+            fill_common(rec, s0, s1, s1["t"] - s0["t"], 2 * rate, be)
         else:
             # the guest driver's own counters (frames through eth0) over the guest's window
             pps = v["if_packets"] / elapsed if elapsed else 0.0
             bps = v["if_bytes"] * 8 / elapsed if elapsed else 0.0
             m.update(pps=pps, bps=bps, per_device=[{"device": 0, "pps": pps, "bps": bps}],
                      devices_with_traffic=int(pps > 0))
-            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], pps, be)
+            fill_common(rec, s0, s1, s1["t"] - s0["t"], pps, be)
             # clean: the guest's vCPU (busy sending or receiving) had the client core
             m["clean"] = m["client_cpu"]["total"] >= CLEAN_CLIENT_CPU
             if pps == 0:
