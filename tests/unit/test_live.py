@@ -231,3 +231,14 @@ def test_workers_table_fits_80_columns() -> None:
     out = io.StringIO()
     assert print_workers([], Console(file=out, width=80)) == 0
     assert out.getvalue().strip() == "no workers"
+
+
+def test_vhostx_params_prints_the_rich_table(capsys: Any, monkeypatch: Any) -> None:
+    from vhostx.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["params"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["parameter", "value", "description"]
+    assert max(len(ln.rstrip()) for ln in out) <= 80
+    assert any(ln.startswith("turn_max_packets ") for ln in out)
