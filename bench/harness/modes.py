@@ -13,7 +13,8 @@ Evidence per run (recorded by the runner in ``run["mode_probe"]``):
   running for the whole scenario with forwarding stopped between probes), its Mpps over a short
   window;
 - ``slices``: the run's own rate in equal parts of its window (client port counters sampled
-  during the window, or round trips per second of each part of the RTT series).
+  during the window, or round trips per second of each part of the RTT series), parts of at
+  least MIN_SLICE_S.
 
 Labels (`assign_modes`):
 - ``detector = "probe"``: every probe value of the scenario is split into two clusters where
@@ -21,8 +22,9 @@ Labels (`assign_modes`):
   values (a run in a mode gives two; a lone disturbed probe is not a mode); the upper cluster is
   ``fast``, the lower ``slow``; when no such gap exists, every run is in the one mode seen,
   ``one``. A run
-  whose probes before and after disagree, or whose window slices split by `gap`, is ``mixed``
-  (changed mode around or during the run); a run without probe values is ``unknown``.
+  whose probes before and after disagree, or whose window slices show a step of `gap`
+  (`slices_step`), is ``mixed`` (changed mode around or during the run); a run without probe
+  values is ``unknown``.
 - ``detector = "cluster"`` (no probe: ``[modes] probe = "none"``, a single backend, or the probe
   failed to start): the runs of each case and backend are split by their own primary rate in
   the same way. A backend with one cluster is ``one``; it pairs with ``one`` runs only, since
@@ -51,6 +53,7 @@ from .scenario import ModeSettings
 
 __all__ = [
     "FAST",
+    "MIN_SLICE_S",
     "MIXED",
     "ONE",
     "PAIRABLE",
@@ -65,11 +68,18 @@ __all__ = [
     "rtt_slices",
     "same_mode_pairs",
     "short_of_pairs",
+    "slice_count",
     "slices_step",
 ]
 
 FAST, SLOW, ONE, MIXED, UNKNOWN = "fast", "slow", "one", "mixed", "unknown"
 PAIRABLE = (FAST, SLOW, ONE)
+MIN_SLICE_S = 0.5  # shorter parts of a window vary too much on a busy machine to show a mode
+
+
+def slice_count(duration: float, wanted: int) -> int:
+    """Parts of a `duration`-second window: `wanted`, fewer so that each lasts MIN_SLICE_S."""
+    return max(1, min(wanted, int(duration / MIN_SLICE_S)))
 
 
 def _positive(values: Iterable[Any]) -> list[float]:
@@ -103,10 +113,26 @@ def label_of(value: Any, cut: float | None) -> str:
     return FAST if float(value) >= cut else SLOW
 
 
-def slices_step(slices: Sequence[Any], gap: float) -> bool:
-    """True when the rates of a window's parts split into two clusters by `gap`: the machine
-    changed mode during the window (or something stalled it for a part of it)."""
-    return len(_positive(slices)) >= 2 and boundary(slices, gap) is not None
+def slices_step(slices: Sequence[Any], gap: float, min_block: int = 2) -> bool:
+    """True when a window's parts (in time order) show a step: one level for the first parts and
+    another, at least `gap` apart (medians of the two blocks), for the rest, each block at least
+    `min_block` parts long. A single disturbed part (a dip anywhere, one slow last part) is not a
+    step: that is noise of a busy machine, not a mode; a change near an end of the window is left
+    to the probes before and after."""
+    xs = _positive(slices)
+    if len(xs) != len(slices) or len(xs) < 2 * min_block:
+        return False
+    for k in range(min_block, len(xs) - min_block + 1):
+        a, b = statistics.median(xs[:k]), statistics.median(xs[k:])
+        lo, hi = min(a, b), max(a, b)
+        if hi / lo < gap:
+            continue
+        cut = math.sqrt(lo * hi)
+        first, rest = xs[:k], xs[k:]
+        if (all((x >= cut) == (a >= cut) for x in first)
+                and all((x >= cut) == (b >= cut) for x in rest)):
+            return True
+    return False
 
 
 def rtt_slices(rtt_ns: Sequence[int], parts: int) -> list[float]:

@@ -51,7 +51,7 @@ from .backends import (
     start_backend,
     start_testpmd_client,
 )
-from .modes import DpdkProbe, assign_modes, rtt_slices, short_of_pairs
+from .modes import DpdkProbe, assign_modes, rtt_slices, short_of_pairs, slice_count
 from .pingpong import AlongsideFlow, GuestModel, PingPongResult
 from .report import one_line
 from .scenario import Backend, Case, Scenario
@@ -196,6 +196,10 @@ class Runner:
         except (TestpmdError, OSError, RuntimeError, TimeoutError, ValueError) as err:
             self.log(f"mode probe failed: {type(err).__name__}: {err}")
             return None
+
+    def _parts(self) -> int:
+        """Parts of a window for `mode_probe.slices` (each at least modes.MIN_SLICE_S)."""
+        return slice_count(self.sc.run.duration, self.sc.modes.slices)
 
     def _wants_more(self, case: Case, extra: int) -> bool:
         """True while a compared backend of `case` has fewer than `run.min_pairs` same-mode pairs
@@ -351,7 +355,7 @@ class Runner:
     def _sliced_window(self, client: Any, case: Case, rec: dict[str, Any], c0: Any) -> Any:
         """Sleep through the window, sampling the client's counters `[modes] slices` times; the
         parts' rates go to rec["mode_probe"]["slices"]. Returns the last sample."""
-        parts = self.sc.modes.slices
+        parts = self._parts()
         key = "tx_pps" if case.direction == "guest_tx" else "rx_pps"
         end = time.monotonic() + self.sc.run.duration
         prev = c0
@@ -434,7 +438,7 @@ class Runner:
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
             rec["mode_probe"]["slices"] = [round(x, 1) for x in
-                                           rtt_slices(res.rtt_ns, self.sc.modes.slices)]
+                                           rtt_slices(res.rtt_ns, self._parts())]
             if res.received == 0:
                 rec["error"] = (f"no round trip completed in the {res.elapsed_s:.1f} s window "
                                 f"(sent {res.sent}, lost {res.lost}, bad replies {res.bad})")
@@ -514,7 +518,7 @@ class Runner:
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
             rec["mode_probe"]["slices"] = [round(x, 1) for x in
-                                           rtt_slices(res.rtt_ns, self.sc.modes.slices)]
+                                           rtt_slices(res.rtt_ns, self._parts())]
             if v["received"] == 0:
                 rec["error"] = (f"the guest completed no round trip in {elapsed:.1f} s (sent "
                                 f"{v['sent']}, lost {v['lost']}, bad replies {v['bad']})")
