@@ -57,7 +57,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         sc = load_scenario(find_scenario(args.scenario))
         sc = sc.with_overrides(
             repeats=args.repeats, duration=args.duration, warmup=args.warmup,
-            quiet_wait=args.quiet_wait,
+            quiet_wait=args.quiet_wait, min_pairs=args.min_pairs,
+            max_extra_repeats=args.max_extra_repeats, probe=args.probe,
             backends=[b for b in (args.backends or "").split(",") if b] or None,
             tests=[t for t in (args.tests or "").split(",") if t] or None)
         sc.cases()
@@ -93,7 +94,9 @@ def _print_summary(console: Any, doc: dict[str, Any]) -> None:
                 if r["pairs"]:
                     console.print(f"{e['case']:<28} {name} / {e['reference']} {mname}: "
                                   f"median {r['median']:.3f} (min {r['min']:.3f}, max "
-                                  f"{r['max']:.3f}, {r['pairs']} pairs)", highlight=False, markup=False)
+                                  f"{r['max']:.3f}, {r['pairs']} pairs, mode {r.get('mode')}"
+                                  f"{'' if r.get('enough', True) else ', NOT ENOUGH PAIRS'})",
+                                  highlight=False, markup=False)
 
 
 def register(subparsers: Any) -> None:
@@ -112,6 +115,9 @@ def register(subparsers: Any) -> None:
     r.add_argument("--duration", type=float, help="override [run] duration (window, seconds)")
     r.add_argument("--warmup", type=float, help="override [run] warmup (seconds)")
     r.add_argument("--quiet-wait", type=float, help="override [run] quiet_wait (seconds)")
+    r.add_argument("--min-pairs", type=int, help="override [run] min_pairs (same-mode pairs)")
+    r.add_argument("--max-extra-repeats", type=int, help="override [run] max_extra_repeats")
+    r.add_argument("--probe", choices=("dpdk", "none"), help="override [modes] probe")
     r.add_argument("--backends", metavar="A,B", help="only these backends (by name)")
     r.add_argument("--tests", metavar="T,U", help="only these tests (by name)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

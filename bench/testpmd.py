@@ -2,7 +2,7 @@
 
 Role: start one dpdk-testpmd process in interactive mode with its stdin a pipe, send it commands
 (`start`, `stop`, `show port stats all`, ...) and parse the replies into exact per-port counters.
-The benchmark (bench/dpdk_compare.py) and the end-to-end tests (tests/e2e/test_dpdk.py) drive it.
+The benchmark harness (bench/harness/) and the end-to-end tests (tests/e2e/test_dpdk.py) drive it.
 
 Threads: a `Testpmd` is driven by the thread that created it (commands are strictly sequential);
 an internal reader thread only copies the process's output into the log file and an in-memory

@@ -109,34 +109,15 @@ def _cmd_stats(args: argparse.Namespace) -> int:
                              fetch=lambda: ask(args.control, {"cmd": "stats"}))
 
 
-def _fmt_pct(part: float, whole: float) -> str:
-    return f"{100.0 * part / whole:5.1f}%" if whole > 0 else "    -"
-
-
 def _cmd_workers(args: argparse.Namespace) -> int:
     answer = ask(args.control, {"cmd": "workers"})
     rows = answer.get("workers", [])
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
-    if not rows:
-        print("no workers")
-        return 0
-    header = ("worker", "name", "cpu", "works", "polling", "busy", "devices")
-    table = [header]
-    for i, w in enumerate(rows):
-        busy, idle = float(w.get("busy_ns", 0) or 0), float(w.get("idle_ns", 0) or 0)
-        table.append((
-            str(w.get("index", i)), str(w.get("name", "")),
-            "-" if w.get("cpu") is None else str(w.get("cpu")),
-            str(w.get("works", "")), str(w.get("polling", "")),
-            _fmt_pct(busy, busy + idle).strip(),
-            ",".join(str(d) for d in w.get("devices", [])),
-        ))
-    widths = [max(len(r[c]) for r in table) for c in range(len(header))]
-    for r in table:
-        print("  ".join(v.ljust(widths[c]) for c, v in enumerate(r)).rstrip())
-    return 0
+    from .live import print_workers
+
+    return print_workers(rows)
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -164,7 +145,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
-    from iosched.params import format_rows
+    from .live import print_params
 
     if args.control:  # a running daemon's values, sources and per-device values
         rows = ask(args.control, {"cmd": "params"})["params"]
@@ -174,9 +155,8 @@ def _cmd_params(args: argparse.Namespace) -> int:
         rows = [r.as_dict() for r in new_registry().describe()]
     if args.json:
         print(json.dumps(rows, indent=1))
-    else:
-        print(format_rows(rows), end="")
-    return 0
+        return 0
+    return print_params(rows)
 
 
 def _cmd_param(args: argparse.Namespace) -> int:

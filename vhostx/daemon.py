@@ -90,7 +90,7 @@ class Daemon:
         self._tasks: list[asyncio.Task[None]] = []
         self._stop = asyncio.Event()
         self._control_server: asyncio.AbstractServer | None = None
-        self._metrics_server: asyncio.AbstractServer | None = None
+        self._metrics_server: Any = None  # metrics.MetricsServer (close, wait_closed)
         self._unsubscribe: list[Any] = []
         self.started_at = time.time()
 

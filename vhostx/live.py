@@ -1,11 +1,14 @@
 """Live statistics in the terminal (`vhostx stats`): a table of workers and one of queues, with
 rates from the deltas between two snapshots of the control socket's `stats`.
 
-Both shapes of the stats dict are understood: the session-2 one (top-level "workers" with an index
-and "queues" per queue work, docs/internal-api.md "Daemon statistics") and the session-1 one (only
-"devices" with their C ring counters and per-work counters, workers without an index). A field
-that is absent shows as "-"; a counter that went backwards (its queue work was re-made) counts
-from zero.
+The stats dict is the control socket's (docs/internal-api.md, "Daemon statistics"): "workers"
+with an index, "queues" per queue work, "devices" for their state; every field is read by name,
+so fields added later are ignored. A field that is absent shows as "-"; a counter that went
+backwards (its queue work was re-made) counts from zero.
+
+`params_table` / `workers_table` (and `print_params` / `print_workers`, which the `vhostx params`
+and `vhostx workers` commands call) render the parameter listing and the workers as rich tables
+readable at 80 columns.
 
 Threads: the caller's (the CLI's main thread).
 """
@@ -17,8 +20,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["QueueRow", "WorkerRow", "queue_rows", "rates", "render_stats_loop", "stats_table",
-           "worker_rows"]
+__all__ = ["QueueRow", "WorkerRow", "params_table", "print_params", "print_workers",
+           "queue_rows", "rates", "render_stats_loop", "stats_table", "worker_rows",
+           "workers_table"]
 
 _QUEUE_COUNTERS = ("packets", "bytes", "kicks", "kicks_avoided", "interrupts",
                    "interrupts_suppressed", "ring_full", "stuck_events", "budget_exhausted",
@@ -42,39 +46,12 @@ def _list(v: Any) -> list[Mapping[str, Any]]:
     return []
 
 
-def _ring_name(device: str, index: str) -> str:
-    """virtio-net: RX queue 2i, TX queue 2i+1, named from the guest's side like the works."""
-    try:
-        i = int(index)
-    except ValueError:
-        return f"{device}.{index}"
-    return f"{device}.{'tx' if i % 2 else 'rx'}{i // 2}"
-
-
 def queue_rows(stats: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """{queue name: row} with "device", "worker", "polling" (None when unknown) and counters."""
     out: dict[str, dict[str, Any]] = {}
-    if "queues" in stats:
-        for q in _list(stats.get("queues")):
-            name = str(q.get("name", f"queue{len(out)}"))
-            out[name] = dict(q, name=name)
-        return out
-    # session 1: C ring counters per device, kicks and turns per work; the worker is the device's
-    for dev in _list(stats.get("devices")):
-        dname = str(dev.get("name", "?"))
-        rings = dev.get("queues")
-        for index, ring in (rings.items() if isinstance(rings, Mapping) else ()):
-            if isinstance(ring, Mapping):
-                name = _ring_name(dname, str(index))
-                out[name] = {**ring, "name": name, "device": dname, "worker": dname,
-                             "polling": None}
-        for work in _list(dev.get("works")):
-            name = str(work["name"])
-            row = out.setdefault(name, {"name": name, "device": dname, "worker": dname,
-                                        "polling": None})
-            for key in ("kicks", "turns", "empty_turns", "budget_exhausted"):
-                if key in work:
-                    row[key] = work[key]
+    for q in _list(stats.get("queues")):
+        name = str(q.get("name", f"queue{len(out)}"))
+        out[name] = dict(q, name=name)
     return out
 
 
@@ -243,6 +220,101 @@ def stats_table(prev: Mapping[str, Any], cur: Mapping[str, Any], *,
         qt.add_row("(no running queues)", *[""] * 13)
     parts += [wt, qt]
     return Group(*parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# `vhostx params` and `vhostx workers`
+
+
+def _console(console: Any) -> Any:
+    from rich.console import Console
+
+    return console if console is not None else Console()  # a pipe: 80 columns
+
+
+def params_table(rows: list[Mapping[str, Any]]) -> Any:
+    """A rich table of parameter rows (the registry's `describe()` as dicts, or the control
+    socket's `params` answer): name and value, then the description with a dim line of default,
+    range and unit, when it may change, scope and where the value came from. Every field is read
+    by name; an absent one is left out. Fits 80 columns: only the description wraps."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    t = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, expand=False)
+    t.add_column("parameter", no_wrap=True, style="bold")
+    t.add_column("value", no_wrap=True, overflow="fold", max_width=16)
+    t.add_column("description", overflow="fold", min_width=24, ratio=1)
+    for r in rows:
+        facts = []
+        if "default" in r and r.get("default") != r.get("value"):
+            facts.append(f"default {_plain(r['default'])}")
+        rng = " ".join(str(x) for x in (r.get("range"), r.get("unit")) if x)
+        if rng:
+            facts.append(rng)
+        if "runtime" in r:
+            facts.append("run time" if r["runtime"] else "start-up only")
+        for key in ("scope", "source"):
+            if r.get(key):
+                facts.append(f"{key} {r[key]}")
+        cell = Text(str(r.get("description", "")))
+        if facts:
+            cell.append("\n" + ", ".join(facts), style="dim")
+        value = r.get("value")
+        t.add_row(str(r.get("name", "?")), "-" if value is None else _value(value), cell)
+        for dev, own in (r.get("devices") or {}).items():  # per-device values of device scope
+            note = Text(f"device {dev}'s own value (global: {_plain(value)})")
+            if isinstance(own, Mapping) and own.get("source"):
+                note.append(f", source {own['source']}", style="dim")
+            own_value = own.get("value") if isinstance(own, Mapping) else own
+            t.add_row(f"{r.get('name', '?')}@{dev}", _value(own_value), note)
+    return t
+
+
+def _value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def print_params(rows: list[Mapping[str, Any]], console: Any = None) -> int:
+    """`vhostx params`: the table, or "no parameters"."""
+    con = _console(console)
+    if not rows:
+        con.print("no parameters")
+        return 0
+    con.print(params_table(rows))
+    return 0
+
+
+def workers_table(rows: list[Mapping[str, Any]]) -> Any:
+    """A rich table of the control socket's `workers` rows: index, name, cpu, works, polling,
+    busy share (busy_ns of busy_ns + idle_ns) and devices (the only column that wraps)."""
+    from rich.table import Table
+
+    t = Table(box=None, show_edge=False, pad_edge=False, expand=False, header_style="bold")
+    for col in ("worker", "name", "cpu", "works", "polling", "busy"):
+        t.add_column(col, no_wrap=True, justify="left" if col in ("worker", "name") else "right")
+    t.add_column("devices", overflow="fold")
+    for i, w in enumerate(rows):
+        busy, idle = _num(w.get("busy_ns")) or 0.0, _num(w.get("idle_ns")) or 0.0
+        devices = w.get("devices")
+        t.add_row(_plain(w.get("index", i)), _plain(w.get("name")), _plain(w.get("cpu")),
+                  _plain(w.get("works")), _plain(w.get("polling")),
+                  _pct(100.0 * busy / (busy + idle) if busy + idle > 0 else None),
+                  ",".join(str(d) for d in devices) if isinstance(devices, list | tuple)
+                  else _plain(devices))
+    return t
+
+
+def print_workers(rows: list[Mapping[str, Any]], console: Any = None) -> int:
+    """`vhostx workers`: the table, or "no workers"."""
+    con = _console(console)
+    if not rows:
+        con.print("no workers")
+        return 0
+    con.print(workers_table(rows))
+    return 0
 
 
 def render_stats_loop(

@@ -1,37 +1,53 @@
-"""Prometheus metrics: the daemon's stats dict as text exposition 0.0.4, and a tiny HTTP server.
+"""Prometheus metrics: a prometheus_client Collector over the daemon's stats snapshot, served by
+prometheus_client's WSGI app on a thread.
 
-`render(stats)` turns the stats dict of the control socket (docs/internal-api.md, "Daemon
-statistics") into exposition text: daemon uptime and mode, every numeric parameter as
-`vhostx_param{name=...}`, per device (state, protocol counters, the C ring counters), per worker
-and per queue work. It renders what is present and skips what is absent or not a number: the stats
-dict grows over time and a field this module does not know is ignored, never an error.
+`StatsCollector(stats_fn)` builds the metric families at every scrape from `stats_fn()`, the same
+stats dict the control socket serves (docs/internal-api.md, "Daemon statistics"): daemon uptime
+and mode, every numeric parameter as `vhostx_param{name=...}`, per device (state, protocol
+counters, the C ring counters read at that moment), per worker and per queue work. Nothing is
+cached, so nothing drifts from the counters. It renders what is present and skips what is absent
+or not a number (a counter below zero or NaN is skipped too): the stats dict grows over time and
+a field this module does not know is ignored, never an error. `render(stats)` is the text
+exposition (format 0.0.4) of one snapshot.
 
-`serve(addr, stats_fn)` answers `GET /metrics` with `render(stats_fn())`; every other path is a
-404. It is deliberately small and defensive, because anything on the network may connect: one
-request per connection (then `Connection: close`), the request head bounded in size and in time, a
-bounded number of connections at once, and a client that stalls or sends garbage only loses its
-own connection.
+`serve(addr, stats_fn)` listens on "HOST:PORT" with `prometheus_client.make_wsgi_app` in a
+`ThreadingWSGIServer` thread: GET (or HEAD) /metrics answers the exposition, another path 404,
+another method 405. Anything on the network may connect, so a connection must send its request
+head within REQUEST_TIMEOUT_S, and at most MAX_CONNECTIONS are served at once (more get 503).
 
-Threads: `render` is pure (any thread); `serve` and the server run on the asyncio thread, and
-`stats_fn` is called there.
+Threads: `render` and `families` are pure (any thread). `serve` is awaited on the asyncio thread;
+scrapes run on the server's threads, and `stats_fn` is called back on the asyncio thread (the
+daemon's objects belong to it): the scrape waits for it at most STATS_TIMEOUT_S, then answers 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ipaddress
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, generate_latest, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from virtio.errors import ConfigError
 
 __all__ = [
-    "CONTENT_TYPE",
     "MAX_CONNECTIONS",
-    "MAX_REQUEST_BYTES",
     "REQUEST_TIMEOUT_S",
+    "STATS_TIMEOUT_S",
+    "MetricsServer",
+    "StatsCollector",
+    "families",
     "parse_addr",
     "render",
     "serve",
@@ -39,14 +55,12 @@ __all__ = [
 
 log = logging.getLogger("vhostx.control")
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-MAX_REQUEST_BYTES = 8192  # request line + headers; more is refused with 431
-REQUEST_TIMEOUT_S = 5.0  # the whole request head must arrive within this
-WRITE_TIMEOUT_S = 10.0  # the client must take the answer within this
-MAX_CONNECTIONS = 64  # at once; more are answered 503 and closed
+REQUEST_TIMEOUT_S = 5.0  # a connection's socket reads and writes time out after this
+STATS_TIMEOUT_S = 5.0  # a scrape waits this long for the asyncio thread's snapshot
+MAX_CONNECTIONS = 64  # served at once; more are answered 503 and closed
 
 # ----------------------------------------------------------------------------------------------
-# rendering
+# the families
 
 # (stats key, metric suffix, type, help, scale). Counters get "_total" appended.
 _Spec = tuple[str, str, str, str, float]
@@ -128,30 +142,19 @@ def _number(value: Any) -> float | int | None:
     return None
 
 
-def _fmt_value(value: float) -> str:
-    if isinstance(value, int):
-        return str(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(float(value))
+_LABELS = {"device": ("device",), "ring": ("device", "ring"), "worker": ("worker",),
+           "queue": ("device", "queue", "worker"), "param": ("name",), "mode": ("mode",),
+           "info": ("worker", "name", "cpu"), "none": ()}
 
 
-def _escape_label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
-class _Exposition:
-    """Collects samples per metric family, then writes each family once with HELP and TYPE."""
+class _Families:
+    """Metric families by name, each with its label names fixed at its first sample; a sample
+    whose label values repeat keeps the first value."""
 
     def __init__(self, prefix: str = "vhostx_") -> None:
         self.prefix = prefix
-        self.families: dict[str, tuple[str, str, dict[tuple[tuple[str, str], ...], str]]] = {}
+        self.fams: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        self.seen: dict[str, set[tuple[str, ...]]] = {}
 
     def add(self, name: str, mtype: str, help_: str, labels: Mapping[str, str],
             value: Any, scale: float = 1) -> None:
@@ -160,34 +163,26 @@ class _Exposition:
             return
         if scale != 1:
             num = num * scale
-        if mtype == "counter" and (num < 0 or math.isnan(num)):
+        if mtype == "counter" and (math.isnan(num) or num < 0):
             return  # a counter cannot go below zero: a bogus field, not a sample
         full = self.prefix + name
-        fam = self.families.setdefault(full, (mtype, help_, {}))
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        fam[2].setdefault(key, _fmt_value(num))  # a duplicate label set keeps its first value
+        fam = self.fams.get(full)
+        if fam is None:
+            fam = (CounterMetricFamily(full, help_, labels=list(labels)) if mtype == "counter"
+                   else GaugeMetricFamily(full, help_, labels=list(labels)))
+            self.fams[full] = fam
+            self.seen[full] = set()
+        values = tuple(str(labels[k]) for k in labels)
+        if values in self.seen[full]:
+            return
+        self.seen[full].add(values)
+        fam.add_metric(list(values), num)
 
     def add_specs(self, specs: Iterable[_Spec], row: Mapping[str, Any],
                   labels: Mapping[str, str]) -> None:
         for key, name, mtype, help_, scale in specs:
             if key in row:
                 self.add(name, mtype, help_, labels, row[key], scale)
-
-    def text(self) -> str:
-        out: list[str] = []
-        for full, (mtype, help_, samples) in self.families.items():
-            if not samples:
-                continue
-            sample_name = full + "_total" if mtype == "counter" else full
-            out.append(f"# HELP {sample_name} {_escape_help(help_)}")
-            out.append(f"# TYPE {sample_name} {mtype}")
-            for key, value in samples.items():
-                if key:
-                    lbl = ",".join(f'{k}="{_escape_label(v)}"' for k, v in key)
-                    out.append(f"{sample_name}{{{lbl}}} {value}")
-                else:
-                    out.append(f"{sample_name} {value}")
-        return "\n".join(out) + "\n" if out else ""
 
 
 def _rows(section: Any) -> list[Mapping[str, Any]]:
@@ -210,11 +205,11 @@ def _params(section: Any) -> list[tuple[str, Any]]:
     return [(str(r["name"]), r.get("value")) for r in _rows(section) if "name" in r]
 
 
-def render(stats: Mapping[str, Any]) -> str:
-    """Prometheus text exposition (format 0.0.4) of a daemon stats dict; never raises on content."""
-    ex = _Exposition()
+def families(stats: Mapping[str, Any]) -> list[Metric]:
+    """The metric families of one stats snapshot; never raises on content."""
+    ex = _Families()
     if not isinstance(stats, Mapping):
-        return ""
+        return []
     ex.add("uptime_seconds", "gauge", "Seconds since the daemon started.", {}, stats.get("uptime_s"))
     mode = stats.get("mode")
     if isinstance(mode, str):
@@ -241,26 +236,73 @@ def render(stats: Mapping[str, Any]) -> str:
 
     for pos, w in enumerate(_rows(stats.get("workers"))):
         index = w.get("index", w.get("name", pos))
-        labels = {"worker": _label(index)}
-        info = {"worker": _label(index), "name": _label(w.get("name", index))}
-        if w.get("cpu") is not None:
-            info["cpu"] = _label(w.get("cpu"))
-        ex.add("worker_info", "gauge", "Worker name and CPU (always 1).", info, 1)
-        ex.add_specs(_WORKER_METRICS, w, labels)
+        ex.add("worker_info", "gauge", "Worker name and CPU (always 1; cpu empty when unpinned).",
+               {"worker": _label(index), "name": _label(w.get("name", index)),
+                "cpu": _label(w.get("cpu"))}, 1)
+        ex.add_specs(_WORKER_METRICS, w, {"worker": _label(index)})
 
-    queues = _rows(stats.get("queues"))
-    if "queues" not in stats:
-        # Session-1 daemons: the per-work counters (kicks, turns, ...) sit under each device.
-        for dev in _rows(stats.get("devices")):
-            queues += [dict(w, device=dev.get("name")) for w in _rows(dev.get("works"))]
-    for q in queues:
+    for q in _rows(stats.get("queues")):
         labels = {"device": _label(q.get("device")), "queue": _label(q.get("name")),
                   "worker": _label(q.get("worker"))}
         ex.add_specs(_QUEUE_METRICS, q, labels)
 
     for pname, value in _params(stats.get("params")):
         ex.add("param", "gauge", "Current value of each numeric parameter.", {"name": pname}, value)
-    return ex.text()
+    return list(ex.fams.values())
+
+
+class _Snapshot(Collector):
+    def __init__(self, stats: Mapping[str, Any]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(families(self.stats))
+
+
+def render(stats: Mapping[str, Any]) -> str:
+    """Prometheus text exposition (format 0.0.4) of a daemon stats dict; never raises on content."""
+    return generate_latest(_Snapshot(stats)).decode()  # type: ignore[arg-type]
+
+
+class StatsCollector(Collector):
+    """Families built at every scrape from `stats_fn()`. With `loop`, a scrape from another
+    thread runs `stats_fn` on that loop's thread and waits for it (STATS_TIMEOUT_S)."""
+
+    def __init__(self, stats_fn: Callable[[], Mapping[str, Any]],
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.stats_fn = stats_fn
+        self.loop = loop
+
+    def snapshot(self) -> Mapping[str, Any]:
+        loop = self.loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if loop is None or running is loop:
+            return self.stats_fn()
+        fut: concurrent.futures.Future[Mapping[str, Any]] = concurrent.futures.Future()
+
+        def call() -> None:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(self.stats_fn())
+                except BaseException as err:  # noqa: BLE001 - handed to the scraping thread
+                    fut.set_exception(err)
+
+        loop.call_soon_threadsafe(call)
+        try:
+            return fut.result(STATS_TIMEOUT_S)
+        finally:
+            fut.cancel()
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.snapshot()
+        except Exception:
+            log.exception("metrics: collecting statistics failed")
+            raise
+        return iter(families(stats))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -293,132 +335,123 @@ def parse_addr(addr: str, *, what: str = "metrics") -> tuple[str, int]:
     return host, int(port_text)
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            408: "Request Timeout", 431: "Request Header Fields Too Large",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+def _only_metrics(app: Callable[..., Any]) -> Callable[..., Any]:
+    """prometheus_client's app answers every path; this one answers /metrics (GET, HEAD) only."""
 
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        method = environ.get("REQUEST_METHOD", "")
+        if environ.get("PATH_INFO") != "/metrics":
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found; try /metrics\n"]
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"),
+                                                      ("Content-Type", "text/plain")])
+            return [b"only GET\n"]
+        answer: dict[str, Any] = {}
 
-class _MetricsServer:
-    def __init__(self, stats_fn: Callable[[], Mapping[str, Any]]) -> None:
-        self.stats_fn = stats_fn
-        self.active = 0
+        def keep(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> None:
+            answer.update(status=status, headers=headers)
 
-    async def client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.active += 1
         try:
-            if self.active > MAX_CONNECTIONS:
-                await self._respond(writer, 503, b"too many connections\n")
-                await self._linger(reader, writer)
-                return
+            body = b"".join(app(dict(environ, REQUEST_METHOD="GET"), keep))
+        except Exception:  # noqa: BLE001 - the snapshot failed or timed out: logged in collect
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")])
+            return [b"statistics unavailable\n"]
+        start_response(answer["status"], [*answer["headers"], ("Content-Length", str(len(body)))])
+        return [b"" if method == "HEAD" else body]
+
+    return wrapped
+
+
+class _Handler(WSGIRequestHandler):
+    timeout = REQUEST_TIMEOUT_S  # socket timeout of the connection: a stalled client goes
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("metrics: %s " + format, self.address_string(), *args)
+
+
+class _Server(ThreadingWSGIServer):
+    """One thread per connection (daemon threads), at most MAX_CONNECTIONS at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
             try:
-                async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                    status, body, head = await self._handle(reader)
-            except TimeoutError:
-                status, body, head = 408, b"request timeout\n", False
-            await self._respond(writer, status, body, head_only=head)
-            if status >= 400:
-                await self._linger(reader, writer)
-        except (ConnectionError, OSError, asyncio.IncompleteReadError):
-            pass
-        except asyncio.CancelledError:
-            # The loop is shutting down. End quietly: on 3.11 the stream protocol's done-callback
-            # logs a cancelled connection task as an error.
-            pass
-        except Exception:
-            log.exception("metrics: unexpected error serving a client")
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain"
+                                b"\r\nContent-Length: 21\r\nConnection: close\r\n\r\n"
+                                b"too many connections\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
         finally:
-            self.active -= 1
-            writer.close()
+            self.slots.release()
 
-    @staticmethod
-    async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """After an error answer: stop sending, then read and drop what the client still sends
-        (bounded in bytes and time), so that closing does not reset the connection before the
-        client has read the answer."""
-        if writer.can_write_eof():
-            writer.write_eof()
-        left = 65536
-        try:
-            async with asyncio.timeout(1.0):
-                while left > 0:
-                    chunk = await reader.read(min(left, 16384))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-        except TimeoutError:
-            pass
-
-    async def _read_head(self, reader: asyncio.StreamReader) -> list[bytes] | None:
-        """Request line and header lines; None if the head grew past MAX_REQUEST_BYTES."""
-        lines: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                line = await reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError:
-                return None
-            total += len(line)
-            if total > MAX_REQUEST_BYTES:
-                return None
-            line = line.rstrip(b"\r\n")
-            if not line:
-                if lines:
-                    return lines
-                continue  # tolerate blank lines before the request line (RFC 9112 2.2)
-            lines.append(line)
-
-    async def _handle(self, reader: asyncio.StreamReader) -> tuple[int, bytes, bool]:
-        head = await self._read_head(reader)
-        if head is None:
-            return 431, b"request too large\n", False
-        parts = head[0].split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or not parts[0].isalpha():
-            return 400, b"bad request line\n", False
-        for line in head[1:]:
-            name, sep, _ = line.partition(b":")
-            if not sep or not name or name != name.strip():
-                return 400, b"bad header line\n", False
-            if name.lower() == b"transfer-encoding":
-                return 400, b"a request body is not expected\n", False
-        method, target = parts[0], parts[1]
-        if method not in (b"GET", b"HEAD"):
-            return 405, b"only GET\n", False
-        path = target.split(b"?", 1)[0]
-        if path != b"/metrics":
-            return 404, b"not found; try /metrics\n", method == b"HEAD"
-        try:
-            body = render(self.stats_fn()).encode()
-        except Exception:
-            log.exception("metrics: collecting statistics failed")
-            return 500, b"statistics unavailable\n", method == b"HEAD"
-        return 200, body, method == b"HEAD"
-
-    async def _respond(self, writer: asyncio.StreamWriter, status: int, body: bytes,
-                       *, head_only: bool = False) -> None:
-        ctype = CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8"
-        extra = "Allow: GET, HEAD\r\n" if status == 405 else ""
-        writer.write(
-            (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-             f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}"
-             "Connection: close\r\n\r\n").encode()
-            + (b"" if head_only else body)
-        )
-        async with asyncio.timeout(WRITE_TIMEOUT_S):
-            await writer.drain()
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("metrics: error serving %s: %r", client_address, sys.exc_info()[1])
 
 
-async def serve(addr: str, stats_fn: Callable[[], Mapping[str, Any]]) -> asyncio.AbstractServer:
-    """Listen on "HOST:PORT" (port 0: any free port; read it from the server's sockets) and answer
-    GET /metrics with `render(stats_fn())`. ConfigError for a bad address or a failed bind."""
+class MetricsServer:
+    """The running endpoint: `address` (host, port) as bound, `close()` then `await
+    wait_closed()` (the asyncio.Server shape the daemon stops)."""
+
+    def __init__(self, httpd: _Server) -> None:
+        self.httpd = httpd
+        self.address: tuple[str, int] = httpd.server_address[:2]  # type: ignore[assignment]
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                        name="vhostx-metrics", daemon=True)
+        self._closed = threading.Event()
+        self._thread.start()
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [self.httpd.socket]
+
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
+            threading.Thread(target=self._stop, name="vhostx-metrics-stop", daemon=True).start()
+
+    def _stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.to_thread(self._thread.join)
+
+
+async def serve(addr: str, stats_fn: Callable[[], Mapping[str, Any]]) -> MetricsServer:
+    """Listen on "HOST:PORT" (port 0: any free port; read it from `.address`) and answer
+    GET /metrics with the families of `stats_fn()`. ConfigError for a bad address or a failed
+    bind."""
     host, port = parse_addr(addr)
-    handler = _MetricsServer(stats_fn)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats_fn, asyncio.get_running_loop()))
+    app = _only_metrics(make_wsgi_app(registry))
     try:
-        server = await asyncio.start_server(handler.client, host, port, limit=MAX_REQUEST_BYTES,
-                                            reuse_address=True)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+
+        class Server(_Server):
+            address_family = family
+
+        httpd = make_server(str(sockaddr[0]), port, app, Server, handler_class=_Handler)
     except OSError as err:
         raise ConfigError(f"metrics={addr!r}: cannot listen: {err.strerror or err}") from err
-    for sock in server.sockets:
-        log.info("metrics on http://%s/metrics", _fmt_sockname(sock.getsockname()))
+    server = MetricsServer(httpd)
+    log.info("metrics on http://%s/metrics", _fmt_sockname(server.address))
     return server
 
 

@@ -4,14 +4,20 @@ Role: ``open_tap()`` creates a TAP interface opened by this process (``IFF_TAP |
 IFF_VNET_HDR``, non-blocking fd, vnet header length and offloads set by ioctl), optionally moves it
 into a network namespace (created if absent) and gives it an address there; the fd keeps working
 after the move. ``Bridge`` creates a Linux bridge and enslaves interfaces. ``Netns`` creates and
-deletes a namespace and runs commands (``ip netns exec``) or Python callables inside it.
+deletes a namespace and runs commands (``ip netns exec``, which also gives the command the
+namespace's /sys and /etc/netns files) or Python callables inside it.
+
+Namespaces through pyroute2: ``pyroute2.netns.create`` / ``remove`` / ``listnetns`` make, delete and
+find them, ``pyroute2.netns.setns`` enters one on a helper thread, and an interface moves with
+``IPRoute.link("set", net_ns_fd=NAME)``.
 
 Threads: the daemon's main thread calls this at device setup and teardown (and ``Tap.set_offloads``
 / ``set_vnet_hdr_len`` after feature negotiation). The calls block briefly on netlink and ioctls; a
 worker thread only ever reads and writes ``Tap.fd``. pyroute2 0.9's synchronous API cannot run on a
-thread whose asyncio loop is running (the daemon's main thread), so netlink work called from such a
-thread is done on a short-lived helper thread while the caller waits. ``Netns.call`` runs its callable on a fresh
-thread that has entered the namespace, never on the caller's thread.
+thread whose asyncio loop is running (the daemon's main thread), so netlink work is done on a
+short-lived helper thread while the caller waits; work inside a namespace runs on such a thread
+after ``pyroute2.netns.setns`` (which moves that thread only). ``Netns.call`` runs its callable on
+a fresh thread that has entered the namespace, never on the caller's thread.
 
 Errors: every failure raises ``virtio.errors.ConfigError`` naming the interface or namespace, what
 was asked and what the kernel answered.
@@ -19,7 +25,6 @@ was asked and what the kernel answered.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -34,6 +39,8 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2 import config as pyroute2_config
+from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from virtio.errors import ConfigError
@@ -64,8 +71,12 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 _IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, short flags, padding to 40 bytes
-_CLONE_NEWNET = 0x40000000
-_NETNS_DIR = "/run/netns"
+_NETNS_DIR = pyroute2_netns.NETNS_RUN_DIR
+# pyroute2.netns.create forks a helper that must answer within the library's communicate timeout
+# (2 s by default); a loaded 2-core machine needs longer.
+_CREATE_TIMEOUT_S = 15
+pyroute2_config.default_communicate_timeout = max(pyroute2_config.default_communicate_timeout,
+                                                  _CREATE_TIMEOUT_S)
 
 T = TypeVar("T")
 
@@ -78,24 +89,23 @@ def _in_thread(
 
     Why a thread: pyroute2 0.9's synchronous IPRoute drives an event loop of its own and fails
     with "this event loop is already running" on a thread whose loop runs (the daemon's main
-    thread); and entering a namespace must not move the caller's thread. pyroute2's own NetNS is
-    not used: it forks a helper process with a short timeout and retries, which proved fragile
-    on a loaded 2-core machine (interfaces configured in the wrong namespace)."""
+    thread); and entering a namespace must not move the caller's thread. IPRoute(netns=...) and
+    NetNS are not used: they fork a helper process per socket with a short timeout and retries,
+    which proved fragile on a loaded 2-core machine (interfaces configured in the wrong
+    namespace); `pyroute2.netns.setns` on a thread of our own needs no helper process."""
     box: dict[str, Any] = {}
 
     def body() -> None:
         try:
             if netns is not None:
                 try:
-                    fd = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
+                    pyroute2_netns.setns(netns, flags=0)  # 0: never create it
                 except FileNotFoundError as e:
                     raise ConfigError(
                         f"netns={netns!r}: no such namespace ({_NETNS_DIR}/{netns} does not exist)"
                     ) from e
-                try:
-                    _libc_setns(fd)
-                finally:
-                    os.close(fd)
+                except OSError as e:
+                    raise ConfigError(f"netns={netns!r}: cannot enter it: {_errmsg(e)}") from e
             box["value"] = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             box["error"] = e
@@ -160,7 +170,7 @@ def _check_address(address: str, where: str) -> ipaddress.IPv4Interface | ipaddr
 
 
 def netns_exists(name: str) -> bool:
-    return os.path.exists(os.path.join(_NETNS_DIR, name))
+    return name in pyroute2_netns.listnetns()
 
 
 def _check_netns_name(name: str) -> None:
@@ -170,30 +180,20 @@ def _check_netns_name(name: str) -> None:
         )
 
 
-def _ip_netns(action: str, name: str) -> None:
-    try:
-        subprocess.run(
-            ["ip", "netns", action, name], check=True, capture_output=True, text=True, timeout=30
-        )
-    except FileNotFoundError as e:
-        raise ConfigError(
-            f"netns={name!r}: cannot {action} it: the ip command (iproute2) is not installed"
-        ) from e
-    except subprocess.CalledProcessError as e:
-        raise ConfigError(
-            f"netns={name!r}: ip netns {action} failed with status "
-            f"{e.returncode}: {e.stderr.strip()}"
-        ) from e
-
-
 def _create_netns(name: str) -> None:
     _check_netns_name(name)
-    _ip_netns("add", name)
+    try:
+        pyroute2_netns.create(name)
+    except (OSError, RuntimeError, TimeoutError) as e:
+        raise ConfigError(f"netns={name!r}: cannot add it: {_errmsg(e)}") from e
 
 
 def _remove_netns(name: str) -> None:
     if netns_exists(name):
-        _ip_netns("delete", name)
+        try:
+            pyroute2_netns.remove(name)
+        except OSError as e:
+            raise ConfigError(f"netns={name!r}: cannot delete it: {_errmsg(e)}") from e
 
 
 def _configure_in(
@@ -235,19 +235,16 @@ def _configure_in(
 
 def _move_to_netns(ifname: str, netns: str) -> None:
     def body() -> None:
-        nsfd = os.open(os.path.join(_NETNS_DIR, netns), os.O_RDONLY | os.O_CLOEXEC)
         try:
             with IPRoute() as ipr:
                 idx = ipr.link_lookup(ifname=ifname)
                 if not idx:
                     raise ConfigError(f"tap {ifname}: vanished after TUNSETIFF")
-                ipr.link("set", index=idx[0], net_ns_fd=nsfd)
+                ipr.link("set", index=idx[0], net_ns_fd=netns)  # pyroute2 opens it by name
         except (NetlinkError, OSError) as e:
             raise ConfigError(
                 f"tap {ifname}: cannot move it into netns {netns!r}: {_errmsg(e)}"
             ) from e
-        finally:
-            os.close(nsfd)
 
     _in_thread(None, body, what="move")
 
@@ -467,13 +464,6 @@ class Bridge:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def _libc_setns(fd: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 class Netns:

@@ -1,15 +1,18 @@
 """Backends under test and testpmd clients, as context managers the runner stacks.
 
-- vhostx: the daemon (`vhostx.process.DaemonProcess`, through `bench.dpdk_compare.vhostx_daemon`)
-  with one net device per scenario device, pinned to the backend core, in the backend's mode with
-  its parameters. Ports: `sink` (guest TX streams, idle), `source` (guest RX streams), `echo`
-  (ping-pong). Counters come from the control socket's stats (the session-2 "queues" list, or the
-  session-1 per-device fields when that list is absent).
+- vhostx: the daemon (`DaemonProcess`, through `vhostx_daemon`) with one net device per scenario
+  device, pinned to the backend core, in the backend's mode with its parameters. Ports: `sink`
+  (guest TX streams, idle), `source` (guest RX streams), `echo` (ping-pong). Counters come from
+  the control socket's stats: the "queues" list (docs/internal-api.md, "Daemon statistics"),
+  read by field name, so fields the daemon adds later are ignored.
 - dpdk: DPDK's vhost PMD (`net_vhost`) in testpmd, forwarding on the backend core: `rxonly`
   (guest TX, idle), `txonly` (guest RX), `macswap` (ping-pong). Debian's DPDK is built with
   RTE_MAX_ETHPORTS = 32, so more than 32 devices take several testpmd processes (groups of 32)
   time-sharing the core.
 - testpmd client: virtio-user ports, K per process (groups of 32), forwarding on the client core.
+- `daemon_memory(pid)` / `guest_mapping_rss_kb(smaps)`: resident memory with and without the
+  guest-memory mappings; `CLEAN_CLIENT_CPU`: the client share of a core below which a run was
+  disturbed.
 
 `pingpong_alongside` (a guest_tx stream with one more device for a guest-model ping-pong flow):
 vhostx serves it as one more device `pp0` with an `echo` port in the same daemon (same mode,
@@ -25,6 +28,7 @@ Threads: the main thread (testpmd children are tied to the thread that starts th
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -32,25 +36,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.dpdk_compare import _daemon_queue_packets, daemon_memory, vhostx_daemon
+from bench.process import DaemonProcess
 from bench.testpmd import StatsSample, Testpmd, VhostVdev, VirtioUserVdev
 
 from .scenario import Backend, Case, Placement, TestpmdClient
 
 __all__ = [
     "ALONGSIDE_DEVICE",
+    "CLEAN_CLIENT_CPU",
     "MAX_PORTS_PER_TESTPMD",
     "BackendFailed",
     "RunningBackend",
     "TestpmdGroup",
     "auto_mbufs",
+    "daemon_memory",
+    "guest_mapping_rss_kb",
     "notification_counters",
     "start_backend",
     "start_testpmd_client",
+    "vhostx_daemon",
 ]
 
 MAX_PORTS_PER_TESTPMD = 32  # RTE_MAX_ETHPORTS of Debian's DPDK 22.11 build
 ALONGSIDE_DEVICE = "pp0"  # the vhostx device of a pingpong_alongside flow
+# A run is "clean" when the busy-polling client had its core: other load on a 2-core machine
+# shows first as a client that got less than a full core during the window.
+CLEAN_CLIENT_CPU = 0.9
 
 
 class BackendFailed(RuntimeError):
@@ -68,10 +79,10 @@ def auto_mbufs(ports: int, queues: int, queue_size: int = 0) -> int:
     burst, never below the 16384 of reference/environment.md's commands.
 
     Not more: testpmd's mempool is a FIFO ring behind a 250-mbuf lcore cache, so a TX client
-    whose rings drain quickly cycles through the *whole* pool. Session 2's 1024 mbufs per port
-    gave 32-port clients a 40960-mbuf pool (about 90 MB of 4 KiB pages with --no-huge): the
-    client then ran at about half speed against whichever backend kept its rings empty
-    (measured in session 4, docs/bench-results/README.md)."""
+    whose rings drain quickly cycles through the *whole* pool. An earlier sizing of 1024 mbufs
+    per port gave 32-port clients a 40960-mbuf pool (about 90 MB of 4 KiB pages with --no-huge):
+    the client then ran at about half speed against whichever backend kept its rings empty
+    (measured 2026-11-21, docs/bench-results/README.md)."""
     qs = queue_size or 256
     return max(16384, ports * queues * 2 * qs + 2048)
 
@@ -161,38 +172,88 @@ def start_testpmd_client(stack: ExitStack, sockets: Sequence[str], case: Case,
 
 
 def notification_counters(stats: dict[str, Any] | None) -> dict[str, int]:
-    """Summed notification counters of a daemon stats dict: packets, kicks, kicks_avoided,
-    interrupts, interrupts_suppressed, poll_switches (session 2 "queues" list; session 1:
-    works' kicks and notify on/off, queues' interrupts)."""
+    """Summed notification counters of the daemon stats' "queues" list: packets, kicks,
+    kicks_avoided, interrupts, interrupts_suppressed, poll_switches (starts + stops)."""
     out = {"packets": 0, "kicks": 0, "kicks_avoided": 0, "interrupts": 0,
            "interrupts_suppressed": 0, "poll_switches": 0}
-    if not stats:
-        return out
-    queues = stats.get("queues")
-    if isinstance(queues, list):
-        for q in queues:
-            for key in ("packets", "kicks", "kicks_avoided", "interrupts", "interrupts_suppressed"):
-                out[key] += int(q.get(key, 0) or 0)
-            out["poll_switches"] += int(q.get("poll_starts", 0) or 0) + int(q.get("poll_stops", 0) or 0)
-        return out
-    for dev in stats.get("devices", []):
-        for q in (dev.get("queues") or {}).values():
-            out["packets"] += int(q.get("packets", 0))
-            out["interrupts"] += int(q.get("interrupts", 0))
-            out["interrupts_suppressed"] += int(q.get("interrupts_suppressed", 0))
-        for w in (dev.get("works") or {}).values():
-            out["kicks"] += int(w.get("kicks", 0))
-            out["poll_switches"] += int(w.get("notify_on", 0)) + int(w.get("notify_off", 0))
+    for q in _queues(stats):
+        for key in ("packets", "kicks", "kicks_avoided", "interrupts", "interrupts_suppressed"):
+            out[key] += _int(q.get(key))
+        out["poll_switches"] += _int(q.get("poll_starts")) + _int(q.get("poll_stops"))
     return out
 
 
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _queues(stats: dict[str, Any] | None) -> list[dict[str, Any]]:
+    queues = (stats or {}).get("queues")
+    return [q for q in queues if isinstance(q, dict)] if isinstance(queues, list) else []
+
+
 def _direction_packets(stats: dict[str, Any], direction: str) -> int | None:
-    queues = stats.get("queues")
-    if isinstance(queues, list):
-        tag = ".tx" if direction == "guest_tx" else ".rx"
-        found = [int(q.get("packets", 0)) for q in queues if tag in str(q.get("name", ""))]
-        return sum(found) if found else None
-    return _daemon_queue_packets(stats, direction)
+    """Packets of the guest's TX (guest_tx) or RX (guest_rx) queues; None without queues."""
+    tag = ".tx" if direction == "guest_tx" else ".rx"
+    found = [_int(q.get("packets")) for q in _queues(stats) if tag in str(q.get("name", ""))]
+    return sum(found) if found else None
+
+
+# ----------------------------------------------------------------------------------------------
+# the vhostx daemon and memory
+
+
+@contextmanager
+def vhostx_daemon(devices: Sequence[tuple[str, str, dict[str, object]]], *,
+                  params: Sequence[str] = (), cpus: set[int] | None = None,
+                  workdir: str | None = None) -> Iterator[Any]:
+    """A running vhostx daemon (DaemonProcess) with net devices given as (name, port, options);
+    yields it with `.sockets` {name: path}. Stopped with SIGTERM on exit; its final statistics
+    are then in `.final_stats`."""
+    daemon = DaemonProcess(params=params, cpus=cpus, workdir=workdir, log_level="WARNING")
+    sockets = {name: daemon.add_device(name, port, **opts) for name, port, opts in devices}
+    daemon.sockets = sockets
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        if workdir is None:
+            daemon.cleanup()
+
+
+_SMAPS_HDR = re.compile(r"^[0-9a-f]+-[0-9a-f]+\s+\S+\s+[0-9a-f]+\s+\S+\s+\d+\s*(.*)$")
+
+
+def _is_guest_mapping(path: str) -> bool:
+    return "memfd:" in path or path.startswith("/dev/shm") or path.endswith("(deleted)")
+
+
+def guest_mapping_rss_kb(smaps_text: str) -> tuple[int, int]:
+    """(Rss kB, number of mappings) of guest-memory mappings (memfd, /dev/shm, deleted files) in
+    the text of /proc/PID/smaps."""
+    total = 0
+    count = 0
+    current_guest = False
+    for line in smaps_text.splitlines():
+        m = _SMAPS_HDR.match(line)
+        if m:
+            current_guest = _is_guest_mapping(m.group(1).strip())
+            count += current_guest
+            continue
+        if current_guest and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total, count
+
+
+def daemon_memory(pid: int) -> tuple[int, int, int]:
+    """(VmRSS kB, guest-mapping Rss kB, guest mappings) of a live process."""
+    vm_rss = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            vm_rss = int(line.split()[1])
+    guest, count = guest_mapping_rss_kb(Path(f"/proc/{pid}/smaps").read_text())
+    return vm_rss, guest, count
 
 
 class RunningBackend:
@@ -230,10 +291,10 @@ class RunningBackend:
         if stats is None or name is None:
             return stats
         out = dict(stats)
-        if isinstance(stats.get("queues"), list):
-            out["queues"] = [q for q in stats["queues"] if q.get("device") != name]
+        out["queues"] = [q for q in _queues(stats) if q.get("device") != name]
         if isinstance(stats.get("devices"), list):
-            out["devices"] = [d for d in stats["devices"] if d.get("name") != name]
+            out["devices"] = [d for d in stats["devices"]
+                              if not isinstance(d, dict) or d.get("name") != name]
         return out
 
     def packets(self, direction: str, stats: dict[str, Any] | None = None) -> tuple[float, int] | None:

@@ -3,7 +3,8 @@
 `make_plots(doc, runs, out_dir)` writes whichever apply and returns their paths relative to the
 results directory:
 - throughput_vs_devices.png: median Mpps against the number of devices, one line per backend
-  (stream tests swept over `devices`; error bars: min-max over repetitions);
+  (stream tests swept over `devices`; only the runs in each case's main machine mode; error
+  bars: min-max over those repetitions);
 - latency_cdf.png: CDF of round-trip times per backend (ping-pong tests and ping-pong flows
   alongside streams; all repetitions pooled; one panel per case);
 - cpu_vs_load.png: backend cores against the offered (or measured) packet rate per backend;
@@ -40,7 +41,12 @@ def _group(runs: Sequence[dict[str, Any]], kind: str) -> dict[str, list[dict[str
     return out
 
 
-def _throughput(runs: Sequence[dict[str, Any]], path: Path) -> bool:
+def _throughput(runs: Sequence[dict[str, Any]], path: Path,
+                main: dict[str, Any] | None = None) -> bool:
+    """`main`: each case's main mode (summary "mode"); runs of another mode are left out."""
+    main = main or {}
+    runs = [r for r in runs if main.get(r["case"]) is None
+            or (r.get("machine_mode") or {}).get("label") == main[r["case"]]]
     tests = _group(runs, "stream")
     tests = {t: rs for t, rs in tests.items() if len({r["params"]["devices"] for r in rs}) > 1}
     if not tests:
@@ -59,7 +65,7 @@ def _throughput(runs: Sequence[dict[str, Any]], path: Path) -> bool:
             ax.errorbar(xs, med, yerr=[lo, hi], marker="o", capsize=3, label=backend)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("devices")
-        ax.set_ylabel("Mpps (total, median of repetitions)")
+        ax.set_ylabel("Mpps (total, median of the main mode's repetitions)")
         ax.set_title(test)
         ax.grid(True, alpha=0.3)
         ax.legend()
@@ -156,7 +162,8 @@ def make_plots(doc: dict[str, Any], runs: Sequence[dict[str, Any]], out_dir: Pat
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     made = []
-    for name, fn in (("throughput_vs_devices.png", lambda p: _throughput(runs, p)),
+    main = {e["case"]: e.get("mode") for e in doc.get("summary", [])}
+    for name, fn in (("throughput_vs_devices.png", lambda p: _throughput(runs, p, main)),
                      ("latency_cdf.png", lambda p: _latency(runs, p)),
                      ("cpu_vs_load.png", lambda p: _cpu_load(runs, p)),
                      ("notifications.png", lambda p: _notifications(doc, p))):

@@ -1,22 +1,25 @@
 """Summaries and the markdown report of a scenario's runs.
 
-`summarize(scenario, runs)` groups runs by case and backend: medians of every metric over the
-repetitions, and for every backend its ratios against the reference backend, paired by
-repetition (`stats.paired_ratios`): median with min and max. `markdown(doc)` renders the
-results document (results.json) as tables. Pure; any thread.
+`summarize(scenario, runs)` labels every run with its machine mode (`modes.assign_modes`), then
+groups runs by case and backend: medians of every metric over the repetitions in the case's main
+mode (the mode with the most runs), how many runs fell in each mode, and for every backend its
+ratios against the reference backend, paired by repetition and only within one mode: per mode
+median with min and max, the mode with the most pairs quoted first. A pair across modes is never
+used. `markdown(doc)` renders the results document (results.json) as tables. Pure; any thread.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .modes import FAST, MIXED, ONE, PAIRABLE, SLOW, assign_modes, mode_counts, same_mode_pairs
 from .scenario import Scenario
-from .stats import paired_ratios
+from .stats import Ratio
 
-__all__ = ["RATIO_METRICS", "markdown", "metric", "summarize"]
+__all__ = ["RATIO_METRICS", "main_mode", "markdown", "metric", "one_line", "summarize"]
 
 # metric name -> (how to read it from a run's metrics, higher is better?)
 RATIO_METRICS: dict[str, tuple[str, bool]] = {
@@ -34,7 +37,7 @@ _KIND_RATIOS = {"stream": ("pps", "backend_cpu"), "pingpong": ("p50_us", "p99_us
                 "idle": ("backend_cpu",)}
 
 
-def metric(run: dict[str, Any], path: str) -> float | None:
+def metric(run: Mapping[str, Any], path: str) -> float | None:
     """A metric of one run by dotted path, None when the run failed or lacks it."""
     if run.get("error") or run.get("skipped"):
         return None
@@ -57,47 +60,81 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
+_MODE_ORDER = (FAST, ONE, SLOW)
+_MEDIANS = (("pps", "pps"), ("bps", "bps"), ("backend_pps", "backend_pps"),
+            ("backend_cpu", "backend_cpu.total"), ("client_cpu", "client_cpu.total"),
+            ("p50_us", "latency.p50_us"), ("p99_us", "latency.p99_us"),
+            ("p99_9_us", "latency.p99_9_us"),
+            ("kicks_per_packet", "notifications.per_packet.kicks"),
+            ("interrupts_per_packet", "notifications.per_packet.interrupts"),
+            ("poll_switches_per_packet", "notifications.per_packet.poll_switches"),
+            ("kicks_avoided_per_packet", "notifications.per_packet.kicks_avoided"),
+            ("rss_without_guest_mb", "memory.rss_without_guest_mb"),
+            ("alongside_p50_us", "alongside.latency.p50_us"),
+            ("alongside_p99_us", "alongside.latency.p99_us"),
+            ("alongside_p99_9_us", "alongside.latency.p99_9_us"),
+            ("alongside_rtps", "alongside.round_trips_per_s"),
+            ("alongside_cpu", "alongside.cpu.total"))
+
+
+def _label(run: dict[str, Any]) -> str:
+    return str((run.get("machine_mode") or {}).get("label", "unknown"))
+
+
+def main_mode(counts: dict[str, int]) -> str | None:
+    """The pairable mode with the most runs (ties: fast, one, slow); None without any."""
+    best = [(counts.get(m, 0), -i, m) for i, m in enumerate(_MODE_ORDER) if counts.get(m, 0)]
+    return max(best)[2] if best else None
+
+
+def _ratio_doc(values: list[float]) -> dict[str, Any]:
+    rt = Ratio.of(values)
+    return {"median": rt.median, "min": rt.min, "max": rt.max, "spread_pct": rt.spread_pct,
+            "pairs": rt.pairs, "values": list(rt.values)}
+
+
 def summarize(scenario: Scenario, runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ref = scenario.reference
+    want = scenario.run.pairs_wanted
+    assign_modes(runs, scenario.modes)
     out: list[dict[str, Any]] = []
     cases: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         cases.setdefault(r["case"], []).append(r)
     for label, rs in cases.items():
         first = rs[0]
+        ok_all = [r for r in rs if not r.get("error") and not r.get("skipped")]
+        case_counts = mode_counts(ok_all)
+        mode = main_mode(case_counts)
         entry: dict[str, Any] = {"case": label, "test": first["test"], "kind": first["kind"],
-                                 "params": first["params"], "reference": ref, "backends": {}}
+                                 "params": first["params"], "reference": ref, "backends": {},
+                                 "mode": mode, "runs_per_mode": case_counts,
+                                 "mixed_modes": (sum(1 for m in PAIRABLE if case_counts.get(m))
+                                                 > 1 or bool(case_counts.get(MIXED)))}
         by_backend: dict[str, list[dict[str, Any]]] = {}
         for r in rs:
             by_backend.setdefault(r["backend"], []).append(r)
         for name, brs in by_backend.items():
             ok = [r for r in brs if not r.get("error") and not r.get("skipped")]
+            counts = mode_counts(ok)
+            own = mode if counts.get(mode or "") else main_mode(counts)
+            in_mode = [r for r in ok if _label(r) == own]
             b: dict[str, Any] = {
                 "runs": len(brs), "ok": len(ok),
                 "errors": sorted({(r.get("error") or r.get("skipped") or "").splitlines()[0][:300]
                                   for r in brs if r.get("error") or r.get("skipped")}),
                 "clean": sum(1 for r in ok if r.get("metrics", {}).get("clean")),
+                "mode": own, "runs_per_mode": counts,
+                "mode_changed_runs": [r.get("index") for r in ok if _label(r) == MIXED],
             }
-            for key, path in (("pps", "pps"), ("bps", "bps"), ("backend_pps", "backend_pps"),
-                              ("backend_cpu", "backend_cpu.total"),
-                              ("client_cpu", "client_cpu.total"),
-                              ("p50_us", "latency.p50_us"), ("p99_us", "latency.p99_us"),
-                              ("p99_9_us", "latency.p99_9_us"),
-                              ("kicks_per_packet", "notifications.per_packet.kicks"),
-                              ("interrupts_per_packet", "notifications.per_packet.interrupts"),
-                              ("poll_switches_per_packet",
-                               "notifications.per_packet.poll_switches"),
-                              ("kicks_avoided_per_packet",
-                               "notifications.per_packet.kicks_avoided"),
-                              ("rss_without_guest_mb", "memory.rss_without_guest_mb"),
-                              ("alongside_p50_us", "alongside.latency.p50_us"),
-                              ("alongside_p99_us", "alongside.latency.p99_us"),
-                              ("alongside_p99_9_us", "alongside.latency.p99_9_us"),
-                              ("alongside_rtps", "alongside.round_trips_per_s"),
-                              ("alongside_cpu", "alongside.cpu.total")):
-                b[key] = _median([metric(r, path) for r in ok])
+            for key, path in _MEDIANS:
+                b[key] = _median([metric(r, path) for r in in_mode])
+            b["by_mode"] = {m: {"runs": n, **{key: _median([metric(r, path) for r in ok
+                                                            if _label(r) == m])
+                                             for key, path in _MEDIANS[:7]}}
+                            for m, n in counts.items() if m in PAIRABLE}
             cores: dict[str, list[float]] = {}
-            for r in ok:
+            for r in in_mode:
                 for core, share in r.get("metrics", {}).get("backend_cpu", {}).get(
                         "cores", {}).items():
                     cores.setdefault(core, []).append(share)
@@ -114,12 +151,16 @@ def summarize(scenario: Scenario, runs: Sequence[dict[str, Any]]) -> list[dict[s
                     names = names + _ALONGSIDE_RATIOS
                 for mname in names:
                     path, higher = RATIO_METRICS[mname]
-                    a = {r["rep"]: metric(r, path) for r in brs}
-                    bb = {r["rep"]: metric(r, path) for r in by_backend[ref]}
-                    rt = paired_ratios(a, bb)
-                    ratios[name][mname] = {"median": rt.median, "min": rt.min, "max": rt.max,
-                                           "spread_pct": rt.spread_pct, "pairs": rt.pairs,
-                                           "values": list(rt.values), "higher_is_better": higher}
+                    a = {r["rep"]: (_label(r), metric(r, path)) for r in brs}
+                    bb = {r["rep"]: (_label(r), metric(r, path)) for r in by_backend[ref]}
+                    pairs = same_mode_pairs(a, bb)
+                    by_mode = {m: _ratio_doc(v) for m, v in pairs["by_mode"].items()}
+                    best = main_mode({m: d["pairs"] for m, d in by_mode.items()})
+                    doc = _ratio_doc(pairs["by_mode"].get(best or "", []))
+                    doc.update(mode=best, by_mode=by_mode, cross_mode_pairs=pairs["cross_mode"],
+                               min_pairs=want, enough=doc["pairs"] >= want,
+                               higher_is_better=higher)
+                    ratios[name][mname] = doc
         entry["ratios"] = ratios
         out.append(entry)
     return out
@@ -136,9 +177,26 @@ def _f(x: Any, fmt: str = ".2f", scale: float = 1.0) -> str:
 
 
 def _ratio(r: dict[str, Any] | None) -> str:
+    """A ratio cell: the paired median within its mode, its spread and pairs; "not enough pairs"
+    below min_pairs; the other mode's median after it when both modes had pairs."""
     if not r or not r.get("pairs"):
-        return "-"
-    return f"**{r['median']:.2f}** ({r['min']:.2f}-{r['max']:.2f}, n={r['pairs']})"
+        cross = (r or {}).get("cross_mode_pairs")
+        return f"- (no same-mode pair; {cross} across modes)" if cross else "-"
+    mode = r.get("mode")
+    text = (f"**{r['median']:.2f}** ({r['min']:.2f}-{r['max']:.2f}, n={r['pairs']}"
+            + (f", {mode}" if mode and mode != ONE else "") + ")")
+    if not r.get("enough", True):
+        text += f" NOT ENOUGH PAIRS (< {r.get('min_pairs')})"
+    others = [f"{m} {d['median']:.2f} n={d['pairs']}"
+              for m, d in (r.get("by_mode") or {}).items() if m != mode and d.get("pairs")]
+    if others:
+        text += " [" + "; ".join(others) + "]"
+    return text
+
+
+def _modes_cell(b: dict[str, Any]) -> str:
+    counts = b.get("runs_per_mode") or {}
+    return " ".join(f"{m} {n}" for m, n in sorted(counts.items())) or "-"
 
 
 def _case(e: dict[str, Any]) -> str:
@@ -164,7 +222,7 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
         (f"- machine: {mach.get('cpu')}, {mach.get('nproc')} cpus, "
         f"{_f((mach.get('memory_kb') or 0) / 1048576, '.1f')} GiB; time {dims.get('time')}"),
         (f"- placement: {dims.get('placement')}; ratios are against **{ref}**, paired by "
-        "repetition (runs interleaved A B A B), median (min-max)"),
+        "repetition (runs interleaved A B A B) within one machine mode, median (min-max)"),
     ]
     for name, b in (dims.get("backends") or {}).items():
         extra = (f"mode {b.get('mode')}, params set {b.get('params_set') or '{}'}"
@@ -190,8 +248,8 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
     if "stream" in by_kind:
         lines += ["## Throughput", "",
                   ("| case | backend | Mpps | Gbit/s | ratio vs ref | backend cores | "
-                  "kicks/pkt | irqs/pkt | poll sw/pkt | RSS MB | runs ok (clean) |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "kicks/pkt | irqs/pkt | poll sw/pkt | RSS MB | runs ok (clean) | modes |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in by_kind["stream"]:
             for name, b in e["backends"].items():
                 lines.append(
@@ -202,13 +260,13 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                     f"{_f(b['interrupts_per_packet'], '.4f')} | "
                     f"{_f(b['poll_switches_per_packet'], '.5f')} | "
                     f"{_f(b['rss_without_guest_mb'], '.1f')} | {b['ok']}/{b['runs']} "
-                    f"({b['clean']}) |")
+                    f"({b['clean']}) | {_modes_cell(b)} |")
         lines.append("")
     if "pingpong" in by_kind:
         lines += ["## Latency (ping-pong round trips)", "",
                   ("| case | backend | p50 us | p99 us | p99.9 us | round trips/s | p50 ratio | "
-                  "p99 ratio | backend cores | kicks/pkt | irqs/pkt | runs ok |"),
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "p99 ratio | backend cores | kicks/pkt | irqs/pkt | runs ok | modes |"),
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in by_kind["pingpong"]:
             for name, b in e["backends"].items():
                 r = e["ratios"].get(name, {})
@@ -218,7 +276,8 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                     f"{_ratio(r.get('p50_us')) if name != ref else 'ref'} | "
                     f"{_ratio(r.get('p99_us')) if name != ref else 'ref'} | "
                     f"{_f(b['backend_cpu'])} | {_f(b['kicks_per_packet'], '.3f')} | "
-                    f"{_f(b['interrupts_per_packet'], '.3f')} | {b['ok']}/{b['runs']} |")
+                    f"{_f(b['interrupts_per_packet'], '.3f')} | {b['ok']}/{b['runs']} | "
+                    f"{_modes_cell(b)} |")
         lines.append("")
     along = [e for e in by_kind.get("stream", []) if e["params"].get("pingpong_alongside")]
     if along:
@@ -252,6 +311,7 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                              f"{per or '-'} | {_f(b['rss_without_guest_mb'], '.1f')} | "
                              f"{b['ok']}/{b['runs']} |")
         lines.append("")
+    lines += _modes_section(doc)
     errors = [(e["case"], n, err) for e in summary for n, b in e["backends"].items()
               for err in b["errors"]]
     if errors:
@@ -268,3 +328,67 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
               "thread counts on the core it last ran on), medians and ratios. See "
               "docs/harness.md."), ""]
     return "\n".join(lines)
+
+
+def _modes_section(doc: dict[str, Any]) -> list[str]:
+    """## Machine modes: how each run's mode was found, runs per mode and backend, runs that
+    changed mode, cases whose modes were mixed, and pairs short of min_pairs."""
+    modes = doc.get("modes") or {}
+    summary = doc.get("summary", [])
+    if not modes and not summary:
+        return []
+    det = modes.get("detector", "?")
+    cut = modes.get("boundary")
+    lines = ["## Machine modes", ""]
+    how = ("a DPDK-vs-DPDK reference probe before and after each run" if det == "probe" else
+           "clustering each backend's runs of a case by their own rate (no probe)")
+    lines.append(f"- detector: {how}; probe {modes.get('probe', '?')}; two modes when rates "
+                 f"differ by >= {modes.get('gap')}x"
+                 + (f"; boundary {cut / 1e6:.2f} Mpps (probe)" if cut and det == "probe" else
+                    "; one mode seen" if det == "probe" else ""))
+    lines.append(f"- min_pairs {modes.get('min_pairs')} same-mode pairs per compared backend and "
+                 f"case, at most {modes.get('max_extra_repeats')} extra repetitions; "
+                 f"{doc.get('extra_runs', 0)} extra runs made")
+    for backend, counts in (modes.get("runs_per_mode") or {}).items():
+        lines.append(f"- `{backend}`: " + ", ".join(f"{n} {m}" for m, n in sorted(counts.items())))
+    changed = modes.get("changed_midway") or []
+    if changed:
+        lines.append(f"- runs that changed mode (probe before != after, or a step inside the "
+                     f"window; never paired): {', '.join(str(i) for i in changed)}")
+    for e in summary:
+        if e.get("mixed_modes"):
+            lines.append(f"- {e['case']}: modes were MIXED ({_counts(e.get('runs_per_mode'))}); "
+                         f"medians are of the {e.get('mode')} runs, ratios within one mode")
+        for name, ratios in (e.get("ratios") or {}).items():
+            for mname, r in ratios.items():
+                if not r.get("enough", True):
+                    lines.append(f"- {e['case']} / {name} {mname}: not enough same-mode pairs "
+                                 f"({r.get('pairs', 0)} < {r.get('min_pairs')}; "
+                                 f"{r.get('cross_mode_pairs', 0)} across modes left out)")
+    for w in modes.get("warnings") or []:
+        lines.append(f"- warning: {w}")
+    lines.append("")
+    return lines
+
+
+def _counts(counts: dict[str, int] | None) -> str:
+    return ", ".join(f"{n} {m}" for m, n in sorted((counts or {}).items()))
+
+
+def one_line(rec: dict[str, Any]) -> str:
+    """The progress line of one finished run."""
+    head = f"{rec['case']:<28} rep {rec['rep']} {rec['backend']:<18}"
+    if rec.get("skipped"):
+        return head + " skipped: " + rec["skipped"][:160]
+    if rec.get("error"):
+        return head + " FAILED: " + rec["error"].splitlines()[0][:160]
+    m = rec.get("metrics", {})
+    parts = []
+    if rec["kind"] == "pingpong":
+        lat = m.get("latency", {})
+        parts.append(f"p50 {lat.get('p50_us', float('nan')):.1f} us p99 "
+                     f"{lat.get('p99_us', float('nan')):.1f} us")
+    if rec["kind"] != "idle":
+        parts.append(f"{m.get('pps', 0) / 1e6:.3f} Mpps")
+    parts.append(f"backend cpu {m.get('backend_cpu', {}).get('total', float('nan')):.2f}")
+    return head + " " + ", ".join(parts)

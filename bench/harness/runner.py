@@ -5,6 +5,12 @@ Order (`plan`): for each case, for each repetition, each backend in file order: 
 so that a slow drift of the machine touches every backend alike, and run i of A pairs with run i
 of B for the ratios.
 
+Machine modes (bench/harness/modes.py): with two or more backends, a DPDK-vs-DPDK reference probe
+measures the machine just before and just after every run, and a stream's window is sampled in
+`[modes] slices` parts. Ratios pair runs of one mode only; when a case ends with a compared
+backend short of `run.min_pairs` same-mode pairs, the case gets another repetition of every
+backend, up to `run.max_extra_repeats`.
+
 One run: a fresh short socket directory, the backend started pinned to the backend core, the
 client on the client core (testpmd's forwarding lcore, or this process's thread for the guest
 model), warm-up (excluded), then a window between two snapshots of: the client's per-port
@@ -34,21 +40,24 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.dpdk_compare import CLEAN_CLIENT_CPU, wait_quiet
-from bench.testpmd import TestpmdError
+from bench.testpmd import TestpmdError, find_testpmd
 
 from . import system
 from .backends import (
+    CLEAN_CLIENT_CPU,
     BackendFailed,
     RunningBackend,
-    notification_counters,
     sample_rates,
     start_backend,
     start_testpmd_client,
 )
+from .modes import DpdkProbe, assign_modes, rtt_slices, short_of_pairs, slice_count
 from .pingpong import AlongsideFlow, GuestModel, PingPongResult
+from .report import one_line
 from .scenario import Backend, Case, Scenario
 from .stats import latency_summary
+from .system import wait_quiet
+from .window import fill_common, snapshot
 
 __all__ = ["Runner", "plan"]
 
@@ -87,6 +96,9 @@ class Runner:
         self.started = 0.0
         self.qemu_info: Any = None  # qemu_client.GuestImageInfo, built when a case needs it
         self.qemu_unavailable = ""
+        self.probe: DpdkProbe | None = None  # the machine-mode reference pair
+        self.probe_status = "not started"
+        self.extra_runs = 0  # repetitions added to get same-mode pairs
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -111,26 +123,99 @@ class Runner:
         todo = plan(self.sc)
         self._write()
         progress_cm = _progress(self.progress, len(todo))
-        with progress_cm as prog:
+        with progress_cm as prog, ExitStack() as probes:
             task = prog.add_task("starting", total=len(todo)) if prog is not None else None
             try:
-                for i, (case, rep, backend) in enumerate(todo):
-                    desc = f"{case.label} rep {rep + 1}/{self.sc.run.repeats} {backend.name}"
-                    if prog is not None:
-                        prog.update(task, description=desc)
-                    rec = self._run_one(i, case, rep, backend)
-                    self.runs.append(rec)
-                    self._write_run(rec)
-                    self._write()
-                    self._say(prog, _one_line(rec))
-                    if prog is not None:
-                        prog.advance(task)
+                self._start_probe(probes)
+                for case in self.sc.cases():
+                    extra = 0
+                    rep = 0
+                    while rep < self.sc.run.repeats or self._wants_more(case, extra):
+                        if rep >= self.sc.run.repeats:
+                            extra += 1
+                            if prog is not None:
+                                prog.update(task, total=len(todo) + self.extra_runs
+                                            + len(self.sc.backends))
+                            self._say(prog, f"{case.label}: too few same-mode pairs, extra "
+                                      f"repetition {extra}/{self.sc.run.extra_limit}")
+                        for backend in self.sc.backends:
+                            self._one(prog, task, case, rep, backend, extra > 0)
+                        rep += 1
             except KeyboardInterrupt:
                 self.interrupted = True
                 self._say(prog, "interrupted: every process stopped; keeping the results so far")
         doc = self._write(final=True)
         self._finish(doc)
         return doc
+
+    def _one(self, prog: Any, task: Any, case: Case, rep: int, backend: Backend,
+             extra: bool) -> None:
+        desc = (f"{case.label} rep {rep + 1}/{self.sc.run.repeats}"
+                + (" (extra)" if extra else "") + f" {backend.name}")
+        if prog is not None:
+            prog.update(task, description=desc)
+        rec = self._run_one(len(self.runs), case, rep, backend)
+        if extra:
+            rec["extra"] = True
+            self.extra_runs += 1
+        self.runs.append(rec)
+        self._write_run(rec)
+        self._write()
+        self._say(prog, one_line(rec))
+        if prog is not None:
+            prog.advance(task)
+
+    # ---- machine modes -----------------------------------------------------------------------
+    def _start_probe(self, stack: ExitStack) -> None:
+        """The DPDK-vs-DPDK reference pair, when the scenario compares backends."""
+        ms = self.sc.modes
+        if ms.probe == "none" or len(self.sc.backends) < 2:
+            self.probe_status = ("off: [modes] probe = 'none'" if ms.probe == "none" else
+                                 "off: one backend, nothing to pair")
+            return
+        if find_testpmd() is None:
+            self.probe_status = "unavailable: dpdk-testpmd not found"
+            return
+        logs = self.out / "logs" / "probe"
+        logs.mkdir(parents=True, exist_ok=True)
+        try:
+            self.probe = stack.enter_context(DpdkProbe(
+                backend_core=self.sc.placement.backend_core,
+                client_core=self.sc.placement.client_core, duration=ms.probe_duration,
+                log_dir=logs))
+            self.probe_status = "on"
+        except (TestpmdError, OSError, RuntimeError, TimeoutError) as err:
+            self.probe_status = f"unavailable: {type(err).__name__}: {err}"[:500]
+            self.log(f"mode probe {self.probe_status}; modes from clustering the runs")
+
+    def _probe(self) -> float | None:
+        if self.probe is None:
+            return None
+        try:
+            return round(self.probe.measure(), 1)
+        except (TestpmdError, OSError, RuntimeError, TimeoutError, ValueError) as err:
+            self.log(f"mode probe failed: {type(err).__name__}: {err}")
+            return None
+
+    def _parts(self) -> int:
+        """Parts of a window for `mode_probe.slices` (each at least modes.MIN_SLICE_S)."""
+        return slice_count(self.sc.run.duration, self.sc.modes.slices)
+
+    def _wants_more(self, case: Case, extra: int) -> bool:
+        """True while a compared backend of `case` has fewer than `run.min_pairs` same-mode pairs
+        with the reference (any one mode) and extra repetitions are left."""
+        if extra >= self.sc.run.extra_limit or self.interrupted:
+            return False
+        if self.sc.reference in self.unavailable:
+            return False
+        from .report import metric
+
+        assign_modes(self.runs, self.sc.modes)
+        path = "pps" if case.kind != "idle" else "backend_cpu.total"
+        compared = [b.name for b in self.sc.backends if b.name not in self.unavailable]
+        return bool(short_of_pairs([r for r in self.runs if r["case"] == case.label], compared,
+                                   self.sc.reference, self.sc.run.pairs_wanted,
+                                   lambda r: metric(r, path)))
 
     def _say(self, prog: Any, msg: str) -> None:
         if prog is not None:
@@ -172,6 +257,7 @@ class Runner:
         if self.sc.run.quiet_wait > 0:
             rec["idle_cores_before"] = round(wait_quiet(self.sc.run.quiet_wait,
                                                         self.sc.run.quiet_cores), 3)
+        rec["mode_probe"] = {"before": self._probe(), "after": None, "slices": []}
         rundir = Path(tempfile.mkdtemp(prefix=f"vhxb{os.getpid()}-"))  # short: AF_UNIX paths
         logs = self.out / "logs" / f"{index:03d}-{_slug(backend.name)}"
         logs.mkdir(parents=True, exist_ok=True)
@@ -208,67 +294,18 @@ class Runner:
             rec["error"] = f"{type(err).__name__}: {err}"[:4000]
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
+        try:
+            rec["mode_probe"]["after"] = self._probe()
+        except KeyboardInterrupt:
+            self.runs.append(rec)
+            self._write_run(rec)
+            raise
         self._call_hook("done", rec)
         return rec
 
     def _call_hook(self, point: str, rec: dict[str, Any]) -> None:
         if self.hook is not None:
             self.hook(point, rec)
-
-    # ---- snapshots ---------------------------------------------------------------------------
-    def _snap(self, be: RunningBackend, case: Case, client_pids: list[int],
-              own_thread: bool, alongside_tid: int | None = None) -> dict[str, Any]:
-        stats = be.stats()
-        snap = {
-            "t": time.monotonic(),
-            "backend_threads": {pid: system.thread_times(pid) for pid in be.pids},
-            "client_threads": {pid: system.thread_times(pid) for pid in client_pids},
-            "stats": be.stream_stats(stats),
-            "backend_packets": be.packets(case.direction if case.kind == "stream" else "guest_tx",
-                                          stats),
-        }
-        if own_thread or alongside_tid is not None:
-            me = system.thread_times(os.getpid())
-            if own_thread:
-                tid = threading.get_native_id()
-                snap["own"] = {tid: me[tid]} if tid in me else {}
-            if alongside_tid is not None:
-                snap["alongside"] = ({alongside_tid: me[alongside_tid]} if alongside_tid in me
-                                     else {})
-        return snap
-
-    def _fill_common(self, rec: dict[str, Any], s0: dict[str, Any], s1: dict[str, Any],
-                     window: float, packets: float, be: RunningBackend) -> None:
-        m = rec.setdefault("metrics", {})
-        m["window_s"] = round(window, 4)
-        bt0: dict[int, Any] = {}
-        bt1: dict[int, Any] = {}
-        for pid in be.pids:
-            bt0.update(s0["backend_threads"].get(pid, {}))
-            bt1.update(s1["backend_threads"].get(pid, {}))
-        m["backend_cpu"] = system.cpu_usage(bt0, bt1, window)
-        ct0: dict[int, Any] = {}
-        ct1: dict[int, Any] = {}
-        for pid in s1["client_threads"]:
-            ct0.update(s0["client_threads"].get(pid, {}))
-            ct1.update(s1["client_threads"].get(pid, {}))
-        if "own" in s1:
-            ct0.update(s0.get("own", {}))
-            ct1.update(s1["own"])
-        m["client_cpu"] = system.cpu_usage(ct0, ct1, window)
-        b0, b1 = s0["backend_packets"], s1["backend_packets"]
-        if b0 is not None and b1 is not None and b1[0] > b0[0]:
-            m["backend_pps"] = (b1[1] - b0[1]) / (b1[0] - b0[0])
-        if s0["stats"] is not None and s1["stats"] is not None:
-            n0, n1 = notification_counters(s0["stats"]), notification_counters(s1["stats"])
-            delta = {k: max(0, n1[k] - n0[k]) for k in n1}
-            per = {}
-            base = delta["packets"] or packets * window
-            for k in ("kicks", "kicks_avoided", "interrupts", "interrupts_suppressed",
-                      "poll_switches"):
-                per[k] = delta[k] / base if base else None
-            m["notifications"] = {"counts": delta, "per_packet": per}
-        m["memory"] = be.memory()
 
     # ---- testpmd streams ---------------------------------------------------------------------
     def _stream_testpmd(self, stack: ExitStack, be: RunningBackend, case: Case,
@@ -291,12 +328,11 @@ class Runner:
         tid = flow.cpu_tid if flow is not None else None
         if flow is not None:
             flow.begin_window()
-        s0 = self._snap(be, case, client.pids, False, tid)
+        s0 = snapshot(be, case, client.pids, False, tid)
         c0 = client.port_stats()
         self._call_hook("window", rec)
-        time.sleep(self.sc.run.duration)
-        c1 = client.port_stats()
-        s1 = self._snap(be, case, client.pids, False, tid)
+        c1 = self._sliced_window(client, case, rec, c0)
+        s1 = snapshot(be, case, client.pids, False, tid)
         pp = flow.end_window() if flow is not None else None
         sched = flow.sched if flow is not None else ""
         window, rates = sample_rates(c0, c1)
@@ -307,7 +343,7 @@ class Runner:
         m = rec.setdefault("metrics", {})
         m.update(pps=pps, bps=sum(d["bps"] for d in per_dev), per_device=per_dev,
                  devices_with_traffic=sum(1 for d in per_dev if d["pps"] > 0))
-        self._fill_common(rec, s0, s1, window, pps, be)
+        fill_common(rec, s0, s1, window, pps, be)
         m["client_tx_drops"] = client.stop()
         client_core = m["client_cpu"]["total"]
         if pp is not None:
@@ -315,6 +351,27 @@ class Runner:
         # clean: the busy-polling client had its core (other load shows here first); with a
         # ping-pong alongside, testpmd and the ping-pong thread share that core
         m["clean"] = client_core >= CLEAN_CLIENT_CPU
+
+    def _sliced_window(self, client: Any, case: Case, rec: dict[str, Any], c0: Any) -> Any:
+        """Sleep through the window, sampling the client's counters `[modes] slices` times; the
+        parts' rates go to rec["mode_probe"]["slices"]. Returns the last sample."""
+        parts = self._parts()
+        key = "tx_pps" if case.direction == "guest_tx" else "rx_pps"
+        end = time.monotonic() + self.sc.run.duration
+        prev = c0
+        slices = []
+        for k in range(1, parts):
+            time.sleep(max(0.0, end - self.sc.run.duration * (parts - k) / parts
+                           - time.monotonic()))
+            cur = client.port_stats()
+            slices.append(round(sum(r[key] for r in sample_rates(prev, cur)[1]), 1))
+            prev = cur
+        time.sleep(max(0.0, end - time.monotonic()))
+        last = client.port_stats()
+        if parts > 1:
+            slices.append(round(sum(r[key] for r in sample_rates(prev, last)[1]), 1))
+        rec["mode_probe"]["slices"] = slices
+        return last
 
     def _start_alongside(self, stack: ExitStack, be: RunningBackend,
                          case: Case) -> AlongsideFlow:
@@ -369,10 +426,10 @@ class Runner:
         m = rec.setdefault("metrics", {})
         if case.kind == "pingpong":
             gm.pingpong(run.warmup, case.size, wait=gm_cfg.wait, record=False)
-            s0 = self._snap(be, case, [], True)
+            s0 = snapshot(be, case, [], True)
             self._call_hook("window", rec)
             res = gm.pingpong(run.duration, case.size, wait=gm_cfg.wait)
-            s1 = self._snap(be, case, [], True)
+            s1 = snapshot(be, case, [], True)
             window = s1["t"] - s0["t"]
             rate = res.received / res.elapsed_s if res.elapsed_s else 0.0
             m.update(pps=rate, bps=rate * case.size * 8, round_trips=res.received,
@@ -380,16 +437,18 @@ class Runner:
                      per_flow=res.per_flow,
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
+            rec["mode_probe"]["slices"] = [round(x, 1) for x in
+                                           rtt_slices(res.rtt_ns, self._parts())]
             if res.received == 0:
                 rec["error"] = (f"no round trip completed in the {res.elapsed_s:.1f} s window "
                                 f"(sent {res.sent}, lost {res.lost}, bad replies {res.bad})")
-            self._fill_common(rec, s0, s1, window, 2 * rate, be)
+            fill_common(rec, s0, s1, window, 2 * rate, be)
         elif case.kind == "stream":
             gm.stream(run.warmup, case.size, case.rate)
-            s0 = self._snap(be, case, [], True)
+            s0 = snapshot(be, case, [], True)
             self._call_hook("window", rec)
             res2 = gm.stream(run.duration, case.size, case.rate)
-            s1 = self._snap(be, case, [], True)
+            s1 = snapshot(be, case, [], True)
             window = s1["t"] - s0["t"]
             pps = res2.posted / res2.elapsed_s if res2.elapsed_s else 0.0
             m.update(pps=pps, bps=pps * case.size * 8, offered_pps=case.rate * case.devices,
@@ -397,15 +456,15 @@ class Runner:
                      per_device=[{"device": k, "pps": n / res2.elapsed_s, "bps":
                                   n / res2.elapsed_s * case.size * 8}
                                  for k, n in enumerate(res2.per_flow)])
-            self._fill_common(rec, s0, s1, window, pps, be)
+            fill_common(rec, s0, s1, window, pps, be)
         else:  # idle
             m["primed"] = gm.prime()
             time.sleep(run.warmup + case.idle_time)
-            s0 = self._snap(be, case, [], True)
+            s0 = snapshot(be, case, [], True)
             self._call_hook("window", rec)
             time.sleep(run.duration)
-            s1 = self._snap(be, case, [], True)
-            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], 0.0, be)
+            s1 = snapshot(be, case, [], True)
+            fill_common(rec, s0, s1, s1["t"] - s0["t"], 0.0, be)
             m["pps"] = 0.0
 
     # ---- QEMU guests (TCG) --------------------------------------------------------------------
@@ -442,10 +501,10 @@ class Runner:
         rec["client_pids"] = pids
         rec.setdefault("logs", []).append(str(logs / "guest.console.log"))
         guest.wait_window_begin()
-        s0 = self._snap(be, case, pids, False)
+        s0 = snapshot(be, case, pids, False)
         self._call_hook("window", rec)
         guest.wait_window_end()
-        s1 = self._snap(be, case, pids, False)
+        s1 = snapshot(be, case, pids, False)
         res = guest.finish()
         v = res.values
         elapsed = v["elapsed_ns"] / 1e9
@@ -458,17 +517,19 @@ class Runner:
                      sent=v["sent"], lost=v["lost"], bad=v["bad"], per_flow=[v["received"]],
                      latency=latency_summary(res.rtt_ns))
             rec["_rtt_ns"] = res.rtt_ns
+            rec["mode_probe"]["slices"] = [round(x, 1) for x in
+                                           rtt_slices(res.rtt_ns, self._parts())]
             if v["received"] == 0:
                 rec["error"] = (f"the guest completed no round trip in {elapsed:.1f} s (sent "
                                 f"{v['sent']}, lost {v['lost']}, bad replies {v['bad']})")
-            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], 2 * rate, be)
+            fill_common(rec, s0, s1, s1["t"] - s0["t"], 2 * rate, be)
         else:
             # the guest driver's own counters (frames through eth0) over the guest's window
             pps = v["if_packets"] / elapsed if elapsed else 0.0
             bps = v["if_bytes"] * 8 / elapsed if elapsed else 0.0
             m.update(pps=pps, bps=bps, per_device=[{"device": 0, "pps": pps, "bps": bps}],
                      devices_with_traffic=int(pps > 0))
-            self._fill_common(rec, s0, s1, s1["t"] - s0["t"], pps, be)
+            fill_common(rec, s0, s1, s1["t"] - s0["t"], pps, be)
             # clean: the guest's vCPU (busy sending or receiving) had the client core
             m["clean"] = m["client_cpu"]["total"] >= CLEAN_CLIENT_CPU
             if pps == 0:
@@ -488,6 +549,10 @@ class Runner:
     def _write(self, final: bool = False) -> dict[str, Any]:
         from .report import summarize
 
+        modes = assign_modes(self.runs, self.sc.modes)
+        modes["probe"] = self.probe_status
+        modes["min_pairs"] = self.sc.run.pairs_wanted
+        modes["max_extra_repeats"] = self.sc.run.extra_limit
         runs = [{k: v for k, v in r.items() if not k.startswith("_")} for r in self.runs]
         doc = {
             "scenario": {"name": self.sc.name, "description": self.sc.description,
@@ -499,6 +564,8 @@ class Runner:
             "complete": final and not self.interrupted,
             "interrupted": self.interrupted,
             "planned_runs": len(plan(self.sc)),
+            "extra_runs": self.extra_runs,
+            "modes": modes,
             "unavailable": self.unavailable,
             "runs": runs,
             "summary": summarize(self.sc, self.runs),
@@ -533,24 +600,6 @@ def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _one_line(rec: dict[str, Any]) -> str:
-    head = f"{rec['case']:<28} rep {rec['rep']} {rec['backend']:<18}"
-    if rec.get("skipped"):
-        return head + " skipped: " + rec["skipped"][:160]
-    if rec.get("error"):
-        return head + " FAILED: " + rec["error"].splitlines()[0][:160]
-    m = rec.get("metrics", {})
-    parts = []
-    if rec["kind"] == "pingpong":
-        lat = m.get("latency", {})
-        parts.append(f"p50 {lat.get('p50_us', float('nan')):.1f} us p99 "
-                     f"{lat.get('p99_us', float('nan')):.1f} us")
-    if rec["kind"] != "idle":
-        parts.append(f"{m.get('pps', 0) / 1e6:.3f} Mpps")
-    parts.append(f"backend cpu {m.get('backend_cpu', {}).get('total', float('nan')):.2f}")
-    return head + " " + ", ".join(parts)
 
 
 class _NoProgress:

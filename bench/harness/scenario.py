@@ -27,6 +27,7 @@ __all__ = [
     "Backend",
     "Case",
     "GuestModelClient",
+    "ModeSettings",
     "Placement",
     "QemuClient",
     "RunSettings",
@@ -64,6 +65,30 @@ class RunSettings:
     quiet_wait: float = 0.0  # before each run wait up to this long for idle cores (0: off)
     quiet_cores: float = 1.5  # idle cores wanted
     reference: str = ""  # backend the ratios are against ("" -> the last backend)
+    min_pairs: int = 0  # same-mode pairs wanted per compared backend and case (0: min(3, repeats))
+    max_extra_repeats: int = -1  # extra repetitions allowed per case to get them (-1: repeats)
+
+    @property
+    def pairs_wanted(self) -> int:
+        return self.min_pairs or min(3, self.repeats)
+
+    @property
+    def extra_limit(self) -> int:
+        return self.repeats if self.max_extra_repeats < 0 else self.max_extra_repeats
+
+
+@dataclass(frozen=True)
+class ModeSettings:
+    """How each run's machine mode is found (`[modes]`, bench/harness/modes.py)."""
+
+    probe: str = "dpdk"  # "dpdk": a DPDK-vs-DPDK reference probe before and after each run
+    probe_duration: float = 0.5  # s, the probe's window
+    gap: float = 1.8  # ratio between neighbouring rates that separates two modes
+    slices: int = 4  # parts of a run's window whose rates are compared (1: off)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"probe": self.probe, "probe_duration": self.probe_duration, "gap": self.gap,
+                "slices": self.slices}
 
 
 @dataclass(frozen=True)
@@ -182,6 +207,7 @@ class Scenario:
     source: str = ""  # the file it came from
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
     qemu: QemuClient = QemuClient()
+    modes: ModeSettings = ModeSettings()
 
     @property
     def reference(self) -> str:
@@ -207,17 +233,25 @@ class Scenario:
     def with_overrides(self, *, repeats: int | None = None, duration: float | None = None,
                        warmup: float | None = None, quiet_wait: float | None = None,
                        backends: list[str] | None = None,
-                       tests: list[str] | None = None) -> Scenario:
+                       tests: list[str] | None = None, min_pairs: int | None = None,
+                       max_extra_repeats: int | None = None,
+                       probe: str | None = None) -> Scenario:
         """The scenario with command-line overrides applied (validated like the file)."""
         run = self.run
         for key, value, lo, hi in (("repeats", repeats, 1, 100), ("duration", duration, 0.1, 3600),
-                                   ("warmup", warmup, 0.0, 600), ("quiet_wait", quiet_wait, 0, 3600)):
+                                   ("warmup", warmup, 0.0, 600), ("quiet_wait", quiet_wait, 0, 3600),
+                                   ("min_pairs", min_pairs, 0, 100),
+                                   ("max_extra_repeats", max_extra_repeats, -1, 100)):
             if value is not None:
                 if not lo <= value <= hi:
                     raise ScenarioError(f"--{key.replace('_', '-')} {value}: out of range, "
                                         f"allowed [{lo}, {hi}]")
                 run = replace(run, **{key: value})  # type: ignore[arg-type]
         sc = replace(self, run=run)
+        if probe is not None:
+            if probe not in ("dpdk", "none"):
+                raise ScenarioError(f"--probe {probe!r}: allowed dpdk | none")
+            sc = replace(sc, modes=replace(sc.modes, probe=probe))
         if backends:
             known = [b.name for b in self.backends]
             for name in backends:
@@ -308,8 +342,10 @@ def _opt_bool(table: Mapping[str, Any], key: str, where: str) -> bool | None:
 # ----------------------------------------------------------------------------------------------
 # sections
 
-_TOP = ["name", "description", "run", "placement", "backends", "clients", "tests"]
-_RUN = ["duration", "warmup", "repeats", "quiet_wait", "quiet_cores", "reference"]
+_TOP = ["name", "description", "run", "placement", "modes", "backends", "clients", "tests"]
+_RUN = ["duration", "warmup", "repeats", "quiet_wait", "quiet_cores", "reference", "min_pairs",
+        "max_extra_repeats"]
+_MODES = ["probe", "probe_duration", "gap", "slices"]
 _PLACEMENT = ["backend_core", "client_core"]
 _BACKEND = ["name", "kind", "mode", "params", "memory_mb", "total_num_mbufs", "burst"]
 _CLIENTS = ["testpmd", "guest_model", "qemu"]
@@ -339,7 +375,19 @@ def _parse_run(raw: Mapping[str, Any]) -> RunSettings:
         quiet_wait=_float(t, "quiet_wait", 0.0, 0.0, 3600, w),
         quiet_cores=_float(t, "quiet_cores", 1.5, 0.0, 1024, w),
         reference=_str(t, "reference", "", w),
+        min_pairs=_int(t, "min_pairs", 0, 0, 100, w),
+        max_extra_repeats=_int(t, "max_extra_repeats", -1, -1, 100, w),
     )
+
+
+def _parse_modes(raw: Mapping[str, Any]) -> ModeSettings:
+    t = _table(raw, "modes", "")
+    _check_keys(t, _MODES, "[modes]")
+    w = "modes"
+    return ModeSettings(probe=_str(t, "probe", "dpdk", w, ("dpdk", "none")),
+                        probe_duration=_float(t, "probe_duration", 0.5, 0.1, 10.0, w),
+                        gap=_float(t, "gap", 1.8, 1.2, 10.0, w),
+                        slices=_int(t, "slices", 4, 1, 20, w))
 
 
 def _parse_placement(raw: Mapping[str, Any]) -> Placement:
@@ -565,6 +613,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "", default_name: st
     name = _str(raw, "name", default_name or "scenario", "top level")
     description = _str(raw, "description", "", "top level")
     run = _parse_run(raw)
+    modes = _parse_modes(raw)
     placement = _parse_placement(raw)
     braw = raw.get("backends")
     if not isinstance(braw, list) or not braw:
@@ -588,7 +637,7 @@ def parse_scenario(raw: Mapping[str, Any], *, source: str = "", default_name: st
     if tdup:
         raise ScenarioError(f"tests: name(s) {', '.join(sorted(tdup))} used twice")
     sc = Scenario(name, description, run, placement, backends, testpmd, guest, tests,
-                  source=source, raw=raw, qemu=qemu)
+                  source=source, raw=raw, qemu=qemu, modes=modes)
     cases = sc.cases()  # checks the rules across keys on every sweep point
     if guest.wait == "poll" and any(c.pingpong_alongside for c in cases):
         raise ScenarioError("clients.guest_model.wait = 'poll' with pingpong_alongside: the "

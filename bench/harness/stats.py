@@ -2,21 +2,23 @@
 
 Pure functions over lists of numbers; any thread.
 
-- `percentile(values, q)`: linear interpolation between closest ranks (numpy's default "linear"
-  method), q in [0, 100]; NaN for an empty list.
-- `paired_ratios(a, b)`: A/B ratios of runs paired by repetition index (interleaved runs A_i, B_i
-  share the machine's state of that moment), skipping pairs where either side is missing or B is
-  zero; `Ratio` gives median, min, max, spread in percent of the median and the number of pairs.
+- `percentile(values, q)`: numpy's percentile (its default "linear" method: interpolation between
+  closest ranks), q in [0, 100]; NaN for an empty list.
+- `Ratio.of(ratios)`: median, min, max, spread in percent of the median and the number of pairs
+  of per-pair ratios (the pairs themselves: `modes.same_mode_pairs`, by repetition and within one
+  machine mode).
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Ratio", "cdf_points", "latency_summary", "paired_ratios", "percentile"]
+import numpy
+
+__all__ = ["Ratio", "cdf_points", "latency_summary", "percentile"]
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -24,13 +26,7 @@ def percentile(values: Sequence[float], q: float) -> float:
         raise ValueError(f"percentile {q} outside [0, 100]")
     if not values:
         return math.nan
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = math.ceil(pos)
-    if lo == hi:
-        return float(xs[lo])
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+    return float(numpy.percentile(values, q))  # method "linear": between closest ranks
 
 
 @dataclass(frozen=True)
@@ -50,17 +46,6 @@ class Ratio:
         lo, hi = min(ratios), max(ratios)
         spread = (hi - lo) / med * 100 if med else math.nan
         return cls(med, lo, hi, spread, len(ratios), tuple(ratios))
-
-
-def paired_ratios(a: Mapping[int, float | None], b: Mapping[int, float | None]) -> Ratio:
-    """Median of A_i / B_i over repetitions i present (and non-None, B non-zero) on both sides."""
-    ratios = []
-    for rep in sorted(set(a) & set(b)):
-        x, y = a[rep], b[rep]
-        if x is None or y is None or y == 0 or math.isnan(x) or math.isnan(y):
-            continue
-        ratios.append(x / y)
-    return Ratio.of(ratios)
 
 
 def latency_summary(samples_ns: Sequence[int]) -> dict[str, float]:

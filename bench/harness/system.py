@@ -7,8 +7,11 @@
 - `cpu_usage(before, after, window)`: per-thread and per-core shares of a core over a window; a
   thread's time is attributed to the core it last ran on (exact for pinned threads, which is how
   every benchmark here places them).
+- `git_commit(repo)`, `cpu_model()`: the commit string ("-dirty" appended for a modified tree)
+  and the CPU's model name.
+- `idle_cores(sample_s)`, `wait_quiet(max_wait, need_idle)`: idle cores from /proc/stat, and
+  the wait for a quiet machine before a run.
 
-Reuses `bench.dpdk_compare` for the commit string, the CPU model and the DPDK version.
 Any thread.
 """
 
@@ -25,13 +28,60 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.dpdk_compare import _cpu_model, _git_commit
 from bench.testpmd import dpdk_version
 
-__all__ = ["ThreadTime", "alive", "cpu_usage", "dimensions", "qemu_version", "thread_times"]
+__all__ = ["ThreadTime", "alive", "cpu_model", "cpu_usage", "dimensions", "git_commit",
+           "idle_cores", "qemu_version", "thread_times", "wait_quiet"]
 
 _CLK = os.sysconf("SC_CLK_TCK")
 REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def git_commit(repo: Path) -> str:
+    """HEAD of the checkout at `repo`, with "-dirty" when tracked files are modified;
+    "unknown" without git."""
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def idle_cores(sample_s: float = 1.0) -> float:
+    """Idle cores (idle + iowait) over `sample_s`, from /proc/stat."""
+    def read() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])
+
+    i0, t0 = read()
+    time.sleep(sample_s)
+    i1, t1 = read()
+    cpus = os.cpu_count() or 1
+    return cpus * (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(max_wait: float, need_idle: float) -> float:
+    """Wait up to `max_wait` s until at least `need_idle` cores are idle; returns the last idle
+    figure (the run goes ahead anyway: its CPU shares tell whether it was disturbed)."""
+    deadline = time.monotonic() + max_wait
+    idle = idle_cores()
+    while idle < need_idle and time.monotonic() < deadline:
+        idle = idle_cores()
+    return idle
 
 
 def qemu_version() -> str:
@@ -68,12 +118,12 @@ def _mem_total_kb() -> int:
 
 
 def dimensions() -> dict[str, Any]:
-    commit = _git_commit(REPO)
+    commit = git_commit(REPO)
     return {
         "commit": commit.removesuffix("-dirty"),
         "dirty": commit.endswith("-dirty"),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "nproc": os.cpu_count(),
             "memory_kb": _mem_total_kb(),
             "hostname": platform.node(),

@@ -25,6 +25,9 @@ duration = 1.0
 warmup = 0.5
 repeats = 1
 reference = "vhostx-baseline"
+max_extra_repeats = 0
+[modes]
+probe = "none"   # one run per backend: the pairing by mode is the smoke test's business
 [[backends]]
 name = "vhostx-baseline"
 kind = "vhostx"

@@ -5,7 +5,7 @@ testpmd client forwards on core 0 with its main lcore on 1, so the two busy side
 core. Packet counts are exact: the client's ethdev counters (`show port stats all`) against the
 daemon's per-queue counters read over its control socket while the client is still connected
 (the queues' counters leave the daemon's statistics when the frontend disconnects).
-No throughput is asserted here; rates belong to bench/dpdk_compare.py.
+No throughput is asserted here; rates belong to the benchmark harness (docs/harness.md).
 
 Threads: pytest's main thread only (testpmd's death signal is tied to the thread that starts it).
 """

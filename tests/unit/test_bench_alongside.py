@@ -212,7 +212,7 @@ def test_markdown_and_plot() -> None:
 
 
 def test_alongside_flow_paces_records_its_window_and_stops() -> None:
-    from bench.dpdk_compare import vhostx_daemon
+    from bench.harness.backends import vhostx_daemon
     from bench.harness.pingpong import AlongsideFlow, GuestModel
 
     with tempfile.TemporaryDirectory(prefix="vxal") as d, \

@@ -70,7 +70,9 @@ def test_runs_written_incrementally_with_raw_samples(tmp_path: Path) -> None:
 def test_refused_backend_is_skipped_and_others_go_on(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     sc = parse_scenario({
-        "name": "unit2", "run": {"duration": 0.2, "warmup": 0.1, "repeats": 2},
+        "name": "unit2", "run": {"duration": 0.2, "warmup": 0.1, "repeats": 2,
+                                  "max_extra_repeats": 0},
+        "modes": {"probe": "none"},
         "backends": [{"name": "bad", "kind": "vhostx", "mode": "baseline"},
                      {"name": "good", "kind": "vhostx", "mode": "baseline"}],
         "tests": [{"name": "pp", "kind": "pingpong"}],

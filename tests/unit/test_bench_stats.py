@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from bench.harness.stats import Ratio, cdf_points, latency_summary, paired_ratios, percentile
+from bench.harness.modes import same_mode_pairs
+from bench.harness.stats import Ratio, cdf_points, latency_summary, percentile
 
 
 def test_percentile_linear_interpolation() -> None:
@@ -22,20 +23,22 @@ def test_percentile_linear_interpolation() -> None:
         percentile(xs, 101)
 
 
-def test_paired_ratios_pair_by_repetition() -> None:
-    a = {0: 10.0, 1: 12.0, 2: 9.0, 3: 5.0}
-    b = {0: 5.0, 1: 4.0, 2: 9.0}  # rep 3 of B missing: the pair is left out
-    r = paired_ratios(a, b)
+def test_pairs_by_repetition_within_one_mode() -> None:
+    a = {0: ("one", 10.0), 1: ("one", 12.0), 2: ("one", 9.0), 3: ("one", 5.0)}
+    b = {0: ("one", 5.0), 1: ("one", 4.0), 2: ("one", 9.0)}  # rep 3 of B missing: left out
+    r = Ratio.of(same_mode_pairs(a, b)["by_mode"]["one"])
     assert r.values == (2.0, 3.0, 1.0)
     assert r.median == 2.0 and r.min == 1.0 and r.max == 3.0 and r.pairs == 3
     assert r.spread_pct == pytest.approx(100.0)
 
 
-def test_paired_ratios_skip_failed_and_zero() -> None:
-    r = paired_ratios({0: 1.0, 1: None, 2: 3.0, 3: float("nan")},
-                      {0: 2.0, 1: 1.0, 2: 0.0, 3: 1.0})
-    assert r.values == (0.5,) and r.pairs == 1
-    empty = paired_ratios({}, {0: 1.0})
+def test_pairs_skip_failed_zero_and_cross_mode() -> None:
+    p = same_mode_pairs({0: ("fast", 1.0), 1: ("fast", None), 2: ("fast", 3.0),
+                         3: ("fast", float("nan")), 4: ("fast", 2.0), 5: ("mixed", 1.0)},
+                        {0: ("fast", 2.0), 1: ("fast", 1.0), 2: ("fast", 0.0), 3: ("fast", 1.0),
+                         4: ("slow", 1.0), 5: ("mixed", 1.0)})
+    assert p["by_mode"] == {"fast": [0.5]} and p["cross_mode"] == 2
+    empty = Ratio.of(same_mode_pairs({}, {0: ("one", 1.0)})["by_mode"].get("one", []))
     assert empty.pairs == 0 and math.isnan(empty.median)
 
 

@@ -1,5 +1,5 @@
-"""vhostx.live: rows and rates from two stats snapshots (session-1 and session-2 shapes), and what
-the rendered tables show."""
+"""vhostx.live: rows and rates from two stats snapshots, what the rendered tables show, and the
+`vhostx params` / `vhostx workers` tables at 80 columns."""
 
 from __future__ import annotations
 
@@ -10,26 +10,30 @@ from rich.console import Console
 
 from vhostx.live import queue_rows, rates, render_stats_loop, stats_table
 
-SESSION1_A: dict[str, Any] = {
-    "ok": True, "mode": "baseline", "uptime_s": 10.0, "time": 100.0,
-    "devices": [{"name": "net0", "broken": None,
-                 "queues": {"0": {"packets": 0, "bytes": 0, "ring_full": 0},
-                            "1": {"packets": 1000, "bytes": 64000, "interrupts": 10,
-                                  "interrupts_suppressed": 90}},
-                 "works": {"net0.tx0": {"kicks": 100, "turns": 200, "budget_exhausted": 1}}}],
-    "workers": [{"name": "net0", "loops": 50, "sleeps": 40, "busy_ns": 1_000_000_000,
-                 "idle_ns": 1_000_000_000, "works": 1}],
-}
-SESSION1_B: dict[str, Any] = {
-    "ok": True, "mode": "baseline", "uptime_s": 12.0, "time": 102.0,
-    "devices": [{"name": "net0", "broken": "bad descriptor",
-                 "queues": {"0": {"packets": 0, "bytes": 0, "ring_full": 0},
-                            "1": {"packets": 3000, "bytes": 192000, "interrupts": 30,
-                                  "interrupts_suppressed": 170}},
-                 "works": {"net0.tx0": {"kicks": 140, "turns": 260, "budget_exhausted": 5}}}],
-    "workers": [{"name": "net0", "loops": 150, "sleeps": 60, "busy_ns": 1_500_000_000,
-                 "idle_ns": 2_500_000_000, "works": 1}],
-}
+
+def baseline(t: float, pkts: int, kicks: int, irqs: int, suppressed: int, budget: int,
+             loops: int, busy: int, idle: int, broken: str | None = None) -> dict[str, Any]:
+    """A baseline daemon's stats: one worker per device, kicks drive every queue."""
+    return {
+        "ok": True, "mode": "baseline", "uptime_s": t, "time": t,
+        "devices": [{"name": "net0", "broken": broken,
+                     "queues": {"1": {"packets": pkts, "bytes": pkts * 64}}}],
+        "workers": [{"index": 0, "name": "net0", "cpu": None, "loops": loops, "sleeps": 40,
+                     "busy_ns": busy, "idle_ns": idle, "works": 2, "devices": ["net0"],
+                     "polling": 0}],
+        "queues": [
+            {"name": "net0.tx0", "device": "net0", "worker": 0, "polling": False,
+             "packets": pkts, "bytes": pkts * 64, "kicks": kicks, "interrupts": irqs,
+             "interrupts_suppressed": suppressed, "budget_exhausted": budget, "turns": 200},
+            {"name": "net0.rx0", "device": "net0", "worker": 0, "polling": False,
+             "packets": 0, "bytes": 0, "ring_full": 0},
+        ],
+    }
+
+
+BASE_A = baseline(100.0, 1000, 100, 10, 90, 1, 50, 1_000_000_000, 1_000_000_000)
+BASE_B = baseline(102.0, 3000, 140, 30, 170, 5, 150, 1_500_000_000, 2_500_000_000,
+                  broken="bad descriptor")
 
 
 def shared(t: float, pkts: int, kicks: int, avoided: int, busy: int, idle: int,
@@ -61,16 +65,17 @@ def text_of(renderable: Any) -> str:
     return console.export_text()
 
 
-def test_session1_rows_name_rings_like_works() -> None:
-    rows = queue_rows(SESSION1_A)
-    assert set(rows) == {"net0.rx0", "net0.tx0"}
+def test_rows_come_from_the_queues_list_only() -> None:
+    rows = queue_rows(BASE_A)
+    assert set(rows) == {"net0.rx0", "net0.tx0"}  # not the devices' C ring counters again
     tx = rows["net0.tx0"]
-    assert tx["packets"] == 1000 and tx["kicks"] == 100 and tx["worker"] == "net0"
-    assert tx["polling"] is None
+    assert tx["packets"] == 1000 and tx["kicks"] == 100 and tx["worker"] == 0
+    assert tx["polling"] is False
+    assert queue_rows({"devices": BASE_A["devices"]}) == {}
 
 
-def test_session1_rates() -> None:
-    workers, queues = rates(SESSION1_A, SESSION1_B)
+def test_baseline_rates() -> None:
+    workers, queues = rates(BASE_A, BASE_B)
     tx = next(q for q in queues if q.name == "net0.tx0")
     assert tx.rates["packets"] == 1000.0  # 2000 packets in 2 s
     assert tx.rates["bytes"] == 64000.0
@@ -83,8 +88,8 @@ def test_session1_rates() -> None:
     assert w.busy_pct == 25.0 and w.idle_pct == 75.0
 
 
-def test_session1_table_shows_rates_and_broken_device() -> None:
-    out = text_of(stats_table(SESSION1_A, SESSION1_B))
+def test_baseline_table_shows_rates_and_broken_device() -> None:
+    out = text_of(stats_table(BASE_A, BASE_B))
     assert "mode=baseline" in out
     assert "broken: net0: bad descriptor" in out
     line = next(ln for ln in out.splitlines() if " tx0 " in ln)
@@ -146,7 +151,7 @@ def test_unknown_and_odd_fields_do_not_break_the_view() -> None:
 
 
 def test_daemon_time_missing_uses_local_interval() -> None:
-    a, b = dict(SESSION1_A), dict(SESSION1_B)
+    a, b = dict(BASE_A), dict(BASE_B)
     del a["time"], b["time"]
     _, queues = rates(a, b, dt=4.0)
     tx = next(q for q in queues if q.name == "net0.tx0")
@@ -165,3 +170,78 @@ def test_render_stats_loop_counts_refreshes() -> None:
     assert render_stats_loop("unused", interval=0.01, count=3, fetch=fetch, console=console) == 0
     assert len(calls) == 4  # the first snapshot, then one per refresh
     assert "tx0" in console.file.getvalue()  # type: ignore[attr-defined]
+
+
+# ---- `vhostx params` and `vhostx workers` tables -----------------------------------------------
+
+
+def _render(table: Any, width: int = 80) -> list[str]:
+    from rich.console import Console
+
+    con = Console(width=width, record=True, color_system=None, file=io.StringIO())
+    con.print(table)
+    return con.export_text().splitlines()
+
+
+def test_params_table_fits_80_columns_and_keeps_every_word() -> None:
+    from vhostx.daemon import new_registry
+    from vhostx.live import params_table
+
+    registry = new_registry(["net0"])
+    registry.set("busy_poll_us", 0, device="net0")
+    rows = [r.as_dict() for r in registry.describe()]
+    lines = _render(params_table(rows))
+    assert max(len(ln) for ln in lines) <= 80
+    text = " ".join(" ".join(lines).split())
+    for r in rows:
+        assert any(ln.startswith(r["name"] + " ") for ln in lines), r["name"]
+        # the description wraps but loses nothing
+        assert " ".join(r["description"].split()) in text, r["name"]
+        assert r["range"] in text
+    assert any(ln.startswith("busy_poll_us@net0 ") for ln in lines)
+
+
+def test_params_table_reads_control_rows_by_name() -> None:
+    from vhostx.live import params_table
+
+    rows = [{"name": "turn_max_packets", "value": 64, "source": "runtime", "range": "[1, 4096]",
+             "unit": "packets", "description": "budget", "new_field": [1]},
+            {"name": "polling", "value": True}, {"value": 3}]
+    lines = _render(params_table(rows))
+    text = "\n".join(lines)
+    assert "turn_max_packets" in text and "64" in text and "source runtime" in text
+    assert "[1, 4096] packets" in text
+    assert any(ln.startswith("polling ") and "true" in ln for ln in lines)
+    assert any(ln.startswith("? ") for ln in lines)
+
+
+def test_workers_table_fits_80_columns() -> None:
+    from vhostx.live import print_workers, workers_table
+
+    rows = [{"index": 0, "name": "w0", "cpu": 1, "works": 2, "polling": 1, "busy_ns": 750,
+             "idle_ns": 250, "devices": [f"net{i}" for i in range(40)]},
+            {"index": 1, "name": "w1", "cpu": None, "works": 0, "polling": 0, "busy_ns": 0,
+             "idle_ns": 0, "devices": []}]
+    lines = _render(workers_table(rows))
+    assert max(len(ln) for ln in lines) <= 80
+    assert lines[0].split() == ["worker", "name", "cpu", "works", "polling", "busy", "devices"]
+    assert lines[1].split()[:6] == ["0", "w0", "1", "2", "1", "75.0%"]
+    joined = "".join(ln.split()[-1] if i else "" for i, ln in enumerate(lines))
+    assert "net39" in joined  # the device list wraps, nothing is cut
+    assert any(ln.split()[:6] == ["1", "w1", "-", "0", "0", "-"] for ln in lines)
+    from rich.console import Console
+
+    out = io.StringIO()
+    assert print_workers([], Console(file=out, width=80)) == 0
+    assert out.getvalue().strip() == "no workers"
+
+
+def test_vhostx_params_prints_the_rich_table(capsys: Any, monkeypatch: Any) -> None:
+    from vhostx.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["params"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["parameter", "value", "description"]
+    assert max(len(ln.rstrip()) for ln in out) <= 80
+    assert any(ln.startswith("turn_max_packets ") for ln in out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.dpdk_compare import RunResult, guest_mapping_rss_kb, summarize
+from bench.harness.backends import guest_mapping_rss_kb
 from bench.testpmd import (
     StatsSample,
     VhostVdev,
@@ -329,23 +329,3 @@ def test_guest_mapping_rss_from_daemon_smaps() -> None:
     deleted_shm = DAEMON_SMAPS.replace("/memfd:nohuge (deleted)", "/dev/shm/guest0")
     assert guest_mapping_rss_kb(deleted_shm) == (2816, 1)
     assert guest_mapping_rss_kb("") == (0, 0)
-
-
-def _run(label: str, rep: int, pps: float, cpu: float = 1.0) -> RunResult:
-    return RunResult("vhostx" if label == "A" else "dpdk", label, "guest_tx_64", rep, pps,
-                     pps * 512, None, 5.0, 0, cpu, 1.0, (0.0, 0.0, 0.0), 0.0,
-                     clean=cpu >= 0.9)
-
-
-def test_summarize_pairs_and_clean_runs() -> None:
-    runs = [_run("A", 0, 10.0), _run("B", 0, 20.0), _run("A", 1, 12.0, cpu=0.5),
-            _run("B", 1, 20.0), _run("A", 2, 9.0), _run("B", 2, 10.0)]
-    failed = _run("A", 3, 0.0)
-    failed.error = "TestpmdError: boom"
-    s = summarize([*runs, failed, _run("B", 3, 5.0)], "guest_tx_64", "vhostx", "dpdk")
-    assert s.ratios == [0.5, 0.6, 0.9]  # the failed pair is left out
-    assert s.median_ratio == 0.6
-    assert (s.ratio_min, s.ratio_max) == (0.5, 0.9)
-    assert s.clean_ratios == [0.5, 0.9]
-    assert s.clean_median_ratio == pytest.approx(0.7)
-    assert s.median_a == 10.0 and s.median_b == 15.0  # medians use every successful run
