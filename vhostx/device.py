@@ -8,6 +8,12 @@ device holds a `DeviceBinding` (iosched.pool), not a worker: it attaches and det
 never runs code on a worker (SET_VRING_CALL on a running ring detaches the works, swaps the fd and
 re-plans).
 
+Repeats: QEMU keeps one vhost device per queue pair on one connection, and each of them sends
+SET_OWNER, SET_PROTOCOL_FEATURES, SET_FEATURES, the memory table (SET_MEM_TABLE or one ADD_MEM_REG
+per region) and GET_QUEUE_NUM again. A repeat that agrees with what is in force is accepted (and
+counted in `counters.repeats`); one that conflicts (other features while rings run, other protocol
+features, a driver clearing status bits) gets an error that names both values.
+
 Threads: everything here runs on the daemon's asyncio thread, except `_guest_error`, which a worker
 calls and which hops to the loop at once. Queues are touched by the worker only once attached.
 """
@@ -120,6 +126,7 @@ class DeviceCounters:
     guest_errors: int = 0
     messages: int = 0
     replans: int = 0
+    repeats: int = 0  # per-queue-pair repeats that agreed with the state in force
 
 
 class VhostUserDevice:
@@ -147,6 +154,7 @@ class VhostUserDevice:
     def _reset_state(self) -> None:
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self.protocol_features_set = False
         self.features_set = False
         self.owner = False
         self.status = 0
@@ -423,6 +431,15 @@ class VhostUserDevice:
                 f"SET_FEATURES acks {features:#x}, which has bits {extra:#x} never offered "
                 f"(offered {self.offered_features():#x})"
             )
+        if self.features_set and features == self.acked_features:
+            self.counters.repeats += 1  # the next queue pair's vhost device says it again
+            return
+        running = [vr.index for vr in self.vrings if vr.started]
+        if self.features_set and running:
+            raise RemoteProtocolError(
+                f"SET_FEATURES {features:#x} conflicts with the features {self.acked_features:#x} "
+                f"that rings {running} run with (stop them with GET_VRING_BASE first)"
+            )
         self.acked_features = features
         self.features_set = True
         self._features_changed()
@@ -431,6 +448,8 @@ class VhostUserDevice:
         """Hook: negotiated features changed (queues restart with new options)."""
 
     async def h_set_owner(self, msg: vu.Message) -> None:
+        if self.owner:
+            self.counters.repeats += 1
         self.owner = True
 
     async def h_reset_owner(self, msg: vu.Message) -> None:
@@ -460,7 +479,16 @@ class VhostUserDevice:
                 f"SET_PROTOCOL_FEATURES acks {features:#x} with bits {extra:#x} never offered "
                 f"(offered {self.protocol_features:#x})"
             )
+        if self.protocol_features_set:
+            if features == self.acked_protocol_features:
+                self.counters.repeats += 1
+                return
+            raise RemoteProtocolError(
+                f"SET_PROTOCOL_FEATURES {features:#x} conflicts with {self.acked_protocol_features:#x}"
+                f" set earlier on this connection"
+            )
         self.acked_protocol_features = features
+        self.protocol_features_set = True
 
     async def h_get_queue_num(self, msg: vu.Message) -> int:
         return self.num_queues
@@ -480,6 +508,11 @@ class VhostUserDevice:
     async def h_set_mem_table(self, msg: vu.Message) -> None:
         table: vu.MemTable = msg.payload
         regions = [MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset) for r in table.regions]
+        if self.memory is not None and self.memory.same_table(regions, msg.fds):
+            for fd in msg.fds:
+                _close(fd)
+            self.counters.repeats += 1  # keep the mappings (and the rings' pointers) as they are
+            return
         try:
             new = GuestMemory.map(regions, msg.fds)
         except GuestError as err:
@@ -493,13 +526,18 @@ class VhostUserDevice:
         r = msg.payload.region
         try:
             base = self.memory if self.memory is not None else GuestMemory.empty()
-            if len(base.regions) >= MAX_MEM_SLOTS:
+            region = MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset)
+            repeat = base.index_of(region) is not None
+            if len(base.regions) >= MAX_MEM_SLOTS and not repeat:
                 raise GuestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
-            new = base.with_region(MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset), msg.fds[0])
+            # a repeat maps nothing: the snapshot counts one more copy of the region
+            new = base.with_region(region, msg.fds[0])
         except GuestError as err:
             raise RemoteProtocolError(f"ADD_MEM_REG: {err}") from err
         finally:
-            _close(msg.fds[0])
+            _close(msg.fds[0])  # the mmap holds the file; a repeat needs no fd at all
+        if repeat:
+            self.counters.repeats += 1
         if self.memory is None:
             self.memory = new
         else:
@@ -615,7 +653,22 @@ class VhostUserDevice:
             # A reset by the driver: forget a broken state; rings restart from their bases.
             self._stop_all_queues()
             self.broken = None
-        self.status = status
+            self.status = 0
+            return
+        # NEEDS_RESET belongs to the device: it stays while the device is broken, whatever the
+        # driver writes back, and a driver cannot set it.
+        driver_bits = status & ~STATUS_NEEDS_RESET
+        old_bits = self.status & ~STATUS_NEEDS_RESET
+        if driver_bits == old_bits:
+            self.counters.repeats += 1
+            return
+        cleared = old_bits & ~driver_bits
+        if cleared:
+            raise Refused(
+                f"SET_STATUS {status:#x} clears status bits {cleared:#x} of {self.status:#x}; "
+                f"a driver clears status only by writing 0 (reset)"
+            )
+        self.status = driver_bits | (STATUS_NEEDS_RESET if self.broken is not None else 0)
 
     async def h_get_status(self, msg: vu.Message) -> int:
         return self.status

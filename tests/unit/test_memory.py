@@ -162,3 +162,28 @@ def test_c_table(fds):
     assert t.nregions == 2
     assert t.regions[1].gpa == 8 * MB and t.regions[1].host == m.gpa_to_host(8 * MB, 1)
     m.close()
+
+
+def test_qemu_mq_exact_repeat_counts_copies_and_maps_once(fds):
+    """One vhost device per queue pair adds the same region again: a copy, not an overlap."""
+    r = MemoryRegion(0, 0xA0000, 0x7000_0000, 0)
+    fd = fds()
+    m1 = GuestMemory.empty().with_region(r, fd)
+    dup = os.dup(fd)  # another fd of the same file
+    m2 = m1.with_region(r, dup)
+    os.close(dup)  # with_region closes no fd; the mapping does not need it
+    assert m2.copies == (2,) and m2.regions == (r,)
+    assert m2.gpa_to_host(0, 1) == m1.gpa_to_host(0, 1)
+    with pytest.raises(GuestError, match="another file"):
+        m2.with_region(r, fds())
+    with pytest.raises(GuestError, match="overlap"):
+        m2.with_region(MemoryRegion(0x1000, 0xA0000, 0x7000_1000, 0x1000), fd)
+    m3 = m2.without_region(r)
+    assert m3.copies == (1,)
+    m4 = m3.without_region(r)
+    assert m4.regions == ()
+    host = m3.gpa_to_host(0, 1)
+    for m in (m1, m2, m3):
+        m.close()
+    assert not _mapped(host)
+    m4.close()
