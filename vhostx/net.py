@@ -68,7 +68,6 @@ _PROTOCOL_FEATURES = (
     | (1 << PF.REPLY_ACK)
     | (1 << PF.RARP)
     | (1 << PF.MTU)
-    | (1 << PF.CONFIG)
     | (1 << PF.RESET_DEVICE)
     | (1 << PF.CONFIGURE_MEM_SLOTS)
     | (1 << PF.STATUS)
@@ -255,6 +254,7 @@ class NetDevice(VhostUserDevice):
                 vnet_hdr_len=12,
                 netns=self.cfg.tap_netns or None,
                 address=self.cfg.tap_address or None,
+                queues=self.cfg.queues,  # one TAP queue per pair: the kernel spreads RX flows
             )
         except OSError as err:
             raise ConfigError(f"device {self.name}: cannot create its TAP device: {err}") from err
@@ -317,6 +317,11 @@ class NetDevice(VhostUserDevice):
                 rxq.set_notify(False)
         if self._switch is not None and rx_all:
             self._switch_port = self._switch.add_port(rx_all)
+        if port == "tap":
+            # No flow may be steered to a TAP queue whose RX ring nobody serves (queue 0 stays:
+            # a TAP without queues loses its carrier).
+            for pair in range(1, self.cfg.queues):
+                self.tap.set_queue_enabled(pair, 2 * pair in running)
         for pair in range(self.cfg.queues):
             rx = running.get(2 * pair)
             tx = running.get(2 * pair + 1)
@@ -340,7 +345,7 @@ class NetDevice(VhostUserDevice):
         elif port == "switch" and self._switch is not None and self._switch_port is not None:
             op = vnet.Op.switch_tx(self._switch, self._switch_port, tx)
         elif port == "tap":
-            op = vnet.Op.tx_to_fd(tx, self.tap.fd)
+            op = vnet.Op.tx_to_fd(tx, self.tap.queue_fd(pair))
         else:  # sink, source (its TX is drained), echo whose RX ring is not running yet
             op = vnet.Op.tx_sink(tx)
         return QueueWorkItem(
@@ -355,7 +360,7 @@ class NetDevice(VhostUserDevice):
         )  # fmt: skip
 
     def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
-        fd = self.tap.fd
+        fd = self.tap.queue_fd(pair)
 
         def pending() -> bool:
             return rx.pending() > 0 and _fd_readable(fd)
