@@ -183,6 +183,7 @@ def test_qemu_mq_guest_spreads_traffic_over_every_queue_pair(
     dev = _device_stats(stats, "net0")
     queues = dev["queues"]
     packets = {int(q): s["packets"] for q, s in queues.items()}
+    print(f"acked features {dev['features']}, protocol features {dev['protocol_features']}")
     print(f"packets per ring (2i = RX of pair i, 2i+1 = TX): {dict(sorted(packets.items()))}")
     assert sorted(packets) == list(range(2 * pairs)), queues.keys()
     idle = [q for q, n in packets.items() if n == 0]
