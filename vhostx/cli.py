@@ -1,4 +1,5 @@
-"""The `vhostx` command line: serve, stats, params, param, workers, worker, migrate, demo, bench.
+"""The `vhostx` command line: serve, stats, devices, params, param, workers, worker, migrate, demo,
+bench.
 
 Exit codes: 0 success, 1 runtime failure (no daemon, or the daemon refused a command), 2 bad
 configuration or usage.
@@ -255,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=int, default=64, help="packet size in bytes")
     d.set_defaults(func=_cmd_demo)
 
+    from . import devices_cmd
+
+    devices_cmd.register(sub)
     _register_bench(sub)
     return p
 

@@ -14,7 +14,7 @@ per region) and GET_QUEUE_NUM again. A repeat that agrees with what is in force 
 counted in `counters.repeats`); one that conflicts (other features while rings run, other protocol
 features, a driver clearing status bits) gets an error that names both values.
 
-Threads: everything here runs on the daemon's asyncio thread, except `_guest_error`, which a worker
+Threads: everything here runs on the daemon's asyncio thread, except `guest_error`, which a worker
 calls and which hops to the loop at once. Queues are touched by the worker only once attached.
 """
 
@@ -147,6 +147,7 @@ class VhostUserDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._works: list[QueueWork] = []
         self._lock = asyncio.Lock()
+        self._connected = False
         self._reset_state()
 
     # ---- state ------------------------------------------------------------------------------
@@ -201,6 +202,10 @@ class VhostUserDevice:
         return {
             "name": self.name,
             "broken": self.broken,
+            # NEEDS_RESET (virtio status 0x40): a ring was broken by bad guest data; the frontend
+            # gets a working device back with RESET_DEVICE, SET_STATUS 0 or a reconnect
+            "needs_reset": self.broken is not None,
+            "connected": self._connected,
             "status": self.status,
             "features": hex(self.acked_features),
             "protocol_features": hex(self.acked_protocol_features),
@@ -216,6 +221,7 @@ class VhostUserDevice:
         """Serve one frontend connection until EOF or a protocol error, then reset."""
         self._loop = asyncio.get_running_loop()
         self.counters.connections += 1
+        self._connected = True
         conn = vu.BackendConnection()
         pending: list[vu.Message] = []
         try:
@@ -244,6 +250,7 @@ class VhostUserDevice:
             for msg in pending:
                 for fd in msg.fds:
                     _close(fd)
+            self._connected = False
             await self.disconnect()
 
     async def handle(self, conn: vu.BackendConnection, msg: vu.Message) -> bytes:
@@ -373,7 +380,15 @@ class VhostUserDevice:
     def guest_error(self, work: QueueWork, err: GuestError) -> None:
         """Worker thread: a ring broke. Hop to the loop and break the whole device."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._mark_broken, f"{work.name}: {err}")
+            self._loop.call_soon_threadsafe(self._work_broken, work, f"{work.name}: {err}")
+
+    def _work_broken(self, work: QueueWork, why: str) -> None:
+        # A report that arrives after the works were replaced (the device was reset meanwhile)
+        # is about rings that no longer exist: it must not break the new ones.
+        if work in self._works:
+            self._mark_broken(why)
+        else:
+            log.info("%s: late report from a retired work ignored: %s", self.name, why)
 
     def _mark_broken(self, why: str) -> None:
         if self.broken is not None:
@@ -459,6 +474,8 @@ class VhostUserDevice:
         await self._reset_rings()
 
     async def _reset_rings(self) -> None:
+        if self.broken is not None:
+            log.info("%s: reset by the frontend: NEEDS_RESET cleared", self.name)
         self._stop_all_queues()
         for vr in self.vrings:
             vr.close_fds()
@@ -650,8 +667,14 @@ class VhostUserDevice:
         if status > 0xFF:
             raise RemoteProtocolError(f"SET_STATUS: {status:#x} does not fit the 8-bit status")
         if status == 0:
-            # A reset by the driver: forget a broken state; rings restart from their bases.
+            # A reset by the driver: every ring stops (GET_VRING_BASE still answers its base)
+            # and starts again only at its next SET_VRING_KICK, after the driver set it up
+            # anew; a broken device is whole again.
             self._stop_all_queues()
+            for vr in self.vrings:
+                vr.started = False
+            if self.broken is not None:
+                log.info("%s: reset by SET_STATUS 0: NEEDS_RESET cleared", self.name)
             self.broken = None
             self.status = 0
             return
