@@ -482,6 +482,8 @@ class VhostUserDevice:
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.acked_features = 0
         self.features_set = False
+        # protocol features stay in force, but after a reset the frontend may set them anew
+        self.protocol_features_set = False
         self.status = 0
         self.broken = None
 

@@ -319,3 +319,13 @@ def test_qemu_mq_four_pairs_negotiate_on_one_connection() -> None:
         assert w.dev.memory is not None and w.dev.memory.copies == (4, 4)
     finally:
         w.close()
+
+
+def test_protocol_features_may_change_after_reset_device(wire: Wire) -> None:
+    wire.negotiate()
+    pf = wire.dev.acked_protocol_features
+    assert pf & (1 << PF.RESET_DEVICE)
+    assert wire.send(R.RESET_DEVICE, need_reply=True) == 0
+    less = pf & ~(1 << PF.STATUS)
+    assert wire.send(R.SET_PROTOCOL_FEATURES, less) is None  # a new negotiation, not a conflict
+    assert wire.dev.acked_protocol_features == less
