@@ -1,5 +1,6 @@
-"""The `vhostx` command line: serve, stats, params, param, workers, worker, migrate, and the
-commands of installed plugins (entry-point group `vhostx.commands`: bench/ adds `bench`, `demo`).
+"""The `vhostx` command line: serve, stats, devices, params, param, workers, worker, migrate, vfio,
+and the commands of installed plugins (entry-point group `vhostx.commands`: bench/ adds `bench`,
+`demo`).
 
 Exit codes: 0 success, 1 runtime failure (no daemon, or the daemon refused a command), 2 bad
 configuration or usage.
@@ -17,7 +18,7 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
-from . import vfio_cmd
+from . import devices_cmd, vfio_cmd
 
 __all__ = ["CAPABILITIES", "CommandFailed", "ask", "backend_main", "build_parser",
            "control_request", "main"]
@@ -278,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _register_plugins(sub)
     vfio_cmd.add_parser(sub)
+    devices_cmd.register(sub)
     return p
 
 

@@ -8,7 +8,13 @@ device holds a `DeviceBinding` (iosched.pool), not a worker: it attaches and det
 never runs code on a worker (SET_VRING_CALL on a running ring detaches the works, swaps the fd and
 re-plans).
 
-Threads: everything here runs on the daemon's asyncio thread, except `_guest_error`, which a worker
+Repeats: QEMU keeps one vhost device per queue pair on one connection, and each of them sends
+SET_OWNER, SET_PROTOCOL_FEATURES, SET_FEATURES, the memory table (SET_MEM_TABLE or one ADD_MEM_REG
+per region) and GET_QUEUE_NUM again. A repeat that agrees with what is in force is accepted (and
+counted in `counters.repeats`); one that conflicts (other features while rings run, other protocol
+features, a driver clearing status bits) gets an error that names both values.
+
+Threads: everything here runs on the daemon's asyncio thread, except `guest_error`, which a worker
 calls and which hops to the loop at once. Queues are touched by the worker only once attached.
 """
 
@@ -120,6 +126,7 @@ class DeviceCounters:
     guest_errors: int = 0
     messages: int = 0
     replans: int = 0
+    repeats: int = 0  # per-queue-pair repeats that agreed with the state in force
 
 
 class VhostUserDevice:
@@ -140,6 +147,7 @@ class VhostUserDevice:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._works: list[QueueWork] = []
         self._lock = asyncio.Lock()
+        self._connected = False
         self._reset_state()
 
     # ---- state ------------------------------------------------------------------------------
@@ -147,6 +155,7 @@ class VhostUserDevice:
     def _reset_state(self) -> None:
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self.protocol_features_set = False
         self.features_set = False
         self.owner = False
         self.status = 0
@@ -193,6 +202,10 @@ class VhostUserDevice:
         return {
             "name": self.name,
             "broken": self.broken,
+            # NEEDS_RESET (virtio status 0x40): a ring was broken by bad guest data; the frontend
+            # gets a working device back with RESET_DEVICE, SET_STATUS 0 or a reconnect
+            "needs_reset": self.broken is not None,
+            "connected": self._connected,
             "status": self.status,
             "features": hex(self.acked_features),
             "protocol_features": hex(self.acked_protocol_features),
@@ -208,6 +221,7 @@ class VhostUserDevice:
         """Serve one frontend connection until EOF or a protocol error, then reset."""
         self._loop = asyncio.get_running_loop()
         self.counters.connections += 1
+        self._connected = True
         conn = vu.BackendConnection()
         pending: list[vu.Message] = []
         try:
@@ -236,6 +250,7 @@ class VhostUserDevice:
             for msg in pending:
                 for fd in msg.fds:
                     _close(fd)
+            self._connected = False
             await self.disconnect()
 
     async def handle(self, conn: vu.BackendConnection, msg: vu.Message) -> bytes:
@@ -365,7 +380,15 @@ class VhostUserDevice:
     def guest_error(self, work: QueueWork, err: GuestError) -> None:
         """Worker thread: a ring broke. Hop to the loop and break the whole device."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._mark_broken, f"{work.name}: {err}")
+            self._loop.call_soon_threadsafe(self._work_broken, work, f"{work.name}: {err}")
+
+    def _work_broken(self, work: QueueWork, why: str) -> None:
+        # A report that arrives after the works were replaced (the device was reset meanwhile)
+        # is about rings that no longer exist: it must not break the new ones.
+        if work in self._works:
+            self._mark_broken(why)
+        else:
+            log.info("%s: late report from a retired work ignored: %s", self.name, why)
 
     def _mark_broken(self, why: str) -> None:
         if self.broken is not None:
@@ -423,6 +446,15 @@ class VhostUserDevice:
                 f"SET_FEATURES acks {features:#x}, which has bits {extra:#x} never offered "
                 f"(offered {self.offered_features():#x})"
             )
+        if self.features_set and features == self.acked_features:
+            self.counters.repeats += 1  # the next queue pair's vhost device says it again
+            return
+        running = [vr.index for vr in self.vrings if vr.started]
+        if self.features_set and running:
+            raise RemoteProtocolError(
+                f"SET_FEATURES {features:#x} conflicts with the features {self.acked_features:#x} "
+                f"that rings {running} run with (stop them with GET_VRING_BASE first)"
+            )
         self.acked_features = features
         self.features_set = True
         self._features_changed()
@@ -431,6 +463,8 @@ class VhostUserDevice:
         """Hook: negotiated features changed (queues restart with new options)."""
 
     async def h_set_owner(self, msg: vu.Message) -> None:
+        if self.owner:
+            self.counters.repeats += 1
         self.owner = True
 
     async def h_reset_owner(self, msg: vu.Message) -> None:
@@ -440,12 +474,16 @@ class VhostUserDevice:
         await self._reset_rings()
 
     async def _reset_rings(self) -> None:
+        if self.broken is not None:
+            log.info("%s: reset by the frontend: NEEDS_RESET cleared", self.name)
         self._stop_all_queues()
         for vr in self.vrings:
             vr.close_fds()
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.acked_features = 0
         self.features_set = False
+        # protocol features stay in force, but after a reset the frontend may set them anew
+        self.protocol_features_set = False
         self.status = 0
         self.broken = None
 
@@ -460,7 +498,16 @@ class VhostUserDevice:
                 f"SET_PROTOCOL_FEATURES acks {features:#x} with bits {extra:#x} never offered "
                 f"(offered {self.protocol_features:#x})"
             )
+        if self.protocol_features_set:
+            if features == self.acked_protocol_features:
+                self.counters.repeats += 1
+                return
+            raise RemoteProtocolError(
+                f"SET_PROTOCOL_FEATURES {features:#x} conflicts with {self.acked_protocol_features:#x}"
+                f" set earlier on this connection"
+            )
         self.acked_protocol_features = features
+        self.protocol_features_set = True
 
     async def h_get_queue_num(self, msg: vu.Message) -> int:
         return self.num_queues
@@ -480,6 +527,11 @@ class VhostUserDevice:
     async def h_set_mem_table(self, msg: vu.Message) -> None:
         table: vu.MemTable = msg.payload
         regions = [MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset) for r in table.regions]
+        if self.memory is not None and self.memory.same_table(regions, msg.fds):
+            for fd in msg.fds:
+                _close(fd)
+            self.counters.repeats += 1  # keep the mappings (and the rings' pointers) as they are
+            return
         try:
             new = GuestMemory.map(regions, msg.fds)
         except GuestError as err:
@@ -493,13 +545,18 @@ class VhostUserDevice:
         r = msg.payload.region
         try:
             base = self.memory if self.memory is not None else GuestMemory.empty()
-            if len(base.regions) >= MAX_MEM_SLOTS:
+            region = MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset)
+            repeat = base.index_of(region) is not None
+            if len(base.regions) >= MAX_MEM_SLOTS and not repeat:
                 raise GuestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
-            new = base.with_region(MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset), msg.fds[0])
+            # a repeat maps nothing: the snapshot counts one more copy of the region
+            new = base.with_region(region, msg.fds[0])
         except GuestError as err:
             raise RemoteProtocolError(f"ADD_MEM_REG: {err}") from err
         finally:
-            _close(msg.fds[0])
+            _close(msg.fds[0])  # the mmap holds the file; a repeat needs no fd at all
+        if repeat:
+            self.counters.repeats += 1
         if self.memory is None:
             self.memory = new
         else:
@@ -612,10 +669,31 @@ class VhostUserDevice:
         if status > 0xFF:
             raise RemoteProtocolError(f"SET_STATUS: {status:#x} does not fit the 8-bit status")
         if status == 0:
-            # A reset by the driver: forget a broken state; rings restart from their bases.
+            # A reset by the driver: every ring stops (GET_VRING_BASE still answers its base)
+            # and starts again only at its next SET_VRING_KICK, after the driver set it up
+            # anew; a broken device is whole again.
             self._stop_all_queues()
+            for vr in self.vrings:
+                vr.started = False
+            if self.broken is not None:
+                log.info("%s: reset by SET_STATUS 0: NEEDS_RESET cleared", self.name)
             self.broken = None
-        self.status = status
+            self.status = 0
+            return
+        # NEEDS_RESET belongs to the device: it stays while the device is broken, whatever the
+        # driver writes back, and a driver cannot set it.
+        driver_bits = status & ~STATUS_NEEDS_RESET
+        old_bits = self.status & ~STATUS_NEEDS_RESET
+        if driver_bits == old_bits:
+            self.counters.repeats += 1
+            return
+        cleared = old_bits & ~driver_bits
+        if cleared:
+            raise Refused(
+                f"SET_STATUS {status:#x} clears status bits {cleared:#x} of {self.status:#x}; "
+                f"a driver clears status only by writing 0 (reset)"
+            )
+        self.status = driver_bits | (STATUS_NEEDS_RESET if self.broken is not None else 0)
 
     async def h_get_status(self, msg: vu.Message) -> int:
         return self.status

@@ -222,6 +222,9 @@ def families(stats: Mapping[str, Any]) -> list[Metric]:
         if "broken" in dev:
             ex.add("device_broken", "gauge", "1 when the device is broken (NEEDS_RESET).",
                    labels, 1 if dev.get("broken") else 0)
+        if "needs_reset" in dev:
+            ex.add("device_needs_reset", "gauge", "1 while the device reports NEEDS_RESET (0x40) "
+                   "and waits for the frontend to reset it.", labels, int(bool(dev["needs_reset"])))
         if "status" in dev:
             ex.add("device_status", "gauge", "The virtio device status byte.", labels,
                    dev.get("status"))

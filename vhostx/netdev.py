@@ -46,11 +46,15 @@ from pyroute2.netlink.exceptions import NetlinkError
 from virtio.errors import ConfigError
 
 __all__ = [
+    "IFF_ATTACH_QUEUE",
+    "IFF_DETACH_QUEUE",
+    "IFF_MULTI_QUEUE",
     "IFF_NO_PI",
     "IFF_TAP",
     "IFF_VNET_HDR",
     "TUNSETIFF",
     "TUNSETOFFLOAD",
+    "TUNSETQUEUE",
     "TUNSETVNETHDRSZ",
     "Bridge",
     "Netns",
@@ -69,6 +73,10 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+IFF_ATTACH_QUEUE = 0x0200
+IFF_DETACH_QUEUE = 0x0400
+TUNSETQUEUE = 0x400454D9
 _IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, short flags, padding to 40 bytes
 _NETNS_DIR = pyroute2_netns.NETNS_RUN_DIR
@@ -264,6 +272,10 @@ class Tap:
         owns_netns: bool,
     ) -> None:
         self.fd = fd
+        #: one fd per queue with ``open_tap(queues=N)`` (IFF_MULTI_QUEUE); fds[0] is ``fd``. The
+        #: kernel steers each flow to the queue that last sent a packet of it.
+        self.fds: tuple[int, ...] = (fd,)
+        self._detached: set[int] = set()
         self.name = name
         self.vnet_hdr_len = vnet_hdr_len
         self.offloads = Offload(offloads)
@@ -301,9 +313,39 @@ class Tap:
             ) from e
         self.offloads = flags
 
+    def queue_fd(self, queue: int) -> int:
+        """The fd of queue ``queue`` while it is attached (writing on it steers the flow's
+        packets from the stack back to that queue), else the fd of queue 0."""
+        if 0 <= queue < len(self.fds) and queue not in self._detached:
+            return self.fds[queue]
+        return self.fd
+
+    def set_queue_enabled(self, queue: int, enabled: bool) -> None:
+        """TUNSETQUEUE: attach or detach queue ``queue`` (a multiqueue TAP), so that the kernel
+        steers no flow to a queue nobody reads. Idempotent."""
+        if not 0 <= queue < len(self.fds):
+            raise ConfigError(f"tap {self.name}: queue {queue}: it has {len(self.fds)} queues")
+        if enabled == (queue not in self._detached):
+            return
+        flags = IFF_ATTACH_QUEUE if enabled else IFF_DETACH_QUEUE
+        try:
+            fcntl.ioctl(self.fds[queue], TUNSETQUEUE, _IFREQ.pack(b"", flags))
+        except OSError as e:
+            raise ConfigError(
+                f"tap {self.name}: TUNSETQUEUE {'attach' if enabled else 'detach'} of queue "
+                f"{queue} failed: {_errmsg(e)}"
+            ) from e
+        if enabled:
+            self._detached.discard(queue)
+        else:
+            self._detached.add(queue)
+
     def close(self) -> None:
         """Close the fd (the kernel deletes the interface) and delete the namespace if
         ``open_tap`` created it. Idempotent."""
+        for extra in self.fds[1:]:
+            os.close(extra)
+        self.fds = ()
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -332,12 +374,14 @@ def open_tap(
     address: str | None = None,
     mtu: int | None = None,
     up: bool = True,
+    queues: int = 1,
 ) -> Tap:
     """Create a TAP interface (``name``, or ``tapN`` chosen by the kernel) opened by this process.
 
     With ``netns`` the interface is moved into that namespace (created if absent, and then deleted
     again by ``Tap.close``); ``address`` (``10.200.1.1/24``) and ``up`` apply where the interface
-    ends up."""
+    ends up. ``queues`` > 1 makes a multiqueue TAP (IFF_MULTI_QUEUE) with one fd per queue in
+    ``Tap.fds``."""
     if name is not None and (not name or len(name) > _IFNAMSIZ - 1 or "/" in name or " " in name):
         raise ConfigError(f"tap name={name!r}: expected 1-15 characters without '/' or spaces")
     if address is not None:
@@ -351,13 +395,23 @@ def open_tap(
     created_netns = False
     tap: Tap | None = None
     try:
-        ifr = _IFREQ.pack((name or "").encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
+        ifr = _IFREQ.pack((name or "").encode(), flags)
         try:
             ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as e:
             raise ConfigError(f"tap {name or '(new)'}: TUNSETIFF failed: {_errmsg(e)}") from e
         actual = _IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
         tap = Tap(fd, actual, vnet_hdr_len=vnet_hdr_len, offloads=0, netns=None, owns_netns=False)
+        for _ in range(queues - 1):  # more queues: attach by name, before the move to netns
+            qfd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+            tap.fds += (qfd,)
+            try:
+                fcntl.ioctl(qfd, TUNSETIFF, _IFREQ.pack(actual.encode(), flags))
+            except OSError as e:
+                raise ConfigError(
+                    f"tap {actual}: TUNSETIFF of queue {len(tap.fds) - 1} failed: {_errmsg(e)}"
+                ) from e
         tap.set_vnet_hdr_len(vnet_hdr_len)
         tap.set_offloads(offloads)
         if netns is not None:

@@ -4,6 +4,12 @@ A GuestMemory is an immutable snapshot: SET_MEM_TABLE builds a new one, ADD_MEM_
 derive a new one that shares the mmaps of the regions it keeps. Each mapping is reference
 counted; it is unmapped when the last snapshot using it is closed.
 
+Repeats: QEMU keeps one vhost device per queue pair on one connection and each of them adds the
+whole memory table. An ADD_MEM_REG that repeats a mapped region exactly (same gpa, size, uva,
+offset, and an fd of the same file) is accepted: the snapshot counts the copies of that region
+(`copies`) and REM_MEM_REG removes one copy, unmapping the region with its last copy. A partial
+overlap, or an exact repeat of the layout from another file, is still refused.
+
 Thread use: snapshots are built and closed by the main (control) thread; translation methods and
 `c_table` are read-only and may be called from any thread. A snapshot must not be closed while a
 queue still uses it (the device swaps queues to the new snapshot first).
@@ -55,9 +61,10 @@ class MemoryRegion:
 class _Mapping:
     """One mmap of one region, shared by snapshots; unmapped when its count drops to zero."""
 
-    __slots__ = ("base", "host", "length", "refs")
+    __slots__ = ("base", "file", "host", "length", "refs")
 
     def __init__(self, fd: int, region: MemoryRegion) -> None:
+        self.file = _file_identity(fd, region)
         start = region.mmap_offset & ~(_PAGE - 1)
         delta = region.mmap_offset - start
         length = region.size + delta
@@ -77,6 +84,18 @@ class _Mapping:
 
 
 _lock = threading.Lock()
+
+
+def _file_identity(fd: int, region: MemoryRegion) -> tuple[int, int]:
+    """(st_dev, st_ino) of the file behind fd: tells an exact repeat from a look-alike."""
+    try:
+        st = os.fstat(fd)
+    except OSError as err:
+        raise GuestError(
+            f"fd {fd} of memory region gpa={region.gpa:#x} size={region.size:#x} is not an "
+            f"open file: {err.strerror}"
+        ) from err
+    return (st.st_dev, st.st_ino)
 
 
 def _check_region(r: MemoryRegion) -> None:
@@ -105,10 +124,17 @@ def _check_overlaps(regions: Sequence[MemoryRegion]) -> None:
 class GuestMemory:
     """Immutable snapshot of the frontend's memory table; replaced, never mutated."""
 
-    def __init__(self, regions: Sequence[MemoryRegion], maps: Sequence[_Mapping]) -> None:
+    def __init__(
+        self,
+        regions: Sequence[MemoryRegion],
+        maps: Sequence[_Mapping],
+        copies: Sequence[int] | None = None,
+    ) -> None:
         # private: use map(), empty(), with_region(), without_region()
         self.regions: tuple[MemoryRegion, ...] = tuple(regions)
         self._maps: tuple[_Mapping, ...] = tuple(maps)
+        #: how many times the frontend added each region (ADD_MEM_REG repeats); 1 after map()
+        self.copies: tuple[int, ...] = tuple(copies) if copies is not None else (1,) * len(regions)
         self._closed = False
         self._c_table: Any = None
         with _lock:
@@ -139,20 +165,65 @@ class GuestMemory:
         return cls((), ())
 
     def with_region(self, region: MemoryRegion, fd: int) -> GuestMemory:
-        """A new snapshot with `region` added (ADD_MEM_REG); this one is left unchanged."""
+        """A new snapshot with `region` added (ADD_MEM_REG); this one is left unchanged.
+
+        An exact repeat of a mapped region (same layout, fd of the same file) adds a copy and
+        maps nothing; a partial overlap, or the same layout from another file, is refused."""
         self._check_open()
         _check_region(region)
+        i = self.index_of(region)
+        if i is not None:
+            file = _file_identity(fd, region)
+            if file != self._maps[i].file:
+                raise GuestError(
+                    f"memory region gpa=[{region.gpa:#x},{region.gpa + region.size:#x}) repeats "
+                    f"a mapped region's layout from another file (dev:ino "
+                    f"{file[0]}:{file[1]}, mapped {self._maps[i].file[0]}:{self._maps[i].file[1]})"
+                )
+            copies = list(self.copies)
+            copies[i] += 1
+            return GuestMemory(self.regions, self._maps, copies)
         _check_overlaps(self.regions + (region,))
         m = _Mapping(fd, region)
-        return GuestMemory(self.regions + (region,), self._maps + (m,))
+        return GuestMemory(self.regions + (region,), self._maps + (m,), self.copies + (1,))
+
+    def index_of(self, region: MemoryRegion) -> int | None:
+        """Index of the region with exactly this gpa, size, uva and mmap_offset, or None."""
+        for i, r in enumerate(self.regions):
+            if r == region:
+                return i
+        return None
+
+    def same_table(self, regions: Sequence[MemoryRegion], fds: Sequence[int]) -> bool:
+        """True if this snapshot maps exactly `regions` (in any order, each once) from the files
+        behind `fds`: a SET_MEM_TABLE that repeats it changes nothing."""
+        if self._closed or len(regions) != len(self.regions) or len(fds) != len(regions):
+            return False
+        if set(regions) != set(self.regions) or len(set(regions)) != len(regions):
+            return False
+        for r, fd in zip(regions, fds):
+            i = self.index_of(r)
+            try:
+                if i is None or _file_identity(fd, r) != self._maps[i].file:
+                    return False
+            except GuestError:
+                return False
+        return True
 
     def without_region(self, region: MemoryRegion) -> GuestMemory:
-        """A new snapshot without the region matching gpa, size and uva (REM_MEM_REG)."""
+        """A new snapshot without one copy of the region matching gpa, size and uva (REM_MEM_REG);
+        the region stays mapped while other copies of it remain."""
         self._check_open()
         for i, r in enumerate(self.regions):
             if (r.gpa, r.size, r.uva) == (region.gpa, region.size, region.uva):
+                if self.copies[i] > 1:
+                    copies = list(self.copies)
+                    copies[i] -= 1
+                    return GuestMemory(self.regions, self._maps, copies)
                 return GuestMemory(
-                    self.regions[:i] + self.regions[i + 1 :], self._maps[:i] + self._maps[i + 1 :]
+                    self.regions[:i] + self.regions[i + 1 :],
+                    self._maps[:i] + self._maps[i + 1 :],
+                    self.copies[:i] + self.copies[i + 1 :],
                 )
         raise GuestError(
             f"no memory region gpa={region.gpa:#x} size={region.size:#x} uva={region.uva:#x} "
@@ -223,5 +294,8 @@ class GuestMemory:
         return self._c_table
 
     def __repr__(self) -> str:
-        regs = ", ".join(f"gpa={r.gpa:#x}+{r.size:#x}" for r in self.regions)
+        regs = ", ".join(
+            f"gpa={r.gpa:#x}+{r.size:#x}" + (f" x{n}" if n > 1 else "")
+            for r, n in zip(self.regions, self.copies)
+        )
         return f"GuestMemory([{regs}]{', closed' if self._closed else ''})"

@@ -144,8 +144,9 @@ class BackendRequest(IntEnum):
 class ProtocolFeature(IntEnum):
     """Protocol feature bit numbers (GET/SET_PROTOCOL_FEATURES). Bits 17+ are newer than QEMU 7.2.
 
-    Never offer INBAND_NOTIFICATIONS (14) to QEMU 7.2: it acks the bit and never implements it.
-    DPDK 22.11 virtio-user accepts only MQ, REPLY_ACK and STATUS.
+    Never offer INBAND_NOTIFICATIONS (14) to QEMU 7.2: it acks the bit and never implements it;
+    nor CONFIG (9) on a net device: QEMU 7.2 masks it with a warning on every start.
+    DPDK 22.11 virtio-user accepts only MQ, REPLY_ACK and STATUS. docs/features.md has the table.
     """
 
     MQ = 0

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from bench.process import DaemonFailed, DaemonProcess
+from virtio.errors import VhostError
 from virtio.frontend import NetDriver, VhostUserFrontend
 from virtio.vhost_user import FrontendConnection, Request
 
@@ -238,7 +239,9 @@ def test_multiqueue_pairs_both_carry_traffic(daemon_factory) -> None:
         assert wait_until(lambda: queue_packets(d, "net0", "3") == 20)
 
 
-def test_get_config_reports_mac_and_pairs(daemon_factory) -> None:
+def test_net_device_offers_no_config_and_refuses_get_config(daemon_factory) -> None:
+    """PROTOCOL_F_CONFIG is not offered to net frontends (QEMU 7.2 masks it with a warning on
+    every start, DPDK does not know it): GET_CONFIG without it closes that connection only."""
     d = daemon_factory()
     s0 = d.add_device("net0", queues=2, mac="52:54:00:12:34:56", mtu=9000)
     d.start()
@@ -246,11 +249,11 @@ def test_get_config_reports_mac_and_pairs(daemon_factory) -> None:
     from virtio.vhost_user import Config
 
     with VhostUserFrontend(s0, queues=4, protocol_features=DEFAULT_PROTOCOL_FEATURES | 1 << 9) as fe:
-        assert fe.has_pf(9)
-
-        reply = fe.call(Request.GET_CONFIG, Config(0, 12, 0, bytes(12)))
-        mac, _status, pairs, mtu = struct.unpack("<6sHHH", reply.payload)
-        assert (mac.hex(), pairs, mtu) == ("525400123456", 2, 9000)
+        assert not fe.offered_protocol_features & (1 << 9)
+        assert not fe.has_pf(9)
+        with pytest.raises(VhostError):
+            fe.call(Request.GET_CONFIG, Config(0, 12, 0, bytes(12)))
+    assert d.alive()
 
 
 def test_client_mode_dials_the_frontend_and_redials_after_disconnect(daemon_factory, tmp_path) -> None:

@@ -162,3 +162,77 @@ def test_c_table(fds):
     assert t.nregions == 2
     assert t.regions[1].gpa == 8 * MB and t.regions[1].host == m.gpa_to_host(8 * MB, 1)
     m.close()
+
+
+def test_qemu_mq_exact_repeat_counts_copies_and_maps_once(fds):
+    """One vhost device per queue pair adds the same region again: a copy, not an overlap."""
+    r = MemoryRegion(0, 0xA0000, 0x7000_0000, 0)
+    fd = fds()
+    m1 = GuestMemory.empty().with_region(r, fd)
+    dup = os.dup(fd)  # another fd of the same file
+    m2 = m1.with_region(r, dup)
+    os.close(dup)  # with_region closes no fd; the mapping does not need it
+    assert m2.copies == (2,) and m2.regions == (r,)
+    assert m2.gpa_to_host(0, 1) == m1.gpa_to_host(0, 1)
+    with pytest.raises(GuestError, match="another file"):
+        m2.with_region(r, fds())
+    with pytest.raises(GuestError, match="overlap"):
+        m2.with_region(MemoryRegion(0x1000, 0xA0000, 0x7000_1000, 0x1000), fd)
+    m3 = m2.without_region(r)
+    assert m3.copies == (1,)
+    m4 = m3.without_region(r)
+    assert m4.regions == ()
+    host = m3.gpa_to_host(0, 1)
+    for m in (m1, m2, m3):
+        m.close()
+    assert not _mapped(host)
+    m4.close()
+
+
+_REGIONS = [MemoryRegion(i * 4 * MB, MB, 0x4000_0000 + i * 4 * MB, 0) for i in range(3)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, len(_REGIONS) - 1)), max_size=25))
+def test_repeats_and_removals_follow_a_multiset(ops):
+    """ADD_MEM_REG / REM_MEM_REG of exact repeats behave like a multiset of regions: a region is
+    mapped exactly while its count is above zero, and removing an absent one is an error."""
+    fds = []
+    for _ in _REGIONS:
+        fd = os.memfd_create("vx-mem-prop")
+        os.ftruncate(fd, MB)
+        fds.append(fd)
+    count = [0] * len(_REGIONS)
+    mem = GuestMemory.empty()
+    try:
+        for add, i in ops:
+            r = _REGIONS[i]
+            if add:
+                new = mem.with_region(r, fds[i])
+                count[i] += 1
+            elif count[i] == 0:
+                with pytest.raises(GuestError):
+                    mem.without_region(r)
+                continue
+            else:
+                new = mem.without_region(r)
+                count[i] -= 1
+            mem.close()
+            mem = new
+            want = [r for r, n in zip(_REGIONS, count) if n]
+            assert sorted(mem.regions, key=lambda x: x.gpa) == want
+            assert dict(zip(mem.regions, mem.copies)) == {
+                r: n for r, n in zip(_REGIONS, count) if n
+            }
+            for r, n in zip(_REGIONS, count):
+                if n:
+                    mem.gpa_to_host(r.gpa + r.size - 1, 1)
+                else:
+                    with pytest.raises(GuestError):
+                        mem.gpa_to_host(r.gpa, 1)
+    finally:
+        mem.close()
+        for fd in fds:
+            os.close(fd)
+    with open("/proc/self/maps") as f:
+        assert "vx-mem-prop" not in f.read()  # every mapping went with its last copy
