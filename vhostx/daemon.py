@@ -109,7 +109,7 @@ class Daemon:
 
     @property
     def workers(self) -> list[Any]:
-        """The pool's workers (compatibility with session 1's list of Worker)."""
+        """The pool's workers (compatibility with the earlier list of Worker)."""
         return list(self.pool.workers.values()) if self.pool is not None else []
 
     def _settings(self) -> SchedSettings:

@@ -44,7 +44,7 @@ def need_qemu() -> str:
 @pytest.fixture(scope="session")
 def guest_image() -> Any:
     """The test guest (kernel + busybox initramfs), built once into the cache
-    ($VHOSTX_CACHE or ~/.cache/vhostx) and reused across sessions."""
+    ($VHOSTX_CACHE or ~/.cache/vhostx) and reused across runs."""
     need_qemu()
     from bench.guest import build_image
 
@@ -65,7 +65,7 @@ def unique() -> Callable[[str], str]:
 
 @pytest.fixture
 def subnet() -> str:
-    """A /24 prefix "10.200.N" unique within this session (only used inside our namespaces)."""
+    """A /24 prefix "10.200.N" unique within this test run (only used inside our namespaces)."""
     return f"10.200.{next(_subnets) % 250}"
 
 

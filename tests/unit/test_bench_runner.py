@@ -94,7 +94,7 @@ def test_refused_backend_is_skipped_and_others_go_on(tmp_path: Path,
 def test_client_mbuf_pool_fills_every_ring_and_no_more() -> None:
     """The pool holds every RX and TX ring's worth plus cache and burst slack (the reference
     command's 16384 at least); not a fixed 1024 per port, whose cold surplus halved a 32-port
-    client's rate (docs/bench-results/README.md, session 4)."""
+    client's rate (docs/bench-results/README.md)."""
     from bench.harness.backends import auto_mbufs
 
     assert auto_mbufs(1, 1) == 16384

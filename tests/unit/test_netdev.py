@@ -168,7 +168,7 @@ _subnet = iter(range(100, 250))
 
 @pytest.fixture
 def subnet() -> str:
-    """A /24 prefix "10.200.N" unique within this test session."""
+    """A /24 prefix "10.200.N" unique within this test run."""
     return f"10.200.{next(_subnet)}"
 
 

@@ -122,7 +122,7 @@ def sample(req: Request) -> tuple[object, int]:
     if name == "IotlbMsg":
         return IotlbMsg(0x1000, 0x2000, 0x3000, 3, 2), 0
     if name == "raw bytes":
-        return b"session-blob", 0
+        return b"crypto-blob", 0
     raise AssertionError(f"no sample for {req!r}")
 
 
