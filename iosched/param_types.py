@@ -149,7 +149,7 @@ class Param:
                 near = difflib.get_close_matches(typed, self.choices, n=1)
                 hint = f" (did you mean {near[0]}?)" if near else ""
                 raise self._refuse(value, f"not a valid choice{hint}")
-        if self.type in (int, float) and not (self.min <= typed <= self.max):  # type: ignore[operator]
+        if self.type in (int, float) and not (self.min <= typed <= self.max):
             shown = ""
             if isinstance(value, str) and str(typed) != value.strip():
                 shown = f" ({typed} {self.unit})" if self.unit else f" ({typed})"

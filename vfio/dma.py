@@ -271,7 +271,7 @@ class DmaMapper:
         return self.map_ioctls / gib if gib else 0.0
 
     def map_buffer(self, buf: DmaBuffer, **kw: bool) -> int:
-        buf.iova = self.map([(buf.vaddr, buf.size)], **kw)  # type: ignore[arg-type]
+        buf.iova = self.map([(buf.vaddr, buf.size)], **kw)
         return buf.iova
 
     def unmap(self, iova: int) -> int:

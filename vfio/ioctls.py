@@ -286,7 +286,7 @@ def ioctl(fd: int, request: int, buf: ctypes.Structure | ctypes.c_int32 | bytear
     into; returns the ioctl's int result (e.g. the device fd of GROUP_GET_DEVICE_FD)."""
     IOCTL_COUNTS[name] += 1
     try:
-        return fcntl.ioctl(fd, request, buf, True)  # type: ignore[call-overload,no-any-return]
+        return fcntl.ioctl(fd, request, buf, True)  # type: ignore[no-any-return]
     except OSError as err:
         raise _fail(name, err, what) from err
 

@@ -212,7 +212,7 @@ def vhostx_daemon(devices: Sequence[tuple[str, str, dict[str, object]]], *,
     are then in `.final_stats`."""
     daemon = DaemonProcess(params=params, cpus=cpus, workdir=workdir, log_level="WARNING")
     sockets = {name: daemon.add_device(name, port, **opts) for name, port, opts in devices}
-    daemon.sockets = sockets
+    daemon.sockets = sockets  # type: ignore[attr-defined]  # the harness's own note on it
     try:
         daemon.start()
         yield daemon
