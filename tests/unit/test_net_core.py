@@ -131,6 +131,64 @@ def test_rx_fill_empty_ring(env):
     assert g.rx.stats()["ring_full"] == 1
 
 
+@pytest.mark.parametrize("mrg", [False, True])
+def test_rx_fill_one_buffer_chains_and_others_interleaved_keep_ring_order(env, mrg):
+    # rx_fill writes one-descriptor chains directly and hands every other chain (several
+    # buffers, indirect) to the general path: frames, headers, used entries and counters must
+    # come out exactly as from the general path alone, in ring order
+    g = Guest(env, mrg=mrg)
+    frame = _frame(MAC_B, MAC_A, 200)
+    expect: list[tuple[int, list[int]]] = []  # (head, buffer gpas) in ring order
+    for i in range(20):
+        if i % 5 == 2:  # header and frame in two buffers
+            a, b = env.alloc(HDR), env.alloc(1024)
+            head = g.rx_drv.add([], [(a, HDR), (b, 1024)])
+            expect.append((head, [a, b]))
+        elif i % 5 == 4:  # indirect, one buffer
+            a = env.alloc(2048)
+            head = g.rx_drv.add([], [(a, 2048)], indirect=True)
+            expect.append((head, [a]))
+        else:
+            a = env.alloc(2048)
+            expect.append((g.rx_drv.add([], [(a, 2048)]), [a]))
+    g.rx_drv.publish()
+    assert net.rx_fill(g.rx, frame, 64) == 20
+    used = g.rx_drv.get_used()
+    assert [h for h, _ in used] == [h for h, _ in expect]
+    want = bytes(10) + (b"\x01\x00" if HDR >= 12 else b"") + frame
+    for (head, n), (_, gpas) in zip(used, expect, strict=True):
+        assert n == len(want)
+        got = env.read(gpas[0], HDR) + env.read(gpas[1], len(frame)) if len(gpas) == 2 \
+            else env.read(gpas[0], n)
+        assert got == want, f"chain {head}"
+    st = g.rx.stats()
+    assert (st["packets"], st["chains"], st["bytes"]) == (20, 20, 20 * len(frame))
+    assert g.rx.used_idx == 20 and g.rx.pending() == 0
+
+
+def test_rx_fill_one_buffer_chain_outside_memory_breaks_the_queue(env):
+    # the direct write checks the buffer like the chain walk: outside guest memory breaks the
+    # queue with the walk's message, naming that chain (a broken queue publishes nothing more)
+    g = Guest(env)
+    g.post_rx(3)
+    bad = g.rx_drv.add([], [(env.gpa + env.size - 64, 2048)])  # runs past the region's end
+    g.rx_drv.publish()
+    with pytest.raises(GuestError, match=f"outside guest memory \\(chain {bad}\\)"):
+        net.rx_fill(g.rx, b"x" * 60, 10)
+    assert g.rx.broken and g.rx.used_idx == 0
+
+
+def test_rx_fill_no_mrg_short_chain_stops_the_direct_path(env):
+    # without MRG_RXBUF a chain too short for the frame is refused (too_big) and stays in the
+    # ring, after the chains before it were filled
+    g = Guest(env)
+    g.post_rx(2)
+    g.rx_drv.add([], [(env.alloc(64), 64)])
+    g.post_rx(2)
+    assert net.rx_fill(g.rx, b"z" * 100, 10) == 2
+    assert g.rx.stats()["too_big"] == 1 and g.rx.pending() == 3
+
+
 # ---- echo -------------------------------------------------------------------------------------
 
 
