@@ -178,6 +178,23 @@ def test_rx_fill_one_buffer_chain_outside_memory_breaks_the_queue(env):
     assert g.rx.broken and g.rx.used_idx == 0
 
 
+def test_rx_fill_publishes_used_entries_every_32_chains(env):
+    # a long call publishes as it goes (the driver consumes and refills meanwhile): 100 frames
+    # are 4 used->idx stores (32, 64, 96, 100); the interrupt decision is still one per call
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        drv, rx = env.pair(128, call_fd=call)
+        for _ in range(100):
+            drv.add([], [(env.alloc(2048), 2048)])
+        drv.publish()
+        assert net.rx_fill(rx, b"p" * 60, 256) == 100
+        st = rx.stats()
+        assert (st["batches"], st["interrupts"], rx.used_idx) == (4, 1, 100)
+        assert len(drv.get_used()) == 100
+    finally:
+        os.close(call)
+
+
 def test_rx_fill_no_mrg_short_chain_stops_the_direct_path(env):
     # without MRG_RXBUF a chain too short for the frame is refused (too_big) and stays in the
     # ring, after the chains before it were filled

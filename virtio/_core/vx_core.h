@@ -37,7 +37,7 @@ struct vx_stats {
     uint64_t packets;               /* frames handled (TX consumed, RX delivered) */
     uint64_t bytes;                 /* frame bytes, net header excluded */
     uint64_t chains;                /* descriptor chains used */
-    uint64_t batches;               /* calls that published used entries */
+    uint64_t batches;               /* publications of used entries (used->idx stores) */
     /* the outcomes of vx_vq_notify_decide, one counter each */
     uint64_t interrupts;            /* call eventfd writes (VX_NOTIFY_SENT) */
     uint64_t interrupts_suppressed; /* publications the driver did not want signalled */

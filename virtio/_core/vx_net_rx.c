@@ -147,6 +147,11 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
 
 /* chains looked up (and their buffers prefetched) before the first of them is written */
 #define VX_RX_FILL_BATCH 16
+/* used entries rx_fill publishes at once at most (one used->idx store): the driver consumes
+ * (and refills) the first frames of a long call while the call writes the next ones, instead of
+ * waiting for all of them; a publication costs one store. The interrupt decision still comes
+ * once per call (and before a busy-poll wait), over everything published since the last one. */
+#define VX_RX_FILL_PUBLISH 32
 
 /*
  * The bytes every chain of one rx_fill call receives: the net header (zero; num_buffers = 1 when
@@ -231,6 +236,8 @@ static int rx_fill_simple(struct vx_vq *rx, const uint8_t *img, uint32_t total, 
         rx->nshadow += m;
         rx->last_avail_idx = (uint16_t)(rx->last_avail_idx + m);
         done += m;
+        if (rx->nshadow >= VX_RX_FILL_PUBLISH)
+            vq_flush(rx);
         if (m < k)
             break;
     }
