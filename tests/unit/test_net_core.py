@@ -132,12 +132,12 @@ def test_rx_fill_empty_ring(env):
 
 
 @pytest.mark.parametrize("mrg", [False, True])
-def test_rx_fill_one_buffer_chains_and_others_interleaved_keep_ring_order(env, mrg):
-    # rx_fill writes one-descriptor chains directly and hands every other chain (several
+@pytest.mark.parametrize("source", ["rx_fill", "echo"])
+def test_one_buffer_rx_chains_and_others_interleaved_keep_ring_order(env, mrg, source):
+    # RX delivery writes one-descriptor chains directly and hands every other chain (several
     # buffers, indirect) to the general path: frames, headers, used entries and counters must
     # come out exactly as from the general path alone, in ring order
     g = Guest(env, mrg=mrg)
-    frame = _frame(MAC_B, MAC_A, 200)
     expect: list[tuple[int, list[int]]] = []  # (head, buffer gpas) in ring order
     for i in range(20):
         if i % 5 == 2:  # header and frame in two buffers
@@ -152,17 +152,25 @@ def test_rx_fill_one_buffer_chains_and_others_interleaved_keep_ring_order(env, m
             a = env.alloc(2048)
             expect.append((g.rx_drv.add([], [(a, 2048)]), [a]))
     g.rx_drv.publish()
-    assert net.rx_fill(g.rx, frame, 64) == 20
+    if source == "rx_fill":
+        frames = [_frame(MAC_B, MAC_A, 200)] * 20
+        assert net.rx_fill(g.rx, frames[0], 64) == 20
+        delivered = frames
+    else:
+        frames = [_frame(MAC_B, MAC_A, 60 + 7 * i, seed=i) for i in range(20)]
+        g.send(frames)
+        assert net.echo(g.tx, g.rx, 64, BIG) == 20
+        delivered = [f[6:12] + f[:6] + f[12:] for f in frames]
     used = g.rx_drv.get_used()
     assert [h for h, _ in used] == [h for h, _ in expect]
-    want = bytes(10) + (b"\x01\x00" if HDR >= 12 else b"") + frame
-    for (head, n), (_, gpas) in zip(used, expect, strict=True):
+    for (head, n), (_, gpas), frame in zip(used, expect, delivered, strict=True):
+        want = bytes(10) + b"\x01\x00" + frame
         assert n == len(want)
         got = env.read(gpas[0], HDR) + env.read(gpas[1], len(frame)) if len(gpas) == 2 \
             else env.read(gpas[0], n)
         assert got == want, f"chain {head}"
     st = g.rx.stats()
-    assert (st["packets"], st["chains"], st["bytes"]) == (20, 20, 20 * len(frame))
+    assert (st["packets"], st["chains"], st["bytes"]) == (20, 20, sum(map(len, frames)))
     assert g.rx.used_idx == 20 and g.rx.pending() == 0
 
 

@@ -11,6 +11,23 @@
 /* RX delivery: header + frame from a source cursor into one or more RX chains                  */
 
 /*
+ * The common RX chain: one writable descriptor (no NEXT, not indirect) of at least `total` bytes
+ * inside guest memory. Its buffer's host pointer, or NULL for any other chain (the general path
+ * then walks it and applies every check and error). One fetch of the descriptor; nothing acted
+ * on unless it qualifies.
+ */
+static inline uint8_t *rx_one_buffer(struct vx_vq *rx, uint16_t head, uint64_t total)
+{
+    if (unlikely(head >= rx->size))
+        return NULL;
+    struct vring_desc d;
+    memcpy(&d, &rx->desc[head], sizeof(d));
+    if (d.flags != VRING_DESC_F_WRITE || d.len < total || d.len > VX_MAX_BUF_LEN)
+        return NULL;
+    return gpa_to_host(rx, d.addr, d.len);
+}
+
+/*
  * Deliver one frame. Returns 1 delivered, 0 dropped (counted), -1 rx broken.
  * Caller holds the rx lock if the queue is shared.
  */
@@ -53,6 +70,21 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
         if (avail_n == 0) {
             rx->stats.ring_full++;
             return 0;
+        }
+    }
+
+    if (total) { /* one buffer holds it all: with or without MRG_RXBUF, num_buffers = 1 */
+        uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
+        uint8_t *p = rx_one_buffer(rx, head, total);
+        if (p) {
+            memcpy(p, hdr, hlen);
+            memcpy(p + hlen, prefix, plen);
+            cur_read(&src->cur, p + hlen + plen, src->len - plen);
+            rx->last_avail_idx++;
+            vq_push(rx, head, (uint32_t)total);
+            rx->stats.packets++;
+            rx->stats.bytes += src->len;
+            return 1;
         }
     }
 
@@ -213,14 +245,8 @@ static int rx_fill_simple(struct vx_vq *rx, const uint8_t *img, uint32_t total, 
         uint32_t m = 0;
         for (; m < k; m++) {
             uint16_t head = rx->avail->ring[(uint16_t)(rx->last_avail_idx + m) & rx->mask];
-            if (unlikely(head >= rx->size))
-                break;
-            struct vring_desc d;
-            memcpy(&d, &rx->desc[head], sizeof(d)); /* one fetch */
-            if (d.flags != VRING_DESC_F_WRITE || d.len < total || d.len > VX_MAX_BUF_LEN)
-                break;
-            uint8_t *p = gpa_to_host(rx, d.addr, d.len);
-            if (unlikely(!p))
+            uint8_t *p = rx_one_buffer(rx, head, total);
+            if (!p)
                 break;
             __builtin_prefetch(p, 1);
             __builtin_prefetch(p + total - 1, 1);
