@@ -21,6 +21,7 @@ from test_sched import PKT, SHARED, wait_until
 
 from iosched.policy import SchedSettings
 from iosched.pool import WorkerPool
+from iosched.work import WorkStats
 from iosched.worker import Worker
 from vhostx.net import QueueWorkItem
 from virtio import kick, net
@@ -165,6 +166,8 @@ def test_full_batch_then_empty_ring_waits_for_the_refill_instead_of_going_back_t
         assert r.consumed() == 7
         c = kq.counters
         assert (c.stream_waits, c.stream_found, c.turns) == (1, 1, 2)
+        st = WorkStats(c)  # what the daemon's queue statistics show
+        assert (st.stream_waits, st.stream_found) == (1, 1)
         assert r.kicks_sent == kicks, "the refill must not have needed a kick"
         assert r.add(1), "kicks must be on again after the turn"
     finally:
