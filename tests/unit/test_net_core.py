@@ -203,6 +203,24 @@ def test_rx_fill_publishes_used_entries_every_32_chains(env):
         os.close(call)
 
 
+@pytest.mark.parametrize("hdr_len", [0, 10, 12, 20])
+def test_rx_fill_header_of_each_length_before_the_frame(env, hdr_len):
+    # the header rx_fill builds once per call: zeros, num_buffers = 1 when it has that field
+    drv, rx = env.pair(16, hdr_len=hdr_len)
+    bufs = [env.alloc(256) for _ in range(3)]
+    for b in bufs:
+        env.write(b, b"\xee" * 256)
+        drv.add([], [(b, 256)])
+    drv.publish()
+    assert net.rx_fill(rx, b"f" * 60, 3) == 3
+    hdr = bytearray(hdr_len)
+    if hdr_len >= 12:
+        hdr[10] = 1
+    assert [n for _, n in drv.get_used()] == [hdr_len + 60] * 3
+    for b in bufs:
+        assert env.read(b, hdr_len + 61) == bytes(hdr) + b"f" * 60 + b"\xee"
+
+
 def test_rx_fill_no_mrg_short_chain_stops_the_direct_path(env):
     # without MRG_RXBUF a chain too short for the frame is refused (too_big) and stays in the
     # ring, after the chains before it were filled
