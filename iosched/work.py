@@ -129,7 +129,10 @@ class WorkStats(_Counters):
     notify_on = _Counter()
     notify_off = _Counter()
     budget_exhausted = _Counter()
-    _SUMMED = ("kicks", "turns", "empty_turns", "notify_on", "notify_off", "budget_exhausted")
+    stream_waits = _Counter()  # C only: empty batches after a full one that waited for a refill
+    stream_found = _Counter()  # ... whose wait found one
+    _SUMMED = ("kicks", "turns", "empty_turns", "notify_on", "notify_off", "budget_exhausted",
+               "stream_waits", "stream_found")
     _PLAIN = (
         ("kicks_avoided", 0),
         ("poll_starts", 0),

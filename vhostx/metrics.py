@@ -116,7 +116,7 @@ _RING_COUNTERS: tuple[_Spec, ...] = tuple(
         ("packets", "Frames handled by the ring (TX consumed, RX delivered)."),
         ("bytes", "Frame bytes handled by the ring, net header excluded."),
         ("chains", "Descriptor chains used."),
-        ("batches", "Calls that published used entries."),
+        ("batches", "Publications of used entries (used->idx stores)."),
         ("interrupts", "Call eventfd writes."),
         ("interrupts_suppressed", "Publications the driver did not want signalled."),
         ("ring_empty", "Calls that found no available entry."),

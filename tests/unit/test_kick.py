@@ -21,6 +21,7 @@ from test_sched import PKT, SHARED, wait_until
 
 from iosched.policy import SchedSettings
 from iosched.pool import WorkerPool
+from iosched.work import WorkStats
 from iosched.worker import Worker
 from vhostx.net import QueueWorkItem
 from virtio import kick, net
@@ -135,6 +136,68 @@ def test_one_kick_keeps_the_budget_and_leaves_a_full_ring_runnable(env):
         assert kq.counters.budget_exhausted == 1
         assert kq.kick(poll_start=3) == kick.TURN_HANDED  # a polling decision for the caller
         assert kq.why == kick.WHY_POLL and kq.last == 4
+    finally:
+        r.close()
+
+
+def _streaming_ring(env: Env, spin_ns: int) -> tuple[KickedRing, kick.KickQueue]:
+    """A KickedRing's tx_sink op in a KickQueue of its own with a busy-poll window, budget 4."""
+    r = KickedRing(env)
+    kq = kick.KickQueue(r.work.op, r.kick, spin=kick.SpinWindow(spin_ns))
+    kq.set_budget(4, 1 << 30)
+    return r, kq
+
+
+def test_full_batch_then_empty_ring_waits_for_the_refill_instead_of_going_back_to_kicks(env):
+    # A batch that finds its ring empty at its start never spins; right after a batch that used
+    # its whole budget that sent a streaming queue back to kicks (a kick and a wake-up per
+    # budget). Now it waits its busy-poll window for the driver's refill and serves it.
+    r, kq = _streaming_ring(env, 10 * 1_000_000_000)  # bounds a hang only: the refill comes
+    try:
+        r.add(4)
+        assert kq.kick() == kick.TURN_AGAIN and r.consumed() == 4
+        kicks = r.kicks_sent
+        refill = threading.Timer(0.05, r.add, (3,))
+        refill.start()
+        try:
+            assert kq.kick() == kick.TURN_IDLE  # the refill was served in the same turn
+        finally:
+            refill.join()
+        assert r.consumed() == 7
+        c = kq.counters
+        assert (c.stream_waits, c.stream_found, c.turns) == (1, 1, 2)
+        st = WorkStats(c)  # what the daemon's queue statistics show
+        assert (st.stream_waits, st.stream_found) == (1, 1)
+        assert r.kicks_sent == kicks, "the refill must not have needed a kick"
+        assert r.add(1), "kicks must be on again after the turn"
+    finally:
+        r.close()
+
+
+def test_stream_wait_ends_with_its_window_and_kicks_come_back_on(env):
+    r, kq = _streaming_ring(env, 2_000_000)
+    try:
+        r.add(4)
+        assert kq.kick() == kick.TURN_AGAIN
+        assert kq.kick() == kick.TURN_IDLE  # nothing came within 2 ms
+        c = kq.counters
+        assert (c.stream_waits, c.stream_found, c.empty_turns) == (1, 0, 1)
+        assert r.add(1), "kicks must be on again after the wait"
+        # a queue whose last batch did not use its budget does not wait
+        assert kq.kick() == kick.TURN_IDLE and r.consumed() == 5
+        assert kq.kick() == kick.TURN_IDLE
+        assert kq.counters.stream_waits == 1
+    finally:
+        r.close()
+
+
+def test_stream_wait_needs_a_busy_poll_window(env):
+    r, kq = _streaming_ring(env, 0)
+    try:
+        r.add(4)
+        assert kq.kick() == kick.TURN_AGAIN
+        assert kq.kick() == kick.TURN_IDLE
+        assert kq.counters.stream_waits == 0
     finally:
         r.close()
 

@@ -37,7 +37,7 @@ struct vx_stats {
     uint64_t packets;               /* frames handled (TX consumed, RX delivered) */
     uint64_t bytes;                 /* frame bytes, net header excluded */
     uint64_t chains;                /* descriptor chains used */
-    uint64_t batches;               /* calls that published used entries */
+    uint64_t batches;               /* publications of used entries (used->idx stores) */
     /* the outcomes of vx_vq_notify_decide, one counter each */
     uint64_t interrupts;            /* call eventfd writes (VX_NOTIFY_SENT) */
     uint64_t interrupts_suppressed; /* publications the driver did not want signalled */
@@ -228,6 +228,10 @@ uint32_t vx_drv_recycle(struct vx_drv *d);
  * its budget), then, unless the batch used its whole packet budget: kicks back on (full
  * barrier), re-check the ring (a buffer that landed between the batch's last look and the
  * re-enable came with no kick: it is found here), kicks off again if it is not empty, signal.
+ * The stream wait: when a batch run alone (with a busy-poll window) finds the ring empty right
+ * after the queue's previous batch used its whole budget, the queue is streaming and the driver
+ * is refilling: it waits up to that window for avail->idx to move, and runs the batch again if
+ * it did, before kicks come back on (stream_waits / stream_found; not for queues with a data fd).
  *
  * A vx_wait is one worker thread's waiting point: an epoll fd over its command eventfd, the
  * kick and data fds of its C-served queues (vx_wait_add) and the fds the Python side serves
@@ -280,6 +284,8 @@ struct vx_kq_stats {
     uint64_t notify_on;        /* kicks re-enabled in C */
     uint64_t notify_off;       /* kicks suppressed in C */
     uint64_t packets;          /* packets of the batches run in C */
+    uint64_t stream_waits;     /* empty batches after a full one that waited for a refill */
+    uint64_t stream_found;     /* ... whose wait found one (and ran the batch again) */
 };
 
 struct vx_kq {

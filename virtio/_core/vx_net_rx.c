@@ -11,6 +11,23 @@
 /* RX delivery: header + frame from a source cursor into one or more RX chains                  */
 
 /*
+ * The common RX chain: one writable descriptor (no NEXT, not indirect) of at least `total` bytes
+ * inside guest memory. Its buffer's host pointer, or NULL for any other chain (the general path
+ * then walks it and applies every check and error). One fetch of the descriptor; nothing acted
+ * on unless it qualifies.
+ */
+static inline uint8_t *rx_one_buffer(struct vx_vq *rx, uint16_t head, uint64_t total)
+{
+    if (unlikely(head >= rx->size))
+        return NULL;
+    struct vring_desc d;
+    memcpy(&d, &rx->desc[head], sizeof(d));
+    if (d.flags != VRING_DESC_F_WRITE || d.len < total || d.len > VX_MAX_BUF_LEN)
+        return NULL;
+    return gpa_to_host(rx, d.addr, d.len);
+}
+
+/*
  * Deliver one frame. Returns 1 delivered, 0 dropped (counted), -1 rx broken.
  * Caller holds the rx lock if the queue is shared.
  */
@@ -53,6 +70,21 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
         if (avail_n == 0) {
             rx->stats.ring_full++;
             return 0;
+        }
+    }
+
+    if (total) { /* one buffer holds it all: with or without MRG_RXBUF, num_buffers = 1 */
+        uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
+        uint8_t *p = rx_one_buffer(rx, head, total);
+        if (p) {
+            memcpy(p, hdr, hlen);
+            memcpy(p + hlen, prefix, plen);
+            cur_read(&src->cur, p + hlen + plen, src->len - plen);
+            rx->last_avail_idx++;
+            vq_push(rx, head, (uint32_t)total);
+            rx->stats.packets++;
+            rx->stats.bytes += src->len;
+            return 1;
         }
     }
 
@@ -142,6 +174,105 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
     return 1;
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* rx_fill: a constant frame                                                                    */
+
+/* chains looked up (and their buffers prefetched) before the first of them is written */
+#define VX_RX_FILL_BATCH 16
+/* used entries rx_fill publishes at once at most (one used->idx store): the driver consumes
+ * (and refills) the first frames of a long call while the call writes the next ones, instead of
+ * waiting for all of them; a publication costs one store. The interrupt decision still comes
+ * once per call (and before a busy-poll wait), over everything published since the last one. */
+#define VX_RX_FILL_PUBLISH 32
+
+/*
+ * The bytes every chain of one rx_fill call receives: the net header (zero; num_buffers = 1 when
+ * the header has it) then the frame, built once per call in rx->scratch. Returns their count, or
+ * 0 when they do not fit (every frame then goes through rx_deliver).
+ */
+static uint32_t rx_fill_image(struct vx_vq *rx, const uint8_t *frame, uint32_t len)
+{
+    const uint32_t hlen = rx->hdr_len;
+    uint64_t total = (uint64_t)hlen + len;
+    if (total == 0 || total > VX_SCRATCH_LEN)
+        return 0;
+    memset(rx->scratch, 0, hlen);
+    if (hlen >= VX_NET_HDR_MRG_LEN)
+        rx->scratch[VX_NET_HDR_NUM_BUFFERS] = 1;
+    memcpy(rx->scratch + hlen, frame, len);
+    return (uint32_t)total;
+}
+
+/*
+ * The common chain, one writable descriptor that holds the whole image, without the general
+ * walk and cursors: look up to VX_RX_FILL_BATCH chains up first (one fetch of each descriptor,
+ * prefetching the buffers to be written), then copy the image into each and queue its used
+ * entry. With or without MRG_RXBUF such a chain carries the frame alone (num_buffers = 1, as
+ * rx_deliver writes it). Stops before the first chain that is anything else (more descriptors,
+ * indirect, too short, outside guest memory, a bogus head): rx_deliver takes that one and
+ * applies every check and error of the general path. Returns the frames delivered (<= want),
+ * -1 when avail->idx is bogus.
+ */
+static int rx_fill_simple(struct vx_vq *rx, const uint8_t *img, uint32_t total, uint32_t len,
+                          uint32_t want)
+{
+    uint8_t *dst[VX_RX_FILL_BATCH];
+    uint16_t heads[VX_RX_FILL_BATCH];
+    uint32_t done = 0;
+    int refreshed = 0;
+    while (done < want) {
+        uint32_t n = (uint16_t)(rx->avail_idx - rx->last_avail_idx);
+        if (n == 0) {
+            if (refreshed) /* once per call: then rx_deliver finds the ring empty and counts it */
+                break;
+            int a = vq_avail(rx);
+            if (a < 0)
+                return -1;
+            refreshed = 1;
+            if (a == 0)
+                break;
+            n = (uint32_t)a;
+        }
+        uint32_t k = want - done;
+        if (k > n)
+            k = n;
+        if (k > VX_RX_FILL_BATCH)
+            k = VX_RX_FILL_BATCH;
+        if (k > rx->size)
+            k = rx->size;
+        if (rx->nshadow + k > rx->size) /* the shadow holds 2 * size: as vq_push would */
+            vq_flush(rx);
+        uint32_t m = 0;
+        for (; m < k; m++) {
+            uint16_t head = rx->avail->ring[(uint16_t)(rx->last_avail_idx + m) & rx->mask];
+            uint8_t *p = rx_one_buffer(rx, head, total);
+            if (!p)
+                break;
+            __builtin_prefetch(p, 1);
+            __builtin_prefetch(p + total - 1, 1);
+            dst[m] = p;
+            heads[m] = head;
+        }
+        struct vring_used_elem *u = rx->shadow + rx->nshadow;
+        for (uint32_t i = 0; i < m; i++) {
+            memcpy(dst[i], img, total);
+            u[i].id = heads[i];
+            u[i].len = total;
+        }
+        rx->nshadow += m;
+        rx->last_avail_idx = (uint16_t)(rx->last_avail_idx + m);
+        done += m;
+        if (rx->nshadow >= VX_RX_FILL_PUBLISH)
+            vq_flush(rx);
+        if (m < k)
+            break;
+    }
+    rx->stats.chains += done;
+    rx->stats.packets += done;
+    rx->stats.bytes += (uint64_t)done * len;
+    return (int)done;
+}
+
 int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
                    uint64_t spin_ns)
 {
@@ -150,9 +281,18 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
     if (unlikely(!rx->started))
         return 0;
     struct vx_seg seg = {(uint8_t *)frame, len};
+    const uint32_t total = max_pkts ? rx_fill_image(rx, frame, len) : 0;
     uint64_t spin_left = spin_ns;
     int done = 0;
     while ((uint32_t)done < max_pkts) {
+        if (total) {
+            int k = rx_fill_simple(rx, rx->scratch, total, len, max_pkts - (uint32_t)done);
+            if (k < 0)
+                return -1;
+            done += k;
+            if ((uint32_t)done >= max_pkts)
+                break;
+        }
         struct rx_src src;
         cur_init(&src.cur, &seg, len ? 1 : 0);
         src.len = len;

@@ -92,13 +92,62 @@ static int hand(struct vx_kq *kq, uint32_t why)
     return VX_TURN_HANDED;
 }
 
+#define STREAM_CHECK 32 /* ring re-reads (one pause each) between two clock reads */
+
+static inline void pause_cpu(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield" ::: "memory");
+#else
+    __asm__ __volatile__("" ::: "memory");
+#endif
+}
+
+/*
+ * The stream wait. A batch that finds its ring empty at its start never busy-polls (idle queues
+ * cost nothing), but a queue whose previous batch used its whole budget is streaming: its driver
+ * refills the ring while we serve it, and the refill usually lands within microseconds. Going
+ * back to kicks there would cost the driver a kick (a syscall, a VM exit) and this thread a sleep
+ * and a wake-up per budget's worth of packets, and lets the two sides fall into a slow lock-step.
+ * So such a queue waits, up to its busy-poll window, for avail->idx to move. Only for queues
+ * without a data fd (their work depends on the ring alone). Returns the entries pending (> 0),
+ * 0 when the window passed without any, < 0 when the ring broke.
+ */
+static int kq_stream_wait(struct vx_kq *kq, uint64_t spin_ns)
+{
+    const uint64_t t0 = vx_now_ns();
+    for (;;) {
+        for (int i = 0; i < STREAM_CHECK; i++) {
+            int n = vx_vq_pending(kq->op->vq);
+            if (n != 0)
+                return n;
+            pause_cpu();
+        }
+        if (vx_now_ns() - t0 >= spin_ns)
+            return 0;
+    }
+}
+
 /* One turn of a queue whose kicks are off: one batch, then the re-arm unless its budget ran out.
  * solo: no other queue waits for this thread (the batch may busy-poll). */
 static int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_python)
 {
     struct vx_op *op = kq->op;
     uint64_t spin = solo && kq->spin_ns ? __atomic_load_n(kq->spin_ns, __ATOMIC_RELAXED) : 0;
+    const int streaming = kq->data_fd < 0 && kq->last > 0 && (uint32_t)kq->last >= kq->max_pkts;
     int r = vx_op_run(op, kq->max_pkts, kq->max_bytes, spin);
+    if (r == 0 && spin && streaming) {
+        kq->stats.stream_waits++;
+        int p = kq_stream_wait(kq, spin);
+        if (p < 0)
+            r = -1;
+        else if (p > 0) {
+            kq->stats.stream_found++;
+            r = vx_op_run(op, kq->max_pkts, kq->max_bytes, spin);
+        }
+    }
     kq->last = r;
     kq->stats.turns++;
     if (unlikely(r < 0))
