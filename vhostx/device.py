@@ -30,6 +30,8 @@ from virtio.ring import DeviceQueue
 from virtio.vhost_user import ProtocolFeature as PF
 from virtio.vhost_user import Request as R
 
+from .posted import PostedDomains
+
 __all__ = ["DISPATCH", "MAX_MEM_SLOTS", "MAX_QUEUE_SIZE", "Refused", "VhostUserDevice", "Vring"]
 
 log = logging.getLogger("vhostx.control")
@@ -110,6 +112,8 @@ DISPATCH: dict[R, Rule] = {
     R.REM_MEM_REG: Rule("rem_mem_reg", feature=PF.CONFIGURE_MEM_SLOTS, quiesce=True),
     R.SET_STATUS: Rule("set_status", feature=PF.STATUS, quiesce=True),
     R.GET_STATUS: Rule("get_status", feature=PF.STATUS),
+    R.VHOSTX_SET_POSTED_IRQ: Rule("vhostx_set_posted_irq", feature=PF.VHOSTX_POSTED_IRQ,
+                                  quiesce=True),
 }
 
 
@@ -153,6 +157,10 @@ class VhostUserDevice:
         self.memory: GuestMemory | None = None
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.broken = None
+        old_posted = getattr(self, "posted", None)
+        if old_posted is not None:
+            old_posted.close()
+        self.posted = PostedDomains()
 
     def offered_features(self) -> int:
         return self.device_features | VHOST_USER_F_PROTOCOL_FEATURES
@@ -620,3 +628,14 @@ class VhostUserDevice:
     async def h_get_status(self, msg: vu.Message) -> int:
         return self.status
 
+
+    # ---- vhostx extensions -----------------------------------------------------------------
+
+    async def h_vhostx_set_posted_irq(self, msg: vu.Message) -> None:
+        """One posted-interrupt domain (docs/interrupts.md); the re-plan applies it."""
+        area_fd, wake_fd = msg.fds
+        self.posted.set(msg.payload, area_fd, wake_fd, self.num_queues)
+
+    def apply_posted(self, index: int, queue: DeviceQueue) -> bool:
+        """Make a running queue post to its domain, if the frontend gave it one."""
+        return self.posted.apply(index, queue)

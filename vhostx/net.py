@@ -30,6 +30,7 @@ from virtio.kick import KickQueue, SpinWindow
 from virtio.ring import STATS_FIELDS, DeviceQueue
 from virtio.vhost_user import ProtocolFeature as PF
 
+from . import irq
 from .config import DeviceConfig
 from .device import Refused, VhostUserDevice
 
@@ -75,6 +76,7 @@ _PROTOCOL_FEATURES = (
     | (1 << PF.RESET_DEVICE)
     | (1 << PF.CONFIGURE_MEM_SLOTS)
     | (1 << PF.STATUS)
+    | (1 << PF.VHOSTX_POSTED_IRQ)  # masked out by QEMU and DPDK, which do not know it
 )
 # TUNSETOFFLOAD flags
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
@@ -282,6 +284,7 @@ class NetDevice(VhostUserDevice):
         self.busy_poll = BusyPoll(
             params.handle(BUSY_POLL_US.name, device=cfg.name) if params is not None else None
         )
+        self.irq = irq.IrqModeration(params, cfg.name if params is not None else None)
         super().__init__(cfg.name, worker)
         if cfg.port == "tap":
             self._open_tap()
@@ -351,6 +354,9 @@ class NetDevice(VhostUserDevice):
     def make_works(self, running: dict[int, DeviceQueue]) -> list[QueueWork]:
         works: list[QueueWork] = []
         port = self.cfg.port
+        for index, q in running.items():  # the device's interrupt policy, its posted domains
+            q.set_irq(self.irq.cell)
+            self.apply_posted(index, q)
         rx_all = [running[i] for i in range(0, self.num_queues, 2) if i in running]
         if port not in ("source", "tap"):
             # No work listens to these RX rings' kicks (echo and switch fill them from TX
@@ -412,6 +418,7 @@ class NetDevice(VhostUserDevice):
     async def close(self) -> None:
         await super().close()
         self.busy_poll.close()
+        self.irq.close()
         if self.tap is not None:
             self.tap.close()
             self.tap = None

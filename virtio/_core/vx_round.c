@@ -1,6 +1,9 @@
 /*
  * vx_round.c - port operations as data (struct vx_op, vx_op_run) and poll rounds (vx_round).
  *
+ * A round honours moderation deadlines: at every clock read it sends the held interrupts of its
+ * ops' rings (vq and peer) that are due.
+ *
  * Threads: the worker thread owning every op's queue.
  */
 #include "vx_internal.h"
@@ -26,6 +29,21 @@ int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t 
         return vx_switch_tx(op->sw, op->port, op->vq, max_pkts, max_bytes, spin_ns);
     default:
         return -2;
+    }
+}
+
+/* held interrupts of the round's rings that are due at t go out (moderation deadlines) */
+static inline void irq_due(struct vx_vq *vq, uint64_t t)
+{
+    if (vq && unlikely(vq->irq_deadline) && t >= vq->irq_deadline)
+        vx_vq_irq_flush(vq, t);
+}
+
+static void round_irq_due(struct vx_op **ops, uint32_t n, uint64_t t)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        irq_due(ops[i]->vq, t);
+        irq_due(ops[i]->peer, t);
     }
 }
 
@@ -78,6 +96,7 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
          * busy round), every pass with it */
         if (coalesce_ns || (pass & (VX_ROUND_CLOCK - 1)) == 0 || pass >= max_passes) {
             t = now_ns();
+            round_irq_due(ops, n, t);
             if (t - t0 >= max_ns)
                 break;
         }
