@@ -54,8 +54,9 @@ class IrqClient:
     def __init__(self, sock: str, pairs: int, *, posted: bool, size: int = 64,
                  queue_size: int = 256) -> None:
         pf = DEFAULT_PROTOCOL_FEATURES | ((1 << PF.VHOSTX_POSTED_IRQ) if posted else 0)
+        mem = max(64 << 20, 2 * pairs * queue_size * 2048 + (32 << 20))  # RX + TX buffers
         self.fe = VhostUserFrontend(sock, queues=2 * pairs, queue_size=queue_size,
-                                    protocol_features=pf)
+                                    protocol_features=pf, mem_size=mem)
         self.fe.connect()
         self.drv = NetDriver(self.fe)
         self.pairs = pairs
