@@ -398,9 +398,13 @@ class NetDevice(VhostUserDevice):
         )  # fmt: skip
 
     def _source_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
+        rate = self.cfg.rate_pps
+        # paced (rate_pps): frames are due by the clock, not by the guest's refills, so the
+        # work is polled for as long as it is attached (no kick fd), like a NIC's TX timer
         return QueueWorkItem(
-            f"{self.name}.rx{pair}", rx, vnet.Op.rx_fill(rx, self._frame), kick_fd=kick,
-            device=self.name, busy_poll=self.busy_poll, on_broken=self.guest_error,
+            f"{self.name}.rx{pair}", rx, vnet.Op.rx_fill(rx, self._frame, rate),
+            kick_fd=-1 if rate else kick, device=self.name, busy_poll=self.busy_poll,
+            on_broken=self.guest_error,
         )  # fmt: skip
 
     def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:

@@ -44,6 +44,9 @@ def load(path: Path) -> dict[str, Any]:
     bad = [x for x in m.get("modes", MODES) if x not in MODES]
     if bad:
         raise ValueError(f"{path}: matrix.modes: allowed {MODES}, got {bad}")
+    bad = [x for x in m.get("daemon_modes", ["baseline"]) if x not in ("baseline", "shared")]
+    if bad:
+        raise ValueError(f"{path}: matrix.daemon_modes: allowed baseline, shared; got {bad}")
     if any(not 1 <= q <= 64 for q in m.get("queues", [1])):
         raise ValueError(f"{path}: matrix.queues: each 1..64, got {m.get('queues')}")
     return sc
@@ -64,19 +67,19 @@ def _rx_counters(st: dict[str, Any]) -> dict[str, int]:
     return tot
 
 
-def _params(sc: dict[str, Any], mode: str) -> list[str]:
-    out = [f"mode={sc.get('run', {}).get('mode', 'baseline')}", "workers=1"]
+def _params(sc: dict[str, Any], mode: str, daemon_mode: str) -> list[str]:
+    out = [f"mode={daemon_mode}", "workers=1"]
     if mode == "moderation":
         out += [f"{k}={v}" for k, v in sc.get("moderation", {}).items()]
     return out
 
 
 def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path,
-         log: Any) -> list[dict[str, Any]]:
+         log: Any, daemon_mode: str = "baseline") -> list[dict[str, Any]]:
     run = sc.get("run", {})
     pl = sc.get("placement", {})
-    daemon = DaemonProcess(params=_params(sc, mode), cpus={int(pl.get("backend_core", 1))},
-                           log_level="WARNING")
+    daemon = DaemonProcess(params=_params(sc, mode, daemon_mode),
+                           cpus={int(pl.get("backend_core", 1))}, log_level="WARNING")
     sock = daemon.add_device("net0", "echo", queues=queues)
     recs: list[dict[str, Any]] = []
     try:
@@ -95,7 +98,8 @@ def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path
                 pk = max(1, res.packets)
                 notif = (s1["interrupts"] - s0["interrupts"]
                          + s1.get("pi_notifications", 0) - s0.get("pi_notifications", 0))
-                rec = {"kind": "stream", "queues": queues, "mode": mode, "rate_pps": rate,
+                rec = {"kind": "stream", "daemon_mode": daemon_mode, "queues": queues,
+                       "mode": mode, "rate_pps": rate,
                        **res.as_dict(),
                        "throughput_pps": res.packets / max(res.elapsed_s, 1e-9),
                        "notifications": notif, "notifications_per_pkt": notif / pk,
@@ -104,18 +108,19 @@ def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path
                        "backend_cpu_us_per_pkt": 1e6 * (c1 - c0) / pk,
                        "backend": {k: s1.get(k, 0) - s0.get(k, 0) for k in s1}}
                 recs.append(rec)
-                log(f"{mode:<10} q={queues:<3} rate={rate or 'max':>6}: "
+                log(f"{daemon_mode:<8} {mode:<10} q={queues:<3} rate={rate or 'max':>6}: "
                     f"{rec['throughput_pps']:9.0f} pps, {rec['notifications_per_pkt']:.4f} "
                     f"notif/pkt, {rec['syscalls_per_pkt']:.4f} syscalls/pkt")
             pp = client.pingpong(int(run.get("pingpongs", 400)))
             rtts = sorted(pp.rtts_ns)
-            rec = {"kind": "pingpong", "queues": queues, "mode": mode, **pp.as_dict(),
+            rec = {"kind": "pingpong", "daemon_mode": daemon_mode, "queues": queues,
+                   "mode": mode, **pp.as_dict(),
                    "rtt_p50_us": rtts[len(rtts) // 2] / 1e3 if rtts else None,
                    "rtt_p99_us": rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] / 1e3
                    if rtts else None,
                    "syscalls_per_pkt": pp.syscalls / max(1, pp.packets)}
             recs.append(rec)
-            log(f"{mode:<10} q={queues:<3} ping-pong: p50 {rec['rtt_p50_us']} us, "
+            log(f"{daemon_mode:<8} {mode:<10} q={queues:<3} ping-pong: p50 {rec['rtt_p50_us']} us, "
                 f"p99 {rec['rtt_p99_us']} us")
         finally:
             client.close()
@@ -123,7 +128,7 @@ def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path
         daemon.stop()
         try:
             (out / "logs").mkdir(exist_ok=True)
-            (out / "logs" / f"daemon-{mode}-q{queues}.log").write_text(daemon.log_tail(200))
+            (out / "logs" / f"daemon-{daemon_mode}-{mode}-q{queues}.log").write_text(daemon.log_tail(200))
         except OSError:
             pass
     return recs
@@ -137,10 +142,12 @@ def _ratios(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r["mode"] == "eventfd":
             continue
         base = next((b for b in streams if b["mode"] == "eventfd" and b["queues"] == r["queues"]
-                     and b["rate_pps"] == r["rate_pps"]), None)
+                     and b["rate_pps"] == r["rate_pps"]
+                     and b["daemon_mode"] == r["daemon_mode"]), None)
         if base is None:
             continue
-        out.append({"queues": r["queues"], "rate_pps": r["rate_pps"], "mode": r["mode"],
+        out.append({"daemon_mode": r["daemon_mode"], "queues": r["queues"],
+                    "rate_pps": r["rate_pps"], "mode": r["mode"],
                     "throughput_ratio": r["throughput_pps"] / max(base["throughput_pps"], 1e-9),
                     "notifications_ratio": (r["notifications_per_pkt"]
                                             / max(base["notifications_per_pkt"], 1e-12)),
@@ -154,30 +161,31 @@ def _report(doc: dict[str, Any]) -> str:
              f"Label: {doc['label']}", "",
              f"Commit {doc['dimensions'].get('commit', '?')}; command: `{doc['command']}`", "",
              "## Streams (guest model, one driver thread, echo device)", "",
-             ("| queues | rate (pps) | mode | throughput (pps) | notif/pkt | syscalls/pkt | "
-              "driver CPU us/pkt | backend CPU us/pkt |"),
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+             ("| daemon | queues | rate (pps) | mode | throughput (pps) | notif/pkt | "
+              "syscalls/pkt | driver CPU us/pkt | backend CPU us/pkt |"),
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in doc["runs"]:
         if r["kind"] != "stream":
             continue
-        lines.append(f"| {r['queues']} | {r['rate_pps'] or 'unlimited'} | {r['mode']} | "
-                     f"{r['throughput_pps']:.0f} | {r['notifications_per_pkt']:.4f} | "
+        lines.append(f"| {r['daemon_mode']} | {r['queues']} | {r['rate_pps'] or 'unlimited'} | "
+                     f"{r['mode']} | {r['throughput_pps']:.0f} | {r['notifications_per_pkt']:.4f} | "
                      f"{r['syscalls_per_pkt']:.4f} | {r['driver_cpu_us_per_pkt']:.2f} | "
                      f"{r['backend_cpu_us_per_pkt']:.2f} |")
     lines += ["", "## Ping-pong (one frame in flight)", "",
-              "| queues | mode | RTT p50 (us) | RTT p99 (us) | syscalls/pkt |",
-              "|---:|---|---:|---:|---:|"]
+              "| daemon | queues | mode | RTT p50 (us) | RTT p99 (us) | syscalls/pkt |",
+              "|---|---:|---|---:|---:|---:|"]
     for r in doc["runs"]:
         if r["kind"] == "pingpong":
-            lines.append(f"| {r['queues']} | {r['mode']} | {r['rtt_p50_us']:.1f} | "
-                         f"{r['rtt_p99_us']:.1f} | {r['syscalls_per_pkt']:.3f} |"
-                         if r["rtt_p50_us"] is not None else
-                         f"| {r['queues']} | {r['mode']} | - | - | - |")
+            lines.append(f"| {r['daemon_mode']} | {r['queues']} | {r['mode']} | "
+                         f"{r['rtt_p50_us']:.1f} | {r['rtt_p99_us']:.1f} | "
+                         f"{r['syscalls_per_pkt']:.3f} |" if r["rtt_p50_us"] is not None else
+                         f"| {r['daemon_mode']} | {r['queues']} | {r['mode']} | - | - | - |")
     lines += ["", "## Ratios against per-queue eventfds (same run)", "",
-              "| queues | rate (pps) | mode | throughput x | notif/pkt x | syscalls/pkt x |",
-              "|---:|---:|---|---:|---:|---:|"]
+              ("| daemon | queues | rate (pps) | mode | throughput x | notif/pkt x | "
+              "syscalls/pkt x |"),
+              "|---|---:|---:|---|---:|---:|---:|"]
     for x in doc["ratios"]:
-        lines.append(f"| {x['queues']} | {x['rate_pps'] or 'unlimited'} | {x['mode']} | "
+        lines.append(f"| {x['daemon_mode']} | {x['queues']} | {x['rate_pps'] or 'unlimited'} | {x['mode']} | "
                      f"{x['throughput_ratio']:.2f} | {x['notifications_ratio']:.3f} | "
                      f"{x['syscalls_ratio']:.3f} |")
     return "\n".join(lines) + "\n"
@@ -192,35 +200,36 @@ def _plots(doc: dict[str, Any], out: Path) -> None:
     pdir = out / "plots"
     pdir.mkdir(exist_ok=True)
     streams = [r for r in doc["runs"] if r["kind"] == "stream"]
-    for q in sorted({r["queues"] for r in streams}):
+    for dm, q in sorted({(r["daemon_mode"], r["queues"]) for r in streams}):
         for metric, label in (("notifications_per_pkt", "interrupts (notifications) per packet"),
                               ("syscalls_per_pkt", "driver syscalls per packet")):
             fig, ax = plt.subplots(figsize=(6, 4))
             for mode in MODES:
-                rs = [r for r in streams if r["queues"] == q and r["mode"] == mode]
+                rs = [r for r in streams
+                      if r["queues"] == q and r["mode"] == mode and r["daemon_mode"] == dm]
                 if rs:
                     ax.plot([r["throughput_pps"] for r in rs], [r[metric] for r in rs],
                             marker="o", label=mode)
             ax.set_xlabel("received load (pps)")
             ax.set_ylabel(label)
-            ax.set_title(f"{q} queue pair(s), one driver thread ({doc['label']})")
+            ax.set_title(f"{dm}, {q} queue pair(s), one driver ({doc['label']})", fontsize=9)
             ax.legend()
             fig.tight_layout()
-            fig.savefig(pdir / f"{metric}-q{q}.png")
+            fig.savefig(pdir / f"{metric}-{dm}-q{q}.png")
             plt.close(fig)
     pps = [r for r in doc["runs"] if r["kind"] == "pingpong" and r["rtt_p50_us"] is not None]
     if pps:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for mode in MODES:
-            rs = sorted((r for r in pps if r["mode"] == mode), key=lambda r: r["queues"])
-            if rs:
-                ax.plot([r["queues"] for r in rs], [r["rtt_p50_us"] for r in rs], marker="o",
-                        label=f"{mode} p50")
-                ax.plot([r["queues"] for r in rs], [r["rtt_p99_us"] for r in rs], marker="x",
-                        linestyle="--", label=f"{mode} p99")
+        for dm in sorted({r["daemon_mode"] for r in pps}):
+            for mode in MODES:
+                rs = sorted((r for r in pps if r["mode"] == mode and r["daemon_mode"] == dm),
+                            key=lambda r: r["queues"])
+                if rs:
+                    ax.plot([r["queues"] for r in rs], [r["rtt_p50_us"] for r in rs],
+                            marker="o", label=f"{dm} {mode} p50")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("queue pairs")
-        ax.set_ylabel("ping-pong RTT (us)")
+        ax.set_ylabel("ping-pong RTT p50 (us)")
         ax.set_title(f"latency ({doc['label']})")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -229,17 +238,21 @@ def _plots(doc: dict[str, Any], out: Path) -> None:
 
 
 def run_scenario(path: Path, out: Path, *, duration: float | None = None,
-                 queues: list[int] | None = None, label: str = "", log: Any = print) -> dict:
+                 queues: list[int] | None = None, label: str = "", log: Any = print,
+                 pingpongs: int | None = None) -> dict[str, Any]:
     sc = load(path)
     if duration is not None:
         sc.setdefault("run", {})["duration"] = duration
+    if pingpongs is not None:
+        sc.setdefault("run", {})["pingpongs"] = pingpongs
     m = sc.get("matrix", {})
     qs = queues or list(m.get("queues", [1, 8, 64]))
     out.mkdir(parents=True, exist_ok=True)
     recs: list[dict[str, Any]] = []
-    for q in qs:
-        for mode in m.get("modes", MODES):
-            recs += _one(sc, q, mode, list(m.get("rates", [0])), out, log)
+    for dm in m.get("daemon_modes", ["baseline"]):
+        for q in qs:
+            for mode in m.get("modes", MODES):
+                recs += _one(sc, q, mode, list(m.get("rates", [0])), out, log, dm)
     doc = {"name": sc.get("name", "interrupts"), "description": sc.get("description", ""),
            "label": label or "dev run", "command": f"vhostx bench run {path}",
            "dimensions": dimensions(), "scenario": sc, "runs": recs, "ratios": _ratios(recs)}

@@ -159,3 +159,17 @@ def test_moderation_set_per_device_at_run_time(daemon_factory) -> None:
             s = rx_stats(d, dev)
             assert (s["interrupts_deferred"] > 0) == held, (dev, s)
             assert s["interrupts"] >= 1
+
+
+def test_a_paced_source_never_exceeds_its_rate(daemon_factory) -> None:
+    d = daemon_factory(params=["mode=baseline"])
+    sock = d.add_device("net0", port="source", rate_pps=2000)
+    d.start()
+    with VhostUserFrontend(sock) as fe:
+        net = NetDriver(fe)
+        t0 = time.monotonic()
+        got = 0
+        while time.monotonic() - t0 < 1.0:
+            got += len(net.recv(timeout=0.1))
+        elapsed = time.monotonic() - t0
+        assert 1 <= got <= 2000 * elapsed * 1.1 + 256, (got, elapsed)

@@ -483,3 +483,26 @@ def test_idle_stays_idle_the_wait_blocks_with_nothing_pending(env, mode):
     s = r.rx.stats()
     assert s["packets"] == 1 and r.rx.irq_deadline == 0
     assert cpu and cpu[0] < 0.1, f"{mode}: {cpu[0]:.3f} s of CPU in 0.6 s idle"
+
+
+# ---- a paced source (rate_pps) ----------------------------------------------------------------
+
+
+def test_paced_rx_fill_keeps_its_rate_and_does_not_burst_after_falling_behind(env):
+    r = RxRing(env)
+    try:
+        op = net.Op.rx_fill(r.q, FRAME, rate_pps=1000)
+        r.post(64)
+        assert op.run(64, BIG) == 0  # the first call starts the clock: nothing due yet
+        time.sleep(0.02)  # ~20 frames due
+        n = op.run(64, BIG)
+        assert 1 <= n <= 64
+        time.sleep(0.5)  # 500 due, far more than 4 batches: the pacer restarts, no burst
+        r.drv.get_used()
+        r.post(64)
+        assert op.run(8, BIG) == 8  # one batch, not the backlog
+        assert op.run(8, BIG) == 0  # nothing more is due right away
+        with pytest.raises(ConfigError, match="rate_pps"):
+            net.Op.rx_fill(r.q, FRAME, rate_pps=-1)
+    finally:
+        r.close()

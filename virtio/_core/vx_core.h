@@ -273,6 +273,12 @@ struct vx_op {
     uint64_t last_work_ns;
     /* kept across rounds */
     uint64_t next_ns;        /* with coalesce_ns: not run again before this CLOCK_MONOTONIC */
+    /* RX_FILL pacing (a `source` port's rate_pps): at most rate_pps frames per second since
+     * rate_t0_ns, never more than 4 batches behind (a paced op that fell behind does not
+     * burst to catch up); 0: unpaced */
+    uint64_t rate_pps;
+    uint64_t rate_t0_ns;
+    uint64_t rate_sent;
 };
 
 int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns);

@@ -10,12 +10,39 @@
 
 uint64_t vx_now_ns(void) { return now_ns(); }
 
+/* paced RX_FILL: frames due now under rate_pps (at most max_pkts) */
+static uint32_t rate_allowed(struct vx_op *op, uint32_t max_pkts)
+{
+    uint64_t now = now_ns();
+    if (!op->rate_t0_ns || now < op->rate_t0_ns) {
+        op->rate_t0_ns = now;
+        op->rate_sent = 0;
+    }
+    uint64_t due = (uint64_t)((double)(now - op->rate_t0_ns) * (double)op->rate_pps / 1e9);
+    uint64_t behind = due > op->rate_sent ? due - op->rate_sent : 0;
+    if (behind > 4 * (uint64_t)max_pkts) { /* fell behind (no buffers, idle): restart */
+        op->rate_t0_ns = now;
+        op->rate_sent = 0;
+        return max_pkts;
+    }
+    return behind > max_pkts ? max_pkts : (uint32_t)behind;
+}
+
 int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns)
 {
     switch (op->kind) {
     case VX_OP_TX_SINK:
         return vx_net_tx_sink(op->vq, max_pkts, max_bytes, spin_ns);
     case VX_OP_RX_FILL:
+        if (op->rate_pps) {
+            uint32_t n = rate_allowed(op, max_pkts);
+            if (!n)
+                return 0;
+            int r = vx_net_rx_fill(op->vq, op->frame, op->frame_len, n, 0);
+            if (r > 0)
+                op->rate_sent += (uint64_t)r;
+            return r;
+        }
         return vx_net_rx_fill(op->vq, op->frame, op->frame_len, max_pkts, spin_ns);
     case VX_OP_ECHO:
         return vx_net_echo(op->vq, op->peer, max_pkts, max_bytes, spin_ns);
