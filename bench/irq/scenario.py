@@ -138,7 +138,7 @@ def _ratios(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (queues, rate): each mode against eventfd in the same run."""
     out = []
     streams = [r for r in recs if r["kind"] == "stream"]
-    for r in streams:
+    for r in streams:  # the guest model
         if r["mode"] == "eventfd":
             continue
         base = next((b for b in streams if b["mode"] == "eventfd" and b["queues"] == r["queues"]
@@ -188,6 +188,19 @@ def _report(doc: dict[str, Any]) -> str:
         lines.append(f"| {x['daemon_mode']} | {x['queues']} | {x['rate_pps'] or 'unlimited'} | {x['mode']} | "
                      f"{x['throughput_ratio']:.2f} | {x['notifications_ratio']:.3f} | "
                      f"{x['syscalls_ratio']:.3f} |")
+    qr = [r for r in doc["runs"] if r["kind"].startswith("qemu_")]
+    if qr:
+        lines += ["", "## QEMU guest (TCG): paced source into the guest, moderation off / on", "",
+                  ("| run | rate (pps) | moderation | received (pps) | guest irq/pkt | "
+                  "guest CPU busy | RTT p50 (us) | RTT p99 (us) | note |"),
+                  "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        for r in qr:
+            def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
+                return format(r[k], fmt) if r.get(k) is not None else "-"
+            lines.append(f"| {r['kind']} | {r['rate_pps'] or '-'} | {r['moderation']} | "
+                         f"{f('received_pps', '.0f')} | {f('guest_irqs_per_pkt', '.4f')} | "
+                         f"{f('guest_cpu_busy', '.2f')} | {f('rtt_p50_us', '.1f')} | "
+                         f"{f('rtt_p99_us', '.1f')} | {r.get('error', '')[:80]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +252,10 @@ def _plots(doc: dict[str, Any], out: Path) -> None:
 
 def run_scenario(path: Path, out: Path, *, duration: float | None = None,
                  queues: list[int] | None = None, label: str = "", log: Any = print,
-                 pingpongs: int | None = None) -> dict[str, Any]:
+                 pingpongs: int | None = None, guest_model: bool = True,
+                 qemu: bool = True) -> dict[str, Any]:
+    """Run the scenario into `out`; guest_model / qemu: which parts (the QEMU part needs the
+    [qemu] table, QEMU and the guest image)."""
     sc = load(path)
     if duration is not None:
         sc.setdefault("run", {})["duration"] = duration
@@ -249,10 +265,14 @@ def run_scenario(path: Path, out: Path, *, duration: float | None = None,
     qs = queues or list(m.get("queues", [1, 8, 64]))
     out.mkdir(parents=True, exist_ok=True)
     recs: list[dict[str, Any]] = []
-    for dm in m.get("daemon_modes", ["baseline"]):
+    for dm in m.get("daemon_modes", ["baseline"]) if guest_model else []:
         for q in qs:
             for mode in m.get("modes", MODES):
                 recs += _one(sc, q, mode, list(m.get("rates", [0])), out, log, dm)
+    if qemu:
+        from .qemu import run_qemu
+
+        recs += run_qemu(sc, out, log)
     doc = {"name": sc.get("name", "interrupts"), "description": sc.get("description", ""),
            "label": label or "dev run", "command": f"vhostx bench run {path}",
            "dimensions": dimensions(), "scenario": sc, "runs": recs, "ratios": _ratios(recs)}
