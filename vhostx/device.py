@@ -205,6 +205,7 @@ class VhostUserDevice:
             "features": hex(self.acked_features),
             "protocol_features": hex(self.acked_protocol_features),
             "queues": queues,
+            "posted_irq": self.posted.describe(),
             "works": works,
             "counters": dict(vars(self.counters)),
         }

@@ -337,6 +337,10 @@ uint32_t vx_drv_recycle(struct vx_drv *d);
  * A kq the Python side holds (VX_KQ_PY) is only counted on kicks; the Python side gives it back
  * by storing state = VX_KQ_IDLE once it turned kicks on and re-checked the ring itself.
  * Returns the reasons (> 0), or -1 with errno when epoll failed.
+ * Held interrupts (moderation, struct vx_irq_config) of every added kq's rings (op->vq and
+ * op->peer) are part of the wait: it sleeps no longer than the earliest one and sends those
+ * due without returning; vx_wait_remove sends a held one at once (detach, migration). The
+ * waiting thread's timer slack is lowered to 1 us on its first vx_wait_run.
  * Threads: everything on one wait and its kqs from the worker thread that owns it. */
 enum {
     VX_KQ_IDLE = 0,           /* kicks on: the wait serves it on its next kick */
