@@ -506,3 +506,50 @@ def test_paced_rx_fill_keeps_its_rate_and_does_not_burst_after_falling_behind(en
             net.Op.rx_fill(r.q, FRAME, rate_pps=-1)
     finally:
         r.close()
+
+
+@pytest.mark.parametrize("pool_mode", ["baseline", "shared"])
+@pytest.mark.parametrize("irq", ["immediate", "moderate", "posted"])
+def test_idle_stays_idle_a_worker_blocks_after_traffic_in_every_mode(env, pool_mode, irq):
+    """A whole worker (both daemon modes; shared mode polls first, then stops after
+    poll_stop_idle) with a moderated, posted or plain echo ring, after traffic and with nothing
+    pending: its loops stop growing (it blocks in its C wait, not spinning)."""
+    from test_sched import SHARED
+
+    from iosched.pool import WorkerPool
+
+    r = KickedRing(env, echo=True)
+    area = dom = None
+    if irq == "moderate":
+        r.rx.set_irq(IrqConfig(IrqMode.MODERATE, frames=64, delay_ns=1 * MS))
+    elif irq == "posted":
+        area = PostedArea(1)
+        dom = PostedDomain(area, 0, [0])
+        r.rx.set_posted(dom.desc, 0, dom.wake_fd, keep=area)
+    for _ in range(8):
+        r.rx_drv.add([], [(r.rx_buf, 2048)])
+    r.rx_drv.publish()
+    settings = SHARED.with_(poll_stop_idle_us=20_000) if pool_mode == "shared" else None
+    pool = (WorkerPool(mode="shared", workers=1, settings=settings) if settings is not None
+            else WorkerPool(mode="baseline"))
+    try:
+        pool.bind("d").attach(r.work).result(5)
+        r.add(4)
+        t_end = time.monotonic() + 10
+        while r.rx.stats()["packets"] < 4:
+            assert time.monotonic() < t_end, "the echo never ran"
+            time.sleep(0.001)
+        time.sleep(0.3)  # past the deadline and poll_stop_idle: nothing pending
+        assert r.rx.irq_deadline == 0
+
+        def loops() -> int:
+            return sum(int(w["loops"]) for w in pool.stats()["workers"])
+
+        before = loops()
+        time.sleep(0.3)
+        assert loops() - before <= 3, f"{pool_mode}/{irq}: the worker spins while idle"
+    finally:
+        pool.stop()
+        if dom is not None:
+            dom.close()
+        r.close()
