@@ -31,6 +31,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
             if f.stem in seen:
                 continue
             seen.add(f.stem)
+            from bench.irq.scenario import is_interrupts_scenario
+
+            if is_interrupts_scenario(f):  # its own runner (bench.irq.scenario)
+                print(f"{f.stem:<12} {'':>9}  {load_desc(f)}")
+                continue
             try:
                 sc = load_scenario(f)
                 cases = sc.cases()
@@ -54,7 +59,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True, soft_wrap=True)
     try:
-        sc = load_scenario(find_scenario(args.scenario))
+        found = find_scenario(args.scenario)
+    except ScenarioError as err:
+        console.print(f"[red]invalid scenario:[/red] {err}", markup=True, highlight=False)
+        return 2
+    from bench.irq.scenario import is_interrupts_scenario
+
+    if is_interrupts_scenario(found):
+        return _run_interrupts(args, found, console)
+    try:
+        sc = load_scenario(found)
         sc = sc.with_overrides(
             repeats=args.repeats, duration=args.duration, warmup=args.warmup,
             quiet_wait=args.quiet_wait, min_pairs=args.min_pairs,
@@ -85,6 +99,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130
     bad = any(r.get("error") or r.get("skipped") for r in doc["runs"])
     return 1 if bad else 0
+
+
+def load_desc(path: Path) -> str:
+    import tomllib
+
+    return str(tomllib.loads(path.read_text()).get("description", ""))
+
+
+def _run_interrupts(args: argparse.Namespace, path: Path, console: Any) -> int:
+    """The `interrupts` scenario (kind = "interrupts"): bench.irq.scenario runs it."""
+    from bench.irq.scenario import run_scenario
+
+    out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "vhostx-bench" / (
+        f"interrupts-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        run_scenario(path, out, duration=args.duration,
+                     log=lambda m: console.print(m, markup=False, highlight=False))
+    except ValueError as err:
+        console.print(f"[red]invalid scenario:[/red] {err}", markup=True, highlight=False)
+        return 2
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}\n"
+                  f"plots:   {out / 'plots'}", highlight=False)
+    return 0
 
 
 def _print_summary(console: Any, doc: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
-"""The `vhostx` command line: serve, stats, devices, params, param, workers, worker, migrate, vfio,
-and the commands of installed plugins (entry-point group `vhostx.commands`: bench/ adds `bench`,
-`demo`).
+"""The `vhostx` command line: serve, stats, devices, params, param, workers, worker, migrate,
+coalesce, vfio, and the commands of installed plugins (entry-point group `vhostx.commands`:
+bench/ adds `bench`, `demo`).
 
 Exit codes: 0 success, 1 runtime failure (no daemon, or the daemon refused a command), 2 bad
 configuration or usage.
@@ -18,7 +18,7 @@ from typing import Any
 
 from virtio.errors import ConfigError
 
-from . import devices_cmd, vfio_cmd
+from . import coalesce_cmd, devices_cmd, vfio_cmd
 
 __all__ = ["CAPABILITIES", "CommandFailed", "ask", "backend_main", "build_parser",
            "control_request", "main"]
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="seconds to wait for the daemon to finish the move")
     mg.set_defaults(func=_cmd_migrate)
 
+    coalesce_cmd.add_parser(sub)
     _register_plugins(sub)
     vfio_cmd.add_parser(sub)
     devices_cmd.register(sub)

@@ -43,6 +43,7 @@ class DeviceConfig:
     mtu: int = 1500
     switch: str = "default"  # which switch a port=switch device joins
     frame_size: int = 64  # port=source: generated frame length (without the net header)
+    rate_pps: int = 0  # port=source: frames per second per RX queue (0: as fast as buffers come)
     tap_name: str = ""  # port=tap: interface name (empty: chosen by the kernel)
     tap_netns: str = ""  # port=tap: move the interface into this namespace (created if absent)
     tap_address: str = ""  # port=tap: address/prefix to give the interface, e.g. 10.0.0.1/24
@@ -79,6 +80,7 @@ _INT_RANGES = {
     "queues": (1, 64),
     "mtu": (68, 65535),
     "frame_size": (60, 9000),
+    "rate_pps": (0, 100_000_000),
     "worker": (-1, 1023),
 }
 _BOOL_KEYS = {"client", "in_order"}

@@ -38,6 +38,7 @@ from iosched.policy import SchedSettings
 from iosched.pool import WorkerPool
 from virtio.errors import ConfigError
 
+from . import irq as vxirq
 from . import net as vxnet
 from .config import DaemonConfig
 from .net import NetDevice, SwitchRegistry
@@ -56,7 +57,7 @@ MODE = Param(
 PARAMS: tuple[Param, ...] = (MODE,)
 """The parameters this module reads."""
 PARAM_SPECS: tuple[Param, ...] = (
-    *PARAMS, *iopool.PARAMS, *iopolicy.PARAMS, *vxnet.PARAMS,
+    *PARAMS, *iopool.PARAMS, *iopolicy.PARAMS, *vxnet.PARAMS, *vxirq.PARAMS,
 )  # fmt: skip
 """Every parameter of every module the daemon uses (what `vhostx params` lists)."""
 

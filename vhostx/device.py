@@ -36,6 +36,8 @@ from virtio.ring import DeviceQueue
 from virtio.vhost_user import ProtocolFeature as PF
 from virtio.vhost_user import Request as R
 
+from .posted import PostedDomains
+
 __all__ = ["DISPATCH", "MAX_MEM_SLOTS", "MAX_QUEUE_SIZE", "Refused", "VhostUserDevice", "Vring"]
 
 log = logging.getLogger("vhostx.control")
@@ -116,6 +118,8 @@ DISPATCH: dict[R, Rule] = {
     R.REM_MEM_REG: Rule("rem_mem_reg", feature=PF.CONFIGURE_MEM_SLOTS, quiesce=True),
     R.SET_STATUS: Rule("set_status", feature=PF.STATUS, quiesce=True),
     R.GET_STATUS: Rule("get_status", feature=PF.STATUS),
+    R.VHOSTX_SET_POSTED_IRQ: Rule("vhostx_set_posted_irq", feature=PF.VHOSTX_POSTED_IRQ,
+                                  quiesce=True),
 }
 
 
@@ -162,6 +166,10 @@ class VhostUserDevice:
         self.memory: GuestMemory | None = None
         self.vrings = [Vring(i) for i in range(self.num_queues)]
         self.broken = None
+        old_posted = getattr(self, "posted", None)
+        if old_posted is not None:
+            old_posted.close()
+        self.posted = PostedDomains()
 
     def offered_features(self) -> int:
         return self.device_features | VHOST_USER_F_PROTOCOL_FEATURES
@@ -210,6 +218,7 @@ class VhostUserDevice:
             "features": hex(self.acked_features),
             "protocol_features": hex(self.acked_protocol_features),
             "queues": queues,
+            "posted_irq": self.posted.describe(),
             "works": works,
             "counters": dict(vars(self.counters)),
         }
@@ -698,3 +707,14 @@ class VhostUserDevice:
     async def h_get_status(self, msg: vu.Message) -> int:
         return self.status
 
+
+    # ---- vhostx extensions -----------------------------------------------------------------
+
+    async def h_vhostx_set_posted_irq(self, msg: vu.Message) -> None:
+        """One posted-interrupt domain (docs/interrupts.md); the re-plan applies it."""
+        area_fd, wake_fd = msg.fds
+        self.posted.set(msg.payload, area_fd, wake_fd, self.num_queues)
+
+    def apply_posted(self, index: int, queue: DeviceQueue) -> bool:
+        """Make a running queue post to its domain, if the frontend gave it one."""
+        return self.posted.apply(index, queue)

@@ -129,6 +129,11 @@ _RING_COUNTERS: tuple[_Spec, ...] = tuple(
         ("eagain", "File descriptor calls stopped by EAGAIN."),
         ("io_errors", "File descriptor calls that failed otherwise."),
         ("lock_contended", "RX lock acquisitions that had to spin."),
+        ("interrupts_no_fd", "Publications the driver wanted signalled, without a call fd."),
+        ("interrupts_deferred", "Interrupts held back by moderation."),
+        ("interrupts_posted", "Posted-interrupt bits set with no notification needed."),
+        ("pi_notifications", "Posted interrupts that wrote the domain's wake eventfd."),
+        ("irq_deadline_flushes", "Held interrupts sent by their deadline or a flush."),
     )
 )
 

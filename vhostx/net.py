@@ -30,6 +30,7 @@ from virtio.kick import KickQueue, SpinWindow
 from virtio.ring import STATS_FIELDS, DeviceQueue
 from virtio.vhost_user import ProtocolFeature as PF
 
+from . import irq
 from .config import DeviceConfig
 from .device import Refused, VhostUserDevice
 
@@ -77,6 +78,7 @@ _PROTOCOL_FEATURES = (
     | (1 << PF.RESET_DEVICE)
     | (1 << PF.CONFIGURE_MEM_SLOTS)
     | (1 << PF.STATUS)
+    | (1 << PF.VHOSTX_POSTED_IRQ)  # masked out by QEMU and DPDK, which do not know it
 )
 # TUNSETOFFLOAD flags
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
@@ -284,6 +286,7 @@ class NetDevice(VhostUserDevice):
         self.busy_poll = BusyPoll(
             params.handle(BUSY_POLL_US.name, device=cfg.name) if params is not None else None
         )
+        self.irq = irq.IrqModeration(params, cfg.name if params is not None else None)
         super().__init__(cfg.name, worker)
         if cfg.port == "tap":
             self._open_tap()
@@ -354,6 +357,9 @@ class NetDevice(VhostUserDevice):
     def make_works(self, running: dict[int, DeviceQueue]) -> list[QueueWork]:
         works: list[QueueWork] = []
         port = self.cfg.port
+        for index, q in running.items():  # the device's interrupt policy, its posted domains
+            q.set_irq(self.irq.cell)
+            self.apply_posted(index, q)
         rx_all = [running[i] for i in range(0, self.num_queues, 2) if i in running]
         if port not in ("source", "tap"):
             # No work listens to these RX rings' kicks (echo and switch fill them from TX
@@ -400,9 +406,13 @@ class NetDevice(VhostUserDevice):
         )  # fmt: skip
 
     def _source_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
+        rate = self.cfg.rate_pps
+        # paced (rate_pps): frames are due by the clock, not by the guest's refills, so the
+        # work is polled for as long as it is attached (no kick fd), like a NIC's TX timer
         return QueueWorkItem(
-            f"{self.name}.rx{pair}", rx, vnet.Op.rx_fill(rx, self._frame), kick_fd=kick,
-            device=self.name, busy_poll=self.busy_poll, on_broken=self.guest_error,
+            f"{self.name}.rx{pair}", rx, vnet.Op.rx_fill(rx, self._frame, rate),
+            kick_fd=-1 if rate else kick, device=self.name, busy_poll=self.busy_poll,
+            on_broken=self.guest_error,
         )  # fmt: skip
 
     def _tap_rx_work(self, pair: int, rx: DeviceQueue, kick: int) -> QueueWork:
@@ -420,6 +430,7 @@ class NetDevice(VhostUserDevice):
     async def close(self) -> None:
         await super().close()
         self.busy_poll.close()
+        self.irq.close()
         if self.tap is not None:
             self.tap.close()
             self.tap = None

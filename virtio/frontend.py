@@ -614,6 +614,14 @@ class NetDriver:
         self.rx_packets += len(out)
         return out
 
+    def poll_rx(self, pair: int = 0) -> list[bytes]:
+        """Frames received on RX queue 2*pair so far (no wait, interrupts left as they are),
+        the ring refilled: for drivers that learn of completions their own way (posted
+        interrupts: virtio.driver.posted)."""
+        frames = self._collect(pair)
+        self._refill(pair)
+        return frames
+
     def recv(self, timeout: float = 1.0, pair: int = 0) -> list[bytes]:
         """Frames received on RX queue 2*pair, without the net header; waits up to ``timeout``
         for the first one (call eventfd), returns [] if none came."""

@@ -171,8 +171,13 @@ class Op:
         return cls(lib.VX_OP_TX_SINK, "tx_sink", tx)
 
     @classmethod
-    def rx_fill(cls, rx: DeviceQueue, frame: bytes) -> Op:
-        return cls(lib.VX_OP_RX_FILL, "rx_fill", rx, frame=frame)
+    def rx_fill(cls, rx: DeviceQueue, frame: bytes, rate_pps: int = 0) -> Op:
+        """`rate_pps` > 0: paced, at most that many frames per second (struct vx_op)."""
+        op = cls(lib.VX_OP_RX_FILL, "rx_fill", rx, frame=frame)
+        if not 0 <= rate_pps < 2**64:
+            raise ConfigError(f"rx_fill rate_pps: allowed 0..2**64-1, got {rate_pps}")
+        op._c.rate_pps = rate_pps
+        return op
 
     @classmethod
     def echo(cls, tx: DeviceQueue, rx: DeviceQueue) -> Op:

@@ -30,6 +30,9 @@ class NotifyOutcome(enum.IntEnum):
     SENT = lib.VX_NOTIFY_SENT  # call eventfd written ("interrupts")
     SUPPRESSED = lib.VX_NOTIFY_SUPPRESSED  # the driver wants none ("interrupts_suppressed")
     NO_FD = lib.VX_NOTIFY_NO_FD  # wanted, but no call fd ("interrupts_no_fd")
+    DEFERRED = lib.VX_NOTIFY_DEFERRED  # held back by moderation ("interrupts_deferred")
+    POSTED = lib.VX_NOTIFY_POSTED  # posted bit set, no notification ("interrupts_posted")
+    POSTED_WAKE = lib.VX_NOTIFY_POSTED_WAKE  # posted and wake eventfd written ("pi_notifications")
 
 
 def make_mem_table(mem: GuestMemory) -> Any:
@@ -174,6 +177,33 @@ class DeviceQueue:
         if r < 0:
             raise _err(self._vq, f"queue {self.index}")
         return NotifyOutcome(r)
+
+    # ---- the interrupt policy (virtio.irq) ----------------------------------------------------
+    def set_irq(self, cell: Any) -> None:
+        """Follow an interrupt policy cell (a virtio.irq.IrqConfig; None: immediate). The cell
+        must outlive the queue's use of it: the queue keeps a reference."""
+        self._irq_cell = cell
+        lib.vx_vq_set_irq(self._vq, ffi.NULL if cell is None else cell.c_cell)
+
+    def irq_flush(self, now_ns: int | None = None) -> int:
+        """Send a held interrupt if due at `now_ns` (None: now, whatever its deadline); returns
+        the deadline still pending (0: none)."""
+        return int(lib.vx_vq_irq_flush(self._vq, 2**64 - 1 if now_ns is None else now_ns))
+
+    @property
+    def irq_deadline(self) -> int:
+        """CLOCK_MONOTONIC ns at which a held interrupt is due (0: none held)."""
+        return int(lib.vx_vq_irq_deadline(self._vq))
+
+    def set_posted(self, desc: Any, bit: int, wake_fd: int, keep: Any = None) -> None:
+        """Post this queue's interrupts to a posted-interrupt descriptor (a cffi `struct
+        vx_pi_desc *`) as request bit `bit`, waking `wake_fd`; desc None: back to the call
+        eventfd. `keep`: what keeps the descriptor's memory mapped (held while it is used)."""
+        ptr = ffi.NULL if desc is None else desc
+        if lib.vx_vq_set_posted(self._vq, ptr, bit, wake_fd) < 0:
+            raise GuestError(f"queue {self.index}: posted-interrupt bit {bit} not below "
+                             f"{lib.VX_PI_MAX_BITS}, or descriptor not 64-byte aligned")
+        self._pi_keep = keep if desc is not None else None
 
     def set_call_fd(self, fd: int) -> None:
         self._call_fd = fd

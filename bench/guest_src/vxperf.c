@@ -8,7 +8,8 @@
  *
  *   vxperf pingpong IFACE SIZE WARMUP_S DURATION_S   one frame in flight; the backend reflects it
  *   vxperf tx       IFACE SIZE WARMUP_S DURATION_S   send as fast as the guest can (backend sinks)
- *   vxperf rx       IFACE WARMUP_S DURATION_S        count what arrives (backend sources)
+ *   vxperf rx       IFACE WARMUP_S DURATION_S        count what arrives (backend sources),
+ *                                                    the guest's virtio interrupts and CPU
  *
  * Console protocol (one line each, flushed at once):
  *   VX-WINDOW begin / VX-WINDOW end   the measurement window (after the warm-up), guest clock
@@ -64,6 +65,51 @@ static void say(const char *fmt, ...)
 }
 
 static void result_u64(const char *name, uint64_t v) { say("VX-RESULT %s %llu\n", name, (unsigned long long)v); }
+
+/* Interrupts the guest took from virtio devices: every /proc/interrupts line naming "virtio"
+ * (with vectors=0 the NIC's queues share one INTx line), summed over the CPUs. */
+static uint64_t virtio_irqs(void)
+{
+	FILE *f = fopen("/proc/interrupts", "r");
+	if (!f)
+		return 0;
+	char line[1024];
+	uint64_t total = 0;
+	while (fgets(line, sizeof line, f)) {
+		if (!strstr(line, "virtio"))
+			continue;
+		char *p = strchr(line, ':');
+		if (!p)
+			continue;
+		p++;
+		for (;;) {
+			char *end;
+			unsigned long long v = strtoull(p, &end, 10);
+			if (end == p)
+				break;
+			total += v;
+			p = end;
+		}
+	}
+	fclose(f);
+	return total;
+}
+
+/* The guest's CPU time from the first /proc/stat line, in USER_HZ ticks: busy and total. */
+static void cpu_ticks(uint64_t *busy, uint64_t *total)
+{
+	unsigned long long v[8] = {0};
+	*busy = *total = 0;
+	FILE *f = fopen("/proc/stat", "r");
+	if (!f)
+		return;
+	if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3],
+		   &v[4], &v[5], &v[6], &v[7]) == 8) {
+		*busy = v[0] + v[1] + v[2] + v[5] + v[6] + v[7]; /* all but idle and iowait */
+		*total = *busy + v[3] + v[4];
+	}
+	fclose(f);
+}
 
 /* A counter of /sys/class/net/IFACE/statistics (0 when unreadable). */
 static uint64_t if_stat(const char *ifname, const char *name)
@@ -334,7 +380,7 @@ static int rx(const char *ifname, double warmup, double duration)
 	for (int i = 0; i < BATCH; i++)
 		iov[i] = (struct iovec){.iov_base = bufs[i], .iov_len = sizeof bufs[i]};
 	msgs_init(msgs, iov);
-	uint64_t frames = 0, bytes = 0, if0 = 0, b0 = 0;
+	uint64_t frames = 0, bytes = 0, if0 = 0, b0 = 0, irq0 = 0, cb0 = 0, ct0 = 0;
 	struct tpacket_stats st;
 	socklen_t sl = sizeof st;
 	struct window w = window_plan(warmup, duration);
@@ -345,6 +391,8 @@ static int rx(const char *ifname, double warmup, double duration)
 			getsockopt(fd, SOL_PACKET, PACKET_STATISTICS, &st, &sl); /* reads and resets */
 			if0 = if_stat(ifname, "rx_packets");
 			b0 = if_stat(ifname, "rx_bytes");
+			irq0 = virtio_irqs();
+			cpu_ticks(&cb0, &ct0);
 			window_begin(&w);
 		} else if (state == W_END) {
 			break;
@@ -356,6 +404,8 @@ static int rx(const char *ifname, double warmup, double duration)
 			frames += (uint64_t)r;
 	}
 	uint64_t if1 = if_stat(ifname, "rx_packets"), b1 = if_stat(ifname, "rx_bytes");
+	uint64_t irq1 = virtio_irqs(), cb1, ct1;
+	cpu_ticks(&cb1, &ct1);
 	window_end(&w);
 	sl = sizeof st;
 	memset(&st, 0, sizeof st);
@@ -366,6 +416,9 @@ static int rx(const char *ifname, double warmup, double duration)
 	result_u64("socket_drops", st.tp_drops);
 	result_u64("if_packets", if1 - if0);
 	result_u64("if_bytes", b1 - b0);
+	result_u64("virtio_irqs", irq1 - irq0);           /* guest interrupts in the window */
+	result_u64("cpu_busy_ticks", cb1 - cb0);          /* guest CPU (USER_HZ ticks) */
+	result_u64("cpu_total_ticks", ct1 - ct0);
 	return 0;
 }
 

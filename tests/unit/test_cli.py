@@ -432,3 +432,51 @@ def test_backend_main_is_serve(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out == '{"type": "net"}\n'
     assert cli.backend_main(["--port", "echo"]) == 2  # a device option without its device
     assert "give one of those" in capsys.readouterr().err
+
+
+# ---- vhostx coalesce ----------------------------------------------------------------------
+
+
+def test_coalesce_shows_and_sets_a_devices_moderation(fake: Any,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    d = fake(param_daemon())
+    rc, out, _ = run(capsys, "coalesce", "net0", "--control", d.path)
+    assert rc == 0 and out.splitlines()[0] == "Coalesce parameters for net0:"
+    assert "Mode:               off" in out and "usecs:              100" in out
+    rc, out, _ = run(capsys, "coalesce", "net0", "rx-usecs", "50", "rx-frames", "16",
+                     "--control", d.path)
+    assert rc == 0 and "Mode:               moderate" in out  # usecs on an off device: on
+    assert "usecs:              50" in out and "frames:             16" in out
+    rc, out, _ = run(capsys, "coalesce", "net0", "adaptive", "on", "--control", d.path)
+    assert rc == 0 and "Mode:               adaptive" in out
+    # the other device is untouched: device-scope values
+    rc, out, _ = run(capsys, "coalesce", "net1", "--control", d.path)
+    assert "Mode:               off" in out and "usecs:              100" in out
+    rc, out, _ = run(capsys, "param", "get", "irq_coalesce_us", "--device", "net0",
+                     "--control", d.path)
+    assert out.strip() == "irq_coalesce_us@net0 = 50 (runtime, device net0: own value)"
+
+
+@pytest.mark.parametrize("words, why", [
+    (["rx-frames", "0"], "irq_coalesce_frames"),  # below min 1: the daemon refuses
+    (["rx-usecs", "20000"], "irq_coalesce_us"),
+    (["mode", "turbo"], "irq_mode"),
+])
+def test_coalesce_refused_values_exit_2(fake: Any, capsys: pytest.CaptureFixture[str],
+                                        words: list[str], why: str) -> None:
+    d = fake(param_daemon())
+    rc, _, err = run(capsys, "coalesce", "net0", *words, "--control", d.path)
+    assert rc == 2 and why in err and "refused" in err
+
+
+@pytest.mark.parametrize("words, why", [
+    (["rx-usecs"], "odd list"),
+    (["rx-jiffies", "3"], "unknown key 'rx-jiffies'"),
+    (["adaptive", "maybe"], "takes on or off"),
+])
+def test_coalesce_bad_usage_exits_2_before_any_set(fake: Any, capsys: pytest.CaptureFixture[str],
+                                                   words: list[str], why: str) -> None:
+    d = fake(param_daemon())
+    rc, _, err = run(capsys, "coalesce", "net0", *words, "--control", d.path)
+    assert rc == 2 and why in err
+    assert all(r["cmd"] == "param_get" for r in d.requests)

@@ -551,7 +551,8 @@ def test_format_table_contains_every_parameter() -> None:
 DEVICE_SCOPE = {
     "poll_start_rate", "poll_stop_idle", "max_queue_stuck_us", "max_queue_stuck_size",
     "min_processed_data_limit", "max_processed_data_limit", "min_poll_rate", "turn_max_packets",
-    "turn_max_bytes", "busy_poll_us",
+    "turn_max_bytes", "busy_poll_us", "irq_mode", "irq_coalesce_frames", "irq_coalesce_us",
+    "irq_adaptive_on_kpps", "irq_adaptive_off_kpps", "irq_adaptive_window_us",
 }  # fmt: skip
 
 
@@ -711,16 +712,16 @@ def test_listing_shows_device_values_and_their_sources() -> None:
 def test_a_new_device_parameter_is_one_declaration() -> None:
     """Declared as data with scope device, it gets config, command line, run-time and listing
     support per device with nothing else to write (e.g. interrupt moderation per queue)."""
-    irq = Param("irq_coalesce_frames", int, 0, "interrupt after this many used entries",
+    irq = Param("example_frames", int, 0, "interrupt after this many used entries",
                 unit="frames", min=0, max=256, runtime=True, scope=Scope.DEVICE)
     reg = Registry([*PARAM_SPECS, irq])
     reg.add_device("net0")
     reg.add_device("net1")
-    reg.load_config({"irq_coalesce_frames": 32}, device="net0")
-    reg.load_cmdline(["irq_coalesce_frames=4"])
-    reg.set("irq_coalesce_frames", "16", device="net1")
-    assert [reg.get("irq_coalesce_frames", d) for d in ("net0", "net1")] == [32, 16]
-    assert reg.get("irq_coalesce_frames") == 4
+    reg.load_config({"example_frames": 32}, device="net0")
+    reg.load_cmdline(["example_frames=4"])
+    reg.set("example_frames", "16", device="net1")
+    assert [reg.get("example_frames", d) for d in ("net0", "net1")] == [32, 16]
+    assert reg.get("example_frames") == 4
     with pytest.raises(ConfigError, match=r"allowed \[0, 256\] frames"):
-        reg.set("irq_coalesce_frames", 300, device="net0")
-    assert "irq_coalesce_frames@net0" in reg.format_table()
+        reg.set("example_frames", 300, device="net0")
+    assert "example_frames@net0" in reg.format_table()

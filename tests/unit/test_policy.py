@@ -174,7 +174,7 @@ def test_policy_decides_with_the_settings_of_the_queues_device() -> None:
 
 def test_parameters_are_declared_beside_their_readers() -> None:
     from iosched import pool
-    from vhostx import daemon, net
+    from vhostx import daemon, irq, net
 
     assert {p.name for p in PARAMS} == {
         "poll_start_rate", "poll_stop_idle", "poll_coalescing", "max_work_stuck_us",
@@ -186,7 +186,11 @@ def test_parameters_are_declared_beside_their_readers() -> None:
         "workers", "worker_cpus", "placement", "devices_per_worker", "max_workers"}
     assert [p.name for p in daemon.PARAMS] == ["mode"]
     assert [p.name for p in net.PARAMS] == ["busy_poll_us"]
-    assert set(daemon.PARAM_SPECS) == {*PARAMS, *pool.PARAMS, *daemon.PARAMS, *net.PARAMS}
+    assert [p.name for p in irq.PARAMS] == [
+        "irq_mode", "irq_coalesce_frames", "irq_coalesce_us", "irq_adaptive_on_kpps",
+        "irq_adaptive_off_kpps", "irq_adaptive_window_us"]
+    assert set(daemon.PARAM_SPECS) == {*PARAMS, *pool.PARAMS, *daemon.PARAMS, *net.PARAMS,
+                                       *irq.PARAMS}
 
 
 def test_a_new_per_device_worker_parameter_is_one_settings_field() -> None:

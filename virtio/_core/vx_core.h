@@ -55,6 +55,13 @@ struct vx_stats {
     uint64_t spin_found;            /* busy-poll windows that ended with new avail entries */
     uint64_t spin_ns;               /* time spent busy-polling, ns */
     uint64_t interrupts_no_fd;      /* publications the driver wanted signalled, no call fd */
+    /* the interrupt policy's outcomes (struct vx_irq_config, vx_vq_set_posted) */
+    uint64_t interrupts_deferred;   /* held back by moderation (VX_NOTIFY_DEFERRED) */
+    uint64_t interrupts_posted;     /* posted bit set, no notification (VX_NOTIFY_POSTED) */
+    uint64_t pi_notifications;      /* posted bit set and the wake eventfd written (..._WAKE) */
+    uint64_t irq_deadline_flushes;  /* deferred interrupts sent by their deadline or a flush */
+    uint64_t irq_adaptive_on;       /* adaptive moderation switched on */
+    uint64_t irq_adaptive_off;      /* ... and off */
 };
 
 enum {
@@ -105,11 +112,85 @@ enum {
     VX_NOTIFY_NONE = 0,       /* nothing new since the last decision (not counted) */
     VX_NOTIFY_SENT = 1,       /* the call eventfd was written (stats.interrupts) */
     VX_NOTIFY_SUPPRESSED = 2, /* the driver wants none (stats.interrupts_suppressed) */
-    VX_NOTIFY_NO_FD = 3       /* wanted, but the queue has no call fd (stats.interrupts_no_fd) */
+    VX_NOTIFY_NO_FD = 3,      /* wanted, but the queue has no call fd (stats.interrupts_no_fd) */
+    VX_NOTIFY_DEFERRED = 4,   /* wanted, held back by moderation (stats.interrupts_deferred) */
+    VX_NOTIFY_POSTED = 5,     /* posted: request bit set, no notification needed
+                               * (stats.interrupts_posted) */
+    VX_NOTIFY_POSTED_WAKE = 6 /* posted and the domain's wake eventfd written
+                               * (stats.pi_notifications) */
 };
 int vx_vq_notify_decide(struct vx_vq *vq);
 /* vx_vq_notify_decide as a bool: 1 if the call eventfd was written, 0 if not, -1 broken */
 int vx_vq_signal(struct vx_vq *vq);
+
+/* ---- the interrupt policy (vx_used.c; docs/interrupts.md) ----
+ * struct vx_irq_config is a cell owned by the Python side (one per device), read by the queues
+ * that point at it with relaxed loads on every decision: any thread may change a field at any
+ * time (aligned stores), a decision sees it from its next run. NULL (a new queue's): immediate.
+ * IMMEDIATE: write the call eventfd whenever the driver asks. MODERATE: hold the interrupt until
+ * `frames` completions are pending or `delay_ns` has passed since the first held one, whichever
+ * comes first (frames <= 1 or delay_ns == 0: immediate). ADAPTIVE: MODERATE while the queue's
+ * completion rate, measured over windows of `window_ns`, is at least `on_pps`; back to
+ * immediate once a window's rate falls below `off_pps` (hysteresis: off_pps <= on_pps).
+ * A held interrupt is due at its deadline: vx_vq_irq_flush sends it (the worker's wait and the
+ * poll rounds call it for their queues; a detach forces it). Queues written by other threads
+ * (switch and fwd RX) are never moderated: nobody would honour their deadline. */
+enum {
+    VX_IRQ_IMMEDIATE = 0,
+    VX_IRQ_MODERATE = 1,
+    VX_IRQ_ADAPTIVE = 2
+};
+struct vx_irq_config {
+    uint32_t mode;       /* VX_IRQ_* */
+    uint32_t frames;     /* irq_coalesce_frames */
+    uint64_t delay_ns;   /* irq_coalesce_us, in ns */
+    uint64_t on_pps;     /* ADAPTIVE: moderation on at or above this completion rate */
+    uint64_t off_pps;    /* ADAPTIVE: ... off below this one */
+    uint64_t window_ns;  /* ADAPTIVE: rate sampling window */
+};
+/* control thread while stopped, or the owning worker */
+void vx_vq_set_irq(struct vx_vq *vq, const struct vx_irq_config *cfg);
+/* Send a held interrupt if it is due at `now` (CLOCK_MONOTONIC ns; UINT64_MAX: force it).
+ * Returns the deadline still pending (0: none). Owning worker (takes the queue lock). */
+uint64_t vx_vq_irq_flush(struct vx_vq *vq, uint64_t now);
+uint64_t vx_vq_irq_deadline(const struct vx_vq *vq);
+
+/* ---- para-virtual posted interrupts (vx_used.c, vx_posted.c; docs/interrupts.md) ----
+ * A 64-byte, 64-byte-aligned descriptor per interrupt domain (one driver thread), in memory
+ * the frontend shares (VHOSTX_SET_POSTED_IRQ), modelled on the APICv posted-interrupt
+ * descriptor: PIR, the request bitmap (bit i = vring index i of the device), and the control
+ * word: ON (a notification is outstanding) and SN (the driver runs and will look: suppress).
+ * Backend (vx_vq_notify_decide, on a publication the driver wants signalled): set the queue's
+ * PIR bit, full fence, read control; if neither ON nor SN, set ON and, on its 0 -> 1 transition,
+ * write the domain's wake eventfd. Driver: while it runs, SN is set; it takes the PIR with
+ * atomic exchanges (vx_pi_take); before sleeping it clears ON (the exitless EOI: one store) and
+ * SN, full fence, then re-reads PIR (vx_pi_prepare_sleep) and sleeps only if it is empty. */
+struct vx_pi_desc {
+    uint64_t pir[4];      /* bytes 0..31: request bitmap */
+    uint32_t control;     /* bytes 32..35: VX_PI_ON | VX_PI_SN */
+    uint32_t domain;      /* bytes 36..39: the domain's number (the NDST analogue) */
+    uint64_t reserved[3]; /* bytes 40..63 */
+};
+enum {
+    VX_PI_ON = 1,
+    VX_PI_SN = 2,
+    VX_PI_DESC_SIZE = 64,
+    VX_PI_MAX_BITS = 256
+};
+/* Post this queue's interrupts to `desc` bit `bit`, waking `wake_fd`; desc NULL: back to the
+ * call eventfd. -1 if bit >= VX_PI_MAX_BITS or desc is not 64-byte aligned. Queue stopped, or
+ * its owning worker. */
+int vx_vq_set_posted(struct vx_vq *vq, struct vx_pi_desc *desc, uint32_t bit, int wake_fd);
+/* driver side (any one thread per descriptor) */
+void vx_pi_running(struct vx_pi_desc *d);          /* SN = 1 */
+int vx_pi_take(struct vx_pi_desc *d, uint64_t *out); /* exchange the PIR words with 0 into
+                                                      * out[4]; returns the bits taken */
+int vx_pi_prepare_sleep(struct vx_pi_desc *d);     /* ON = 0, SN = 0, full fence; 1 if PIR is
+                                                    * not empty (do not sleep; SN is set again) */
+/* TEST SUPPORT: a hook at the race windows: point 1 after the backend set its PIR bit, before
+ * it reads control; point 2 after the driver cleared ON/SN, before its fence and PIR re-read */
+void vx_pi_set_test_hook(void (*hook)(void *, uint32_t), void *arg);
+
 uint16_t vx_vq_last_avail_idx(const struct vx_vq *vq);
 uint16_t vx_vq_used_idx(const struct vx_vq *vq);
 const char *vx_vq_error(const struct vx_vq *vq);
@@ -192,6 +273,12 @@ struct vx_op {
     uint64_t last_work_ns;
     /* kept across rounds */
     uint64_t next_ns;        /* with coalesce_ns: not run again before this CLOCK_MONOTONIC */
+    /* RX_FILL pacing (a `source` port's rate_pps): at most rate_pps frames per second since
+     * rate_t0_ns, never more than 4 batches behind (a paced op that fell behind does not
+     * burst to catch up); 0: unpaced */
+    uint64_t rate_pps;
+    uint64_t rate_t0_ns;
+    uint64_t rate_sent;
 };
 
 int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns);
@@ -254,6 +341,10 @@ uint32_t vx_drv_recycle(struct vx_drv *d);
  * A kq the Python side holds (VX_KQ_PY) is only counted on kicks; the Python side gives it back
  * by storing state = VX_KQ_IDLE once it turned kicks on and re-checked the ring itself.
  * Returns the reasons (> 0), or -1 with errno when epoll failed.
+ * Held interrupts (moderation, struct vx_irq_config) of every added kq's rings (op->vq and
+ * op->peer) are part of the wait: it sleeps no longer than the earliest one and sends those
+ * due without returning; vx_wait_remove sends a held one at once (detach, migration). The
+ * waiting thread's timer slack is lowered to 1 us on its first vx_wait_run.
  * Threads: everything on one wait and its kqs from the worker thread that owns it. */
 enum {
     VX_KQ_IDLE = 0,           /* kicks on: the wait serves it on its next kick */

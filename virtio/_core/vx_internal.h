@@ -95,10 +95,12 @@ struct vring_used {
 };
 
 /* A queue's interrupt policy: what vx_vq_notify_decide does with a publication the driver wants
- * signalled. IMMEDIATE (0, a new queue's): write the call eventfd at once. Interrupt moderation
- * and posted interrupts add their policies here (and their state to struct vx_vq). */
+ * signalled. IMMEDIATE (0, a new queue's): send at once. CONFIGURED: the queue's struct
+ * vx_irq_config (immediate, moderated or adaptive). Sending is the call eventfd, or, with a
+ * posted-interrupt descriptor (pi), a posted bit and maybe the domain's wake eventfd. */
 enum vx_notify_policy {
-    VX_NOTIFY_POLICY_IMMEDIATE = 0
+    VX_NOTIFY_POLICY_IMMEDIATE = 0, /* no irq_cfg, or its mode says so */
+    VX_NOTIFY_POLICY_CONFIGURED = 1 /* irq_cfg set: its mode decides per publication */
 };
 
 struct vx_vq {
@@ -122,6 +124,17 @@ struct vx_vq {
     uint16_t signalled_used; /* used->idx at the last interrupt decision */
     int signalled_valid;     /* a decision was made since start (signalled_used is meaningful) */
     uint32_t notify_policy;  /* enum vx_notify_policy */
+    /* interrupt policy state (vx_used.c) */
+    const struct vx_irq_config *irq_cfg; /* NULL: immediate */
+    uint64_t irq_deadline;   /* a held interrupt is due at this CLOCK_MONOTONIC ns (0: none) */
+    uint32_t irq_pending;    /* completions published since the first held one */
+    int irq_shared;          /* written by other threads (switch, fwd RX): never moderated */
+    int irq_active;          /* ADAPTIVE: moderation on */
+    uint64_t irq_win_start;  /* ADAPTIVE: the rate window's start ... */
+    uint64_t irq_win_count;  /* ... and completions in it */
+    struct vx_pi_desc *pi;   /* posted interrupts: the domain's descriptor (NULL: eventfd) */
+    uint32_t pi_bit;
+    int pi_fd;
     uint32_t nshadow;
     struct vring_used_elem *shadow; /* 2 * size */
     /* chain of the current descriptor being handled: readable segs then writable segs */

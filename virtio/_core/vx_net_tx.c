@@ -195,6 +195,8 @@ int vx_net_fwd(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t m
                uint64_t spin_ns)
 {
     struct to_rx_ctx ctx = {.rx = rx, .swap_mac = 0, .locked = 1, .rx_fatal = 0};
+    if (rx)
+        __atomic_store_n(&rx->irq_shared, 1, __ATOMIC_RELAXED); /* never moderated */
     return tx_run(tx, max_pkts, max_bytes, spin_ns, &TO_RX, &ctx);
 }
 

@@ -57,6 +57,7 @@ struct vx_vq *vx_vq_new(uint32_t size)
     vq->size = size;
     vq->mask = size - 1;
     vq->call_fd = -1;
+    vq->pi_fd = -1;
     vq->shadow = calloc(2 * (size_t)size, sizeof(*vq->shadow));
     vq->segs = calloc(size, sizeof(*vq->segs));
     vq->iov = calloc(size, sizeof(*vq->iov));
@@ -113,6 +114,8 @@ int vx_vq_start(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *av
     vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
     vq->signalled_used = vq->used_idx;
     vq->signalled_valid = 0;
+    vq->irq_deadline = 0; /* an interrupt held before a stop was flushed by the detach */
+    vq->irq_pending = 0;
     vq->nshadow = 0;
     vq->notify_enabled = 1;
     vq->started = 1;

@@ -1,11 +1,32 @@
 /*
  * vx_round.c - port operations as data (struct vx_op, vx_op_run) and poll rounds (vx_round).
  *
+ * A round honours moderation deadlines: at every clock read it sends the held interrupts of its
+ * ops' rings (vq and peer) that are due.
+ *
  * Threads: the worker thread owning every op's queue.
  */
 #include "vx_internal.h"
 
 uint64_t vx_now_ns(void) { return now_ns(); }
+
+/* paced RX_FILL: frames due now under rate_pps (at most max_pkts) */
+static uint32_t rate_allowed(struct vx_op *op, uint32_t max_pkts)
+{
+    uint64_t now = now_ns();
+    if (!op->rate_t0_ns || now < op->rate_t0_ns) {
+        op->rate_t0_ns = now;
+        op->rate_sent = 0;
+    }
+    uint64_t due = (uint64_t)((double)(now - op->rate_t0_ns) * (double)op->rate_pps / 1e9);
+    uint64_t behind = due > op->rate_sent ? due - op->rate_sent : 0;
+    if (behind > 4 * (uint64_t)max_pkts) { /* fell behind (no buffers, idle): restart */
+        op->rate_t0_ns = now;
+        op->rate_sent = 0;
+        return max_pkts;
+    }
+    return behind > max_pkts ? max_pkts : (uint32_t)behind;
+}
 
 int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns)
 {
@@ -13,6 +34,15 @@ int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t 
     case VX_OP_TX_SINK:
         return vx_net_tx_sink(op->vq, max_pkts, max_bytes, spin_ns);
     case VX_OP_RX_FILL:
+        if (op->rate_pps) {
+            uint32_t n = rate_allowed(op, max_pkts);
+            if (!n)
+                return 0;
+            int r = vx_net_rx_fill(op->vq, op->frame, op->frame_len, n, 0);
+            if (r > 0)
+                op->rate_sent += (uint64_t)r;
+            return r;
+        }
         return vx_net_rx_fill(op->vq, op->frame, op->frame_len, max_pkts, spin_ns);
     case VX_OP_ECHO:
         return vx_net_echo(op->vq, op->peer, max_pkts, max_bytes, spin_ns);
@@ -26,6 +56,21 @@ int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t 
         return vx_switch_tx(op->sw, op->port, op->vq, max_pkts, max_bytes, spin_ns);
     default:
         return -2;
+    }
+}
+
+/* held interrupts of the round's rings that are due at t go out (moderation deadlines) */
+static inline void irq_due(struct vx_vq *vq, uint64_t t)
+{
+    if (vq && unlikely(vq->irq_deadline) && t >= vq->irq_deadline)
+        vx_vq_irq_flush(vq, t);
+}
+
+static void round_irq_due(struct vx_op **ops, uint32_t n, uint64_t t)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        irq_due(ops[i]->vq, t);
+        irq_due(ops[i]->peer, t);
     }
 }
 
@@ -78,6 +123,7 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
          * busy round), every pass with it */
         if (coalesce_ns || (pass & (VX_ROUND_CLOCK - 1)) == 0 || pass >= max_passes) {
             t = now_ns();
+            round_irq_due(ops, n, t);
             if (t - t0 >= max_ns)
                 break;
         }

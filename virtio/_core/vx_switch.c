@@ -140,8 +140,10 @@ int vx_switch_add_port(struct vx_switch *sw, struct vx_vq **rxqs, uint32_t nrxq)
     }
     if (port >= 0) {
         struct sw_port *sp = &sw->ports[port];
-        for (uint32_t i = 0; i < nrxq; i++)
+        for (uint32_t i = 0; i < nrxq; i++) {
             sp->rxq[i] = rxqs[i];
+            rxqs[i]->irq_shared = 1; /* written by every port's worker: never moderated */
+        }
         sp->nrxq = nrxq;
         sp->rr = 0;
         __atomic_store_n(&sp->active, 1, __ATOMIC_RELEASE);

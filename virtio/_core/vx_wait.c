@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -45,12 +46,15 @@ struct vx_wait {
     struct src cmd;
     struct src *py;        /* watched fds */
     struct src *dead;      /* srcs whose fd could not be unregistered (closed under us) */
+    struct vx_kq **kqs;    /* every added kq (their rings' held interrupts are honoured) */
+    uint32_t nkqs, capkqs;
     struct vx_kq *head;    /* run queue */
     struct vx_kq *tail;
     uint32_t nrun;
     uint32_t poll_start;   /* a batch serving at least this many items is handed over (0: never) */
     uint32_t budget_to_python;
     int have_pwait2;
+    int slack_set;         /* the waiting thread's timer slack lowered (moderation deadlines) */
     uint64_t deadline[VX_WAIT_SLOTS];
     void (*hook)(void *, uint32_t, uint32_t);
     void *hook_arg;
@@ -301,6 +305,7 @@ void vx_wait_free(struct vx_wait *w)
         free(s);
     }
     /* kqs still added keep their srcs until vx_wait_remove; forget them here */
+    free(w->kqs);
     close(w->epfd);
     free(w);
 }
@@ -352,10 +357,39 @@ int vx_wait_add(struct vx_wait *w, struct vx_kq *kq)
         kq->src[0] = NULL;
         return -e;
     }
+    if (w->nkqs == w->capkqs) {
+        uint32_t cap = w->capkqs ? 2 * w->capkqs : 16;
+        struct vx_kq **a = realloc(w->kqs, cap * sizeof(*a));
+        if (!a) {
+            for (int i = 0; i < 2; i++) {
+                src_del(w, kq->src[i]);
+                kq->src[i] = NULL;
+            }
+            return -ENOMEM;
+        }
+        w->kqs = a;
+        w->capkqs = cap;
+    }
+    w->kqs[w->nkqs++] = kq;
     kq->owner = w;
     kq->state = VX_KQ_PY;
     kq->next = NULL;
     return 0;
+}
+
+/* the held interrupts of a kq's rings: those due at now go out; the earliest still held */
+static uint64_t kq_irq(struct vx_kq *kq, uint64_t now)
+{
+    uint64_t next = 0;
+    struct vx_vq *vqs[2] = {kq->op->vq, kq->op->peer};
+    for (int i = 0; i < 2; i++) {
+        if (!vqs[i] || !vx_vq_irq_deadline(vqs[i]))
+            continue;
+        uint64_t d = vx_vq_irq_flush(vqs[i], now);
+        if (d && (!next || d < next))
+            next = d;
+    }
+    return next;
 }
 
 int vx_wait_remove(struct vx_wait *w, struct vx_kq *kq)
@@ -364,6 +398,14 @@ int vx_wait_remove(struct vx_wait *w, struct vx_kq *kq)
         return -EINVAL;
     if (kq->state == VX_KQ_RUN)
         runq_unlink(w, kq);
+    /* a queue detached or migrated with a held interrupt: it goes out now */
+    kq_irq(kq, UINT64_MAX);
+    for (uint32_t i = 0; i < w->nkqs; i++) {
+        if (w->kqs[i] == kq) {
+            w->kqs[i] = w->kqs[--w->nkqs];
+            break;
+        }
+    }
     for (int i = 0; i < 2; i++) {
         src_del(w, kq->src[i]);
         kq->src[i] = NULL;
@@ -420,10 +462,16 @@ void vx_wait_set_hook(struct vx_wait *w, void (*fn)(void *, uint32_t, uint32_t),
     w->hook_arg = arg;
 }
 
-/* The earliest deadline (0: none); due ones are reported and cleared. */
+/* The earliest deadline (0: none); due slots are reported and cleared, due held interrupts of
+ * the wait's queues are sent (nothing to report: the wait goes on). */
 static uint64_t deadlines(struct vx_wait *w, uint64_t now)
 {
     uint64_t next = 0;
+    for (uint32_t i = 0; i < w->nkqs; i++) {
+        uint64_t d = kq_irq(w->kqs[i], now);
+        if (d && (!next || d < next))
+            next = d;
+    }
     for (uint32_t i = 0; i < VX_WAIT_SLOTS; i++) {
         uint64_t d = w->deadline[i];
         if (!d)
@@ -521,6 +569,12 @@ int vx_wait_run(struct vx_wait *w, int serve)
     struct vx_wait_report *rep = &w->rep;
     rep->reasons = rep->due = rep->nfds = rep->nids = 0;
     w->stats.calls++;
+    if (!w->slack_set) {
+        /* deadlines (held interrupts) are tens of microseconds: the default 50 us timer
+         * slack of a normal thread would add up to that much to each */
+        prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
+        w->slack_set = 1;
+    }
     uint64_t t = vx_now_ns();
     if (!serve) {
         if (look(w, 0, 0) < 0)

@@ -1,0 +1,99 @@
+"""The QEMU part of the `interrupts` scenario: a TCG guest (the same on a KVM host) receiving a
+paced stream from a vhostx `source` port (rate_pps) at several rates, moderation off and on,
+with the guest's interrupts per packet read from its /proc/interrupts and its CPU from
+/proc/stat (bench/guest_src/vxperf.c rx), and the RTT cost of the added delay from a ping-pong
+run against an `echo` port, moderation off and on.
+
+Threads: the main thread (QEMU dies with it).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness.qemu_client import QemuRun, guest_image
+from bench.harness.scenario import Case, QemuClient
+from bench.process import DaemonProcess
+
+__all__ = ["run_qemu"]
+
+
+def _case(kind: str, rate: int) -> Case:
+    return Case(test=f"irq_{kind}", kind=kind, direction="guest_rx", size=64, devices=1, busy=0,
+                queues=1, rate=rate, client="qemu", idle_time=0.0)
+
+
+def _rx_stats(d: DaemonProcess) -> dict[str, int]:
+    q = d.stats()["devices"][0]["queues"].get("0", {})
+    return {k: int(q.get(k, 0)) for k in ("packets", "interrupts", "interrupts_deferred",
+                                         "interrupts_suppressed", "irq_deadline_flushes")}
+
+
+def _guest(info: Any, sock: str, case: Case, q: dict[str, Any], core: int, workdir: Path,
+           name: str, d: DaemonProcess) -> dict[str, Any]:
+    warm, dur = float(q.get("warmup", 2.0)), float(q.get("duration", 5.0))
+    with QemuRun(info, sock, case, QemuClient(), warmup=warm, duration=dur, core=core,
+                 workdir=workdir, name=name) as g:
+        g.wait_window_begin()
+        s0 = _rx_stats(d)
+        g.wait_window_end()
+        s1 = _rx_stats(d)
+        res = g.finish()
+    out: dict[str, Any] = {"guest": dict(res.values), "boot_s": res.boot_s,
+                           "backend": {k: s1[k] - s0[k] for k in s1}}
+    if res.rtt_ns:
+        rtts = sorted(res.rtt_ns)
+        out["rtt_p50_us"] = rtts[len(rtts) // 2] / 1e3
+        out["rtt_p99_us"] = rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] / 1e3
+    return out
+
+
+def run_qemu(sc: dict[str, Any], out: Path, log: Any) -> list[dict[str, Any]]:
+    """Every QEMU run of the scenario's [qemu] table (empty when it has none)."""
+    q = sc.get("qemu")
+    if not q:
+        return []
+    info = guest_image()
+    core = int(sc.get("placement", {}).get("client_core", 0))
+    bcore = int(sc.get("placement", {}).get("backend_core", 1))
+    mod = [f"{k}={v}" for k, v in q.get("moderation", {}).items()]
+    recs: list[dict[str, Any]] = []
+    work = out / "qemu"
+    work.mkdir(parents=True, exist_ok=True)
+    plans = [("stream", rate, m) for rate in q.get("rates", [10000, 50000])
+             for m in ("off", "on")]
+    if q.get("pingpong", True):
+        plans += [("pingpong", 0, "off"), ("pingpong", 0, "on")]
+    for i, (kind, rate, m) in enumerate(plans):
+        params = ["mode=baseline"] + (mod if m == "on" else ["irq_mode=off"])
+        d = DaemonProcess(params=params, cpus={bcore}, log_level="WARNING")
+        opts = {"rate_pps": rate} if kind == "stream" else {}
+        sock = d.add_device("net0", "source" if kind == "stream" else "echo", **opts)
+        t0 = time.monotonic()
+        try:
+            d.start()
+            r = _guest(info, sock, _case(kind, rate), q, core, work, f"irq{i:02d}", d)
+        except (RuntimeError, OSError, KeyError) as err:  # reported; the others go on
+            r = {"error": f"{type(err).__name__}: {err}"[:600]}
+        finally:
+            d.stop()
+        rec = {"kind": f"qemu_{kind}", "rate_pps": rate, "moderation": m, "tcg_guest": True,
+               "wall_s": round(time.monotonic() - t0, 1), **r}
+        g = r.get("guest", {})
+        if kind == "stream" and g:
+            pk = max(1, int(g.get("if_packets", 0)))
+            rec["guest_irqs_per_pkt"] = int(g.get("virtio_irqs", 0)) / pk
+            tot = max(1, int(g.get("cpu_total_ticks", 0)))
+            rec["guest_cpu_busy"] = int(g.get("cpu_busy_ticks", 0)) / tot
+            rec["received_pps"] = pk / max(float(q.get("duration", 5.0)), 1e-9)
+            log(f"qemu rx {rate:>6} pps moderation {m:<3}: {rec['guest_irqs_per_pkt']:.4f} "
+                f"irq/pkt, guest CPU {rec['guest_cpu_busy']:.2f}")
+        elif kind == "pingpong" and "rtt_p50_us" in r:
+            log(f"qemu ping-pong moderation {m:<3}: p50 {r['rtt_p50_us']:.1f} us, "
+                f"p99 {r['rtt_p99_us']:.1f} us")
+        else:
+            log(f"qemu {kind} {rate} moderation {m}: {r.get('error', 'no result')}")
+        recs.append(rec)
+    return recs
