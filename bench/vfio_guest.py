@@ -38,6 +38,7 @@ __all__ = [
     "VFIO_MODULES",
     "build_vfio_image",
     "chroot_job",
+    "iommu_machine_args",
     "vfio_guest_args",
 ]
 
@@ -70,12 +71,21 @@ def build_vfio_image(cache: Path | None = None) -> GuestImage:
     return build_image(cache, VFIO_MODULES)
 
 
+def iommu_machine_args(*, share: str = "/") -> list[str]:
+    """QEMU arguments for the machine, the emulated VT-d IOMMU and the host root over 9p."""
+    return [
+        "-machine", "q35,kernel-irqchip=split",
+        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-virtfs",
+        f"local,path={share},mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ]
+
+
 def vfio_guest_args(*, share: str = "/") -> list[str]:
     """QEMU arguments for the machine, the IOMMU, the devices under test and the 9p share."""
     net = "virtio-net-pci,disable-legacy=on,iommu_platform=on,ats=on,romfile="
     return [
-        "-machine", "q35,kernel-irqchip=split",
-        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        *iommu_machine_args(share=share),
         "-device", "edu,addr=03.0",
         "-netdev", "hubport,id=vfnet0,hubid=0",
         "-device", "pci-bridge,id=vfbr,chassis_nr=1,addr=05.0",
@@ -84,8 +94,6 @@ def vfio_guest_args(*, share: str = "/") -> list[str]:
         "-device", "edu,bus=vfbr,addr=01.0",
         "-netdev", "hubport,id=vfnet1,hubid=1",
         "-device", f"{net},netdev=vfnet1,bus=vfbr,addr=02.0,mac=52:54:00:0f:11:02",
-        "-virtfs",
-        f"local,path={share},mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     ]
 
 
