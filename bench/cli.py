@@ -54,6 +54,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     console = Console(stderr=True, soft_wrap=True)
     try:
+        if _run_passthrough(args, console, find_scenario(args.scenario)):
+            return 0
         sc = load_scenario(find_scenario(args.scenario))
         sc = sc.with_overrides(
             repeats=args.repeats, duration=args.duration, warmup=args.warmup,
@@ -84,6 +86,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 130
     bad = any(r.get("error") or r.get("skipped") for r in doc["runs"])
     return 1 if bad else 0
+
+
+def _run_passthrough(args: argparse.Namespace, console: Any, path: Path) -> bool:
+    """A `kind = "passthrough"` scenario has its own runner (bench/harness/passthrough.py);
+    False for any other scenario."""
+    from bench.harness import passthrough as pt
+
+    if not pt.is_passthrough(path):
+        return False
+    sc = pt.load(path, duration=args.duration,
+                 backends=[b for b in (args.backends or "").split(",") if b] or None)
+    out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "vhostx-bench" / (
+        f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    console.print(f"scenario {sc.name}: {len(sc.backends)} backends x 2 paths x 3 phases, "
+                  f"{sc.duration} s each (TCG guest); results in {out}", highlight=False)
+    pt.run(sc, out, plots=not args.no_plots,
+           log=lambda m: console.print(m, markup=False, highlight=False))
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}",
+                  highlight=False)
+    return True
 
 
 def _print_summary(console: Any, doc: dict[str, Any]) -> None:

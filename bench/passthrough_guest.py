@@ -34,7 +34,7 @@ __all__ = [
 
 GUEST_MAC = "52:54:00:0f:20:01"
 PEER_MAC = "52:54:00:0f:20:02"
-PT_APPEND = f"{VFIO_APPEND} hugepages=4"
+PT_APPEND = f"{VFIO_APPEND} hugepages=4 no_timer_check"
 REPO = Path(__file__).resolve().parent.parent
 
 
