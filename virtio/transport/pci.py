@@ -49,6 +49,7 @@ CAP_COMMON, CAP_NOTIFY, CAP_ISR, CAP_DEVICE, CAP_PCI_CFG = 1, 2, 3, 4, 5
 _PCI_CAP_VNDR = 0x09
 NO_VECTOR = 0xFFFF
 HUGEPAGE = 2 << 20
+IOVA_RESERVED_LOW = 1 << 20  # IOVAs below are never handed out ("va" mode)
 MAP_HUGETLB = getattr(mmap, "MAP_HUGETLB", 0x40000)
 
 # common configuration structure (VIRTIO 1.2, 4.1.4.3)
@@ -144,7 +145,8 @@ class _DmaArea:
             self.map_ops = 1
             self._buf: DmaBuffer | None = None
         else:
-            self._mapper = DmaMapper(container)
+            # never IOVA 0: QEMU does not start a vhost ring whose descriptor address is 0
+            self._mapper = DmaMapper(container, reserve_low=IOVA_RESERVED_LOW)
             self._buf = DmaBuffer(size)
             self.size = self._buf.size
             self.mm = self._buf.mem
