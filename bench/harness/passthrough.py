@@ -212,7 +212,8 @@ def _run_backend(sc: PassthroughScenario, be: PtBackend, out: Path,
                 s1 = _vhostx_counters(daemon.stats()) if daemon is not None else None
                 ph: dict[str, Any] = {"peer_received_pps": round((c1[0] - c0[0]) / dt, 1),
                                       "peer_sent_pps": round((c1[1] - c0[1]) / dt, 1)}
-                if s0 is not None and s1 is not None:
+                if s0 is not None and s1 is not None and all(s1[k] >= s0[k] for k in s0):
+                    # (a device reset in the window restarts the daemon's queue counters)
                     ph["backend_kicks"] = s1["kicks"] - s0["kicks"]
                     ph["backend_interrupts"] = s1["interrupts"] - s0["interrupts"]
                 rec["phases"][f"{path}.{phase}"] = ph
