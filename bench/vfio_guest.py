@@ -19,7 +19,8 @@ Devices (guest PCI addresses; each a group of its own unless said otherwise):
   driver: the target of the viability error;
 - 00:06.0 a PCIe root port and behind it 02:00.0 a virtio-net-pci with iommu_platform=on,ats=on
   on a ``hubport`` netdev (no backend needed; PCIe, so it has the PCIe and ATS capabilities),
-  bound to virtio-pci at boot: the bind/give-back and capability target.
+  bound to virtio-pci at boot: the bind/give-back and capability target; its hub also holds a
+  restricted user-mode netdev, so frames the NIC sends are consumed (the transport check).
 Threads: any (building takes bench.guest's file lock).
 """
 
@@ -88,6 +89,10 @@ def vfio_guest_args(*, share: str = "/") -> list[str]:
         *iommu_machine_args(share=share),
         "-device", "edu,addr=03.0",
         "-netdev", "hubport,id=vfnet0,hubid=0",
+        # a second member of hub 0 that always accepts: a hub with one port never drains the
+        # NIC's TX queue (it cannot receive, so QEMU queues the frames and never completes them)
+        "-netdev", "user,id=vfsink,restrict=on",
+        "-netdev", "hubport,id=vfsinkport,hubid=0,netdev=vfsink",
         "-device", "pci-bridge,id=vfbr,chassis_nr=1,addr=05.0",
         "-device", "pcie-root-port,id=vfrp,chassis=2,addr=06.0",
         "-device", f"{net},netdev=vfnet0,bus=vfrp,mac=52:54:00:0f:10:04",

@@ -393,7 +393,12 @@ def _virtio_pci_transport() -> None:
         while done < 8 and time.monotonic() < deadline:
             done += net.reap_tx()
             time.sleep(0.01)
-        expect(done == 8, f"the device used the 8 TX chains through the vIOMMU, {done} came back")
+        if done != 8:
+            log = subprocess.run(["dmesg"], check=False, capture_output=True, text=True).stdout
+            print("dmesg tail:", *log.splitlines()[-8:], sep="\n")
+        expect(done == 8, f"the device used the 8 TX chains through the vIOMMU, {done} came back "
+               f"(status {t.status:#x}, used idx {t.queues[1].read_used_idx()}, avail idx "
+               f"{t.queues[1].avail_idx}, kicks {t.kicks}, irq {got})")
         expect(got and t.interrupts >= 1, "a TX interrupt on the queue's MSI-X vector")
         result("fig.pci_transport_map_ops", t.map_ops)
     finally:
