@@ -31,6 +31,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
             if f.stem in seen:
                 continue
             seen.add(f.stem)
+            from bench.harness import passthrough as pt
+
+            if pt.is_passthrough(f):
+                ps = pt.load(f)
+                print(f"{f.stem:<12} {len(ps.backends):>4} boots {ps.description}")
+                continue
             try:
                 sc = load_scenario(f)
                 cases = sc.cases()
