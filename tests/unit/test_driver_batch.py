@@ -10,6 +10,8 @@ import struct
 from array import array
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_core_env import Env
 
 from virtio import net
@@ -171,3 +173,40 @@ def test_batch_api_needs_attached_buffers(env):
     drv, _dev = env.pair(8, index=0)
     with pytest.raises(ValueError, match="attach_buffers"):
         drv.rx_post()
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    entries=st.lists(st.tuples(st.integers(0, 20), st.integers(0, 3 * BUF)), max_size=12),
+    idx=st.integers(0, 65535),
+    mrg=st.booleans(),
+    nbufs=st.integers(0, 20),
+)
+def test_hostile_used_ring_never_crashes_or_frees_twice(entries, idx, mrg, nbufs):
+    """Random used entries from a lying device: rx_frames and reap return or raise VhostError;
+    no descriptor is ever free twice (free + in flight never exceed the ring)."""
+    env = Env(size=1 << 20)
+    try:
+        for index in (0, 1):
+            drv, _dev = env.pair(8, index=index)
+            base = _attach(env, drv)
+            if index == 0:
+                drv.rx_post()
+            else:
+                drv.tx_frames(b"t" * 600, array("I", [100] * 6), HDR)
+            for k in range(8):
+                env.write(base + k * BUF, struct.pack("<BBHHHHH", 0, 0, 0, 0, 0, 0, nbufs))
+            for k, (hid, ln) in enumerate(entries):
+                env.write(drv.used_gpa + 4 + 8 * k, struct.pack("<II", hid, ln))
+            env.write(drv.used_gpa + 2, struct.pack("<H", idx))
+            try:
+                if index == 0:
+                    drv.rx_frames(HDR, mrg, bytearray(8 * BUF), array("I", bytes(32)))
+                else:
+                    drv.reap()
+            except VhostError:
+                pass
+            held = drv.in_flight
+            assert drv.num_free <= 8 and drv.num_free + held <= 8
+    finally:
+        env.close()
