@@ -36,6 +36,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
             if is_interrupts_scenario(f):  # its own runner (bench.irq.scenario)
                 print(f"{f.stem:<12} {'':>9}  {load_desc(f)}")
                 continue
+            from bench.harness import passthrough as pt
+
+            if pt.is_passthrough(f):
+                ps = pt.load(f)
+                print(f"{f.stem:<12} {len(ps.backends):>4} boots {ps.description}")
+                continue
             try:
                 sc = load_scenario(f)
                 cases = sc.cases()
@@ -68,6 +74,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if is_interrupts_scenario(found):
         return _run_interrupts(args, found, console)
     try:
+        if _run_passthrough(args, console, found):
+            return 0
         sc = load_scenario(found)
         sc = sc.with_overrides(
             repeats=args.repeats, duration=args.duration, warmup=args.warmup,
@@ -122,6 +130,26 @@ def _run_interrupts(args: argparse.Namespace, path: Path, console: Any) -> int:
     console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}\n"
                   f"plots:   {out / 'plots'}", highlight=False)
     return 0
+
+
+def _run_passthrough(args: argparse.Namespace, console: Any, path: Path) -> bool:
+    """A `kind = "passthrough"` scenario has its own runner (bench/harness/passthrough.py);
+    False for any other scenario."""
+    from bench.harness import passthrough as pt
+
+    if not pt.is_passthrough(path):
+        return False
+    sc = pt.load(path, duration=args.duration,
+                 backends=[b for b in (args.backends or "").split(",") if b] or None)
+    out = Path(args.out) if args.out else Path(tempfile.gettempdir()) / "vhostx-bench" / (
+        f"{sc.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    console.print(f"scenario {sc.name}: {len(sc.backends)} backends x 2 paths x 3 phases, "
+                  f"{sc.duration} s each (TCG guest); results in {out}", highlight=False)
+    pt.run(sc, out, plots=not args.no_plots,
+           log=lambda m: console.print(m, markup=False, highlight=False))
+    console.print(f"results: {out / 'results.json'}\nreport:  {out / 'report.md'}",
+                  highlight=False)
+    return True
 
 
 def _print_summary(console: Any, doc: dict[str, Any]) -> None:

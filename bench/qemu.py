@@ -59,6 +59,7 @@ class VhostUserNic:
     queues: int = 1  # > 1: queues=N on the netdev, mq=on on the device
     reconnect: int = 0  # seconds between reconnect attempts; 0: none (QEMU 7.2 reconnect=N)
     server: bool = False  # QEMU listens on the socket instead (server=on,wait=off)
+    device_args: str = ""  # appended to -device virtio-net-pci (e.g. "iommu_platform=on")
 
 
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
@@ -157,6 +158,8 @@ class Guest:
                 device += ",mq=on"
             if nic.mac:
                 device += f",mac={nic.mac}"
+            if nic.device_args:
+                device += f",{nic.device_args}"
             args += ["-chardev", chardev, "-netdev", netdev, "-device", device]
         cmdline = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1"]
         for i, nic in enumerate(self.nics):

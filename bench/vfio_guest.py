@@ -19,7 +19,8 @@ Devices (guest PCI addresses; each a group of its own unless said otherwise):
   driver: the target of the viability error;
 - 00:06.0 a PCIe root port and behind it 02:00.0 a virtio-net-pci with iommu_platform=on,ats=on
   on a ``hubport`` netdev (no backend needed; PCIe, so it has the PCIe and ATS capabilities),
-  bound to virtio-pci at boot: the bind/give-back and capability target.
+  bound to virtio-pci at boot: the bind/give-back and capability target; its hub also holds a
+  restricted user-mode netdev, so frames the NIC sends are consumed (the transport check).
 Threads: any (building takes bench.guest's file lock).
 """
 
@@ -38,6 +39,7 @@ __all__ = [
     "VFIO_MODULES",
     "build_vfio_image",
     "chroot_job",
+    "iommu_machine_args",
     "vfio_guest_args",
 ]
 
@@ -70,22 +72,33 @@ def build_vfio_image(cache: Path | None = None) -> GuestImage:
     return build_image(cache, VFIO_MODULES)
 
 
+def iommu_machine_args(*, share: str = "/") -> list[str]:
+    """QEMU arguments for the machine, the emulated VT-d IOMMU and the host root over 9p."""
+    return [
+        "-machine", "q35,kernel-irqchip=split",
+        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-virtfs",
+        f"local,path={share},mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
+    ]
+
+
 def vfio_guest_args(*, share: str = "/") -> list[str]:
     """QEMU arguments for the machine, the IOMMU, the devices under test and the 9p share."""
     net = "virtio-net-pci,disable-legacy=on,iommu_platform=on,ats=on,romfile="
     return [
-        "-machine", "q35,kernel-irqchip=split",
-        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        *iommu_machine_args(share=share),
         "-device", "edu,addr=03.0",
         "-netdev", "hubport,id=vfnet0,hubid=0",
+        # a second member of hub 0 that always accepts: a hub with one port never drains the
+        # NIC's TX queue (it cannot receive, so QEMU queues the frames and never completes them)
+        "-netdev", "user,id=vfsink,restrict=on",
+        "-netdev", "hubport,id=vfsinkport,hubid=0,netdev=vfsink",
         "-device", "pci-bridge,id=vfbr,chassis_nr=1,addr=05.0",
         "-device", "pcie-root-port,id=vfrp,chassis=2,addr=06.0",
         "-device", f"{net},netdev=vfnet0,bus=vfrp,mac=52:54:00:0f:10:04",
         "-device", "edu,bus=vfbr,addr=01.0",
         "-netdev", "hubport,id=vfnet1,hubid=1",
         "-device", f"{net},netdev=vfnet1,bus=vfbr,addr=02.0,mac=52:54:00:0f:11:02",
-        "-virtfs",
-        f"local,path={share},mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     ]
 
 

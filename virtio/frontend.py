@@ -7,9 +7,8 @@ virtio-user with ``style="dpdk"``), sets up split rings (``virtio.driver.split.D
 kick and call eventfds, enables the rings and sets DRIVER_OK. It speaks the protocol through the
 sans-IO ``FrontendConnection``, so every reply is checked (right request, flags exactly 0x5).
 
-``NetDriver`` is virtio-net on top: TX queue ``2*pair+1`` carries frames with a zeroed net header;
-RX queue ``2*pair`` is kept stocked with device-writable buffers; ``recv`` waits on the call
-eventfd and returns frames without the header (merging MRG_RXBUF buffers).
+It implements virtio.transport.Transport: ``NetDriver`` (virtio.driver.net, re-exported here)
+runs on top of it as on the virtio-pci transport.
 
 Threads: one thread owns a frontend and its NetDriver (no locks). Nothing here is asyncio.
 """
@@ -21,12 +20,12 @@ import mmap
 import os
 import select
 import socket
-import struct
 import time
 from collections.abc import Sequence
 from typing import Any, Self
 
 from virtio import features as vf
+from virtio.driver.net import NetDriver
 from virtio.driver.split import DriverQueue
 from virtio.errors import RemoteProtocolError, VhostError
 from virtio.vhost_user import (
@@ -130,6 +129,8 @@ class VhostUserFrontend:
         self._replies: list[Message] = []
         self.timeout = 10.0
         self.sent: list[Request] = []  # every request sent, in order (tests read it)
+        self.dma_base = 0  # byte 0 of `mem` is guest physical address 0 (Transport)
+        self.kicks = 0  # eventfd kicks written
 
     # ------------------------------------------------------------------ negotiated facts
     def has_feature(self, bit: int) -> bool:
@@ -137,6 +138,11 @@ class VhostUserFrontend:
 
     def has_pf(self, bit: int) -> bool:
         return vf.has(self.protocol_features, bit)
+
+    @property
+    def connected(self) -> bool:
+        """True while the socket is up and the rings are set up (Transport)."""
+        return self.sock is not None and bool(self.queues)
 
     @property
     def reply_ack(self) -> bool:
@@ -438,6 +444,7 @@ class VhostUserFrontend:
     # ------------------------------------------------------------------ data path helpers
     def kick(self, index: int) -> None:
         os.eventfd_write(self.kick_fds[index], 1)
+        self.kicks += 1
 
     def wait_call(self, index: int, timeout: float) -> bool:
         """Wait for an interrupt on queue ``index``; True if one came (the eventfd is drained)."""
@@ -462,182 +469,3 @@ def _close(fd: int) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-_NET_HDR = struct.Struct(
-    "<BBHHHHH"
-)  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
-
-
-class _Pool:
-    """Fixed-size buffers carved out of guest memory, handed out by slot number."""
-
-    def __init__(self, fe: VhostUserFrontend, count: int, size: int) -> None:
-        self.size = size
-        self.base = fe.alloc(count * size, 64)
-        self.free = list(range(count - 1, -1, -1))
-
-    def gpa(self, slot: int) -> int:
-        return self.base + slot * self.size
-
-
-class NetDriver:
-    """virtio-net over a connected VhostUserFrontend: RX queue 2*pair, TX queue 2*pair+1.
-
-    ``buf_size`` is the size of each RX and TX buffer (the net header included). Without
-    MRG_RXBUF the backend must fit a whole packet in one RX buffer, so make it large enough.
-    """
-
-    def __init__(self, fe: VhostUserFrontend, *, buf_size: int = 2048) -> None:
-        if fe.sock is None or not fe.queues:
-            raise VhostError("NetDriver needs a connected VhostUserFrontend")
-        self.fe = fe
-        self.hdr_len = vf.net_hdr_len(fe.features)
-        self.mrg_rxbuf = fe.has_feature(vf.VIRTIO_NET_F_MRG_RXBUF)
-        if buf_size <= self.hdr_len:
-            raise ValueError(f"buf_size must exceed the {self.hdr_len}-byte net header")
-        self.buf_size = buf_size
-        self.pairs = fe.num_queues // 2
-        n = fe.queue_size
-        self._rx_pool = [_Pool(fe, n, buf_size) for _ in range(self.pairs)]
-        self._tx_pool = [_Pool(fe, n, buf_size) for _ in range(self.pairs)]
-        self._rx_slot: list[dict[int, int]] = [{} for _ in range(self.pairs)]  # head -> slot
-        self._tx_slots: list[dict[int, list[int]]] = [{} for _ in range(self.pairs)]
-        self._rx_partial: list[list[bytes] | None] = [None] * self.pairs
-        self._rx_left = [0] * self.pairs  # buffers still due for the partial frame
-        self.tx_packets = 0
-        self.rx_packets = 0
-        for p in range(self.pairs):
-            fe.queues[2 * p + 1].set_interrupts(False)  # TX completions are polled
-            self._refill(p)
-
-    def _rxq(self, pair: int) -> DriverQueue:
-        return self.fe.queues[2 * pair]
-
-    def _txq(self, pair: int) -> DriverQueue:
-        return self.fe.queues[2 * pair + 1]
-
-    # ------------------------------------------------------------------ TX
-    def reap_tx(self, pair: int = 0) -> int:
-        """Free the buffers of TX chains the backend has used; returns how many."""
-        q, pool, slots = self._txq(pair), self._tx_pool[pair], self._tx_slots[pair]
-        used = q.get_used()
-        for head, _len in used:
-            pool.free.extend(slots.pop(head))
-        return len(used)
-
-    def send(self, frames: Sequence[bytes], pair: int = 0, *, timeout: float = 1.0) -> int:
-        """Post ``frames`` on the TX queue (zeroed net header first) and kick if the backend
-        wants it. Waits up to ``timeout`` for room when the ring is full; returns frames posted."""
-        q, pool, slots = self._txq(pair), self._tx_pool[pair], self._tx_slots[pair]
-        mem = self.fe.mem
-        deadline = time.monotonic() + timeout
-        hdr = bytes(self.hdr_len)
-        sent = 0
-        self.reap_tx(pair)
-        for frame in frames:
-            data = hdr + bytes(frame)
-            nbuf = (len(data) + self.buf_size - 1) // self.buf_size
-            if nbuf > q.size:
-                raise ValueError(f"frame of {len(frame)} bytes needs {nbuf} buffers > ring size")
-            while len(pool.free) < nbuf or q.num_free < nbuf:
-                if self.reap_tx(pair):
-                    continue
-                if q.publish():
-                    self.fe.kick(2 * pair + 1)
-                if time.monotonic() >= deadline:
-                    return sent
-                time.sleep(0.0002)
-            bufs = []
-            taken = []
-            for k in range(nbuf):
-                slot = pool.free.pop()
-                gpa = pool.gpa(slot)
-                chunk = data[k * self.buf_size : (k + 1) * self.buf_size]
-                mem[gpa : gpa + len(chunk)] = chunk
-                bufs.append((gpa, len(chunk)))
-                taken.append(slot)
-            head = q.add(bufs)
-            slots[head] = taken
-            sent += 1
-        if q.publish():
-            self.fe.kick(2 * pair + 1)
-        self.tx_packets += sent
-        return sent
-
-    # ------------------------------------------------------------------ RX
-    def _refill(self, pair: int) -> None:
-        q, pool, heads = self._rxq(pair), self._rx_pool[pair], self._rx_slot[pair]
-        added = False
-        while pool.free and q.num_free:
-            slot = pool.free.pop()
-            head = q.add((), [(pool.gpa(slot), self.buf_size)])
-            heads[head] = slot
-            added = True
-        if added and q.publish():
-            self.fe.kick(2 * pair)
-
-    def _collect(self, pair: int) -> list[bytes]:
-        q, pool, heads = self._rxq(pair), self._rx_pool[pair], self._rx_slot[pair]
-        mem = self.fe.mem
-        out: list[bytes] = []
-        for head, length in q.get_used():
-            slot = heads.pop(head, None)
-            if slot is None:
-                raise RemoteProtocolError(f"backend used RX head {head} that holds no buffer")
-            if length > self.buf_size:
-                pool.free.append(slot)
-                raise RemoteProtocolError(
-                    f"backend wrote {length} bytes into a {self.buf_size}-byte RX buffer"
-                )
-            gpa = pool.gpa(slot)
-            data = bytes(mem[gpa : gpa + length])
-            pool.free.append(slot)
-            if self._rx_partial[pair] is not None:
-                self._rx_partial[pair].append(data)  # type: ignore[union-attr]
-                self._rx_left[pair] -= 1
-            else:
-                if length < self.hdr_len:
-                    raise RemoteProtocolError(
-                        f"RX buffer of {length} bytes is shorter than the {self.hdr_len}-byte header"
-                    )
-                nbufs = 1
-                if self.mrg_rxbuf:
-                    nbufs = _NET_HDR.unpack_from(data)[6] if self.hdr_len >= 12 else 1
-                    if nbufs == 0:
-                        raise RemoteProtocolError("RX header has num_buffers 0 under MRG_RXBUF")
-                self._rx_partial[pair] = [data[self.hdr_len :]]
-                self._rx_left[pair] = nbufs - 1
-            if self._rx_left[pair] == 0:
-                out.append(b"".join(self._rx_partial[pair]))  # type: ignore[arg-type]
-                self._rx_partial[pair] = None
-        self.rx_packets += len(out)
-        return out
-
-    def poll_rx(self, pair: int = 0) -> list[bytes]:
-        """Frames received on RX queue 2*pair so far (no wait, interrupts left as they are),
-        the ring refilled: for drivers that learn of completions their own way (posted
-        interrupts: virtio.driver.posted)."""
-        frames = self._collect(pair)
-        self._refill(pair)
-        return frames
-
-    def recv(self, timeout: float = 1.0, pair: int = 0) -> list[bytes]:
-        """Frames received on RX queue 2*pair, without the net header; waits up to ``timeout``
-        for the first one (call eventfd), returns [] if none came."""
-        q = self._rxq(pair)
-        deadline = time.monotonic() + timeout
-        while True:
-            frames = self._collect(pair)
-            self._refill(pair)
-            if frames:
-                return frames
-            q.set_interrupts(True)
-            frames = self._collect(pair)  # re-check after enabling: no lost interrupt
-            if frames:
-                self._refill(pair)
-                return frames
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return []
-            self.fe.wait_call(2 * pair, min(left, 0.05))

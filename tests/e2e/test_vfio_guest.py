@@ -29,7 +29,7 @@ pytestmark = pytest.mark.qemu
 
 REPO = Path(__file__).resolve().parents[2]
 CHECKS = ["container", "group", "device", "bar", "msi", "dma", "isolation", "unmap_revokes",
-          "intx", "batching", "not_viable", "virtio_net", "tooling"]
+          "intx", "batching", "not_viable", "virtio_net", "virtio_pci_transport", "tooling"]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,10 @@ from vhostx.daemon import new_registry
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 DAEMON_CONFIGS = sorted(CONFIGS.glob("*.toml"))
-SCENARIOS = sorted((CONFIGS / "bench").glob("*.toml"))
+# `kind = "passthrough"` files have their own loader (tests/unit/test_bench_passthrough.py)
+SCENARIOS = sorted(p for p in (CONFIGS / "bench").glob("*.toml")
+                   if tomllib.loads(p.read_text()).get("kind") != "passthrough")
+PASSTHROUGH = sorted(set((CONFIGS / "bench").glob("*.toml")) - set(SCENARIOS))
 DESCRIPTORS = sorted((CONFIGS / "qemu").glob("*.json"))
 DOMAINS = sorted((CONFIGS / "libvirt").glob("*.xml"))
 
@@ -40,7 +43,7 @@ def _tool(name: str) -> ModuleType:
 
 
 def test_every_file_in_configs_is_checked_here() -> None:
-    checked = {*DAEMON_CONFIGS, *SCENARIOS, *DESCRIPTORS, *DOMAINS}
+    checked = {*DAEMON_CONFIGS, *SCENARIOS, *PASSTHROUGH, *DESCRIPTORS, *DOMAINS}
     every = {p for p in CONFIGS.rglob("*") if p.is_file()}
     assert every - checked == set(), "files under configs/ that no test loads"
     names = {p.stem for p in DAEMON_CONFIGS}
@@ -80,6 +83,13 @@ def test_bench_scenario_loads(path: Path) -> None:
         return
     sc = load_scenario(path)
     assert sc.cases()
+
+
+@pytest.mark.parametrize("path", PASSTHROUGH, ids=lambda p: p.name)
+def test_passthrough_scenario_loads(path: Path) -> None:
+    from bench.harness.passthrough import load
+
+    assert load(path).backends
 
 
 @pytest.mark.parametrize("path", DESCRIPTORS, ids=lambda p: p.name)
