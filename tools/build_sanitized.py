@@ -198,9 +198,16 @@ print("read after free:", lib.vx_vq_last_avail_idx(vq))  # ASan must stop us her
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> tuple[int, str]:
-    p = subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, errors="replace")
-    return p.returncode, p.stdout
+    """Run the child; its output followed by any sanitizer report (written to files: pytest
+    captures fd 2, and a report printed there dies with the child)."""
+    with tempfile.TemporaryDirectory(prefix="vx-san-") as logs:
+        env = dict(env)
+        env["ASAN_OPTIONS"] += f":log_path={logs}/asan"
+        env["UBSAN_OPTIONS"] += f":log_path={logs}/ubsan"
+        p = subprocess.run(cmd, check=False, env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, errors="replace")
+        reports = "".join(f.read_text(errors="replace") for f in sorted(Path(logs).iterdir()))
+    return p.returncode, p.stdout + reports
 
 
 def main(argv: list[str] | None = None) -> int:
