@@ -536,7 +536,8 @@ static inline size_t cur_skip(struct cur *c, size_t len)
     return done;
 }
 
-/* copy up to len bytes from src cursor to dst cursor */
+/* copy up to len bytes from src cursor to dst cursor; both may be guest buffers, which a
+ * hostile (or careless) guest may make overlap: memmove, never memcpy */
 static inline size_t cur_copy(struct cur *dst, struct cur *src, size_t len)
 {
     size_t done = 0;
@@ -547,7 +548,7 @@ static inline size_t cur_copy(struct cur *dst, struct cur *src, size_t len)
             k = ks;
         if (k > len - done)
             k = len - done;
-        memcpy(dst->s[dst->i].ptr + dst->off, src->s[src->i].ptr + src->off, k);
+        memmove(dst->s[dst->i].ptr + dst->off, src->s[src->i].ptr + src->off, k);
         done += k;
         dst->off += k;
         src->off += k;
