@@ -389,8 +389,12 @@ class VhostUserDevice:
 
     # ---- helpers for handlers ---------------------------------------------------------------
 
-    def _vring(self, index: int, what: str) -> Vring:
+    def _vring(self, index: int, what: str, fds: tuple[int, ...] = ()) -> Vring:
+        """The ring `index`; RemoteProtocolError if there is none (the message's `fds`, which no
+        ring will own, are closed first)."""
         if not 0 <= index < len(self.vrings):
+            for fd in fds:
+                _close(fd)
             raise RemoteProtocolError(
                 f"{what}: vring index {index} out of range, this device has {len(self.vrings)}"
             )
@@ -560,7 +564,7 @@ class VhostUserDevice:
         return vu.VringState(st.index, vr.base)
 
     async def h_set_vring_kick(self, msg: vu.Message) -> None:
-        vr = self._vring(msg.payload.index, "SET_VRING_KICK")
+        vr = self._vring(msg.payload.index, "SET_VRING_KICK", msg.fds)
         old = self._replace_fd(vr, "kick_fd", msg)
         if old >= 0 and vr.queue is not None:
             await self._detach_works()  # the worker must stop polling the old fd first
@@ -569,7 +573,7 @@ class VhostUserDevice:
         vr.started = True
 
     async def h_set_vring_call(self, msg: vu.Message) -> None:
-        vr = self._vring(msg.payload.index, "SET_VRING_CALL")
+        vr = self._vring(msg.payload.index, "SET_VRING_CALL", msg.fds)
         old = self._replace_fd(vr, "call_fd", msg)
         if vr.queue is not None:
             # Detach first (other devices' switch works stop writing this ring too: release_works
@@ -579,7 +583,7 @@ class VhostUserDevice:
         _close(old)
 
     async def h_set_vring_err(self, msg: vu.Message) -> None:
-        vr = self._vring(msg.payload.index, "SET_VRING_ERR")
+        vr = self._vring(msg.payload.index, "SET_VRING_ERR", msg.fds)
         _close(self._replace_fd(vr, "err_fd", msg))
 
     async def h_set_vring_enable(self, msg: vu.Message) -> None:

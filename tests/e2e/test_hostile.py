@@ -1,0 +1,52 @@
+"""A hostile frontend against the real daemon (bench/hostile.py): a short run of the long one,
+and the bugs it found, each pinned by a test named after it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from bench import hostile
+from bench.process import DaemonProcess
+from virtio import vhost_user as vu
+from virtio.frontend import NetDriver, VhostUserFrontend
+
+R = vu.Request
+
+
+def _fds(d: DaemonProcess) -> int:
+    return len(os.listdir(f"/proc/{d.pid}/fd"))
+
+
+def _send_and_wait_close(path: str, data: bytes, fds: list[int]) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    socket.send_fds(s, [data], fds) if fds else s.sendall(data)
+    try:
+        assert s.recv(100) == b""
+    finally:
+        s.close()
+
+
+def test_bad_ring_index_with_an_fd_does_not_leak_it(daemon_factory) -> None:
+    """SET_VRING_KICK/CALL/ERR naming a ring the device does not have closed the connection but
+    kept the fd that came with it: one fd leaked per message."""
+    d = daemon_factory()
+    path = d.add_device("net0", port="sink")
+    d.start()
+    ev = os.eventfd(0)
+    try:
+        _send_and_wait_close(path, vu.encode(R.GET_FEATURES, vu.VERSION, b""), [ev])  # warm up
+        time.sleep(0.2)
+        before = _fds(d)
+        for req in (R.SET_VRING_KICK, R.SET_VRING_CALL, R.SET_VRING_ERR):
+            for _ in range(5):
+                _send_and_wait_close(path, vu.encode(req, vu.VERSION, vu.VringFile(7).pack()),
+                                     [ev])
+        time.sleep(0.3)
+        assert _fds(d) == before
+        assert d.alive()
+    finally:
+        os.close(ev)
