@@ -2,9 +2,10 @@
 for Python, coverage of the instrumented module).
 
 Input: byte 0 picks the role (bit 0: FrontendConnection, which first issues the requests named
-by the next byte's count of request-selector bytes; else BackendConnection); the rest is a list
+by the next byte's count of request-selector bytes; else BackendConnection) and the end (bit 1:
+``close()``, else ``feed(b"")``); the rest is a list
 of chunks, each ``u16 length, u8 fd count (% 9), bytes``: one ``feed(bytes, fds)`` per chunk, then
-``feed(b"")`` (EOF). Fds are dups of /dev/null made before the first feed (so no fd number is
+EOF. Fds are dups of /dev/null made before the first feed (so no fd number is
 reused while the parser works).
 
 Invariants (a violation raises, which atheris reports as a crash):
@@ -100,7 +101,10 @@ def one_input(data: bytes) -> None:
                     assert isinstance(m.request, vu.Request), m
                     assert m.flags & vu.FLAG_VERSION_MASK == vu.VERSION, m
                     assert not m.flags & vu.FLAG_REPLY, m
-        if not conn.closed:
+        if data[0] & 2:
+            conn.close()  # the transport went away (idempotent, closes held fds)
+            conn.close()
+        elif not conn.closed:
             try:
                 conn.feed(b"")
             except RemoteProtocolError:

@@ -236,6 +236,7 @@ class VhostUserDevice:
             for msg in pending:
                 for fd in msg.fds:
                     _close(fd)
+            conn.close()  # fds of a message cut off by the disconnect or left after an error
             await self.disconnect()
 
     async def handle(self, conn: vu.BackendConnection, msg: vu.Message) -> bytes:

@@ -50,3 +50,29 @@ def test_bad_ring_index_with_an_fd_does_not_leak_it(daemon_factory) -> None:
         assert d.alive()
     finally:
         os.close(ev)
+
+
+def test_fds_of_a_message_cut_off_by_a_disconnect_are_closed(daemon_factory) -> None:
+    """The fds of a message whose bytes never all came (the frontend hung up mid-message, or sent
+    them behind a request that closed the connection) stayed with the parser: leaked."""
+    d = daemon_factory()
+    path = d.add_device("net0", port="sink")
+    d.start()
+    ev = os.eventfd(0)
+    try:
+        kick = vu.encode(R.SET_VRING_KICK, vu.VERSION, vu.VringFile(0).pack())
+        _send_and_wait_close(path, vu.encode(R.GET_FEATURES, vu.VERSION, b""), [ev])  # warm up
+        time.sleep(0.2)
+        before = _fds(d)
+        for _ in range(5):  # cut off, then EOF
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            socket.send_fds(s, [kick[:15]], [ev])
+            s.close()
+        for _ in range(5):  # behind a request that closes the connection, in the same chunk
+            bad = vu.encode(R.SET_VRING_NUM, vu.VERSION, vu.VringState(0, 3).pack())  # refused
+            _send_and_wait_close(path, bad + kick[:15], [ev])
+        time.sleep(0.5)
+        assert _fds(d) == before
+    finally:
+        os.close(ev)
