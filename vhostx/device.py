@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,23 @@ def _close(fd: int) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _check_backing(what: str, regions: list[MemoryRegion], fds: tuple[int, ...]) -> None:
+    """Each region must lie inside the file behind its fd (a memfd, a hugetlbfs or /dev/shm file):
+    a mapping that reaches past the end of the file maps, and its first touch is a SIGBUS that
+    kills the daemon."""
+    for r, fd in zip(regions, fds, strict=False):
+        try:
+            st = os.fstat(fd)
+        except OSError as err:
+            raise RemoteProtocolError(
+                f"{what}: the fd of region gpa={r.gpa:#x}: {err.strerror}") from err
+        if stat.S_ISREG(st.st_mode) and r.mmap_offset + r.size > st.st_size:
+            raise RemoteProtocolError(
+                f"{what}: region gpa={r.gpa:#x} needs bytes {r.mmap_offset:#x}.."
+                f"{r.mmap_offset + r.size:#x} of its file, which holds {st.st_size:#x}"
+            )
 
 
 @dataclass
@@ -486,6 +504,7 @@ class VhostUserDevice:
         table: vu.MemTable = msg.payload
         regions = [MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset) for r in table.regions]
         try:
+            _check_backing("SET_MEM_TABLE", regions, msg.fds)
             new = GuestMemory.map(regions, msg.fds)
         except GuestError as err:
             raise RemoteProtocolError(f"SET_MEM_TABLE: {err}") from err
@@ -500,7 +519,9 @@ class VhostUserDevice:
             base = self.memory if self.memory is not None else GuestMemory.empty()
             if len(base.regions) >= MAX_MEM_SLOTS:
                 raise GuestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
-            new = base.with_region(MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset), msg.fds[0])
+            region = MemoryRegion(r.gpa, r.size, r.uva, r.mmap_offset)
+            _check_backing("ADD_MEM_REG", [region], msg.fds)
+            new = base.with_region(region, msg.fds[0])
         except GuestError as err:
             raise RemoteProtocolError(f"ADD_MEM_REG: {err}") from err
         finally:

@@ -76,3 +76,47 @@ def test_fds_of_a_message_cut_off_by_a_disconnect_are_closed(daemon_factory) -> 
         assert _fds(d) == before
     finally:
         os.close(ev)
+
+
+def test_memory_region_larger_than_its_file_is_refused_not_a_sigbus(daemon_factory) -> None:
+    """A SET_MEM_TABLE region reaching past the end of its memfd was mapped as given; the first
+    touch of a ring there (the device starting it) killed the daemon with SIGBUS."""
+    d = daemon_factory()
+    bad = d.add_device("bad", port="sink")
+    good = d.add_device("good", port="sink")
+    d.start()
+    mem = os.memfd_create("short")
+    os.ftruncate(mem, 1 << 20)
+    uva = 0x7E00_0000_0000
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(bad)
+        conn = vu.FrontendConnection()
+        table = vu.MemTable((vu.MemRegion(0, 8 << 20, uva, 0),))  # 8 MiB from a 1 MiB file
+        msgs: list[tuple[bytes, list[int]]] = [
+            (conn.request(R.SET_FEATURES, 1 << 32), []),
+            (conn.request(R.SET_MEM_TABLE, table, [mem]), [mem]),
+        ]
+        ring = uva + (6 << 20)
+        ev = os.eventfd(0)
+        for i in range(2):
+            msgs += [
+                (conn.request(R.SET_VRING_NUM, vu.VringState(i, 256)), []),
+                (conn.request(R.SET_VRING_ADDR, vu.VringAddr(i, 0, ring, ring + 8192,
+                                                              ring + 4096, 0)), []),
+                (conn.request(R.SET_VRING_KICK, vu.VringFile(i), [ev]), [ev]),
+            ]
+        for data, fds in msgs:
+            try:
+                socket.send_fds(s, [data], fds) if fds else s.sendall(data)
+            except OSError:
+                break  # refused: the connection is closed
+        os.close(ev)
+        time.sleep(0.5)
+        s.close()
+        assert d.alive(), f"daemon died ({d.returncode}):\n{d.log_tail()}"
+        with VhostUserFrontend(good) as fe:
+            NetDriver(fe).send([bytes(60)])
+    finally:
+        os.close(mem)
