@@ -48,17 +48,23 @@ target=$1 secs=${2:?usage: scripts/fuzz.sh TARGET SECONDS [libFuzzer args]}
 shift 2
 work=${FUZZ_WORK:-$CACHE/corpus/$target} art=$CACHE/artifacts/$target/
 mkdir -p "$work" "$art"
-[ -d "fuzz/corpus/$target" ] || { echo "fuzz: no seed corpus fuzz/corpus/$target" >&2; exit 2; }
+seeds=$ROOT/fuzz/corpus/$target logs=$CACHE/logs/$target
+[ -d "$seeds" ] || { echo "fuzz: no seed corpus fuzz/corpus/$target" >&2; exit 2; }
+mkdir -p "$logs"
 common=(-max_total_time="$secs" -artifact_prefix="$art" -print_final_stats=1 -timeout=20
-        -rss_limit_mb=2048 "$@" "$work" "fuzz/corpus/$target")
+        -rss_limit_mb=2048 "$@" "$work" "$seeds")
 if is_c "$target"; then
   bin=$(build "$target")
+  cd "$logs"  # -jobs=N writes fuzz-N.log into the current directory
   export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}
   export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
   exec "$bin" -max_len=8192 "${common[@]}"
 elif is_py "$target"; then
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  exec "$PY" "fuzz/fuzz_$target.py" -max_len=4096 "${common[@]}"
+  cd "$logs"
+  args=()  # atheris fuzzes in this process: -jobs/-workers (which re-run argv[0]) do not apply
+  for a in "${common[@]}"; do case "$a" in -jobs=*|-workers=*) ;; *) args+=("$a") ;; esac; done
+  exec "$PY" "$ROOT/fuzz/fuzz_$target.py" -max_len=4096 "${args[@]}"
 else
   echo "fuzz: unknown target '$target' (scripts/fuzz.sh --list)" >&2; exit 2
 fi
