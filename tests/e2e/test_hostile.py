@@ -20,12 +20,12 @@ def _fds(d: DaemonProcess) -> int:
 
 
 def _send_and_wait_close(path: str, data: bytes, fds: list[int]) -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s = hostile._connect(path)  # retries while the daemon cleans up the previous connection
     s.settimeout(5)
-    s.connect(path)
     socket.send_fds(s, [data], fds) if fds else s.sendall(data)
+    s.shutdown(socket.SHUT_WR)  # EOF after the message
     try:
-        assert s.recv(100) == b""
+        assert s.recv(100) == b""  # the daemon closed its end: done with this connection
     finally:
         s.close()
 
@@ -65,10 +65,7 @@ def test_fds_of_a_message_cut_off_by_a_disconnect_are_closed(daemon_factory) -> 
         time.sleep(0.2)
         before = _fds(d)
         for _ in range(5):  # cut off, then EOF
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(path)
-            socket.send_fds(s, [kick[:15]], [ev])
-            s.close()
+            _send_and_wait_close(path, kick[:15], [ev])
         for _ in range(5):  # behind a request that closes the connection, in the same chunk
             bad = vu.encode(R.SET_VRING_NUM, vu.VERSION, vu.VringState(0, 3).pack())  # refused
             _send_and_wait_close(path, bad + kick[:15], [ev])
@@ -120,3 +117,17 @@ def test_memory_region_larger_than_its_file_is_refused_not_a_sigbus(daemon_facto
             NetDriver(fe).send([bytes(60)])
     finally:
         os.close(mem)
+
+
+def test_hostile_frontend_short_run() -> None:
+    """~20 s of bench.hostile: the daemon lives, the echo device loses nothing, fds stay flat."""
+    rep = hostile.run(messages=150_000, seconds=20.0, seed=7)
+    d = rep.as_dict()
+    assert rep.daemon_alive, rep.errors
+    assert not rep.errors, rep.errors
+    assert rep.messages > 5_000 and rep.connections > 100, d
+    assert rep.good_sent > 0 and rep.good_received == rep.good_sent, d
+    assert rep.good_lost == 0 and rep.good_corrupt == 0, d
+    assert rep.end.fds <= rep.start.fds, d
+    assert rep.end.maps <= rep.start.maps + 4, d
+    assert rep.end.rss_kib <= rep.start.rss_kib + (32 << 10), d
