@@ -186,6 +186,7 @@ class HostileClient:
         self.fds = fds
         self.features = features
         self.pfeatures = pfeatures
+        self.acked_pf = 0  # protocol features set on the current connection (by setup())
 
     def msg(self, req: R, payload: Any = None, fds: list[int] | None = None,
             need_reply: bool = False) -> tuple[bytes, list[int]]:
@@ -196,9 +197,11 @@ class HostileClient:
     def setup(self) -> list[tuple[bytes, list[int]]]:
         """A QEMU-like set-up whose rings really start (random but legal parameters)."""
         rng, f = self.rng, self.fds
-        ack = bool(self.pfeatures >> vu.ProtocolFeature.REPLY_ACK & 1) and rng.random() < 0.5
+        pf = self.pfeatures if rng.random() < 0.8 else self.pfeatures & rng.getrandbits(64)
+        self.acked_pf = pf
+        ack = bool(pf >> vu.ProtocolFeature.REPLY_ACK & 1) and rng.random() < 0.5
         out = [self.msg(R.GET_FEATURES), self.msg(R.GET_PROTOCOL_FEATURES),
-               self.msg(R.SET_PROTOCOL_FEATURES, self.pfeatures & rng.getrandbits(64)),
+               self.msg(R.SET_PROTOCOL_FEATURES, pf),
                self.msg(R.SET_OWNER, need_reply=ack),
                self.msg(R.SET_FEATURES, self.features & rng.getrandbits(64), need_reply=ack)]
         region = vu.MemRegion(0, MEM_SIZE, UVA, 0)
@@ -213,7 +216,7 @@ class HostileClient:
                     self.msg(R.SET_VRING_KICK, vu.VringFile(i), [f.events[1 + i]]),
                     self.msg(R.SET_VRING_CALL, vu.VringFile(i), [f.events[3]]),
                     self.msg(R.SET_VRING_ENABLE, vu.VringState(i, 1), need_reply=ack)]
-        if self.pfeatures >> vu.ProtocolFeature.STATUS & 1:
+        if pf >> vu.ProtocolFeature.STATUS & 1:
             out.append(self.msg(R.SET_STATUS, 15))
         return out
 
@@ -241,13 +244,15 @@ class HostileClient:
         return self.msg(R.GET_CONFIG, vu.Config(0, n, 0, bytes(n)))
 
     def benign(self) -> tuple[bytes, list[int]]:
-        rng = self.rng
+        """A request the device accepts in the state the connection is in."""
+        rng, PF = self.rng, vu.ProtocolFeature
+        gated = [(PF.MQ, lambda: self.msg(R.GET_QUEUE_NUM)),
+                 (PF.STATUS, lambda: self.msg(R.GET_STATUS)),
+                 (PF.CONFIG, lambda: self._get_config(rng.choice([6, 8, 10, 12])))]
         return rng.choice([
+            *(f for bit, f in gated if self.acked_pf >> bit & 1),
             lambda: self.msg(R.GET_FEATURES),
             lambda: self.msg(R.GET_PROTOCOL_FEATURES),
-            lambda: self.msg(R.GET_QUEUE_NUM),
-            lambda: self.msg(R.GET_STATUS),
-            lambda: self._get_config(rng.choice([6, 8, 10, 12])),
             lambda: self.msg(R.SET_VRING_CALL, vu.VringFile(rng.randint(0, 1)),
                              [self.fds.events[3]]),
             lambda: self.msg(R.SET_VRING_ENABLE, vu.VringState(rng.randint(0, 1),
@@ -319,15 +324,16 @@ def _one_connection(path: str, cl: HostileClient, budget: int, rep: HostileRepor
     sock = _connect(path)
     sock.settimeout(10.0)  # a daemon that stops reading must not hang the run
     rep.connections += 1
+    cl.acked_pf = 0
     script = cl.setup() if rng.random() < 0.7 else []
     length = rng.choice([5, 20, 100, 400, 2000])
-    p_bad = rng.choice([0.0, 0.01, 0.05, 0.3])
+    p_bad = rng.choice([0.0, 0.002, 0.01, 0.05, 0.3])
     sent = 0
     try:
         while sent < min(length, budget):
             if script:
                 data, fds = script.pop(0)
-            elif rng.random() < 0.15:
+            elif rng.random() < 0.03:  # most of these end the connection
                 data, fds = cl.random_request()
             else:
                 data, fds = cl.benign()
