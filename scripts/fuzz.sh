@@ -5,6 +5,9 @@
 #                                            committed seeds (fuzz/corpus/TARGET) plus what earlier
 #                                            runs found; extra ARGS go to libFuzzer (-jobs=1, ...)
 #   scripts/fuzz.sh --build [TARGET...]      build only
+#   scripts/fuzz.sh --coverage [TARGET...]    replay the C targets' working corpora and seeds
+#                                            through source-coverage builds; llvm-cov's report of
+#                                            virtio/_core/*.c over all of them (default: all)
 # FUZZ_WORK=DIR: the working corpus (new inputs go there) instead of the cache's (the test suite
 # starts from the seeds alone in a temporary one).
 # C targets: clang -fsanitize=fuzzer,address,undefined over every virtio/_core/*.c. The parser
@@ -39,10 +42,30 @@ build() {  # build C target $1 into $CACHE/build/ when a source changed; prints 
   echo "$bin"
 }
 
+coverage() {  # replay the corpora of C targets "$@" through -fprofile-instr-generate builds
+  local t dir llvm=/usr/lib/llvm-14/bin objs=() profs=()
+  for t in "$@"; do
+    dir=$CACHE/coverage/$t
+    rm -rf "$dir"; mkdir -p "$dir" "$CACHE/corpus/$t"
+    "$CC" -g -O1 -std=gnu11 -fsanitize=fuzzer -fprofile-instr-generate -fcoverage-mapping \
+      -I virtio/_core -I fuzz virtio/_core/*.c "fuzz/fuzz_$t.c" -o "$dir/fuzz_$t" -lpthread
+    LLVM_PROFILE_FILE="$dir/%p.profraw" "$dir/fuzz_$t" -runs=0 "$CACHE/corpus/$t" \
+      "$ROOT/fuzz/corpus/$t" >"$dir/replay.log" 2>&1
+    "$llvm/llvm-profdata" merge -sparse "$dir"/*.profraw -o "$dir/merged.profdata"
+    objs+=(-object "$dir/fuzz_$t"); profs+=("$dir/merged.profdata")
+  done
+  "$llvm/llvm-profdata" merge -sparse "${profs[@]}" -o "$CACHE/coverage/all.profdata"
+  "$llvm/llvm-cov" report "${objs[@]:1}" -instr-profile="$CACHE/coverage/all.profdata" \
+    virtio/_core/*.c
+}
+
 case "${1:-}" in
+  --coverage) shift; [ "${1:-all}" = all ] && set -- "${C_TARGETS[@]}"
+              for t in "$@"; do is_c "$t" || { echo "fuzz: $t: not a C target" >&2; exit 2; }; done
+              coverage "$@"; exit 0 ;;
   --list) printf '%s\n' "${C_TARGETS[@]}" "${PY_TARGETS[@]}"; exit 0 ;;
   --build) shift; for t in "${@:-${C_TARGETS[@]}}"; do build "$t" >/dev/null; done; exit 0 ;;
-  ""|-h|--help) sed -n '2,14p' "$0"; exit 2 ;;
+  ""|-h|--help) sed -n '2,17p' "$0"; exit 2 ;;
 esac
 target=$1 secs=${2:?usage: scripts/fuzz.sh TARGET SECONDS [libFuzzer args]}
 shift 2
