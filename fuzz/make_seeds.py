@@ -1,4 +1,4 @@
-"""Write the committed seed corpora of the C-core fuzz targets (fuzz/corpus/TARGET/seed-*).
+"""Write the committed seed corpora of the C-core fuzz targets (fuzz/corpus/TARGET/seed-*, and the inputs of crashes found, seed-crash-*).
 
 Each seed is a well-formed guest in the input layout of fuzz/fuzz_common.h: one region (gpa
 0x10000 onwards maps the arena), rings at fixed offsets, valid chains (direct, indirect,
@@ -116,6 +116,16 @@ def seeds() -> dict[str, dict[str, bytes]]:
     for q in (1, 2, 3):
         s.rx_buffers(q, 8, 40)
     out["tx"]["mrg"] = s.step(1, 0, 5, 0, 2, 0).bytes()
+    # the input of a crash found (fuzz_tx, memcpy-param-overlap in cur_copy): the RX buffer of
+    # the echo overlaps the TX buffer it copies from (test_core_regressions.py pins the fix)
+    s = Seed(4, flags=4)
+    frame = bytes.fromhex("525400000002525400000001") + b"\x08\x00" + bytes(range(200))
+    tx_buf = s.buf(bytes(64) + bytes(12) + frame) + 64
+    s.desc(0, 0, tx_buf, 12 + len(frame))
+    s.post(0, 0)
+    s.desc(1, 0, tx_buf - 6, 12 + len(frame), WRITE)
+    s.post(1, 0)
+    out["tx"]["crash-memcpy-overlap"] = s.step(1, 0).bytes()
     # rx: rx_fill and rx_from_fd, with and without MRG_RXBUF, buffers short and long
     for name, flags, length, op in (("fill", 0, 256, 0), ("fill-mrg", 2, 32, 0),
                                     ("fill-mrg-eidx", 3, 64, 5), ("fd", 0, 256, 2),
