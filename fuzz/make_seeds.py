@@ -1,4 +1,5 @@
-"""Write the committed seed corpora of the C-core fuzz targets (fuzz/corpus/TARGET/seed-*, and the inputs of crashes found, seed-crash-*).
+"""Write the committed seed corpora of the C-core fuzz targets (fuzz/corpus/TARGET/seed-*; the
+inputs of crashes found are seed-crash-*).
 
 Each seed is a well-formed guest in the input layout of fuzz/fuzz_common.h: one region (gpa
 0x10000 onwards maps the arena), rings at fixed offsets, valid chains (direct, indirect,
