@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,23 @@ def _close(fd: int) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def _check_backing(what: str, regions: list[MemoryRegion], fds: tuple[int, ...]) -> None:
+    """Each region must lie inside the file behind its fd (a memfd, a hugetlbfs or /dev/shm file):
+    a mapping that reaches past the end of the file maps, and its first touch is a SIGBUS that
+    kills the daemon."""
+    for r, fd in zip(regions, fds, strict=False):
+        try:
+            st = os.fstat(fd)
+        except OSError as err:
+            raise RemoteProtocolError(
+                f"{what}: the fd of region gpa={r.gpa:#x}: {err.strerror}") from err
+        if stat.S_ISREG(st.st_mode) and r.mmap_offset + r.size > st.st_size:
+            raise RemoteProtocolError(
+                f"{what}: region gpa={r.gpa:#x} needs bytes {r.mmap_offset:#x}.."
+                f"{r.mmap_offset + r.size:#x} of its file, which holds {st.st_size:#x}"
+            )
 
 
 @dataclass
@@ -260,6 +278,7 @@ class VhostUserDevice:
                 for fd in msg.fds:
                     _close(fd)
             self._connected = False
+            conn.close()  # fds of a message cut off by the disconnect or left after an error
             await self.disconnect()
 
     async def handle(self, conn: vu.BackendConnection, msg: vu.Message) -> bytes:
@@ -421,8 +440,12 @@ class VhostUserDevice:
 
     # ---- helpers for handlers ---------------------------------------------------------------
 
-    def _vring(self, index: int, what: str) -> Vring:
+    def _vring(self, index: int, what: str, fds: tuple[int, ...] = ()) -> Vring:
+        """The ring `index`; RemoteProtocolError if there is none (the message's `fds`, which no
+        ring will own, are closed first)."""
         if not 0 <= index < len(self.vrings):
+            for fd in fds:
+                _close(fd)
             raise RemoteProtocolError(
                 f"{what}: vring index {index} out of range, this device has {len(self.vrings)}"
             )
@@ -542,6 +565,7 @@ class VhostUserDevice:
             self.counters.repeats += 1  # keep the mappings (and the rings' pointers) as they are
             return
         try:
+            _check_backing("SET_MEM_TABLE", regions, msg.fds)
             new = GuestMemory.map(regions, msg.fds)
         except GuestError as err:
             raise RemoteProtocolError(f"SET_MEM_TABLE: {err}") from err
@@ -559,6 +583,7 @@ class VhostUserDevice:
             if len(base.regions) >= MAX_MEM_SLOTS and not repeat:
                 raise GuestError(f"all {MAX_MEM_SLOTS} memory slots are in use")
             # a repeat maps nothing: the snapshot counts one more copy of the region
+            _check_backing("ADD_MEM_REG", [region], msg.fds)
             new = base.with_region(region, msg.fds[0])
         except GuestError as err:
             raise RemoteProtocolError(f"ADD_MEM_REG: {err}") from err
@@ -626,7 +651,7 @@ class VhostUserDevice:
         return vu.VringState(st.index, vr.base)
 
     async def h_set_vring_kick(self, msg: vu.Message) -> None:
-        vr = self._vring(msg.payload.index, "SET_VRING_KICK")
+        vr = self._vring(msg.payload.index, "SET_VRING_KICK", msg.fds)
         old = self._replace_fd(vr, "kick_fd", msg)
         if old >= 0 and vr.queue is not None:
             await self._detach_works()  # the worker must stop polling the old fd first
@@ -635,7 +660,7 @@ class VhostUserDevice:
         vr.started = True
 
     async def h_set_vring_call(self, msg: vu.Message) -> None:
-        vr = self._vring(msg.payload.index, "SET_VRING_CALL")
+        vr = self._vring(msg.payload.index, "SET_VRING_CALL", msg.fds)
         old = self._replace_fd(vr, "call_fd", msg)
         if vr.queue is not None:
             # Detach first (other devices' switch works stop writing this ring too: release_works
@@ -645,7 +670,7 @@ class VhostUserDevice:
         _close(old)
 
     async def h_set_vring_err(self, msg: vu.Message) -> None:
-        vr = self._vring(msg.payload.index, "SET_VRING_ERR")
+        vr = self._vring(msg.payload.index, "SET_VRING_ERR", msg.fds)
         _close(self._replace_fd(vr, "err_fd", msg))
 
     async def h_set_vring_enable(self, msg: vu.Message) -> None:

@@ -876,6 +876,16 @@ class _Parser:
             self._fail(err, out, fds)
             raise err from e
 
+    def close(self) -> None:
+        """The transport is gone: close every fd held for the message in progress (a message
+        cut off by a disconnect, or the rest of a chunk after a request the caller refused).
+        Later ``feed()`` calls raise. Idempotent."""
+        _close_all(self._held)
+        self._held = []
+        self._buf.clear()
+        self._cur = None
+        self._eof = True
+
     def _fail(self, err: RemoteProtocolError, out: list[Message], fds: list[int]) -> None:
         self._failed = err
         held = set(self._held) | set(fds)

@@ -776,3 +776,18 @@ def test_message_close_fds(fds: Fds) -> None:
 def test_flags_constants() -> None:
     assert VERSION == 1 and FLAG_REPLY == 4 and FLAG_NEED_REPLY == 8 and REPLY_FLAGS == 5
     assert HEADER.size == 12
+
+
+def test_close_closes_the_fds_of_a_cut_off_message(fds: Fds) -> None:
+    """A message whose fds arrived but whose bytes were cut off by a disconnect: the parser held
+    the fds, and a caller that just dropped the connection object leaked them."""
+    kick = fds.new()
+    data = FrontendConnection().request(Request.SET_VRING_KICK, VringFile(0), kick)
+    conn = BackendConnection()
+    assert conn.feed(data[:15], kick) == []
+    conn.close()
+    assert_closed(kick)
+    assert conn.closed
+    with pytest.raises(RemoteProtocolError):
+        conn.feed(b"x")
+    conn.close()  # idempotent

@@ -31,6 +31,8 @@ static inline void cur_init(struct cur *c, const struct vx_seg *s, uint32_t n)
     c->off = 0;
 }
 
+/* dst may itself be guest memory (RX fast path: a TX chain read straight into an RX buffer),
+ * which a guest may make overlap the source: memmove, never memcpy */
 static inline size_t cur_read(struct cur *c, void *dst, size_t len)
 {
     uint8_t *d = dst;
@@ -39,7 +41,7 @@ static inline size_t cur_read(struct cur *c, void *dst, size_t len)
         size_t k = c->s[c->i].len - c->off;
         if (k > len - done)
             k = len - done;
-        memcpy(d + done, c->s[c->i].ptr + c->off, k);
+        memmove(d + done, c->s[c->i].ptr + c->off, k);
         done += k;
         c->off += k;
         if (c->off == c->s[c->i].len) {
@@ -87,6 +89,8 @@ static inline size_t cur_skip(struct cur *c, size_t len)
 }
 
 /* copy up to len bytes from src cursor to dst cursor */
+/* both cursors may be guest buffers, which a hostile (or careless) guest may make overlap:
+ * memmove, never memcpy */
 static inline size_t cur_copy(struct cur *dst, struct cur *src, size_t len)
 {
     size_t done = 0;
@@ -97,7 +101,7 @@ static inline size_t cur_copy(struct cur *dst, struct cur *src, size_t len)
             k = ks;
         if (k > len - done)
             k = len - done;
-        memcpy(dst->s[dst->i].ptr + dst->off, src->s[src->i].ptr + src->off, k);
+        memmove(dst->s[dst->i].ptr + dst->off, src->s[src->i].ptr + src->off, k);
         done += k;
         dst->off += k;
         src->off += k;

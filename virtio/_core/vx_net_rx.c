@@ -110,15 +110,24 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
         return 1;
     }
 
-    /* mergeable buffers: header + frame spread over as many chains as needed */
+    /* mergeable buffers: header + frame spread over as many chains as needed. One publication
+     * never holds more used entries than the ring has slots: a frame that would push the shadow
+     * past `size` (the driver may post chains while we work) starts over after a flush of the
+     * frames before it. */
     if (rx->nshadow >= rx->size)
         vq_flush(rx);
-    uint16_t start_avail = rx->last_avail_idx;
-    uint32_t start_shadow = rx->nshadow;
-    uint8_t *nb0 = NULL, *nb1 = NULL;
-    uint32_t nbufs = 0;
-    uint64_t left = total;
-    uint32_t hdr_done = 0, pre_done = 0;
+    const struct cur cur0 = src->cur;
+    uint16_t start_avail;
+    uint32_t start_shadow, nbufs, hdr_done, pre_done;
+    uint8_t *nb0, *nb1;
+    uint64_t left;
+retry:
+    start_avail = rx->last_avail_idx;
+    start_shadow = rx->nshadow;
+    nb0 = nb1 = NULL;
+    nbufs = 0;
+    left = total;
+    hdr_done = pre_done = 0;
     while (left) {
         int a = (uint16_t)(rx->avail_idx - rx->last_avail_idx);
         if (a == 0) {
@@ -126,14 +135,17 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
             if (a < 0)
                 return -1;
         }
-        if (a == 0 || nbufs >= rx->size) {
-            {
-                rx->last_avail_idx = start_avail;
-                rx->nshadow = start_shadow;
-                rx->stats.chains -= nbufs;
-                rx->stats.ring_full++;
-                return 0;
+        if (a == 0 || rx->nshadow >= rx->size) {
+            rx->last_avail_idx = start_avail;
+            rx->nshadow = start_shadow;
+            rx->stats.chains -= nbufs;
+            if (a != 0 && start_shadow > 0) {
+                vq_flush(rx);
+                src->cur = cur0;
+                goto retry;
             }
+            rx->stats.ring_full++;
+            return 0;
         }
         uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
         if (vq_walk(rx, head) < 0)
