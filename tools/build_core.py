@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "virtio" / "_core"
 # the core's files by concern (see vx_internal.h); vx_fence.c: fences for the Python driver
 # side; vx_wait.c: kicks served in C and the worker's wait;
-# vx_drv.c: driver-side test support (virtio.testing)
+# vx_drv.c: driver-side test support (virtio.testing); vx_iotlb.c: the ACCESS_PLATFORM IOTLB
 SOURCES = [
     "vx_ring.c",
     "vx_used.c",
@@ -35,6 +35,7 @@ SOURCES = [
     "vx_wait.c",
     "vx_fence.c",
     "vx_drv.c",
+    "vx_iotlb.c",
 ]
 CFLAGS = ["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"]
 SANITIZE_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",

@@ -44,6 +44,7 @@ from .device_handlers import (
     RequestHandlers,
     _close,
 )
+from .device_iotlb import IotlbSupport
 
 __all__ = ["DISPATCH", "MAX_MEM_SLOTS", "MAX_QUEUE_SIZE", "Refused", "VhostUserDevice", "Vring"]
 
@@ -108,6 +109,8 @@ DISPATCH: dict[R, Rule] = {
     R.GET_MAX_MEM_SLOTS: Rule("get_max_mem_slots", feature=PF.CONFIGURE_MEM_SLOTS),
     R.ADD_MEM_REG: Rule("add_mem_reg", feature=PF.CONFIGURE_MEM_SLOTS, quiesce=True),
     R.REM_MEM_REG: Rule("rem_mem_reg", feature=PF.CONFIGURE_MEM_SLOTS, quiesce=True),
+    R.SET_BACKEND_REQ_FD: Rule("set_backend_req_fd", feature=PF.BACKEND_REQ),
+    R.IOTLB_MSG: Rule("iotlb_msg"),  # quiesces itself when it removes a mapping
     R.SET_STATUS: Rule("set_status", feature=PF.STATUS, quiesce=True),
     R.GET_STATUS: Rule("get_status", feature=PF.STATUS),
 }
@@ -123,7 +126,7 @@ class DeviceCounters:
     repeats: int = 0  # per-queue-pair repeats that agreed with the state in force
 
 
-class VhostUserDevice(RequestHandlers):
+class VhostUserDevice(RequestHandlers, IotlbSupport):
     """A device type subclasses this: features, config space, and the works for its rings."""
 
     #: virtio features this device offers (bit 30 is added when protocol features are on)
@@ -156,6 +159,7 @@ class VhostUserDevice(RequestHandlers):
         self.memory: GuestMemory | None = None
         self.vrings = self._fresh_vrings()
         self.broken = None
+        self._iotlb_reset()
 
     def _fresh_vrings(self) -> list[Vring]:
         return [Vring(i) for i in range(self.num_queues)]
@@ -208,6 +212,7 @@ class VhostUserDevice(RequestHandlers):
             "protocol_features": hex(self.acked_protocol_features),
             "queues": queues,
             "works": works,
+            "iotlb": self.iotlb_stats(),
             "counters": dict(vars(self.counters)),
         }
 
@@ -312,6 +317,7 @@ class VhostUserDevice(RequestHandlers):
             and vr.started
             and (vr.enabled or not self.has_protocol_features())
             and self.broken is None
+            and self.ring_uvas(vr) is not None  # with ACCESS_PLATFORM: the IOVAs are mapped
         )
 
     async def _detach_works(self) -> None:
@@ -322,14 +328,17 @@ class VhostUserDevice(RequestHandlers):
 
     def _start_queue(self, vr: Vring) -> None:
         assert self.memory is not None and vr.addr is not None
+        uvas = self.ring_uvas(vr)
+        assert uvas is not None  # _ring_ready checked it
         try:
             vr.queue = DeviceQueue(
                 self.memory,
                 index=vr.index,
                 size=vr.num,
-                desc_uva=vr.addr.desc,
-                avail_uva=vr.addr.avail,
-                used_uva=vr.addr.used,
+                desc_uva=uvas[0],
+                avail_uva=uvas[1],
+                used_uva=uvas[2],
+                iotlb=self.iotlb if self.iommu_active() else None,
                 last_avail_idx=vr.base,
                 event_idx=self.has_feature(29),
                 call_fd=vr.call_fd,

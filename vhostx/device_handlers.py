@@ -70,6 +70,8 @@ class RequestHandlers:
         def _stop_queue(self, vr: Vring) -> None: ...
         def _stop_all_queues(self) -> None: ...
         def _mark_broken(self, why: str) -> None: ...
+        def _iotlb_forget(self) -> None: ...
+        def _iotlb_rehost(self) -> None: ...
 
     # ---- helpers for handlers ---------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class RequestHandlers:
         for vr in self.vrings:
             vr.close_fds()
         self.vrings = self._fresh_vrings()
+        self._iotlb_forget()
         self.acked_features = 0
         self.features_set = False
         # protocol features stay in force, but after a reset the frontend may set them anew
@@ -176,6 +179,7 @@ class RequestHandlers:
     def _remap_memory(self, new: GuestMemory) -> None:
         old = self.memory
         self.memory = new
+        self._iotlb_rehost()
         for vr in self.vrings:
             if vr.queue is not None:
                 try:
@@ -270,6 +274,7 @@ class RequestHandlers:
         vr = self._vring(st.index, "GET_VRING_BASE")
         await self._detach_works()
         self._stop_queue(vr)
+        self._iotlb_forget()  # a restarted driver maps anew
         vr.started = False
         vr.enabled = False if self.has_protocol_features() else vr.enabled
         _close(vr.kick_fd)

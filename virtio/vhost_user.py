@@ -127,6 +127,7 @@ __all__ = [
     "VringArea",
     "VringFile",
     "VringState",
+    "backend_request",
     "encode",
     "protocol_features_mask",
     "request_name",
@@ -293,6 +294,15 @@ BACKEND_SPECS: dict[BackendRequest, Spec] = {
     B.VRING_ERR: Spec(STATE),
 }
 del B
+
+
+def backend_request(req: BackendRequest, payload: Any, need_reply: bool = False) -> bytes:
+    """Bytes of one backend-to-frontend request (the SET_BACKEND_REQ_FD channel), checked
+    against BACKEND_SPECS (TypeError / ValueError on a payload the spec forbids)."""
+    req = BackendRequest(req)
+    body = BACKEND_SPECS[req].payload.encode(payload)
+    flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
+    return HEADER.pack(req, flags, len(body)) + body
 
 
 def __getattr__(name: str) -> Any:

@@ -58,8 +58,13 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
 
     if (!(rx->flags & VX_F_MRG_RXBUF)) {
         uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
-        if (vq_walk(rx, head) < 0)
-            return -1;
+        int w = vq_walk(rx, head);
+        if (unlikely(w)) {
+            if (w < 0)
+                return -1;
+            rx->stats.ring_full++; /* IOTLB miss: the chain stays, the frame is dropped */
+            return 0;
+        }
         if (unlikely(rx->nread))
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
         if (unlikely(rx->wlen < total)) {
@@ -104,8 +109,17 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
             }
         }
         uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
-        if (vq_walk(rx, head) < 0)
-            return -1;
+        int w = vq_walk(rx, head);
+        if (unlikely(w)) {
+            if (w < 0)
+                return -1;
+            /* IOTLB miss: every chain of this frame goes back, the frame is dropped */
+            rx->last_avail_idx = start_avail;
+            rx->nshadow = start_shadow;
+            rx->stats.chains -= nbufs;
+            rx->stats.ring_full++;
+            return 0;
+        }
         if (unlikely(rx->nread))
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
         struct cur d;
@@ -247,8 +261,12 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
             continue;
         }
         uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
-        if (vq_walk(rx, head) < 0)
-            return -1;
+        int w = vq_walk(rx, head);
+        if (unlikely(w)) {
+            if (w < 0)
+                return -1;
+            break; /* IOTLB miss: the chain stays in the ring, the data in the fd */
+        }
         if (unlikely(rx->nread))
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
         uint32_t k = rx->nwrite < VX_IOV_MAX ? rx->nwrite : VX_IOV_MAX;
