@@ -195,7 +195,8 @@ def test_rehost_follows_a_new_memory_table(env, tlb):
 # ---- the C walk through the IOTLB ----------------------------------------------------------------
 
 
-def _iommu_pair(env: Env, tlb: DeviceIotlb, size: int = 16, *, hdr_len: int = 0):
+def _iommu_pair(env: Env, tlb: DeviceIotlb, size: int = 16, *, hdr_len: int = 0,
+                mrg_rxbuf: bool = False):
     total = DriverQueue.layout(size)[3]
     base = env.alloc(total, PAGE)
     drv = DriverQueue(env.view(base, total), base, size)
@@ -204,7 +205,7 @@ def _iommu_pair(env: Env, tlb: DeviceIotlb, size: int = 16, *, hdr_len: int = 0)
     uaddr = tlb.ring_uaddr(drv.desc_gpa, 16 * size, RO)
     assert uaddr == _uva(env, drv.desc_gpa)
     dev = DeviceQueue(
-        env.mem, index=0, size=size, hdr_len=hdr_len, iotlb=tlb,
+        env.mem, index=0, size=size, hdr_len=hdr_len, mrg_rxbuf=mrg_rxbuf, iotlb=tlb,
         desc_uva=uaddr, avail_uva=_uva(env, drv.avail_gpa), used_uva=_uva(env, drv.used_gpa),
     )
     env.queues.append(dev)
@@ -336,3 +337,31 @@ def test_rx_miss_drops_the_frame_and_keeps_the_chain(env, tlb):
     tlb.update(env.mem, IOVA, PAGE, _uva(env, g), WO)
     assert net.rx_fill(dev, b"\x02" * 60, 1) == 1
     assert env.read(g, 60) == b"\x02" * 60
+
+
+def test_unanswered_misses_do_not_hold_their_slots_for_ever(env):
+    """A frontend that never answers some misses must not stop new ones from being reported;
+    and RX from an fd asks for every posted buffer at once, leaving the frame in the fd."""
+    tlb = DeviceIotlb(capacity=512)
+    drv, dev = _iommu_pair(env, tlb, size=128, hdr_len=12, mrg_rxbuf=True)
+    for i in range(100):  # 100 chains, 100 pages nobody maps
+        drv.add([], [(IOVA + i * PAGE, 2048)])
+    drv.publish()
+    a, b = _pipe()
+    try:
+        a.send(bytes(12) + b"\x04" * 60)
+        assert net.rx_from_fd(dev, b.fileno(), 8) == 0
+        first = tlb.take_misses(limit=200)
+        assert first == [(IOVA + i * PAGE, WO) for i in range(64)]  # the slots' worth
+        assert net.rx_from_fd(dev, b.fileno(), 8) == 0  # nothing answered: the rest now
+        second = tlb.take_misses(limit=200)
+        assert second == [(IOVA + i * PAGE, WO) for i in range(64, 100)]
+        g = env.alloc(PAGE, PAGE)
+        for i in range(100):
+            tlb.update(env.mem, IOVA + i * PAGE, PAGE, _uva(env, g), WO)
+        assert net.rx_from_fd(dev, b.fileno(), 8) == 1  # the frame waited in the fd
+        assert env.read(g + 12, 60) == b"\x04" * 60
+    finally:
+        a.close()
+        b.close()
+        tlb.close()

@@ -352,7 +352,8 @@ enum {
     VX_IOTLB_PERM_RO = 1,
     VX_IOTLB_PERM_WO = 2,
     VX_IOTLB_PERM_RW = 3,
-    VX_IOTLB_MISS_SLOTS = 64,      /* misses recorded and not yet answered */
+    VX_IOTLB_MISS_SLOTS = 64,      /* misses recorded and not yet answered (when full, the ones
+                                    * already handed out are forgotten, to be sent again) */
     VX_IOTLB_OK = 0,
     VX_IOTLB_REPEAT = 1,           /* update: exactly this mapping is already there */
     VX_IOTLB_OVERLAP = -2,         /* update: overlaps another mapping (invalidate it first) */
@@ -368,7 +369,7 @@ struct vx_iotlb_stats {
     uint64_t invalidations; /* invalidate calls that removed or trimmed something */
     uint64_t removed;       /* entries removed or trimmed by invalidations */
     uint64_t misses;        /* misses recorded by walks (each IOVA once until answered) */
-    uint64_t miss_dropped;  /* misses not recorded: VX_IOTLB_MISS_SLOTS pending already */
+    uint64_t miss_dropped;  /* walks' misses not recorded: VX_IOTLB_MISS_SLOTS unsent already */
     uint64_t denied;        /* translations refused for permission (the queue breaks) */
     uint64_t retries;       /* lookups that raced a change and ran again */
 };

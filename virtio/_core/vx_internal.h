@@ -149,6 +149,10 @@ struct vx_vq {
  * ring), -1 the queue broke (a permission the mapping lacks, too many segments). */
 int vq_iotlb_segs(struct vx_vq *vq, uint64_t iova, uint32_t len, uint32_t perm, uint32_t *nseg,
                   uint16_t head) VX_HIDDEN;
+/* RX of a queue with an IOTLB: walk the avail chains (without consuming them) until `need`
+ * writable bytes are covered; 0 all mapped, 1 some chain missed (each chain's first missing page
+ * is recorded: the whole ring is asked for at once), -1 broken. */
+int vq_iotlb_probe(struct vx_vq *vq, uint64_t need) VX_HIDDEN;
 int vq_iotlb_table(struct vx_vq *vq, uint64_t iova, uint32_t len, const uint8_t **out,
                    uint16_t head) VX_HIDDEN;
 

@@ -270,6 +270,15 @@ static void record_miss(struct vx_iotlb *t, uint64_t iova, uint32_t perm)
             break;
         }
     if (j == t->nmiss) {
+        if (t->nmiss == VX_IOTLB_MISS_SLOTS) {
+            /* full: forget the misses already sent (an unanswerable one must not hold its slot
+             * for ever); a walk that still needs one records and sends it again */
+            uint32_t k = 0;
+            for (uint32_t i = 0; i < t->nmiss; i++)
+                if (!t->miss[i].reported)
+                    t->miss[k++] = t->miss[i];
+            t->nmiss = k;
+        }
         if (t->nmiss < VX_IOTLB_MISS_SLOTS) {
             t->miss[t->nmiss++] = (struct iotlb_miss){iova, perm, 0};
             wake = 1;
@@ -405,6 +414,25 @@ int vq_iotlb_table(struct vx_vq *vq, uint64_t iova, uint32_t len, const uint8_t 
     }
     return vq_break(vq, "indirect table IOVA %#llx of chain %u: the mapping does not allow a "
                         "device read", (unsigned long long)(iova + done), head);
+}
+
+int vq_iotlb_probe(struct vx_vq *vq, uint64_t need)
+{
+    const uint16_t start = vq->last_avail_idx;
+    const uint16_t n = (uint16_t)(vq->avail_idx - start);
+    uint64_t have = 0;
+    int missed = 0;
+    for (uint16_t i = 0; i < n && (have < need || missed); i++) {
+        uint16_t head = vq->avail->ring[(uint16_t)(start + i) & vq->mask];
+        int w = vq_walk(vq, head);
+        if (w < 0)
+            return -1;
+        if (w)
+            missed = 1;
+        else
+            have += vq->wlen;
+    }
+    return missed;
 }
 
 int vx_vq_set_iotlb(struct vx_vq *vq, struct vx_iotlb *t)

@@ -230,6 +230,15 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
             }
         }
         if (rx->flags & VX_F_MRG_RXBUF) {
+            if (unlikely(rx->iotlb)) {
+                /* every buffer a frame may take must be mapped before the frame leaves the fd */
+                int p = vq_iotlb_probe(rx, (uint64_t)hlen + VX_MAX_FRAME_LEN);
+                if (p) {
+                    if (p < 0)
+                        return -1;
+                    break; /* IOTLB miss: the data waits in the fd until the update */
+                }
+            }
             struct iovec iov = {rx->scratch, VX_SCRATCH_LEN};
             ssize_t r = readv(fd, &iov, 1);
             if (r < 0) {
