@@ -63,7 +63,7 @@ def _poke(netns: Any, host: str, port: int, payload: bytes, timeout: float = 90)
 def _device_stats(daemon: Any) -> Any:
     try:
         return next(d for d in daemon.stats()["devices"] if d["name"] == "net0")
-    except Exception as err:  # the daemon may be gone: the report must not hide the failure
+    except (OSError, ValueError, KeyError, StopIteration) as err:  # the daemon may be gone
         return f"no stats: {err}"
 
 
