@@ -188,3 +188,54 @@ def test_backend_channel_needs_backend_req() -> None:
         b.close()
     finally:
         w.close()
+
+
+class _RecordingBinding(_Binding):
+    """Records, at each detach, whether the IOTLB still held the mapping being invalidated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dev: Any = None
+        self.seen_at_detach: list[bool] = []
+
+    def detach(self, work: Any) -> Any:
+        t = self.dev.iotlb
+        self.seen_at_detach.append(t is not None and t.translate(BUF_IOVA, 1, IotlbPerm.RO)
+                                   is not None)
+        return super().detach(work)
+
+
+BUF_IOVA = 0x4000_0000
+
+
+def test_invalidate_detaches_the_works_before_the_mapping_goes(wire) -> None:
+    """No batch may run between the removal and the ack: the works are detached first (their
+    worker finishes its batch), the mapping goes, the ack follows, the works come back."""
+    binding = _RecordingBinding()
+    binding.dev = wire.dev
+    wire.dev.worker = binding
+    wire.binding = binding
+    wire.setup()
+    addr = vu.VringAddr(1, 0, desc=RING_IOVA + 0x3000, used=RING_IOVA + 0x5000,
+                        avail=RING_IOVA + 0x4000)
+    wire.send(R.SET_VRING_NUM, vu.VringState(1, 256), need_reply=True)
+    wire.send(R.SET_VRING_BASE, vu.VringState(1, 0), need_reply=True)
+    wire.send(R.SET_VRING_ADDR, addr, need_reply=True)
+    wire.send(R.SET_VRING_ENABLE, vu.VringState(1, 1), need_reply=True)
+    wire.send(R.SET_VRING_KICK, vu.VringFile(1, nofd=True), need_reply=True)
+    assert wire.iotlb(RING_IOVA, 0x6000, REGION.uva + 0x10000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    works = list(binding.attached)
+    assert works, "both rings run: their works are attached"
+    binding.seen_at_detach.clear()
+    assert wire.iotlb(BUF_IOVA, 0x1000, 0, 0, IotlbType.INVALIDATE) == 0
+    assert binding.seen_at_detach and all(binding.seen_at_detach)  # detached while still mapped
+    assert wire.dev.iotlb.translate(BUF_IOVA, 1, IotlbPerm.RO) is None  # gone at the ack
+    assert binding.attached  # and the rings run again
+    # an UPDATE of an unmapped range inserts without stopping anything
+    binding.seen_at_detach.clear()
+    assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    assert binding.seen_at_detach == []
