@@ -14,7 +14,8 @@ device's ``virtio.iotlb.DeviceIotlb``:
 - A ring whose addresses are not mapped is not ready: a MISS is sent for the first unmapped page
   (once until an UPDATE comes) and the ring starts at the re-plan after the UPDATE.
 - A walk that misses (vx_iotlb.c) leaves the chain in the ring and writes the table's miss
-  eventfd; the loop reads the misses and sends one MISS each. After an UPDATE the running
+  eventfd; the loop reads the misses and sends one MISS per page until an UPDATE covers it
+  (a frontend that reads the backend channel slowly gets them queued, never cut short). After an UPDATE the running
   rings' kick eventfds are written so that their works resume the stalled chains.
 - GET_VRING_BASE (ring stop) forgets every mapping: a restarted driver maps anew, and a
   translation of the previous one is never used. A memory-table change re-derives host
@@ -46,6 +47,8 @@ __all__ = ["IotlbSupport"]
 log = logging.getLogger("vhostx.control")
 
 _PAGE = 4096
+_SENT_MAX = 4096  # pages asked for and not answered yet
+_BACKLOG_MAX = 1 << 20  # bytes of MISS messages waiting for a frontend that reads slowly
 
 
 class IotlbSupport:
@@ -58,6 +61,7 @@ class IotlbSupport:
     backend_fd: int
     _loop: asyncio.AbstractEventLoop | None
     _misses_sent: set[int]
+    _backend_out: bytearray  # MISS bytes the backend channel did not take yet
     iotlb_counters: dict[str, int]
 
     if TYPE_CHECKING:  # provided by VhostUserDevice
@@ -74,8 +78,7 @@ class IotlbSupport:
                 self._loop.remove_reader(t.miss_fd)
             t.close()
         self.iotlb = None
-        _close(getattr(self, "backend_fd", -1))
-        self.backend_fd = -1
+        self._close_backend_channel()
         self._misses_sent = set()
         self.iotlb_counters = {"miss_sent": 0, "miss_send_failed": 0, "resumes": 0,
                                "quiesced": 0, "refused": 0}
@@ -98,9 +101,17 @@ class IotlbSupport:
     # ---- handlers ---------------------------------------------------------------------------
 
     async def h_set_backend_req_fd(self, msg: vu.Message) -> None:
-        _close(self.backend_fd)
+        self._close_backend_channel()
         self.backend_fd = msg.fds[0]
         os.set_blocking(self.backend_fd, False)
+
+    def _close_backend_channel(self) -> None:
+        fd = getattr(self, "backend_fd", -1)
+        if fd >= 0 and getattr(self, "_backend_out", None) and self._loop is not None:
+            self._loop.remove_writer(fd)
+        _close(fd)
+        self.backend_fd = -1
+        self._backend_out = bytearray()
 
     async def h_iotlb_msg(self, msg: vu.Message) -> None:
         m: vu.IotlbMsg = msg.payload
@@ -203,28 +214,53 @@ class IotlbSupport:
             return
         t.drain_miss_fd()
         for iova, perm in t.take_misses():
-            self._send_miss(iova, perm or IotlbPerm.RO, force=True)
+            self._send_miss(iova, perm or IotlbPerm.RO)
 
-    def _send_miss(self, iova: int, perm: int, force: bool = False) -> None:
+    def _send_miss(self, iova: int, perm: int) -> None:
+        """One MISS per page until an UPDATE covers it (the walks report a page again whenever
+        the C slots were full; the frontend is asked once)."""
         page = iova & ~(_PAGE - 1)
-        if page in self._misses_sent and not force:
+        if page in self._misses_sent:
             return
+        if len(self._misses_sent) >= _SENT_MAX:
+            self._misses_sent.clear()  # pages the frontend never answered: ask again, later
         self._misses_sent.add(page)
         if self.backend_fd < 0:
             self.iotlb_counters["miss_send_failed"] += 1
             log.warning("%s: IOTLB miss at iova %#x but no backend channel", self.name, iova)
             return
-        data = vu.backend_request(
-            vu.BackendRequest.IOTLB_MSG, vu.IotlbMsg(iova, 0, 0, perm, IotlbType.MISS)
-        )
-        try:
-            n = os.write(self.backend_fd, data)
-            if n != len(data):
-                raise BlockingIOError("short write")
-            self.iotlb_counters["miss_sent"] += 1
-        except OSError as err:
+        if len(self._backend_out) >= _BACKLOG_MAX:
             self.iotlb_counters["miss_send_failed"] += 1
             self._misses_sent.discard(page)
-            log.warning("%s: IOTLB miss at iova %#x not sent: %s", self.name, iova, err)
+            log.warning("%s: IOTLB miss at iova %#x dropped: the frontend reads none", self.name,
+                        iova)
+            return
+        self._backend_out += vu.backend_request(
+            vu.BackendRequest.IOTLB_MSG, vu.IotlbMsg(iova, 0, 0, perm, IotlbType.MISS)
+        )
+        self.iotlb_counters["miss_sent"] += 1
+        self._flush_backend()
 
-
+    def _flush_backend(self) -> None:
+        """Write what the channel takes; the rest waits for it to be writable (a stream: a
+        message is never cut short, its tail follows)."""
+        fd = self.backend_fd
+        if fd < 0:
+            return
+        had = bool(self._backend_out)
+        try:
+            while self._backend_out:
+                n = os.write(fd, self._backend_out)
+                del self._backend_out[:n]
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            self.iotlb_counters["miss_send_failed"] += 1
+            log.warning("%s: backend channel failed: %s", self.name, err)
+            self._backend_out.clear()
+        if self._loop is None:
+            return
+        if self._backend_out:
+            self._loop.add_writer(fd, self._flush_backend)
+        elif had:
+            self._loop.remove_writer(fd)
