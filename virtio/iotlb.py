@@ -97,6 +97,7 @@ class DeviceIotlb:
     def close(self) -> None:
         """Close the miss eventfd (the C table lives while a queue references this object)."""
         if self.miss_fd >= 0:
+            lib.vx_iotlb_set_miss_fd(self._t, -1)  # a late walk must not write a reused fd
             os.close(self.miss_fd)
             self.miss_fd = -1
 

@@ -377,6 +377,8 @@ struct vx_iotlb_stats {
 struct vx_iotlb;
 struct vx_iotlb *vx_iotlb_new(uint32_t capacity, int miss_fd);
 void vx_iotlb_free(struct vx_iotlb *t);
+/* control thread: the eventfd misses are signalled on (-1: none, e.g. before closing it) */
+void vx_iotlb_set_miss_fd(struct vx_iotlb *t, int miss_fd);
 /* control thread */
 int vx_iotlb_update(struct vx_iotlb *t, uint64_t iova, uint64_t size, uint64_t uaddr,
                     uint64_t host, uint32_t perm);

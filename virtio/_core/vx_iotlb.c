@@ -73,6 +73,11 @@ void vx_iotlb_free(struct vx_iotlb *t)
     free(t);
 }
 
+void vx_iotlb_set_miss_fd(struct vx_iotlb *t, int miss_fd)
+{
+    __atomic_store_n(&t->miss_fd, miss_fd, __ATOMIC_RELEASE);
+}
+
 static void write_begin(struct vx_iotlb *t)
 {
     __atomic_store_n(&t->seq, t->seq + 1, __ATOMIC_RELAXED);
@@ -288,9 +293,10 @@ static void record_miss(struct vx_iotlb *t, uint64_t iova, uint32_t perm)
         }
     }
     miss_unlock(t);
-    if (wake && t->miss_fd >= 0) {
+    int fd = __atomic_load_n(&t->miss_fd, __ATOMIC_ACQUIRE);
+    if (wake && fd >= 0) {
         uint64_t one = 1;
-        ssize_t w = write(t->miss_fd, &one, sizeof(one));
+        ssize_t w = write(fd, &one, sizeof(one));
         (void)w;
     }
 }
