@@ -60,6 +60,9 @@ class VhostUserNic:
     reconnect: int = 0  # seconds between reconnect attempts; 0: none (QEMU 7.2 reconnect=N)
     server: bool = False  # QEMU listens on the socket instead (server=on,wait=off)
     device_args: str = ""  # appended to -device virtio-net-pci (e.g. "iommu_platform=on")
+    # behind the vIOMMU: iommu_platform=on,ats=on on a PCIe root port of its own (the machine
+    # needs q35 + intel-iommu: bench.vfio_guest.viommu_machine_args)
+    iommu: bool = False
 
 
 _ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc")
@@ -94,6 +97,7 @@ class Guest:
         qemu: str | None = None,
         extra_args: Sequence[str] = (),
         affinity: set[int] | None = None,
+        machine_args: Sequence[str] = (),
     ) -> None:
         if len(nics) > 8:
             raise ValueError(f"at most 8 NICs are supported, got {len(nics)}")
@@ -108,6 +112,8 @@ class Guest:
         self.files = dict(files or {})
         self.qemu = qemu or qemu_binary() or "qemu-system-x86_64"
         self.extra_args = tuple(extra_args)
+        # before every device (a vIOMMU must exist before the PCI devices it translates for)
+        self.machine_args = tuple(machine_args)
         self.affinity = set(affinity) if affinity else None  # CPUs for every QEMU thread
         self._own_workdir = workdir is None
         self.workdir = (
@@ -142,6 +148,7 @@ class Guest:
             f"memory-backend-memfd,id=mem,size={mem}M,share=on",
             "-numa",
             "node,memdev=mem",
+            *self.machine_args,
         ]
         if not self.nics:
             args += ["-nic", "none"]
@@ -160,6 +167,9 @@ class Guest:
                 device += f",mac={nic.mac}"
             if nic.device_args:
                 device += f",{nic.device_args}"
+            if nic.iommu:
+                device += f",iommu_platform=on,ats=on,bus=vxrp{i}"
+                args += ["-device", f"pcie-root-port,id=vxrp{i},chassis={10 + i}"]
             args += ["-chardev", chardev, "-netdev", netdev, "-device", device]
         cmdline = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1"]
         for i, nic in enumerate(self.nics):

@@ -41,6 +41,7 @@ __all__ = [
     "chroot_job",
     "iommu_machine_args",
     "vfio_guest_args",
+    "viommu_machine_args",
 ]
 
 VFIO_MODULES: tuple[str, ...] = (
@@ -99,6 +100,16 @@ def vfio_guest_args(*, share: str = "/") -> list[str]:
         "-device", "edu,bus=vfbr,addr=01.0",
         "-netdev", "hubport,id=vfnet1,hubid=1",
         "-device", f"{net},netdev=vfnet1,bus=vfbr,addr=02.0,mac=52:54:00:0f:11:02",
+    ]
+
+
+def viommu_machine_args() -> list[str]:
+    """QEMU arguments of a q35 machine with a VT-d vIOMMU that serves device IOTLBs (ATS), for
+    vhost-user NICs with ``VhostUserNic(iommu=True)``: caching-mode so that every map reaches
+    QEMU (and so the vhost-user backend), device-iotlb so that invalidations do too."""
+    return [
+        "-machine", "q35,kernel-irqchip=split",
+        "-device", "intel-iommu,intremap=on,caching-mode=on,device-iotlb=on",
     ]
 
 

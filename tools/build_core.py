@@ -25,7 +25,7 @@ CORE = ROOT / "virtio" / "_core"
 # the core's files by concern (see vx_internal.h); vx_fence.c: fences for the Python driver
 # side; vx_wait.c: kicks served in C and the worker's wait;
 # vx_drv.c: driver-side test support (virtio.testing); vx_drvq.c: the driver side
-# of a split virtqueue (virtio.driver.split)
+# of a split virtqueue (virtio.driver.split); vx_iotlb.c: the ACCESS_PLATFORM IOTLB
 SOURCES = [
     "vx_ring.c",
     "vx_used.c",
@@ -37,6 +37,7 @@ SOURCES = [
     "vx_fence.c",
     "vx_drv.c",
     "vx_drvq.c",
+    "vx_iotlb.c",
 ]
 CFLAGS = ["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"]
 SANITIZE_CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined",

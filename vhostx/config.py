@@ -49,6 +49,9 @@ class DeviceConfig:
     tap_address: str = ""  # port=tap: address/prefix to give the interface, e.g. 10.0.0.1/24
     worker: int = -1  # explicit placement (shared mode, later); -1: the policy decides
     in_order: bool = True  # offer VIRTIO_F_IN_ORDER (chains are always completed in avail order)
+    # offer VIRTIO_F_ACCESS_PLATFORM (vIOMMU: descriptors are IOVAs, the device IOTLB protocol)
+    # with the BACKEND_REQ protocol feature it needs
+    iommu: bool = False
     socket_group: str = ""  # listening socket: its group (name or gid); "" = the daemon's group
     socket_mode: int = -1  # listening socket: its permission bits, e.g. 0o660; -1 = as created
     fd: int = -1  # serve this inherited, connected socket (`serve --fd N`) instead of `socket`
@@ -83,7 +86,7 @@ _INT_RANGES = {
     "rate_pps": (0, 100_000_000),
     "worker": (-1, 1023),
 }
-_BOOL_KEYS = {"client", "in_order"}
+_BOOL_KEYS = {"client", "in_order", "iommu"}
 _STR_KEYS = {
     "name", "socket", "type", "port", "mac", "switch", "tap_name", "tap_netns", "tap_address",
 }

@@ -109,6 +109,17 @@ _DEVICE_COUNTERS: tuple[_Spec, ...] = (
     ("replans", "device_replans", "counter", "Re-plannings of the device's queue works.", 1),
 )
 
+# The device IOTLB of ACCESS_PLATFORM devices (stats "iotlb"; docs/internal-api.md, "device IOTLB").
+_IOTLB_METRICS: tuple[_Spec, ...] = (
+    ("updates", "iotlb_updates", "counter", "IOTLB mappings inserted (IOTLB_MSG UPDATE).", 1),
+    ("invalidations", "iotlb_invalidations", "counter",
+     "IOTLB invalidations that removed or trimmed a mapping.", 1),
+    ("miss_sent", "iotlb_misses_sent", "counter", "IOTLB MISS requests sent to the frontend.", 1),
+    ("denied", "iotlb_denied", "counter",
+     "Translations refused for a permission the mapping lacks (the ring breaks).", 1),
+    ("entries", "iotlb_entries", "gauge", "Mappings in the device's IOTLB.", 1),
+)
+
 # The C ring counters (struct vx_stats in virtio/_core/vx_core.h), per device and ring index.
 _RING_COUNTERS: tuple[_Spec, ...] = tuple(
     (key, f"ring_{key}", "counter", text, 1)
@@ -236,6 +247,9 @@ def families(stats: Mapping[str, Any]) -> list[Metric]:
         counters = dev.get("counters")
         if isinstance(counters, Mapping):
             ex.add_specs(_DEVICE_COUNTERS, counters, labels)
+        iotlb = dev.get("iotlb")
+        if isinstance(iotlb, Mapping):
+            ex.add_specs(_IOTLB_METRICS, iotlb, labels)
         rings = dev.get("queues")
         if isinstance(rings, Mapping):
             for index, ring in rings.items():

@@ -80,6 +80,9 @@ _PROTOCOL_FEATURES = (
     | (1 << PF.STATUS)
     | (1 << PF.VHOSTX_POSTED_IRQ)  # masked out by QEMU and DPDK, which do not know it
 )
+# device key iommu = true: the vIOMMU (device IOTLB) path, vhostx/device_iotlb.py
+_IOMMU_FEATURES = 1 << vf.VIRTIO_F_ACCESS_PLATFORM
+_IOMMU_PROTOCOL_FEATURES = 1 << PF.BACKEND_REQ
 # TUNSETOFFLOAD flags
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
 
@@ -278,8 +281,14 @@ class NetDevice(VhostUserDevice):
         self.tap: Any = None
         if cfg.port == "tap":
             feats |= _TAP_OFFLOADS
+        protocol = _PROTOCOL_FEATURES
+        if cfg.iommu:
+            # QEMU 7.2 refuses a backend offering ACCESS_PLATFORM without BACKEND_REQ and
+            # REPLY_ACK; a frontend whose device has no iommu_platform=on never acks the bit
+            feats |= _IOMMU_FEATURES
+            protocol |= _IOMMU_PROTOCOL_FEATURES
         self.device_features = feats
-        self.protocol_features = _PROTOCOL_FEATURES
+        self.protocol_features = protocol
         self._switch = switches.get(cfg.switch) if cfg.port == "switch" else None
         self._switch_port: int | None = None
         self._frame = make_udp_frame(self.mac, b"\x02\x00\x00\x00\x00\x01", cfg.frame_size)

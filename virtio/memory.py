@@ -22,6 +22,7 @@ import ctypes.util
 import itertools
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from typing import Any
 
 from virtio.errors import GuestError
 
-__all__ = ["GuestMemory", "MemoryRegion"]
+__all__ = ["GuestMemory", "MemoryRegion", "check_backing"]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -96,6 +97,22 @@ def _file_identity(fd: int, region: MemoryRegion) -> tuple[int, int]:
             f"open file: {err.strerror}"
         ) from err
     return (st.st_dev, st.st_ino)
+
+
+def check_backing(regions: Sequence[MemoryRegion], fds: Sequence[int]) -> None:
+    """Each region must lie inside the file behind its fd (a memfd, a hugetlbfs or /dev/shm
+    file): a mapping that reaches past the end of the file maps, and its first touch is a SIGBUS
+    that kills the process. GuestError naming the region and the file's size otherwise."""
+    for r, fd in zip(regions, fds, strict=False):
+        try:
+            st = os.fstat(fd)
+        except OSError as err:
+            raise GuestError(f"the fd of region gpa={r.gpa:#x}: {err.strerror}") from err
+        if stat.S_ISREG(st.st_mode) and r.mmap_offset + r.size > st.st_size:
+            raise GuestError(
+                f"region gpa={r.gpa:#x} needs bytes {r.mmap_offset:#x}.."
+                f"{r.mmap_offset + r.size:#x} of its file, which holds {st.st_size:#x}"
+            )
 
 
 def _check_region(r: MemoryRegion) -> None:

@@ -72,7 +72,10 @@ class DeviceQueue:
         mrg_rxbuf: bool = False,
         call_fd: int = -1,
         log_used: bool = False,
+        iotlb: Any = None,
     ) -> None:
+        """``*_uva`` are frontend addresses of the rings. ``iotlb`` (a virtio.iotlb.DeviceIotlb):
+        the descriptors hold IOVAs translated through it (ACCESS_PLATFORM); None: GPAs."""
         if not isinstance(size, int) or size <= 0 or size > 32768 or size & (size - 1):
             raise GuestError(f"queue {index}: size must be a power of two in 1..32768, got {size}")
         if hdr_len not in (0, 10, 12, 20):
@@ -93,6 +96,9 @@ class DeviceQueue:
         self._stats = lib.vx_vq_stats(self._vq)
         self._call_fd = call_fd
         self.mem = mem
+        self.iotlb = iotlb  # keeps the C table alive as long as the queue
+        if iotlb is not None and lib.vx_vq_set_iotlb(self._vq, iotlb.c_table) < 0:
+            raise _err(self._vq, f"queue {index}: IOTLB")
         desc, avail, used = self._translate(mem)
         flags = (lib.VX_F_EVENT_IDX if event_idx else 0) | (lib.VX_F_MRG_RXBUF if mrg_rxbuf else 0)
         if (
@@ -219,6 +225,10 @@ class DeviceQueue:
         if lib.vx_vq_remap(self._vq, mem.c_table, desc, avail, used) < 0:
             raise _err(self._vq, f"queue {self.index}: remap")
         self.mem = mem
+
+    def iotlb_last_miss(self) -> int:
+        """IOVA of the last IOTLB miss that stopped this queue's walk (0: none)."""
+        return int(lib.vx_vq_iotlb_last_miss(self._vq))
 
     def __repr__(self) -> str:
         state = f"broken: {self.broken}" if self.broken else f"last_avail={self.last_avail_idx}"

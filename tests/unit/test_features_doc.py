@@ -41,7 +41,7 @@ def _expected(rows: dict[int, tuple[str, str]], conditions: set[str]) -> int:
     allowed = {"yes"} | conditions
     mask = 0
     for bit, (_name, offered) in rows.items():
-        assert offered in {"yes", "no", "tap", "queues>1", "in_order"}, (bit, offered)
+        assert offered in {"yes", "no", "tap", "queues>1", "in_order", "iommu"}, (bit, offered)
         if offered in allowed:
             mask |= 1 << bit
     return mask
@@ -53,13 +53,15 @@ def _expected(rows: dict[int, tuple[str, str]], conditions: set[str]) -> int:
         ("port=sink", {"in_order"}),
         ("port=sink,queues=2,in_order=off", {"queues>1"}),
         ("port=echo,queues=4", {"queues>1", "in_order"}),
+        ("port=tap,iommu=true", {"tap", "in_order", "iommu"}),
     ],
 )
 def test_offered_features_match_the_doc_table(spec: str, conditions: set[str]) -> None:
     dev = _device(spec)
     try:
         assert dev.offered_features() == _expected(_table("Virtio feature bits"), conditions)
-        assert dev.protocol_features == _expected(_table("Protocol feature bits"), set())
+        protocol = _expected(_table("Protocol feature bits"), conditions & {"iommu"})
+        assert dev.protocol_features == protocol
     finally:
         dev.busy_poll.close()
 

@@ -399,3 +399,18 @@ async def test_close_stops_the_server_thread() -> None:
     await asyncio.wait_for(srv.wait_closed(), 5)
     with pytest.raises(OSError):
         await request(port, b"GET /metrics HTTP/1.1\r\n\r\n")
+
+
+def test_iotlb_counters_of_an_access_platform_device() -> None:
+    stats = {"devices": [
+        {"name": "io0", "iotlb": {"updates": 7, "invalidations": 3, "miss_sent": 5, "denied": 0,
+                                  "entries": 4}},
+        {"name": "plain", "iotlb": None},
+    ]}
+    s = samples(render(stats))
+    io0 = lbl(device="io0")
+    assert s[("vhostx_iotlb_updates_total", io0)] == 7
+    assert s[("vhostx_iotlb_invalidations_total", io0)] == 3
+    assert s[("vhostx_iotlb_misses_sent_total", io0)] == 5
+    assert s[("vhostx_iotlb_entries", io0)] == 4
+    assert ("vhostx_iotlb_updates_total", lbl(device="plain")) not in s

@@ -497,4 +497,70 @@ struct vx_wait_stats *vx_wait_stats(struct vx_wait *w);
 /* TEST SUPPORT: hook(arg, VX_HOOK_*, kq id) at the two points of a C turn's re-arm */
 void vx_wait_set_hook(struct vx_wait *w, void (*hook)(void *, uint32_t, uint32_t), void *arg);
 
+/* ==== device IOTLB (vx_iotlb.c): VIRTIO_F_ACCESS_PLATFORM ================================= *
+ * With ACCESS_PLATFORM the ring's descriptor addresses are IOVAs of the guest's vIOMMU. A
+ * struct vx_iotlb (one per device, shared by its queues) maps IOVA ranges to host pointers (the
+ * frontend's uaddr already translated through the memory table by the control thread), each
+ * with its permission. A queue given one (vx_vq_set_iotlb) translates every descriptor and
+ * indirect table through it; with none it translates guest physical addresses as before.
+ *
+ * Handoff: the table is changed only by the control thread and read by workers under a
+ * seqlock (a reader that raced a change retries). Inserting needs nothing more. Removing a
+ * mapping (invalidate, rehost, clear) is done only while the device's works are detached, so no
+ * batch can hold a pointer from the removed entry (docs/internal-api.md, "device IOTLB").
+ * A walk that finds no entry for an IOVA records a miss (once per IOVA until an update covers
+ * it), writes the table's miss eventfd, and leaves the chain in the ring. */
+enum {
+    VX_IOTLB_PERM_RO = 1,
+    VX_IOTLB_PERM_WO = 2,
+    VX_IOTLB_PERM_RW = 3,
+    VX_IOTLB_MISS_SLOTS = 64,      /* misses recorded and not yet answered (when full, the ones
+                                    * already handed out are forgotten, to be sent again) */
+    VX_IOTLB_OK = 0,
+    VX_IOTLB_REPEAT = 1,           /* update: exactly this mapping is already there */
+    VX_IOTLB_OVERLAP = -2,         /* update: overlaps another mapping (invalidate it first) */
+    VX_IOTLB_FULL = -3,            /* update: the table holds its capacity already */
+    VX_IOTLB_BAD = -4,             /* update: size 0, range wraps, or perm not 1..3 */
+    VX_IOTLB_MISS = 1,             /* translate: no mapping at iova */
+    VX_IOTLB_DENIED = -1           /* translate: mapped without the permission asked for */
+};
+
+struct vx_iotlb_stats {
+    uint64_t updates;       /* mappings inserted */
+    uint64_t repeats;       /* updates identical to a mapping in the table */
+    uint64_t invalidations; /* invalidate calls that removed or trimmed something */
+    uint64_t removed;       /* entries removed or trimmed by invalidations */
+    uint64_t misses;        /* misses recorded by walks (each IOVA once until answered) */
+    uint64_t miss_dropped;  /* walks' misses not recorded: VX_IOTLB_MISS_SLOTS unsent already */
+    uint64_t denied;        /* translations refused for permission (the queue breaks) */
+    uint64_t retries;       /* lookups that raced a change and ran again */
+};
+
+struct vx_iotlb;
+struct vx_iotlb *vx_iotlb_new(uint32_t capacity, int miss_fd);
+void vx_iotlb_free(struct vx_iotlb *t);
+/* control thread: the eventfd misses are signalled on (-1: none, e.g. before closing it) */
+void vx_iotlb_set_miss_fd(struct vx_iotlb *t, int miss_fd);
+/* control thread */
+int vx_iotlb_update(struct vx_iotlb *t, uint64_t iova, uint64_t size, uint64_t uaddr,
+                    uint64_t host, uint32_t perm);
+/* the next three only while every queue using t is detached from its worker */
+uint32_t vx_iotlb_invalidate(struct vx_iotlb *t, uint64_t iova, uint64_t size);
+uint32_t vx_iotlb_rehost(struct vx_iotlb *t, const struct vx_mem *mem);
+void vx_iotlb_clear(struct vx_iotlb *t);
+uint32_t vx_iotlb_count(const struct vx_iotlb *t);
+/* 1 if some mapping meets [iova, iova+size), control thread */
+int vx_iotlb_meets(const struct vx_iotlb *t, uint64_t iova, uint64_t size);
+/* misses not yet handed out (each once): up to max of them, with the permission wanted */
+uint32_t vx_iotlb_take_misses(struct vx_iotlb *t, uint64_t *iovas, uint32_t *perms, uint32_t max);
+/* any thread: host pointer and uaddr of iova, and how many bytes from there (<= len) are
+ * contiguous in both; VX_IOTLB_OK, VX_IOTLB_MISS (recorded if record) or VX_IOTLB_DENIED */
+int vx_iotlb_translate(struct vx_iotlb *t, uint64_t iova, uint64_t len, uint32_t perm,
+                       int record, uint64_t *host, uint64_t *uaddr, uint64_t *contig);
+struct vx_iotlb_stats *vx_iotlb_stats(struct vx_iotlb *t);
+/* control thread, queue stopped: translate this queue's descriptors through t (NULL: GPAs) */
+int vx_vq_set_iotlb(struct vx_vq *vq, struct vx_iotlb *t);
+/* the IOVA of the last miss that stopped this queue's walk, 0 if none since start */
+uint64_t vx_vq_iotlb_last_miss(const struct vx_vq *vq);
+
 #endif

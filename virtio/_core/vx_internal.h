@@ -8,7 +8,7 @@
  * vx_used.c (used shadow publication and the interrupt decision), vx_cursor.h (copy cursors),
  * vx_tx.h (the one TX loop), vx_net_rx.c (RX delivery), vx_net_tx.c (the sink, echo, fwd and
  * tx_to_fd actions), vx_switch.c (L2 switch and its TX action), vx_round.c (vx_op / vx_round),
- * vx_drv.c (driver-side test support).
+ * vx_drv.c (driver-side test support), vx_iotlb.c (the device IOTLB of ACCESS_PLATFORM).
  */
 #ifndef VX_INTERNAL_H
 #define VX_INTERNAL_H
@@ -148,7 +148,26 @@ struct vx_vq {
     int broken;
     char err[VX_ERR_LEN];
     struct vx_stats stats;
+    /* ACCESS_PLATFORM (vx_iotlb.c): descriptors are IOVAs translated through iotlb (NULL: GPAs);
+     * segs and iov then hold seg_cap entries (a buffer may span several mappings) */
+    struct vx_iotlb *iotlb;
+    uint32_t seg_cap;     /* entries of segs and iov */
+    uint8_t *ind_buf;     /* size * 16 bytes: an indirect table gathered from several mappings */
+    uint64_t iotlb_last_miss;
 };
+
+#define VX_IOTLB_SEG_FACTOR 4 /* segs per ring entry with an IOTLB (buffers crossing pages) */
+
+/* The walk through the IOTLB (vx_iotlb.c): 0 done, 1 miss (recorded, the chain stays in the
+ * ring), -1 the queue broke (a permission the mapping lacks, too many segments). */
+int vq_iotlb_segs(struct vx_vq *vq, uint64_t iova, uint32_t len, uint32_t perm, uint32_t *nseg,
+                  uint16_t head) VX_HIDDEN;
+/* RX of a queue with an IOTLB: walk the avail chains (without consuming them) until `need`
+ * writable bytes are covered; 0 all mapped, 1 some chain missed (each chain's first missing page
+ * is recorded: the whole ring is asked for at once), -1 broken. */
+int vq_iotlb_probe(struct vx_vq *vq, uint64_t need) VX_HIDDEN;
+int vq_iotlb_table(struct vx_vq *vq, uint64_t iova, uint32_t len, const uint8_t **out,
+                   uint16_t head) VX_HIDDEN;
 
 int vq_break(struct vx_vq *vq, const char *fmt, ...) VX_HIDDEN
     __attribute__((format(printf, 2, 3)));
@@ -247,8 +266,11 @@ static inline uint64_t now_ns(void)
 
 /*
  * Walk the chain at `head` into vq->segs: readable segments first, then writable ones.
- * Fills nread/nwrite/rlen/wlen. Returns 0 or -1 (queue broken).
+ * Fills nread/nwrite/rlen/wlen. Returns 0, -1 (queue broken) or, with an IOTLB, VX_WALK_MISS:
+ * an IOVA had no mapping (the miss is recorded); the caller leaves the chain in the ring and ends
+ * its batch.
  */
+#define VX_WALK_MISS 1
 int vq_walk(struct vx_vq *vq, uint16_t head) VX_HIDDEN;
 
 /* Wait (bounded by *left_ns) for avail->idx to move; 1 moved, 0 budget used up, -1 broke. */

@@ -18,7 +18,9 @@
  */
 static inline uint8_t *rx_one_buffer(struct vx_vq *rx, uint16_t head, uint64_t total)
 {
-    if (unlikely(head >= rx->size))
+    /* with ACCESS_PLATFORM descriptor addresses are IOVAs: only the walk translates them
+     * (through the IOTLB, permissions checked), so the direct path is for guest physical ones */
+    if (unlikely(head >= rx->size || rx->iotlb))
         return NULL;
     struct vring_desc d;
     memcpy(&d, &rx->desc[head], sizeof(d));
@@ -90,8 +92,13 @@ int rx_deliver(struct vx_vq *rx, struct rx_src *src)
 
     if (!(rx->flags & VX_F_MRG_RXBUF)) {
         uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
-        if (vq_walk(rx, head) < 0)
-            return -1;
+        int w = vq_walk(rx, head);
+        if (unlikely(w)) {
+            if (w < 0)
+                return -1;
+            rx->stats.ring_full++; /* IOTLB miss: the chain stays, the frame is dropped */
+            return 0;
+        }
         if (unlikely(rx->nread))
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
         if (unlikely(rx->wlen < total)) {
@@ -148,8 +155,17 @@ retry:
             return 0;
         }
         uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
-        if (vq_walk(rx, head) < 0)
-            return -1;
+        int w = vq_walk(rx, head);
+        if (unlikely(w)) {
+            if (w < 0)
+                return -1;
+            /* IOTLB miss: every chain of this frame goes back, the frame is dropped */
+            rx->last_avail_idx = start_avail;
+            rx->nshadow = start_shadow;
+            rx->stats.chains -= nbufs;
+            rx->stats.ring_full++;
+            return 0;
+        }
         if (unlikely(rx->nread))
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
         struct cur d;
@@ -368,6 +384,15 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
             }
         }
         if (rx->flags & VX_F_MRG_RXBUF) {
+            if (unlikely(rx->iotlb)) {
+                /* every buffer a frame may take must be mapped before the frame leaves the fd */
+                int p = vq_iotlb_probe(rx, (uint64_t)hlen + VX_MAX_FRAME_LEN);
+                if (p) {
+                    if (p < 0)
+                        return -1;
+                    break; /* IOTLB miss: the data waits in the fd until the update */
+                }
+            }
             struct iovec iov = {rx->scratch, VX_SCRATCH_LEN};
             ssize_t r = readv(fd, &iov, 1);
             if (r < 0) {
@@ -399,8 +424,12 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
             continue;
         }
         uint16_t head = rx->avail->ring[rx->last_avail_idx & rx->mask];
-        if (vq_walk(rx, head) < 0)
-            return -1;
+        int w = vq_walk(rx, head);
+        if (unlikely(w)) {
+            if (w < 0)
+                return -1;
+            break; /* IOTLB miss: the chain stays in the ring, the data in the fd */
+        }
         if (unlikely(rx->nread))
             return vq_break(rx, "RX chain %u has device-readable buffers", head);
         uint32_t k = rx->nwrite < VX_IOV_MAX ? rx->nwrite : VX_IOV_MAX;

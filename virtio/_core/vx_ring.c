@@ -58,6 +58,7 @@ struct vx_vq *vx_vq_new(uint32_t size)
     vq->mask = size - 1;
     vq->call_fd = -1;
     vq->pi_fd = -1;
+    vq->seg_cap = size;
     vq->shadow = calloc(2 * (size_t)size, sizeof(*vq->shadow));
     vq->segs = calloc(size, sizeof(*vq->segs));
     vq->iov = calloc(size, sizeof(*vq->iov));
@@ -77,6 +78,7 @@ void vx_vq_free(struct vx_vq *vq)
     free(vq->segs);
     free(vq->iov);
     free(vq->scratch);
+    free(vq->ind_buf);
     free(vq);
 }
 
@@ -174,7 +176,8 @@ int vx_vq_set_notify(struct vx_vq *vq, int enable)
 
 /*
  * Walk the chain at `head` into vq->segs: readable segments first, then writable ones.
- * Fills nread/nwrite/rlen/wlen. Returns 0 or -1 (queue broken).
+ * Fills nread/nwrite/rlen/wlen. Returns 0, -1 (queue broken) or VX_WALK_MISS (an IOVA of a
+ * queue with an IOTLB has no mapping: nothing consumed).
  */
 int vq_walk(struct vx_vq *vq, uint16_t head)
 {
@@ -202,10 +205,17 @@ int vq_walk(struct vx_vq *vq, uint16_t head)
                          d.len > size * sizeof(struct vring_desc)))
                 return vq_break(vq, "indirect table len %u in chain %u: want a multiple of 16 in "
                                     "16..%u", d.len, head, size * (unsigned)sizeof(struct vring_desc));
-            const uint8_t *t = gpa_to_host(vq, d.addr, d.len);
-            if (unlikely(!t))
-                return vq_break(vq, "indirect table %#llx+%u outside guest memory",
-                                (unsigned long long)d.addr, d.len);
+            const uint8_t *t;
+            if (vq->iotlb) {
+                int r = vq_iotlb_table(vq, d.addr, d.len, &t, head);
+                if (r)
+                    return r;
+            } else {
+                t = gpa_to_host(vq, d.addr, d.len);
+                if (unlikely(!t))
+                    return vq_break(vq, "indirect table %#llx+%u outside guest memory",
+                                    (unsigned long long)d.addr, d.len);
+            }
             if (unlikely((uintptr_t)t & 7))
                 return vq_break(vq, "indirect table %#llx misaligned", (unsigned long long)d.addr);
             table = (const struct vring_desc *)t;
@@ -223,6 +233,22 @@ int vq_walk(struct vx_vq *vq, uint16_t head)
             if (unlikely(d.len > VX_MAX_BUF_LEN))
                 return vq_break(vq, "descriptor len %u > cap %u in chain %u", d.len,
                                 (unsigned)VX_MAX_BUF_LEN, head);
+            if (vq->iotlb) {
+                uint32_t before = nseg;
+                int r = vq_iotlb_segs(vq, d.addr, d.len,
+                                      (d.flags & VRING_DESC_F_WRITE) ? VX_IOTLB_PERM_WO
+                                                                     : VX_IOTLB_PERM_RO,
+                                      &nseg, head);
+                if (r)
+                    return r;
+                if (d.flags & VRING_DESC_F_WRITE) {
+                    nwrite += nseg - before;
+                    wlen += d.len;
+                } else {
+                    rlen += d.len;
+                }
+                goto next;
+            }
             uint8_t *p = gpa_to_host(vq, d.addr, d.len);
             if (unlikely(!p))
                 return vq_break(vq, "buffer %#llx+%u outside guest memory (chain %u)",
@@ -239,6 +265,7 @@ int vq_walk(struct vx_vq *vq, uint16_t head)
             vq->segs[nseg].len = d.len;
             nseg++;
         }
+    next:
         if (!(d.flags & VRING_DESC_F_NEXT))
             break;
         idx = d.next;

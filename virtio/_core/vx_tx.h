@@ -134,7 +134,7 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
     const uint32_t hlen = tx->hdr_len;
     uint64_t bytes = 0, spin_left = spin_ns; /* bytes: of the frames sent in this call */
     uint32_t sent = 0;                        /* frames sent in this call (stats at the end) */
-    int done = 0, walk_failed = 0;
+    int done = 0, walk_failed = 0, walk_missed = 0;
     for (;;) {
         while (done < n) {
             struct tx_item stage[VX_TX_STAGE_MAX];
@@ -148,8 +148,14 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
                 uint16_t head = tx->avail->ring[slot];
                 if (A->stage > 1)
                     __builtin_prefetch(&tx->desc[tx->avail->ring[(slot + 1) & tx->mask] & tx->mask]);
-                if (unlikely(vq_walk(tx, head) < 0)) {
-                    walk_failed = 1; /* act on the chains before it, then fail */
+                int w = vq_walk(tx, head);
+                if (unlikely(w)) {
+                    /* act on the chains before it, then fail (or, on an IOTLB miss, end the
+                     * call with this chain left in the ring) */
+                    if (w < 0)
+                        walk_failed = 1;
+                    else
+                        walk_missed = 1;
                     break;
                 }
                 struct tx_item *it = &stage[ns++];
@@ -225,6 +231,8 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
             }
             if (unlikely(walk_failed))
                 goto fail;
+            if (unlikely(walk_missed))
+                goto out;
         }
         if ((uint32_t)done >= max_pkts || spin_left == 0)
             break;

@@ -1,0 +1,241 @@
+"""A NetDevice with ``iommu=true`` driven through the sans-IO protocol (no worker, no daemon):
+what it offers, rings that wait for their IOVAs (MISS on the backend channel, started by the
+UPDATE, stopped by an INVALIDATE), and hostile IOTLB messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import pytest
+from test_device_repeats import _Binding
+
+from vhostx.config import parse_device_spec
+from vhostx.net import NetDevice, SwitchRegistry
+from virtio import features as vf
+from virtio import vhost_user as vu
+from virtio.errors import RemoteProtocolError
+from virtio.iotlb import IotlbPerm, IotlbType
+from virtio.vhost_user import ProtocolFeature as PF
+from virtio.vhost_user import Request as R
+
+MB = 1 << 20
+REGION = vu.MemRegion(gpa=0, size=2 * MB, uva=0x7F00_0000_0000, mmap_offset=0)
+RING_IOVA = 0xFEE0_0000  # the rings of queue 0 (desc, avail, used one page apart)
+ACCESS_PLATFORM = 1 << vf.VIRTIO_F_ACCESS_PLATFORM
+
+
+class IommuWire:
+    def __init__(self, iommu: bool = True) -> None:
+        self.binding = _Binding()
+        spec = f"name=io,socket=/tmp/unused.sock,iommu={'true' if iommu else 'false'}"
+        self.dev = NetDevice(parse_device_spec(spec), self.binding, SwitchRegistry())  # type: ignore[arg-type]
+        self.back = vu.BackendConnection()
+        self.front = vu.FrontendConnection()
+        self.loop = asyncio.new_event_loop()
+        self.dev._loop = self.loop
+        self.memfd = os.memfd_create("vx-iotlb-dev")
+        os.ftruncate(self.memfd, REGION.size)
+        self.channel: socket.socket | None = None
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.dev.close())
+        self.loop.close()
+        os.close(self.memfd)
+        if self.channel is not None:
+            self.channel.close()
+
+    def send(self, req: R, payload: Any = None, fds: tuple[int, ...] = (),
+             need_reply: bool = False) -> Any:
+        data = self.front.request(req, payload, fds, need_reply=need_reply)
+        (msg,) = self.back.feed(data, list(fds))
+        reply = self.loop.run_until_complete(self.dev.handle(self.back, msg))
+        if not reply:
+            return None
+        (answer,) = self.front.feed(reply)
+        return answer.payload
+
+    def iotlb(self, iova: int, size: int, uaddr: int, perm: int, type_: int) -> Any:
+        return self.send(R.IOTLB_MSG, vu.IotlbMsg(iova, size, uaddr, perm, type_), need_reply=True)
+
+    def setup(self) -> None:
+        """Negotiate ACCESS_PLATFORM, the backend channel, memory, and ring 0 at IOVAs."""
+        offered = self.send(R.GET_FEATURES)
+        pf = self.send(R.GET_PROTOCOL_FEATURES)
+        self.send(R.SET_PROTOCOL_FEATURES, pf)
+        self.send(R.SET_OWNER)
+        self.send(R.SET_FEATURES, offered & ~(1 << vf.VIRTIO_F_IN_ORDER))
+        ours, theirs = socket.socketpair()
+        self.channel = theirs
+        theirs.setblocking(False)
+        assert self.send(R.SET_BACKEND_REQ_FD, None, (ours.detach(),), True) == 0
+        assert self.send(R.SET_MEM_TABLE, vu.MemTable((REGION,)), (os.dup(self.memfd),),
+                         True) == 0
+        self.send(R.SET_VRING_NUM, vu.VringState(0, 256), need_reply=True)
+        self.send(R.SET_VRING_BASE, vu.VringState(0, 0), need_reply=True)
+        addr = vu.VringAddr(0, 0, desc=RING_IOVA, used=RING_IOVA + 0x2000,
+                            avail=RING_IOVA + 0x1000)
+        self.send(R.SET_VRING_ADDR, addr, need_reply=True)
+        self.send(R.SET_VRING_ENABLE, vu.VringState(0, 1), need_reply=True)
+        assert self.send(R.SET_VRING_KICK, vu.VringFile(0, nofd=True), need_reply=True) == 0
+
+    def misses(self) -> list[vu.IotlbMsg]:
+        assert self.channel is not None
+        out = []
+        try:
+            data = self.channel.recv(1 << 16)
+        except BlockingIOError:
+            return out
+        while data:
+            req, flags, size = vu.HEADER.unpack_from(data)
+            assert req == vu.BackendRequest.IOTLB_MSG and flags == vu.VERSION and size == 32
+            out.append(vu.IotlbMsg.unpack(data[12:44]))
+            data = data[44:]
+        return out
+
+
+@pytest.fixture
+def wire():
+    w = IommuWire()
+    yield w
+    w.close()
+
+
+def test_offers_access_platform_with_backend_req_only_when_asked() -> None:
+    on, off = IommuWire(True), IommuWire(False)
+    try:
+        assert on.send(R.GET_FEATURES) & ACCESS_PLATFORM
+        pf = on.send(R.GET_PROTOCOL_FEATURES)
+        assert pf >> PF.BACKEND_REQ & 1 and pf >> PF.REPLY_ACK & 1
+        assert not off.send(R.GET_FEATURES) & ACCESS_PLATFORM
+        assert not off.send(R.GET_PROTOCOL_FEATURES) >> PF.BACKEND_REQ & 1
+    finally:
+        on.close()
+        off.close()
+
+
+def test_ring_waits_for_its_iovas_then_starts_and_stops_on_invalidate(wire) -> None:
+    wire.setup()
+    vr = wire.dev.vrings[0]
+    assert vr.queue is None  # the rings' IOVAs are not mapped yet
+    (miss,) = wire.misses()
+    assert (miss.type, miss.iova, miss.perm) == (IotlbType.MISS, RING_IOVA, IotlbPerm.RO)
+    assert wire.iotlb(RING_IOVA, 0x3000, REGION.uva + 0x10000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    assert vr.queue is not None and vr.queue.iotlb is wire.dev.iotlb
+    assert wire.misses() == []
+    # the used ring's page goes: the ring stops at once and asks for it again
+    assert wire.iotlb(RING_IOVA + 0x2000, 0x1000, 0, 0, IotlbType.INVALIDATE) == 0
+    assert vr.queue is None
+    (miss,) = wire.misses()
+    assert (miss.iova, miss.perm) == (RING_IOVA + 0x2000, IotlbPerm.WO)
+    stats = wire.dev.stats()["iotlb"]
+    assert stats["updates"] == 1 and stats["invalidations"] == 1 and stats["miss_sent"] == 2
+    assert stats["quiesced"] == 1
+
+
+def test_read_only_used_ring_breaks_the_device(wire) -> None:
+    wire.setup()
+    assert wire.iotlb(RING_IOVA, 0x3000, REGION.uva + 0x10000, IotlbPerm.RO,
+                      IotlbType.UPDATE) == 0
+    assert wire.dev.broken is not None and "does not allow WO" in wire.dev.broken
+
+
+@pytest.mark.parametrize(
+    ("iova", "size", "perm", "type_", "match"),
+    [
+        (RING_IOVA, 0x1000, IotlbPerm.RO, IotlbType.MISS, "MISS goes from the backend"),
+        (RING_IOVA, 0x1000, IotlbPerm.RO, 9, "expected type 2 \\(UPDATE\\).*got 9"),
+        (RING_IOVA, 0, IotlbPerm.RO, IotlbType.UPDATE, "expected a size > 0"),
+        (RING_IOVA, 0, 0, IotlbType.INVALIDATE, "expected a size > 0"),
+        ((1 << 64) - 0x1000, 0x2000, IotlbPerm.RO, IotlbType.UPDATE, "wraps"),
+        (RING_IOVA, 0x1000, 4, IotlbType.UPDATE, "expected perm 1 \\(RO\\)"),
+    ],
+)
+def test_hostile_iotlb_messages_close_the_connection(wire, iova, size, perm, type_, match) -> None:
+    wire.setup()
+    with pytest.raises(RemoteProtocolError, match=match):
+        wire.iotlb(iova, size, REGION.uva, perm, type_)
+
+
+def test_update_outside_guest_memory_is_refused_and_the_connection_stays(wire) -> None:
+    wire.setup()
+    assert wire.iotlb(RING_IOVA, 0x1000, 0x1234_0000, IotlbPerm.RW, IotlbType.UPDATE) == 1
+    assert wire.dev.stats()["iotlb"]["refused"] == 1
+    assert wire.iotlb(RING_IOVA, 0x3000, REGION.uva, IotlbPerm.RW, IotlbType.UPDATE) == 0
+
+
+def test_iotlb_without_access_platform_is_a_protocol_error() -> None:
+    w = IommuWire(True)
+    try:
+        w.send(R.SET_PROTOCOL_FEATURES, w.send(R.GET_PROTOCOL_FEATURES))
+        w.send(R.SET_FEATURES, 1 << vf.VIRTIO_F_VERSION_1)
+        with pytest.raises(RemoteProtocolError, match="needs VIRTIO_F_ACCESS_PLATFORM"):
+            w.iotlb(RING_IOVA, 0x1000, REGION.uva, IotlbPerm.RW, IotlbType.UPDATE)
+    finally:
+        w.close()
+
+
+def test_backend_channel_needs_backend_req() -> None:
+    w = IommuWire(False)
+    try:
+        w.send(R.SET_PROTOCOL_FEATURES, w.send(R.GET_PROTOCOL_FEATURES))
+        a, b = socket.socketpair()
+        with pytest.raises(RemoteProtocolError, match="BACKEND_REQ"):
+            w.send(R.SET_BACKEND_REQ_FD, None, (a.detach(),))
+        b.close()
+    finally:
+        w.close()
+
+
+class _RecordingBinding(_Binding):
+    """Records, at each detach, whether the IOTLB still held the mapping being invalidated."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dev: Any = None
+        self.seen_at_detach: list[bool] = []
+
+    def detach(self, work: Any) -> Any:
+        t = self.dev.iotlb
+        self.seen_at_detach.append(t is not None and t.translate(BUF_IOVA, 1, IotlbPerm.RO)
+                                   is not None)
+        return super().detach(work)
+
+
+BUF_IOVA = 0x4000_0000
+
+
+def test_invalidate_detaches_the_works_before_the_mapping_goes(wire) -> None:
+    """No batch may run between the removal and the ack: the works are detached first (their
+    worker finishes its batch), the mapping goes, the ack follows, the works come back."""
+    binding = _RecordingBinding()
+    binding.dev = wire.dev
+    wire.dev.worker = binding
+    wire.binding = binding
+    wire.setup()
+    addr = vu.VringAddr(1, 0, desc=RING_IOVA + 0x3000, used=RING_IOVA + 0x5000,
+                        avail=RING_IOVA + 0x4000)
+    wire.send(R.SET_VRING_NUM, vu.VringState(1, 256), need_reply=True)
+    wire.send(R.SET_VRING_BASE, vu.VringState(1, 0), need_reply=True)
+    wire.send(R.SET_VRING_ADDR, addr, need_reply=True)
+    wire.send(R.SET_VRING_ENABLE, vu.VringState(1, 1), need_reply=True)
+    wire.send(R.SET_VRING_KICK, vu.VringFile(1, nofd=True), need_reply=True)
+    assert wire.iotlb(RING_IOVA, 0x6000, REGION.uva + 0x10000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    works = list(binding.attached)
+    assert works, "both rings run: their works are attached"
+    binding.seen_at_detach.clear()
+    assert wire.iotlb(BUF_IOVA, 0x1000, 0, 0, IotlbType.INVALIDATE) == 0
+    assert binding.seen_at_detach and all(binding.seen_at_detach)  # detached while still mapped
+    assert wire.dev.iotlb.translate(BUF_IOVA, 1, IotlbPerm.RO) is None  # gone at the ack
+    assert binding.attached  # and the rings run again
+    # an UPDATE of an unmapped range inserts without stopping anything
+    binding.seen_at_detach.clear()
+    assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    assert binding.seen_at_detach == []

@@ -1,0 +1,266 @@
+"""vIOMMU support of a vhost-user device: VIRTIO_F_ACCESS_PLATFORM with the device IOTLB.
+
+With ACCESS_PLATFORM negotiated, ring addresses (SET_VRING_ADDR) and descriptor addresses are
+IOVAs of the guest's vIOMMU. The frontend sends IOTLB_MSG UPDATE (iova -> its uaddr, with a
+permission) and INVALIDATE; the device asks for missing translations with a MISS on the backend
+channel (SET_BACKEND_REQ_FD). ``IotlbSupport`` is the mixin of ``VhostUserDevice`` that keeps the
+device's ``virtio.iotlb.DeviceIotlb``:
+
+- UPDATE inserts (no quiescing: walks read the C table under its seqlock). An UPDATE that
+  overlaps another mapping, and every INVALIDATE that meets a mapping, first detaches the
+  device's works (the worker finishes its batch and lets go), so that no batch, running or
+  future, uses a removed translation; the re-plan after the message attaches them again. The
+  ack (REPLY_ACK) is sent after that: once the frontend has it, the mapping is gone.
+- A ring whose addresses are not mapped is not ready: a MISS is sent for the first unmapped page
+  (once until an UPDATE comes) and the ring starts at the re-plan after the UPDATE.
+- A walk that misses (vx_iotlb.c) leaves the chain in the ring and writes the table's miss
+  eventfd; the loop reads the misses and sends one MISS per page until an UPDATE covers it
+  (a frontend that reads the backend channel slowly gets them queued, never cut short). After an UPDATE the running
+  rings' kick eventfds are written so that their works resume the stalled chains.
+- GET_VRING_BASE (ring stop) forgets every mapping: a restarted driver maps anew, and a
+  translation of the previous one is never used. A memory-table change re-derives host
+  pointers (mappings that left guest memory are dropped).
+
+Threads: the daemon's asyncio thread only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import TYPE_CHECKING
+
+from virtio import features as vf
+from virtio import vhost_user as vu
+from virtio.errors import GuestError, RemoteProtocolError
+from virtio.iotlb import DeviceIotlb, IotlbFull, IotlbPerm, IotlbType
+from virtio.memory import GuestMemory
+
+from .device_handlers import Refused, _close
+
+if TYPE_CHECKING:
+    from vhostx.device import Vring
+
+__all__ = ["IotlbSupport"]
+
+log = logging.getLogger("vhostx.control")
+
+_PAGE = 4096
+_SENT_MAX = 4096  # pages asked for and not answered yet
+_BACKLOG_MAX = 1 << 20  # bytes of MISS messages waiting for a frontend that reads slowly
+
+
+class IotlbSupport:
+    """ACCESS_PLATFORM: the IOTLB, the backend channel and the IOVA view of the rings."""
+
+    name: str
+    memory: GuestMemory | None
+    vrings: list[Vring]
+    iotlb: DeviceIotlb | None
+    backend_fd: int
+    _loop: asyncio.AbstractEventLoop | None
+    _misses_sent: set[int]
+    _backend_out: bytearray  # MISS bytes the backend channel did not take yet
+    iotlb_counters: dict[str, int]
+
+    if TYPE_CHECKING:  # provided by VhostUserDevice
+
+        def has_feature(self, bit: int) -> bool: ...
+        async def _detach_works(self) -> None: ...
+        def _mark_broken(self, why: str) -> None: ...
+
+    def _iotlb_reset(self) -> None:
+        """Forget the IOTLB and the backend channel (disconnect; nothing runs)."""
+        t = getattr(self, "iotlb", None)
+        if t is not None:
+            if self._loop is not None and t.miss_fd >= 0:
+                self._loop.remove_reader(t.miss_fd)
+            t.close()
+        self.iotlb = None
+        self._close_backend_channel()
+        self._misses_sent = set()
+        self.iotlb_counters = {"miss_sent": 0, "miss_send_failed": 0, "resumes": 0,
+                               "quiesced": 0, "refused": 0}
+
+    def iommu_active(self) -> bool:
+        return self.has_feature(vf.VIRTIO_F_ACCESS_PLATFORM)
+
+    def _iotlb_table(self) -> DeviceIotlb:
+        if self.iotlb is None:
+            self.iotlb = DeviceIotlb()
+            if self._loop is not None:
+                self._loop.add_reader(self.iotlb.miss_fd, self._on_walk_miss)
+        return self.iotlb
+
+    def iotlb_stats(self) -> dict[str, int] | None:
+        if self.iotlb is None:
+            return None
+        return {**self.iotlb.stats(), **self.iotlb_counters}
+
+    # ---- handlers ---------------------------------------------------------------------------
+
+    async def h_set_backend_req_fd(self, msg: vu.Message) -> None:
+        self._close_backend_channel()
+        self.backend_fd = msg.fds[0]
+        os.set_blocking(self.backend_fd, False)
+
+    def _close_backend_channel(self) -> None:
+        fd = getattr(self, "backend_fd", -1)
+        if fd >= 0 and getattr(self, "_backend_out", None) and self._loop is not None:
+            self._loop.remove_writer(fd)
+        _close(fd)
+        self.backend_fd = -1
+        self._backend_out = bytearray()
+
+    async def h_iotlb_msg(self, msg: vu.Message) -> None:
+        m: vu.IotlbMsg = msg.payload
+        if not self.iommu_active():
+            raise RemoteProtocolError(
+                "IOTLB_MSG needs VIRTIO_F_ACCESS_PLATFORM, which was not negotiated"
+            )
+        t = self._iotlb_table()
+        if m.type == IotlbType.UPDATE:
+            DeviceIotlb.check(m.iova, m.size, m.perm, "update")
+            if t.overlaps(m.iova, m.size):
+                # a remap of a mapped range: the old translation goes first, nothing runs
+                await self._quiesce_for_iotlb()
+                t.invalidate(m.iova, m.size)
+            try:
+                t.update(self.memory, m.iova, m.size, m.uaddr, m.perm)
+            except (IotlbFull, GuestError) as err:
+                self.iotlb_counters["refused"] += 1
+                raise Refused(str(err)) from err
+            self._misses_sent = {p for p in self._misses_sent if not m.iova <= p < m.iova + m.size}
+            self._resume_rings()
+        elif m.type == IotlbType.INVALIDATE:
+            DeviceIotlb.check(m.iova, m.size, m.perm, "invalidate")
+            if t.overlaps(m.iova, m.size):
+                await self._quiesce_for_iotlb()
+                t.invalidate(m.iova, m.size)
+        elif m.type == IotlbType.ACCESS_FAIL:
+            log.warning("%s: frontend reports an IOTLB access failure at iova %#x", self.name,
+                        m.iova)
+        else:
+            raise RemoteProtocolError(
+                f"IOTLB_MSG from the frontend: expected type 2 (UPDATE), 3 (INVALIDATE) or "
+                f"4 (ACCESS_FAIL), got {m.type}"
+                + (" (MISS goes from the backend to the frontend)" if m.type == 1 else "")
+            )
+
+    async def _quiesce_for_iotlb(self) -> None:
+        self.iotlb_counters["quiesced"] += 1
+        await self._detach_works()
+
+    def _iotlb_forget(self) -> None:
+        """A ring stops (works detached): every mapping goes."""
+        if self.iotlb is not None:
+            self.iotlb.clear()
+            self._misses_sent = set()
+
+    def _iotlb_rehost(self) -> None:
+        """The memory table changed (works detached): host pointers from the new one."""
+        if self.iotlb is not None:
+            dropped = self.iotlb.rehost(self.memory)
+            if dropped:
+                log.info("%s: %d IOTLB mappings left guest memory", self.name, dropped)
+
+    # ---- rings -------------------------------------------------------------------------------
+
+    def ring_uvas(self, vr: Vring) -> tuple[int, int, int] | None:
+        """The rings' frontend addresses: SET_VRING_ADDR's without ACCESS_PLATFORM, else their
+        IOVAs translated (None, and a MISS sent, while a part is unmapped)."""
+        addr = vr.addr
+        if not self.iommu_active():
+            return (addr.desc, addr.avail, addr.used)
+        t = self._iotlb_table()
+        n = vr.num
+        out = []
+        for iova, length, perm in (
+            (addr.desc, 16 * n, IotlbPerm.RO),
+            (addr.avail, 6 + 2 * n, IotlbPerm.RO),
+            (addr.used, 6 + 8 * n, IotlbPerm.WO),
+        ):
+            try:
+                uaddr = t.ring_uaddr(iova, length, perm)
+                if uaddr is None:
+                    missing = t.first_unmapped(iova, length, perm)
+                    self._send_miss(missing if missing is not None else iova, perm)
+                    return None
+            except GuestError as err:
+                self._mark_broken(f"ring {vr.index}: {err}")
+                return None
+            out.append(uaddr)
+        return (out[0], out[1], out[2])
+
+    def _resume_rings(self) -> None:
+        """After an UPDATE: wake the running rings (a walk may have stopped at a miss)."""
+        woke = False
+        for vr in self.vrings:
+            if vr.queue is not None and vr.kick_fd >= 0:
+                try:
+                    os.eventfd_write(vr.kick_fd, 1)
+                    woke = True
+                except OSError:
+                    pass
+        if woke:
+            self.iotlb_counters["resumes"] += 1
+
+    # ---- misses ------------------------------------------------------------------------------
+
+    def _on_walk_miss(self) -> None:
+        t = self.iotlb
+        if t is None:
+            return
+        t.drain_miss_fd()
+        for iova, perm in t.take_misses():
+            self._send_miss(iova, perm or IotlbPerm.RO)
+
+    def _send_miss(self, iova: int, perm: int) -> None:
+        """One MISS per page until an UPDATE covers it (the walks report a page again whenever
+        the C slots were full; the frontend is asked once)."""
+        page = iova & ~(_PAGE - 1)
+        if page in self._misses_sent:
+            return
+        if len(self._misses_sent) >= _SENT_MAX:
+            self._misses_sent.clear()  # pages the frontend never answered: ask again, later
+        self._misses_sent.add(page)
+        if self.backend_fd < 0:
+            self.iotlb_counters["miss_send_failed"] += 1
+            log.warning("%s: IOTLB miss at iova %#x but no backend channel", self.name, iova)
+            return
+        if len(self._backend_out) >= _BACKLOG_MAX:
+            self.iotlb_counters["miss_send_failed"] += 1
+            self._misses_sent.discard(page)
+            log.warning("%s: IOTLB miss at iova %#x dropped: the frontend reads none", self.name,
+                        iova)
+            return
+        self._backend_out += vu.backend_request(
+            vu.BackendRequest.IOTLB_MSG, vu.IotlbMsg(iova, 0, 0, perm, IotlbType.MISS)
+        )
+        self.iotlb_counters["miss_sent"] += 1
+        self._flush_backend()
+
+    def _flush_backend(self) -> None:
+        """Write what the channel takes; the rest waits for it to be writable (a stream: a
+        message is never cut short, its tail follows)."""
+        fd = self.backend_fd
+        if fd < 0:
+            return
+        had = bool(self._backend_out)
+        try:
+            while self._backend_out:
+                n = os.write(fd, self._backend_out)
+                del self._backend_out[:n]
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            self.iotlb_counters["miss_send_failed"] += 1
+            log.warning("%s: backend channel failed: %s", self.name, err)
+            self._backend_out.clear()
+        if self._loop is None:
+            return
+        if self._backend_out:
+            self._loop.add_writer(fd, self._flush_backend)
+        elif had:
+            self._loop.remove_writer(fd)
