@@ -127,6 +127,7 @@ class DeviceCounters:
     messages: int = 0
     replans: int = 0
     repeats: int = 0  # per-queue-pair repeats that agreed with the state in force
+    resumed_from_used: int = 0  # rings started at used->idx, not at a stale SET_VRING_BASE
 
 
 class VhostUserDevice:
@@ -138,6 +139,10 @@ class VhostUserDevice:
     protocol_features: int = 0
     #: number of virtqueues the frontend may use
     num_queues: int = 2
+    #: every chain taken is used, in order, before a ring stops (net): used->idx in guest memory
+    #: is where a ring stopped, and a SET_VRING_BASE that disagrees with it is stale (DPDK
+    #: virtio-user always sends 0, also on reconnect): the ring resumes from used->idx
+    resume_from_used_idx: bool = True
 
     def __init__(self, name: str, worker: DeviceBinding) -> None:
         self.name = name
@@ -324,22 +329,32 @@ class VhostUserDevice:
         self.release_works()  # idempotent; a plan may hold resources without any work
 
     def _start_queue(self, vr: Vring) -> None:
-        assert self.memory is not None and vr.addr is not None
         try:
-            vr.queue = DeviceQueue(
-                self.memory,
-                index=vr.index,
-                size=vr.num,
-                desc_uva=vr.addr.desc,
-                avail_uva=vr.addr.avail,
-                used_uva=vr.addr.used,
-                last_avail_idx=vr.base,
-                event_idx=self.has_feature(29),
-                call_fd=vr.call_fd,
-                **self.queue_options(vr.index),
-            )
+            vr.queue = self._new_queue(vr)
+            used = vr.queue.used_idx
+            if self.resume_from_used_idx and used != vr.base:
+                log.info("%s: ring %d: SET_VRING_BASE %d but used->idx is %d: resuming from "
+                         "used->idx", self.name, vr.index, vr.base, used)
+                self.counters.resumed_from_used += 1
+                vr.base = used
+                vr.queue = self._new_queue(vr)
         except GuestError as err:
             self._mark_broken(f"ring {vr.index}: {err}")
+
+    def _new_queue(self, vr: Vring) -> DeviceQueue:
+        assert self.memory is not None and vr.addr is not None
+        return DeviceQueue(
+            self.memory,
+            index=vr.index,
+            size=vr.num,
+            desc_uva=vr.addr.desc,
+            avail_uva=vr.addr.avail,
+            used_uva=vr.addr.used,
+            last_avail_idx=vr.base,
+            event_idx=self.has_feature(29),
+            call_fd=vr.call_fd,
+            **self.queue_options(vr.index),
+        )
 
     def _stop_queue(self, vr: Vring) -> None:
         if vr.queue is not None:
