@@ -425,6 +425,11 @@ class VhostUserDevice:
         async with self._lock:
             await self._detach_works()
 
+    async def quiesce(self) -> None:
+        """The daemon is stopping: no worker serves these rings any more (their last batches
+        are published); rings, fds and counters stay until `close`."""
+        await self._stop_serving()
+
     # ---- helpers for handlers ---------------------------------------------------------------
 
     def _vring(self, index: int, what: str) -> Vring:
