@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import struct
 import threading
@@ -232,7 +233,7 @@ class PacedSender:
 
 @dataclass
 class Restart:
-    """One kill -9 and restart: times in seconds from the kill."""
+    """One kill (SIGKILL or SIGTERM) and restart: times in seconds from the kill."""
 
     index: int
     backend_up_s: float  # the new daemon's socket listens
@@ -281,17 +282,19 @@ def restart_loop(
     settle_s: float = 1.0,
     ring_timeout: float = 60.0,
     sender: PacedSender | None = None,
+    stop_signal: int = signal.SIGKILL,
     log: Callable[[str], None] = lambda _msg: None,
 ) -> tuple[Any, list[Restart]]:
     """`restarts` times: wait until pings are answered again for `settle_s` seconds and the
-    sender's bytes move again, kill -9 the daemon, start a new one (`start_daemon()`), wait until its device runs. Returns the last
+    sender's bytes move again, kill the daemon (`stop_signal`: SIGKILL, or SIGTERM for a clean
+    stop), start a new one (`start_daemon()`), wait until its device runs. Returns the last
     daemon and one record per restart."""
     records: list[Restart] = []
     for i in range(restarts):
         _wait_flowing(pinger, settle_s, timeout=ring_timeout)
         t_kill = time.monotonic()
         before = sender.sent_at(t_kill) if sender is not None else 0
-        daemon.proc.kill()
+        daemon.proc.send_signal(stop_signal)
         daemon.proc.wait()
         daemon = start_daemon()
         t_up = time.monotonic()

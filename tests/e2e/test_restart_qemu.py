@@ -1,8 +1,9 @@
-"""The backend killed (SIGKILL) and restarted under traffic while a QEMU guest stays up.
+"""The backend killed (SIGKILL, or stopped with SIGTERM) and restarted under traffic while a QEMU
+guest stays up.
 
 The daemon serves a tap device whose TAP is in a network namespace; the guest's chardev has
 `reconnect=1`. A paced TCP transfer from the namespace into the guest and a ping every 0.2 s run
-through five kill -9 + restart rounds: the transfer completes with the right md5, and the pings
+through five kill + restart rounds: the transfer completes with the right md5, and the pings
 lost in each round fit in that round's outage (kill -> the new daemon's rings running again) plus
 the time the namespace needs to find the guest again. After a kill -9 QEMU gets no answer to
 GET_VRING_BASE and resumes every ring from the used index in guest memory (QEMU 7.2
@@ -15,6 +16,7 @@ Threads: pytest's main thread owns QEMU and the daemons; the pinger and the send
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,10 +39,14 @@ PACED_RATE = 200_000.0  # bytes/s while restarts go on: 5 rounds of ~5 s fit wel
 RECOVERY_SLACK_S = 2.0
 
 
-def test_kill9_restarts_keep_tcp_transfer_and_ping(
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill9", "sigterm"])
+def test_restarts_keep_tcp_transfer_and_ping(
     guest_image: Any, e2e_dir: Path, netns: Any, vhostx_daemon: Callable[..., Any], subnet: str,
-    unique: Callable[[str], str],
+    unique: Callable[[str], str], stop_signal: int,
 ) -> None:
+    """kill9: QEMU gets no answer to GET_VRING_BASE and resumes from the used index in guest
+    memory; sigterm: the daemon stops every ring first, with the same outcome for QEMU, and a
+    new daemon takes over the same socket."""
     sock = e2e_dir / "net0.sock"
     spec = (f"name=net0,type=net,socket={sock},port=tap,tap_name={unique('vxr')},"
             f"tap_netns={netns.name},tap_address={subnet}.1/24")
@@ -63,7 +69,7 @@ def test_kill9_restarts_keep_tcp_transfer_and_ping(
             assert sender.sent > 0, f"the transfer did not start: {sender.error}"
             daemon, records = restart_loop(
                 daemon, lambda: vhostx_daemon([spec]), pinger, restarts=RESTARTS,
-                device="net0", sender=sender, log=print)
+                device="net0", sender=sender, stop_signal=stop_signal, log=print)
             # every kill happened while the transfer was under way
             sent_before = [r.bytes_sent_before for r in records]
             assert 0 < sent_before[0] and sent_before[-1] < TOTAL_BYTES, sent_before
