@@ -106,10 +106,13 @@ class Wire:
             self.send(R.SET_VRING_CALL, vu.VringFile(index, nofd=True))
             self.send(R.SET_VRING_ENABLE, vu.VringState(index, 1))
 
-    def last_avail(self, index: int) -> int:
+    def queue(self, index: int) -> Any:
         q = self.dev.vrings[index].queue
         assert q is not None, f"ring {index} is not running"
-        return q.last_avail_idx
+        return q
+
+    def last_avail(self, index: int) -> int:
+        return int(self.queue(index).last_avail_idx)
 
 
 @pytest.fixture
@@ -127,7 +130,7 @@ def test_dpdk_reconnect_with_vring_base_0_resumes_from_used_idx(wire: Wire) -> N
     wire.start(base=0)
     assert wire.dev.broken is None
     assert wire.last_avail(1) == 300
-    assert wire.dev.vrings[1].queue.pending() == 0  # nothing served twice
+    assert wire.queue(1).pending() == 0  # nothing served twice
     assert wire.last_avail(0) == 40
     assert wire.dev.counters.resumed_from_used == 2
     assert wire.send(R.GET_VRING_BASE, vu.VringState(1, 0)) == vu.VringState(1, 300)
@@ -140,7 +143,7 @@ def test_qemu_reconnect_after_kill_resumes_where_it_says(wire: Wire) -> None:
     wire.set_indexes(0, avail=1200, used=990)
     wire.start(base=990)
     assert wire.last_avail(1) == 990
-    assert wire.dev.vrings[1].queue.pending() == 10
+    assert wire.queue(1).pending() == 10
     assert wire.last_avail(0) == 990
     assert wire.dev.counters.resumed_from_used == 0
 
