@@ -5,8 +5,8 @@
   SIGTERM) and started again N times (default 100) with bench.restart; reports the pings lost in
   each outage, the recovery times (socket back, rings running, ping back, transfer moving) and
   whether the transfer arrived with the right md5.
-- `soak`: N sink devices (default 64) in one daemon in shared mode, one testpmd with N virtio-user
-  ports sending 64-byte frames for a given duration; samples the daemon's RSS and open fd count,
+- `soak`: N sink devices (default 64) in one daemon in shared mode, testpmd with N virtio-user
+  ports (one process per 32) sending 64-byte frames for a given duration; samples the daemon's RSS and open fd count,
   and at the end checks, device by device, that the packets testpmd sent equal those the daemon
   counted.
 
@@ -18,6 +18,7 @@ Threads: the main thread (the daemon, QEMU and testpmd are tied to it by their d
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,6 +35,7 @@ from bench.restart import PacedSender, Pinger, restart_loop, summarize, wait_dev
 __all__ = ["process_sample", "restart_soak", "soak"]
 
 Log = Callable[[str], None]
+PORTS_PER_TESTPMD = 32  # RTE_MAX_ETHPORTS of Debian's DPDK 22.11
 
 
 def process_sample(pid: int) -> dict[str, int]:
@@ -158,34 +160,42 @@ def soak(devices: int = 64, duration: float = 1800.0, *, sample_s: float = 10.0,
     workdir = Path(tempfile.mkdtemp(prefix="vx-soak-"))
     daemon = DaemonProcess(params=["mode=shared"], workdir=str(workdir), cpus={1})
     socks = [daemon.add_device(f"s{i}", "sink") for i in range(devices)]
-    mbufs = 16384 + 512 * devices
     samples: list[dict[str, Any]] = []
     mismatches: list[dict[str, Any]] = []
     t_start = time.monotonic()
     daemon.start()
     try:
-        tp = Testpmd([VirtioUserVdev(s) for s in socks], forward_mode="txonly", txpkts=64,
-                     forward_lcores=(0,), main_lcore=1, total_num_mbufs=mbufs,
-                     memory_mb=max(256, mbufs * 3 // 1024 + 128), log_dir=workdir, name="soak")
-        with tp:
+        with contextlib.ExitStack() as stack:
+            # DPDK's Debian build has RTE_MAX_ETHPORTS 32: one testpmd per 32 devices, each
+            # forwarding on core 0 (they share it: rates fall, which a soak does not mind)
+            tps = []
+            for k, first in enumerate(range(0, devices, PORTS_PER_TESTPMD)):
+                group = socks[first:first + PORTS_PER_TESTPMD]
+                tps.append(stack.enter_context(Testpmd(
+                    [VirtioUserVdev(s) for s in group], forward_mode="txonly", txpkts=64,
+                    forward_lcores=(0,), main_lcore=1, total_num_mbufs=16384 + 512 * len(group),
+                    memory_mb=max(256, (16384 + 512 * len(group)) * 3 // 1024 + 128),
+                    log_dir=workdir, name=f"soak{k}")))
             for i in range(devices):
                 wait_device_running(daemon, f"s{i}", 60)
-            tp.start_forwarding()
+            for tp in tps:
+                tp.start_forwarding()
             time.sleep(warmup_s)
             end = time.monotonic() + duration
             while True:
                 now = time.monotonic()
                 sample = {"t_s": round(now - t_start, 1), **process_sample(daemon.pid),
-                          "sent": sum(p.tx_packets for p in tp.port_stats().ports.values())}
+                          "sent": sum(_sent(tps).values())}
                 samples.append(sample)
                 log(f"t={sample['t_s']:>7.1f} s  rss {sample['rss_kib']} KiB  fds "
                     f"{sample['fds']}  testpmd sent {sample['sent']}")
                 if now >= end:
                     break
                 time.sleep(min(sample_s, max(0.0, end - now)))
-            tp.stop_forwarding()
+            for tp in tps:
+                tp.stop_forwarding()
             counted = _settled_tx(daemon, devices)
-            sent = {i: p.tx_packets for i, p in tp.port_stats().ports.items()}
+            sent = _sent(tps)
             for i in range(devices):
                 if counted[f"s{i}"] != sent[i]:
                     mismatches.append({"device": f"s{i}", "testpmd_sent": sent[i],
@@ -193,6 +203,10 @@ def soak(devices: int = 64, duration: float = 1800.0, *, sample_s: float = 10.0,
             broken = [d["name"] for d in daemon.stats()["devices"] if d["broken"]]
     finally:
         daemon.cleanup()
+    if not mismatches and not broken:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        log(f"kept {workdir} (daemon and testpmd logs)")
     rss = [s["rss_kib"] for s in samples]
     fds = [s["fds"] for s in samples]
     doc = {
@@ -209,6 +223,12 @@ def soak(devices: int = 64, duration: float = 1800.0, *, sample_s: float = 10.0,
         f"(max {max(rss)}), fds {fds[0]} -> {fds[-1]} (max {max(fds)})")
     _write(out, doc, log)
     return doc
+
+
+def _sent(tps: list[Any]) -> dict[int, int]:
+    """Frames sent per device index (testpmd k's port p is device 32 * k + p)."""
+    return {PORTS_PER_TESTPMD * k + port: p.tx_packets
+            for k, tp in enumerate(tps) for port, p in tp.port_stats().ports.items()}
 
 
 def _settled_tx(daemon: DaemonProcess, devices: int) -> dict[str, int]:
