@@ -35,23 +35,22 @@ def test_sigterm_final_stats_match_the_used_index_in_guest_memory(
         net = NetDriver(fe)
         txq = fe.queues[1]
         wait_device_running(daemon, "net0", 10)
-        posted = 0
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline:
-            posted += net.send([FRAME] * 32, timeout=0.05)
+            net.send([FRAME] * 32, timeout=0.05)
         assert txq.read_used_idx() > 0, "the daemon served nothing"
         daemon.proc.send_signal(signal.SIGTERM)
         while daemon.alive():  # traffic goes on until the daemon is gone
-            posted += net.send([FRAME] * 32, timeout=0.01)
+            net.send([FRAME] * 32, timeout=0.01)
         final = daemon.stop()
         assert daemon.returncode == 0, daemon.log_tail()
         assert final is not None
         dev = next(d for d in final["devices"] if d["name"] == "net0")
         q = dev["queues"]["1"]
         used = txq.read_used_idx()
-        assert posted < 0x10000  # indexes are 16 bits: this comparison needs no wrap
-        assert q["chains"] == q["packets"] == used, (q, used)
-        assert used <= txq.avail_idx
+        assert q["chains"] == q["packets"], q
+        assert q["chains"] & 0xFFFF == used, (q, used)  # ring indexes are 16 bits
+        assert (txq.avail_idx - used) & 0xFFFF <= txq.size  # nothing used that was not offered
     finally:
         fe.close(graceful=False)
     # the same socket, a new daemon, a new frontend
