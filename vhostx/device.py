@@ -328,33 +328,31 @@ class VhostUserDevice:
             await asyncio.wrap_future(self.worker.detach(work))
         self.release_works()  # idempotent; a plan may hold resources without any work
 
-    def _start_queue(self, vr: Vring) -> None:
+    def _start_queue(self, vr: Vring, resync: bool = True) -> None:
+        assert self.memory is not None and vr.addr is not None
         try:
-            vr.queue = self._new_queue(vr)
-            used = vr.queue.used_idx
-            if self.resume_from_used_idx and used != vr.base:
-                log.info("%s: ring %d: SET_VRING_BASE %d but used->idx is %d: resuming from "
-                         "used->idx", self.name, vr.index, vr.base, used)
-                self.counters.resumed_from_used += 1
-                vr.base = used
-                vr.queue = self._new_queue(vr)
+            vr.queue = DeviceQueue(
+                self.memory,
+                index=vr.index,
+                size=vr.num,
+                desc_uva=vr.addr.desc,
+                avail_uva=vr.addr.avail,
+                used_uva=vr.addr.used,
+                last_avail_idx=vr.base,
+                event_idx=self.has_feature(29),
+                call_fd=vr.call_fd,
+                **self.queue_options(vr.index),
+            )
         except GuestError as err:
             self._mark_broken(f"ring {vr.index}: {err}")
-
-    def _new_queue(self, vr: Vring) -> DeviceQueue:
-        assert self.memory is not None and vr.addr is not None
-        return DeviceQueue(
-            self.memory,
-            index=vr.index,
-            size=vr.num,
-            desc_uva=vr.addr.desc,
-            avail_uva=vr.addr.avail,
-            used_uva=vr.addr.used,
-            last_avail_idx=vr.base,
-            event_idx=self.has_feature(29),
-            call_fd=vr.call_fd,
-            **self.queue_options(vr.index),
-        )
+            return
+        used = vr.queue.used_idx
+        if resync and self.resume_from_used_idx and used != vr.base:
+            log.info("%s: ring %d: SET_VRING_BASE %d but used->idx is %d: resuming from "
+                     "used->idx", self.name, vr.index, vr.base, used)
+            self.counters.resumed_from_used += 1
+            vr.base = used
+            self._start_queue(vr, resync=False)  # once: the guest may move used->idx meanwhile
 
     def _stop_queue(self, vr: Vring) -> None:
         if vr.queue is not None:
