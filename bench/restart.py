@@ -236,11 +236,12 @@ class Restart:
     """One kill (SIGKILL or SIGTERM) and restart: times in seconds from the kill."""
 
     index: int
+    stopped_s: float  # the old daemon has exited (SIGTERM: it stopped its rings)
     backend_up_s: float  # the new daemon's socket listens
     rings_running_s: float  # the device is connected again with its RX and TX rings running
-    ping_recovered_s: float | None  # first ping reply after the kill
+    ping_recovered_s: float | None  # first ping reply after the old daemon exited
     ping_gap_s: float | None  # last reply before the kill -> first reply after it
-    pings_lost: int  # requests sent between the kill and the first reply after it, unanswered
+    pings_lost: int  # requests sent from the kill to the first reply after the exit, unanswered
     bytes_sent_before: int = 0  # by the paced sender, at the kill
     transfer_resumed_s: float | None = None  # the sender's bytes move again (2 chunks sent)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -296,16 +297,20 @@ def restart_loop(
         before = sender.sent_at(t_kill) if sender is not None else 0
         daemon.proc.send_signal(stop_signal)
         daemon.proc.wait()
+        # a daemon stopping on SIGTERM may still answer a ping or two: the outage begins when it
+        # is gone
+        t_gone = time.monotonic()
         daemon = start_daemon()
         t_up = time.monotonic()
         t_running = wait_device_running(daemon, device, ring_timeout)
-        first = _first_reply_after(pinger, t_kill, timeout=ring_timeout)
+        first = _first_reply_after(pinger, t_gone, timeout=ring_timeout)
         last = pinger.last_reply_before(t_kill)
         resumed = None
         if sender is not None:  # the transfer moves again (TCP may still be backing off)
             resumed = round(_wait_progress(sender, timeout=ring_timeout) - t_kill, 3)
         rec = Restart(
             index=i + 1,
+            stopped_s=round(t_gone - t_kill, 3),
             backend_up_s=round(t_up - t_kill, 3),
             rings_running_s=round(t_running - t_kill, 3),
             ping_recovered_s=None if first is None else round(first - t_kill, 3),
@@ -315,7 +320,7 @@ def restart_loop(
             transfer_resumed_s=resumed,
         )
         records.append(rec)
-        log(f"restart {rec.index}: socket back {rec.backend_up_s:.2f} s, rings running "
+        log(f"restart {rec.index}: exited {rec.stopped_s:.2f} s, socket back {rec.backend_up_s:.2f} s, rings running "
             f"{rec.rings_running_s:.2f} s, ping back {rec.ping_recovered_s} s after the kill, "
             f"{rec.pings_lost} pings lost, transfer moving {rec.transfer_resumed_s} s")
     return daemon, records
@@ -374,6 +379,7 @@ def summarize(records: list[Restart], pinger: Pinger) -> dict[str, Any]:
         "pings_answered": answered,
         "pings_lost_in_outages": sum(r.pings_lost for r in records),
         "ping_send_errors": pinger.send_errors,
+        "stopped_s": stats([r.stopped_s for r in records]),
         "rings_running_s": stats([r.rings_running_s for r in records]),
         "ping_recovered_s": stats([r.ping_recovered_s for r in records
                                    if r.ping_recovered_s is not None]),

@@ -146,7 +146,7 @@ def _restart_summary(doc: dict[str, Any]) -> str:
         (f"  pings: {doc['pings_sent']} sent, {doc['pings_answered']} answered, "
         f"{doc['pings_lost_in_outages']} lost in outages, {doc['unrecovered']} outages without "
         f"recovery"),
-        line("rings_running_s"), line("ping_recovered_s"), line("transfer_resumed_s"),
+        line("stopped_s"), line("rings_running_s"), line("ping_recovered_s"), line("transfer_resumed_s"),
     ])
 
 

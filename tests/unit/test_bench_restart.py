@@ -47,7 +47,8 @@ class _Pinger:
 
 
 def test_summarize_counts_losses_and_unrecovered_outages() -> None:
-    records = [Restart(1, 0.5, 1.0, 1.5, 1.6, 4, 100, 2.0), Restart(2, 0.7, 2.0, None, None, 6)]
+    records = [Restart(1, 0.0, 0.5, 1.0, 1.5, 1.6, 4, 100, 2.0),
+               Restart(2, 0.1, 0.7, 2.0, None, None, 6)]
     s = summarize(records, _Pinger())  # type: ignore[arg-type]
     assert s["restarts"] == 2 and s["pings_lost_in_outages"] == 10 and s["unrecovered"] == 1
     assert s["rings_running_s"] == {"min": 1.0, "median": 2.0, "p90": 2.0, "max": 2.0}
