@@ -164,8 +164,46 @@ def _print_summary(console: Any, doc: dict[str, Any]) -> None:
                                   highlight=False, markup=False)
 
 
+def _cmd_restart_soak(args: argparse.Namespace) -> int:
+    import signal
+
+    from bench.soak import restart_soak
+
+    doc = restart_soak(args.restarts, stop_signal=signal.SIGTERM if args.sigterm else signal.SIGKILL,
+                       interval=args.ping_interval, out=Path(args.out) if args.out else None)
+    ok = doc["transfer_ok"] and not doc["unrecovered"] and not doc["device_broken"]
+    return 0 if ok else 1
+
+
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from bench.soak import soak
+
+    doc = soak(args.devices, args.duration, sample_s=args.sample,
+               out=Path(args.out) if args.out else None)
+    return 0 if not doc["mismatches"] and not doc["broken"] else 1
+
+
+def _register_soaks(bsub: Any) -> None:
+    """`bench restart-soak` and `bench soak` (bench/soak.py)."""
+    rs = bsub.add_parser("restart-soak", help="kill and restart the daemon N times under a QEMU "
+                         "guest's TCP transfer and ping; report losses and recovery times")
+    rs.add_argument("--restarts", type=int, default=100)
+    rs.add_argument("--sigterm", action="store_true", help="stop with SIGTERM, not SIGKILL")
+    rs.add_argument("--ping-interval", type=float, default=0.2, metavar="SECONDS")
+    rs.add_argument("--out", metavar="FILE.json", help="write the report here")
+    rs.set_defaults(func=_cmd_restart_soak)
+    sk = bsub.add_parser("soak", help="N sink devices in shared mode under testpmd traffic: RSS, "
+                         "fds, and counters on both sides")
+    sk.add_argument("--devices", type=int, default=64)
+    sk.add_argument("--duration", type=float, default=1800.0, metavar="SECONDS")
+    sk.add_argument("--sample", type=float, default=10.0, metavar="SECONDS")
+    sk.add_argument("--out", metavar="FILE.json", help="write the report here")
+    sk.set_defaults(func=_cmd_soak)
+
+
 def register(subparsers: Any) -> None:
-    """Add `bench list` and `bench run` to an argparse subparsers object."""
+    """Add `bench list`, `bench run`, `bench restart-soak` and `bench soak` to an argparse
+    subparsers object."""
     b = subparsers.add_parser("bench", help="benchmark scenarios: vhostx vs DPDK, modes, sweeps",
                               description="Run the benchmark harness (docs/harness.md).")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
@@ -188,6 +226,7 @@ def register(subparsers: Any) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     r.set_defaults(func=_cmd_run)
+    _register_soaks(bsub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -317,6 +317,13 @@ class Daemon:
     async def wait(self) -> None:
         await self._stop.wait()
 
+    async def quiesce(self) -> None:
+        """Stop serving every ring (works detached, each ring's last batch published); the
+        connections, rings and counters stay until `stop`."""
+        for dev in self.devices:
+            with contextlib.suppress(Exception):
+                await dev.quiesce()
+
     async def stop(self) -> None:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
@@ -356,6 +363,9 @@ async def _amain(cfg: DaemonConfig, stats_file: str | None, ready_file: str | No
     try:
         await daemon.wait()
     finally:
+        # every ring stops where it is before the counters are read: what the final statistics
+        # count is what the rings' used indexes in guest memory say was taken
+        await daemon.quiesce()
         final = daemon.stats()
         await daemon.stop()
         if stats_file:

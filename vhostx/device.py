@@ -127,6 +127,7 @@ class DeviceCounters:
     messages: int = 0
     replans: int = 0
     repeats: int = 0  # per-queue-pair repeats that agreed with the state in force
+    resumed_from_used: int = 0  # rings started at used->idx, not at a stale SET_VRING_BASE
 
 
 class VhostUserDevice(RequestHandlers, IotlbSupport):
@@ -138,6 +139,10 @@ class VhostUserDevice(RequestHandlers, IotlbSupport):
     protocol_features: int = 0
     #: number of virtqueues the frontend may use
     num_queues: int = 2
+    #: every chain taken is used, in order, before a ring stops (net): used->idx in guest memory
+    #: is where a ring stopped, and a SET_VRING_BASE that disagrees with it is stale (DPDK
+    #: virtio-user always sends 0, also on reconnect): the ring resumes from used->idx
+    resume_from_used_idx: bool = True
 
     def __init__(self, name: str, worker: DeviceBinding) -> None:
         self.name = name
@@ -335,7 +340,7 @@ class VhostUserDevice(RequestHandlers, IotlbSupport):
             await asyncio.wrap_future(self.worker.detach(work))
         self.release_works()  # idempotent; a plan may hold resources without any work
 
-    def _start_queue(self, vr: Vring) -> None:
+    def _start_queue(self, vr: Vring, resync: bool = True) -> None:
         assert self.memory is not None and vr.addr is not None
         uvas = self.ring_uvas(vr)
         assert uvas is not None  # _ring_ready checked it
@@ -355,6 +360,14 @@ class VhostUserDevice(RequestHandlers, IotlbSupport):
             )
         except GuestError as err:
             self._mark_broken(f"ring {vr.index}: {err}")
+            return
+        used = vr.queue.used_idx
+        if resync and self.resume_from_used_idx and used != vr.base:
+            log.info("%s: ring %d: SET_VRING_BASE %d but used->idx is %d: resuming from "
+                     "used->idx", self.name, vr.index, vr.base, used)
+            self.counters.resumed_from_used += 1
+            vr.base = used
+            self._start_queue(vr, resync=False)  # once: the guest may move used->idx meanwhile
 
     def _stop_queue(self, vr: Vring) -> None:
         if vr.queue is not None:
@@ -424,3 +437,8 @@ class VhostUserDevice(RequestHandlers, IotlbSupport):
     async def _stop_serving(self) -> None:
         async with self._lock:
             await self._detach_works()
+
+    async def quiesce(self) -> None:
+        """The daemon is stopping: no worker serves these rings any more (their last batches
+        are published); rings, fds and counters stay until `close`."""
+        await self._stop_serving()
