@@ -131,8 +131,9 @@ class WorkStats(_Counters):
     budget_exhausted = _Counter()
     stream_waits = _Counter()  # C only: empty batches after a full one that waited for a refill
     stream_found = _Counter()  # ... whose wait found one
+    rearm_deferred = _Counter()  # C only: batches with work requeued, kicks off (others runnable)
     _SUMMED = ("kicks", "turns", "empty_turns", "notify_on", "notify_off", "budget_exhausted",
-               "stream_waits", "stream_found")
+               "stream_waits", "stream_found", "rearm_deferred")
     _PLAIN = (
         ("kicks_avoided", 0),
         ("poll_starts", 0),

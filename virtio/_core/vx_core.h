@@ -232,6 +232,10 @@ uint32_t vx_drv_recycle(struct vx_drv *d);
  * after the queue's previous batch used its whole budget, the queue is streaming and the driver
  * is refilling: it waits up to that window for avail->idx to move, and runs the batch again if
  * it did, before kicks come back on (stream_waits / stream_found; not for queues with a data fd).
+ * The busy-queue turn: in vx_wait_run, a batch that found work while other queues are runnable
+ * requeues its queue with kicks off (rearm_deferred); the queue is re-armed only by a turn that
+ * finds its ring empty, so busy queues of one worker are served round robin without going back
+ * to kicks after each batch.
  *
  * A vx_wait is one worker thread's waiting point: an epoll fd over its command eventfd, the
  * kick and data fds of its C-served queues (vx_wait_add) and the fds the Python side serves
@@ -286,6 +290,8 @@ struct vx_kq_stats {
     uint64_t packets;          /* packets of the batches run in C */
     uint64_t stream_waits;     /* empty batches after a full one that waited for a refill */
     uint64_t stream_found;     /* ... whose wait found one (and ran the batch again) */
+    uint64_t rearm_deferred;   /* batches that found work while other queues were runnable:
+                                * requeued with kicks off, re-armed only at an empty turn */
 };
 
 struct vx_kq {
