@@ -623,8 +623,9 @@ class Worker:
         total = 0
         empty_polls = 0
         idle: list[QueueState] = []
+        res = rnd.results()  # one C call for every op (five field reads per op cost ~7x more)
         for i, q in enumerate(self._round_qs):
-            batches, found, full, pkts, last_work = rnd.ops[i].results()
+            batches, found, full, pkts, last_work = res[5 * i:5 * i + 5]
             if not batches:
                 continue
             st = q.stats

@@ -59,6 +59,20 @@ def test_op_run_is_the_same_call_as_the_function(env):
     assert op.run(64, BIG) == 0
 
 
+def test_round_results_are_every_ops_results_in_one_flat_list(env):
+    rings = _sinks(env, 3)
+    for (drv, _, op), count in zip(rings, (10, 3, 0), strict=True):
+        _send(env, drv, count)
+        op.set_budget(4, BIG)
+    rnd = net.Round([op for _, _, op in rings])
+    assert rnd.results() == [0] * 15  # before any run
+    assert rnd.run(2, FOREVER) == 2
+    flat = rnd.results()
+    assert flat == [x for _, _, op in rings for x in op.results()]
+    assert flat[:4] == [2, 2, 2, 8] and flat[5:9] == [2, 1, 0, 3] and flat[10:14] == [2, 0, 0, 0]
+    assert net.Round([]).results() == []
+
+
 def test_round_robin_one_batch_of_each_per_pass(env):
     rings = _sinks(env, 3)
     for (drv, _, op), count in zip(rings, (10, 3, 0), strict=True):
