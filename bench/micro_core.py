@@ -3,7 +3,8 @@
 A C "guest" (virtio.testing.RecyclingDriver, driver-side test support) keeps every ring full, so
 the figures are the device side plus a cheap refill, both on the calling thread, no interrupts.
 Cases: tx_sink, echo, fwd, tx_to_fd (writev to /dev/null), switch (unicast to a learned port),
-rx_fill, rx_fill_mrg.
+rx_fill, rx_fill_mrg, and round: a C poll round (virtio.net.Round, what a shared worker runs) over
+--rings N tx_sink rings, --busy of them kept full (the rest empty), ROUND_PASSES passes per call.
 
 Two modes:
 - `python bench/micro_core.py [--seconds S]`: packets per second of each case (wall clock).
@@ -52,7 +53,9 @@ CASES: dict[str, str] = {
     "switch": "vx_switch_tx",
     "rx_fill": "vx_net_rx_fill",
     "rx_fill_mrg": "vx_net_rx_fill",
+    "round": "vx_round",
 }
+ROUND_PASSES = 4  # passes of one `round` call: with ring 256 and batch 64, full rings stay busy
 
 
 class _Space:
@@ -117,10 +120,13 @@ def _frame(pkt: int, dst: bytes = MAC_B, src: bytes = MAC_A) -> bytes:
 _Case = tuple[Callable[[], int], Callable[[], None], Callable[[], dict[str, int]], Callable[[], None]]
 
 
-def build_case(name: str, size: int, pkt: int, batch: int) -> _Case:
+def build_case(
+    name: str, size: int, pkt: int, batch: int, rings: int = 1, busy: int | None = None
+) -> _Case:
     """(one call -> packets, refill, counters, close) of case `name`.
 
-    counters: the served queue's, plus `peer_*` of the RX queue written and `switch_*`."""
+    counters: the served queue's, plus `peer_*` of the RX queue written and `switch_*`.
+    rings, busy: the `round` case's ring count and how many of them are kept full."""
     sp = _Space()
     keep: list[object] = []
     tx_len = HDR_LEN + pkt
@@ -173,6 +179,29 @@ def build_case(name: str, size: int, pkt: int, batch: int) -> _Case:
 
         def call() -> int:
             return sw.tx(pa, dq, batch, big)
+    elif name == "round":
+        nbusy = rings if busy is None else busy
+        if not 0 < nbusy <= rings:
+            raise SystemExit(f"round: --busy must be 1..--rings ({rings}), got {nbusy}")
+        drvs, qs, ops = [], [], []
+        for i in range(rings):
+            d, q = _ring(sp, size, tx_len, rx=False, frame=frame)
+            if i >= nbusy:  # an idle ring: everything it held served once, never refilled
+                net.tx_sink(q, size, big)
+            else:
+                drvs.append(d)
+            qs.append(q)
+            op = net.Op.tx_sink(q)
+            op.set_budget(batch, big)
+            ops.append(op)
+        dq = qs[0]
+        rnd = net.Round(ops)
+        keep += [qs, ops]
+        refills = [d.recycle for d in drvs]
+
+        def call() -> int:
+            rnd.run(ROUND_PASSES, big)
+            return sum(o.results()[3] for o in ops)
     else:
         raise SystemExit(f"unknown case {name!r}: want one of {', '.join(CASES)}")
 
@@ -198,9 +227,12 @@ def build_case(name: str, size: int, pkt: int, batch: int) -> _Case:
     return call, refill, counters, close
 
 
-def run_count(name: str, count: int, size: int, pkt: int, batch: int) -> int:
+def run_count(
+    name: str, count: int, size: int, pkt: int, batch: int, rings: int = 1,
+    busy: int | None = None,
+) -> int:
     """Exactly `count` calls of case `name` (each followed by a refill); returns the packets."""
-    call, refill, _, close = build_case(name, size, pkt, batch)
+    call, refill, _, close = build_case(name, size, pkt, batch, rings, busy)
     n = 0
     for _ in range(count):
         n += call()
@@ -209,8 +241,11 @@ def run_count(name: str, count: int, size: int, pkt: int, batch: int) -> int:
     return n
 
 
-def run_timed(name: str, seconds: float, size: int, pkt: int, batch: int) -> float:
-    call, refill, _, close = build_case(name, size, pkt, batch)
+def run_timed(
+    name: str, seconds: float, size: int, pkt: int, batch: int, rings: int = 1,
+    busy: int | None = None,
+) -> float:
+    call, refill, _, close = build_case(name, size, pkt, batch, rings, busy)
     n = 0
     t0 = time.perf_counter()
     deadline = t0 + seconds
@@ -222,14 +257,23 @@ def run_timed(name: str, seconds: float, size: int, pkt: int, batch: int) -> flo
             break
     pps = n / (time.perf_counter() - t0)
     print(
-        f"{name:12s} pkt={pkt:5d}B ring={size:5d} batch={batch:4d}  {pps / 1e6:7.2f} Mpps  "
+        f"{_label(name, rings, busy):12s} pkt={pkt:5d}B ring={size:5d} batch={batch:4d}  {pps / 1e6:7.2f} Mpps  "
         f"{pps * pkt * 8 / 1e9:7.2f} Gbit/s  (pkts={n})"
     )
     close()
     return pps
 
 
-def callgrind(name: str, count: int, size: int, pkt: int, batch: int) -> tuple[int, int]:
+def _label(name: str, rings: int, busy: int | None) -> str:
+    if name != "round":
+        return name
+    return f"round{rings}" + ("" if busy is None or busy == rings else f"/{busy}")
+
+
+def callgrind(
+    name: str, count: int, size: int, pkt: int, batch: int, rings: int = 1,
+    busy: int | None = None,
+) -> tuple[int, int]:
     """(instructions inside the case's C entry point, packets) of `count` calls, by callgrind."""
     with tempfile.TemporaryDirectory(prefix="vx-cg-") as tmp:
         out = Path(tmp) / "cg.out"
@@ -238,7 +282,8 @@ def callgrind(name: str, count: int, size: int, pkt: int, batch: int) -> tuple[i
             f"--toggle-collect={CASES[name]}", f"--callgrind-out-file={out}",
             sys.executable, __file__, "--case", name, "--count", str(count),
             "--size", str(size), "--pkt", str(pkt), "--batch", str(batch),
-        ]
+            "--rings", str(rings),
+        ] + (["--busy", str(busy)] if busy is not None else [])
         res = subprocess.run(cmd, capture_output=True, text=True, check=True)
         pkts = int(re.search(r"packets=(\d+)", res.stdout).group(1))  # type: ignore[union-attr]
         summary = re.search(r"^summary: (\d+)", out.read_text(), re.MULTILINE)
@@ -263,25 +308,31 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--case", choices=list(CASES), action="append",
                     help="only these cases (repeatable)")
+    ap.add_argument("--rings", type=int, nargs="*", default=[2, 8, 32],
+                    help="the round case's ring counts")
+    ap.add_argument("--busy", type=int, default=None,
+                    help="the round case: rings kept full (default all)")
     ap.add_argument("--count", type=int, default=0, help="fixed number of calls (one case)")
     ap.add_argument("--callgrind", action="store_true",
                     help="instructions per packet of each case under valgrind's callgrind")
     a = ap.parse_args(argv)
     cases = a.case or list(CASES)
+    runs = [(n, r) for n in cases for r in (a.rings if n == "round" else [1])]
     if a.count and not a.callgrind:
         for pkt in a.pkt:
-            for name in cases:
-                print(f"case={name} pkt={pkt} packets={run_count(name, a.count, a.size, pkt, a.batch)}")
+            for name, rings in runs:
+                n = run_count(name, a.count, a.size, pkt, a.batch, rings, a.busy)
+                print(f"case={name} rings={rings} pkt={pkt} packets={n}")
         return
     print(f"# micro_core commit={_commit()} cpu={os.cpu_count()} ring={a.size} batch={a.batch}")
     for pkt in a.pkt:
-        for name in cases:
+        for name, rings in runs:
             if a.callgrind:
-                ir, pkts = callgrind(name, a.count or 200, a.size, pkt, a.batch)
-                print(f"{name:12s} pkt={pkt:5d}B  {ir / max(1, pkts):8.1f} instr/pkt  "
-                      f"(instr={ir} pkts={pkts})")
+                ir, pkts = callgrind(name, a.count or 200, a.size, pkt, a.batch, rings, a.busy)
+                print(f"{_label(name, rings, a.busy):12s} pkt={pkt:5d}B  "
+                      f"{ir / max(1, pkts):8.1f} instr/pkt  (instr={ir} pkts={pkts})")
             else:
-                run_timed(name, a.seconds, a.size, pkt, a.batch)
+                run_timed(name, a.seconds, a.size, pkt, a.batch, rings, a.busy)
 
 
 if __name__ == "__main__":

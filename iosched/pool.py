@@ -466,7 +466,8 @@ class WorkerPool:
             out_w.append({
                 "index": idx, "name": w.name, "cpu": w.cpu, "busy_ns": st.busy_ns,
                 "idle_ns": st.idle_ns, "loops": st.loops, "sleeps": st.sleeps,
-                "empty_polls": st.empty_polls, "rounds": st.rounds, "works": sum(1 for i in where.values() if i == idx),
+                "empty_polls": st.empty_polls, "rounds": st.rounds,
+                "round_ns": st.round_ns, "works": sum(1 for i in where.values() if i == idx),
                 "devices": sorted(devs), "polling": st.polling, "policy": w.policy.name,
             })
         out_q = []

@@ -131,8 +131,9 @@ class WorkStats(_Counters):
     budget_exhausted = _Counter()
     stream_waits = _Counter()  # C only: empty batches after a full one that waited for a refill
     stream_found = _Counter()  # ... whose wait found one
+    rearm_deferred = _Counter()  # C only: batches with work requeued, kicks off (others runnable)
     _SUMMED = ("kicks", "turns", "empty_turns", "notify_on", "notify_off", "budget_exhausted",
-               "stream_waits", "stream_found")
+               "stream_waits", "stream_found", "rearm_deferred")
     _PLAIN = (
         ("kicks_avoided", 0),
         ("poll_starts", 0),
@@ -149,6 +150,16 @@ class WorkStats(_Counters):
     stuck_events: int
     polling: bool
     poll_since_ns: int
+    _turns: int  # the Python parts of two _Counters (see add_round)
+    _empty_turns: int
+
+    def add_round(self, batches: int, found: int) -> None:
+        """A C poll round's `batches` of this work, `found` of them with work: turns,
+        empty_turns and kicks_avoided in one call (the shared worker's per-round path). Adding
+        to a counter's Python part is what `+=` through it does, without its two C reads."""
+        self._turns += batches
+        self._empty_turns += batches - found
+        self.kicks_avoided += found
 
 
 class WorkerStats(_Counters):
@@ -163,11 +174,13 @@ class WorkerStats(_Counters):
         ("works", 0),
         ("empty_polls", 0),  # checks of a polled queue that found nothing
         ("rounds", 0),  # C poll rounds (poll_round_us): all polled queues served in one C call
+        ("round_ns", 0),  # time inside those C calls (the rest of busy_ns is Python around them)
         ("polling", 0),  # works currently polled
     )
     works: int
     empty_polls: int
     rounds: int
+    round_ns: int
     polling: int
 
 

@@ -614,30 +614,37 @@ class Worker:
         if rnd is None:
             return self._serve_polled(self._clock())
         broken: RoundBroken | None = None
+        t0 = self._clock()
         try:
             rnd.run(_ROUND_MAX_PASSES, self._round_ns, self._coalesce_ns)
         except RoundBroken as err:
             broken = err
         now = self._clock()
+        self.stats.round_ns += now - t0
         pol = self.policy
         total = 0
         empty_polls = 0
         idle: list[QueueState] = []
-        for i, q in enumerate(self._round_qs):
-            batches, found, full, pkts, last_work = rnd.ops[i].results()
+        # Python per round grows with the polled queues (at 32 it is of the order of the round
+        # itself): one C call for every op's results, and per queue only plain attribute work
+        res = rnd.results()
+        after_turn = None if type(pol).after_turn is Policy.after_turn else pol.after_turn
+        for q, (batches, found, full, pkts, last_work) in zip(
+                self._round_qs, zip(*[iter(res)] * 5, strict=True), strict=True):  # fmt: skip
             if not batches:
                 continue
-            st = q.stats
-            st.turns += batches
-            self._served(q, now)
+            q.stats.add_round(batches, found)
+            q.last_served_ns = q.last_checked_ns = q.stuck_since_ns = now  # _served, inlined
+            if q.urgent:
+                q.urgent = False
+                self._n_urgent -= 1
             if found:
-                st.kicks_avoided += found
                 total += pkts
                 q.last_work_ns = last_work
-                pol.after_turn(q, pkts, 0, full > 0)
+                if after_turn is not None:
+                    after_turn(q, pkts, 0, full > 0)
             empty = batches - found
             if empty:
-                st.empty_turns += empty
                 empty_polls += empty
                 if (not found and not q.poll_only
                         and pol.stop_polling(q, now - q.last_work_ns)):  # fmt: skip

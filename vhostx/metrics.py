@@ -74,6 +74,8 @@ _WORKER_METRICS: tuple[_Spec, ...] = (
      "Polling passes that found no work on any queue.", 1),
     ("rounds", "worker_poll_rounds", "counter",
      "C poll rounds: every polled queue of the worker served in one C call.", 1),
+    ("round_ns", "worker_poll_round_seconds", "counter",
+     "Time inside C poll rounds (the rest of the busy time is Python around them).", 1e-9),
     ("works", "worker_works", "gauge", "Queue works currently attached to the worker.", 1),
     ("polling", "worker_polling", "gauge", "Queues the worker is currently polling.", 1),
 )

@@ -326,12 +326,19 @@ class Round:
     owner rebuilds it when the list changes); run it from the thread owning all their rings.
     """
 
-    __slots__ = ("_arr", "n", "ops")
+    __slots__ = ("_arr", "_out", "n", "ops")
 
     def __init__(self, ops: Sequence[COp]) -> None:
         self.ops = list(ops)
         self.n = len(self.ops)
         self._arr = ffi.new("struct vx_op *[]", [o.c_op for o in self.ops] or 1)
+        self._out = ffi.new("uint64_t[]", 5 * self.n or 1)
+
+    def results(self) -> list[int]:
+        """What the last run did with every op, flat: op i's (batches, found, full, packets,
+        last_work_ns) are items 5 i .. 5 i + 4 (op.results() of each, in one C call)."""
+        lib.vx_round_results(self._arr, self.n, self._out)
+        return ffi.unpack(self._out, 5 * self.n)  # type: ignore[no-any-return]
 
     def run(self, max_passes: int, max_ns: int, coalesce_ns: int = 0) -> int:
         """Passes completed (>= 1 when there are ops); RoundBroken when an op's ring broke (the

@@ -219,6 +219,52 @@ def test_wait_deadline_slots_are_one_shot_and_reported(env):
         os.close(cmd)
 
 
+def test_busy_queues_sharing_a_wait_keep_kicks_off_until_a_turn_finds_their_ring_empty(env):
+    # Two busy queues and one kicked with nothing, in one C wait, budget above what each holds.
+    # A batch that found work used to re-arm its queue at once (kicks back on after each batch);
+    # now the queue keeps its kicks off while the others have their turns and is re-armed only
+    # by a turn that finds its ring empty. The driver's refill of A during C's turn (after A's
+    # and B's first batches) therefore needs no kick and is served in the same wait.
+    rings = [KickedRing(env, f"d{i}.tx0") for i in range(3)]
+    cmd = os.eventfd(0, os.EFD_NONBLOCK)
+    w = kick.Wait(cmd)
+    a, b, c = rings
+    asked: list[bool] = []
+    try:
+        for i, r in enumerate(rings):
+            kq = r.work.kick_queue
+            kq.set_budget(64, 1 << 30)
+            w.add(kq, i)
+            kq.give_back()
+
+        def refill_a_in_cs_turn(point: int, ident: int) -> None:
+            if point == kick.HOOK_BATCHED and ident == 2 and not asked:
+                asked.append(a.add(2))
+        w.set_hook(refill_a_in_cs_turn)
+        assert a.add(4) and b.add(4)
+        os.eventfd_write(c.kick, 1)  # a kick with an empty ring
+        deadline = time.monotonic() + 10
+        while True:  # every queue served and back on kicks (deadlines only bound each run)
+            w.set_deadline(0, kick.now_ns() + 20_000_000)
+            w.run(True)
+            if all(r.work.kick_queue.state == kick.KQ_IDLE for r in rings):
+                break
+            assert time.monotonic() < deadline, "the wait did not settle"
+        assert asked == [False], "A's kicks must still be off after its batch found work"
+        assert (a.consumed(), b.consumed(), c.consumed()) == (6, 4, 0)
+        assert (a.kicks_sent, b.kicks_sent) == (1, 1)
+        ca, cb = a.work.kick_queue.counters, b.work.kick_queue.counters
+        assert ca.rearm_deferred >= 2 and cb.rearm_deferred >= 1
+        assert (ca.notify_on, cb.notify_on) == (1, 1)  # one re-arm each, at its empty turn
+        assert WorkStats(ca).rearm_deferred == ca.rearm_deferred
+        assert all(r.add(1) for r in rings), "every queue must be back on kicks"
+    finally:
+        w.close()
+        os.close(cmd)
+        for r in rings:
+            r.close()
+
+
 # ---- the worker's C wait ------------------------------------------------------------------------
 
 

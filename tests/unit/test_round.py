@@ -17,6 +17,7 @@ from test_core_env import Env
 from test_net_core import BCAST, MAC_A, MAC_B, Guest, _frame
 from test_sched import POINTS, SHARED, RingWork, wait_until
 
+from iosched.work import WorkStats
 from iosched.worker import Worker
 from virtio import net
 from virtio.errors import ConfigError, GuestError
@@ -57,6 +58,20 @@ def test_op_run_is_the_same_call_as_the_function(env):
     s = tx.stats()
     assert (s["packets"], s["bytes"]) == (5, 500)
     assert op.run(64, BIG) == 0
+
+
+def test_round_results_are_every_ops_results_in_one_flat_list(env):
+    rings = _sinks(env, 3)
+    for (drv, _, op), count in zip(rings, (10, 3, 0), strict=True):
+        _send(env, drv, count)
+        op.set_budget(4, BIG)
+    rnd = net.Round([op for _, _, op in rings])
+    assert rnd.results() == [0] * 15  # before any run
+    assert rnd.run(2, FOREVER) == 2
+    flat = rnd.results()
+    assert flat == [x for _, _, op in rings for x in op.results()]
+    assert flat[:4] == [2, 2, 2, 8] and flat[5:9] == [2, 1, 0, 3] and flat[10:14] == [2, 0, 0, 0]
+    assert net.Round([]).results() == []
 
 
 def test_round_robin_one_batch_of_each_per_pass(env):
@@ -251,6 +266,9 @@ def test_worker_serves_its_polled_queues_in_c_rounds(env):
             assert not wk.publish_wants_kick(1)
         assert _consumed_all(works)
         assert all(wk.overlap == 0 for wk in works)
+        # time inside the C rounds is counted, and is part of the worker's time
+        st = w.stats
+        assert 0 < st.round_ns <= st.busy_ns + st.idle_ns
     finally:
         stop.set()
         w.stop()
@@ -400,3 +418,19 @@ def test_a_ring_breaking_in_a_round_detaches_only_its_queue(env):
         w.stop()
         for wk in [*good, bad]:
             wk.close()
+
+
+def test_work_stats_add_round_counts_like_the_counters_plus_equals_with_c_counters_bound():
+    class C:  # stands for a kick queue's C counters (every summed one; turns and empty moved)
+        kicks = notify_on = notify_off = budget_exhausted = 0
+        stream_waits = stream_found = rearm_deferred = 0
+        turns = 7
+        empty_turns = 2
+
+    via_add, via_ops = WorkStats(C()), WorkStats(C())
+    via_add.add_round(5, 3)
+    via_ops.turns += 5
+    via_ops.empty_turns += 2
+    via_ops.kicks_avoided += 3
+    assert via_add.as_dict() == via_ops.as_dict()
+    assert (via_add.turns, via_add.empty_turns, via_add.kicks_avoided) == (12, 4, 3)

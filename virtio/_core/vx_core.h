@@ -284,6 +284,9 @@ struct vx_op {
 int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns);
 int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_ns,
              uint64_t coalesce_ns);
+/* What the last round did with each of ops[0..n): out[5 i .. 5 i + 4] = batches, found, full,
+ * pkts, last_work_ns of op i (one call instead of five field reads per op from Python). */
+void vx_round_results(struct vx_op *const *ops, uint32_t n, uint64_t *out);
 uint64_t vx_now_ns(void);
 
 /* ---- memory order for the driver side in Python (virtio.driver.split; vx_fence.c) ---- */
@@ -384,6 +387,10 @@ int32_t vx_drvq_rx_frames(struct vx_drvq *q, const uint8_t *bufs, uint32_t buf_s
  * after the queue's previous batch used its whole budget, the queue is streaming and the driver
  * is refilling: it waits up to that window for avail->idx to move, and runs the batch again if
  * it did, before kicks come back on (stream_waits / stream_found; not for queues with a data fd).
+ * The busy-queue turn: in vx_wait_run, a batch that found work while other queues are runnable
+ * requeues its queue with kicks off (rearm_deferred); the queue is re-armed only by a turn that
+ * finds its ring empty, so busy queues of one worker are served round robin without going back
+ * to kicks after each batch.
  *
  * A vx_wait is one worker thread's waiting point: an epoll fd over its command eventfd, the
  * kick and data fds of its C-served queues (vx_wait_add) and the fds the Python side serves
@@ -442,6 +449,8 @@ struct vx_kq_stats {
     uint64_t packets;          /* packets of the batches run in C */
     uint64_t stream_waits;     /* empty batches after a full one that waited for a refill */
     uint64_t stream_found;     /* ... whose wait found one (and ran the batch again) */
+    uint64_t rearm_deferred;   /* batches that found work while other queues were runnable:
+                                * requeued with kicks off, re-armed only at an empty turn */
 };
 
 struct vx_kq {

@@ -130,3 +130,15 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
     }
     return (int)pass;
 }
+
+void vx_round_results(struct vx_op *const *ops, uint32_t n, uint64_t *out)
+{
+    for (uint32_t i = 0; i < n; i++, out += 5) {
+        const struct vx_op *op = ops[i];
+        out[0] = op->batches;
+        out[1] = op->found;
+        out[2] = op->full;
+        out[3] = op->pkts;
+        out[4] = op->last_work_ns;
+    }
+}

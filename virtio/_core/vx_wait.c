@@ -170,6 +170,14 @@ static int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t bud
         kq->stats.budget_exhausted++;
         return VX_TURN_AGAIN;
     }
+    if (!solo && r > 0) {
+        /* The busy-queue turn: other queues wait for this thread, so this one gets its next
+         * batch after each of them had theirs, kicks still off; a turn that finds its ring empty
+         * re-arms it. Busy queues sharing a worker are served round robin and none goes back to
+         * kicks (a kick and a wake-up each) while it still has work. */
+        kq->stats.rearm_deferred++;
+        return VX_TURN_AGAIN;
+    }
     hook(kq, VX_HOOK_BATCHED);
     if (vx_vq_set_notify(op->vq, 1) < 0)
         goto broken;
