@@ -26,6 +26,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -183,7 +184,9 @@ def build_case(
         nbusy = rings if busy is None else busy
         if not 0 < nbusy <= rings:
             raise SystemExit(f"round: --busy must be 1..--rings ({rings}), got {nbusy}")
-        drvs, qs, ops = [], [], []
+        drvs: list[Any] = []
+        qs: list[DeviceQueue] = []
+        ops: list[net.Op] = []
         for i in range(rings):
             d, q = _ring(sp, size, tx_len, rx=False, frame=frame)
             if i >= nbusy:  # an idle ring: everything it held served once, never refilled
@@ -191,9 +194,9 @@ def build_case(
             else:
                 drvs.append(d)
             qs.append(q)
-            op = net.Op.tx_sink(q)
-            op.set_budget(batch, big)
-            ops.append(op)
+            rop = net.Op.tx_sink(q)
+            rop.set_budget(batch, big)
+            ops.append(rop)
         dq = qs[0]
         rnd = net.Round(ops)
         keep += [qs, ops]

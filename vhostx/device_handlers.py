@@ -21,6 +21,7 @@ from virtio.memory import GuestMemory, MemoryRegion, check_backing
 
 if TYPE_CHECKING:
     from vhostx.device import DeviceCounters, Vring
+    from vhostx.posted import PostedDomains
     from virtio.ring import DeviceQueue
 
 __all__ = ["MAX_MEM_SLOTS", "MAX_QUEUE_SIZE", "STATUS_NEEDS_RESET", "Refused", "RequestHandlers"]
@@ -60,6 +61,7 @@ class RequestHandlers:
     owner: bool
     status: int
     broken: str | None
+    posted: PostedDomains
 
     if TYPE_CHECKING:  # provided by VhostUserDevice
 

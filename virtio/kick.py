@@ -295,7 +295,7 @@ class Wait:
             self._hook = None
             return
 
-        @ffi.callback("void(void *, uint32_t, uint32_t)")
+        @ffi.callback("void(void *, uint32_t, uint32_t)")  # type: ignore[untyped-decorator]
         def hook(_arg: Any, point: int, ident: int) -> None:
             fn(int(point), int(ident))
 

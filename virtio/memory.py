@@ -276,7 +276,7 @@ class GuestMemory:
         for r, m in zip(self.regions, self._maps):
             off = addr - getattr(r, key)
             if 0 <= off < r.size and length <= r.size - off:
-                return m.host + off
+                return int(m.host + off)
         raise GuestError(
             f"{key} range {addr:#x}+{length:#x} is not inside one memory region "
             f"({len(self.regions)} regions)"

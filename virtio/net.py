@@ -87,7 +87,7 @@ def echo(
     if r < 0:
         q = tx if tx.broken else rx
         raise GuestError(f"echo on queue {q.index}: {q.broken or 'queue broken'}")
-    return r
+    return int(r)
 
 
 def fwd(
@@ -216,7 +216,7 @@ class Op:
         r = lib.vx_op_run(self._c, p, b, _spin(spin_ns))
         if r < 0:
             raise self.error() if r == -1 else GuestError(f"{self.name}: operation failed ({r})")
-        return r
+        return int(r)
 
     def error(self) -> GuestError:
         """The GuestError of a failed batch: which of its rings broke (the served one first)."""

@@ -334,7 +334,7 @@ class DriverQueue:
 
     def more_used(self) -> bool:
         """True if the device published used entries not yet collected by get_used()."""
-        return _U16.unpack_from(self._mem, self._used_off + 2)[0] != self._q.last_used
+        return bool(_U16.unpack_from(self._mem, self._used_off + 2)[0] != self._q.last_used)
 
     def device_wants_interrupt_check(self, old: int, new: int) -> bool:
         """What the spec says the device must decide when moving used->idx from old to new."""
@@ -371,16 +371,16 @@ class DriverQueue:
         self._q.published = self._q.avail_idx = idx & 0xFFFF
 
     def read_used_idx(self) -> int:
-        return _U16.unpack_from(self._mem, self._used_off + 2)[0]
+        return int(_U16.unpack_from(self._mem, self._used_off + 2)[0])
 
     def read_used_flags(self) -> int:
-        return _U16.unpack_from(self._mem, self._used_off)[0]
+        return int(_U16.unpack_from(self._mem, self._used_off)[0])
 
     def read_avail_event(self) -> int:
-        return _U16.unpack_from(self._mem, self._used_off + 4 + 8 * self.size)[0]
+        return int(_U16.unpack_from(self._mem, self._used_off + 4 + 8 * self.size)[0])
 
     def read_used_event(self) -> int:
-        return _U16.unpack_from(self._mem, self._avail_off + 4 + 2 * self.size)[0]
+        return int(_U16.unpack_from(self._mem, self._avail_off + 4 + 2 * self.size)[0])
 
     def _write_used_event(self, value: int) -> None:
         self._store16(self._avail_off + 4 + 2 * self.size, value & 0xFFFF)

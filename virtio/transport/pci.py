@@ -82,7 +82,7 @@ def parse_virtio_caps(read: object, cap_offsets: list[int]) -> dict[int, VirtioC
     """The first capability of each cfg_type among the vendor capabilities at ``cap_offsets``;
     ``read(offset, size) -> bytes`` reads config space. Refuses a device without common,
     notify and ISR structures."""
-    reader = read  # type: ignore[assignment]
+    reader = read
     caps: dict[int, VirtioCap] = {}
     for off in cap_offsets:
         raw = reader(off, 16)  # type: ignore[operator]
@@ -117,7 +117,7 @@ def physical_address(vaddr: int, pagemap: str = "/proc/self/pagemap") -> int:
     if not entry >> 63 or pfn == 0:
         raise DeviceError(f"physical address of {vaddr:#x}: expected a present page with a PFN "
                           f"(run as root), pagemap entry is {entry:#x}")
-    return pfn * page + vaddr % page
+    return int(pfn * page + vaddr % page)
 
 
 class _DmaArea:
