@@ -4,7 +4,7 @@ data path, in either mode:
 - baseline (policy `vhost`): driven only by kicks. A kick suppresses further kicks and queues the
   work; each queued work gets one C batch per round, round robin; a work whose ring runs dry
   re-enables kicks and re-checks the ring once more before it goes idle (the lost-kick race).
-- shared (policy `elvis`, `classes`): the ELVIS loop. Each tick
+- shared (policy `elvis`, `classes`): the ELVIS loop (its serving steps in iosched/serving.py). Each tick
     1. serves the head of the work list (queues that were kicked) for one turn; a turn is one or
        more C batches, bounded by min/max_processed_data_limit, cut short by pressure (a kick
        waiting longer than max_work_stuck_us, a stuck or overdue polled queue);
@@ -57,26 +57,20 @@ from virtio.kick import (
     WHY_BROKEN,
     WHY_BUDGET,
     WHY_KICK,
-    COp,
     Round,
-    RoundBroken,
     Wait,
 )
 
 from .policy import Policy, SchedSettings, make_policy
-from .work import IDLE, POLLED, QUEUED, RUNNING, QueueState, QueueWork, WorkerStats, WorkStats
+from .serving import Serving
+from .work import IDLE, POLLED, QUEUED, QueueState, QueueWork, WorkerStats, WorkStats
 
 __all__ = ["QueueState", "QueueWork", "WorkStats", "Worker", "WorkerStats"]
 
 log = logging.getLogger("vhostx.data")
 
 
-_DRAINED, _BUDGET = 0, 1
-_NOMINAL_PKT = 64  # bytes assumed for a batch that ran before any counter reading
-_ROUND_MAX_PASSES = 1 << 20  # C rounds end on time (poll_round_ns), not on a pass count
-
-
-class Worker:
+class Worker(Serving):
     """A data-path thread serving any mix of queue works (baseline: one device's queues)."""
 
     def __init__(
@@ -400,266 +394,6 @@ class Worker:
             work.broken(err)
         except Exception:
             log.exception("error callback failed")
-
-    # ---- worker thread: serving ---------------------------------------------------------------
-
-    def _turn(self, q: QueueState) -> tuple[int, int]:
-        """Serve `q` for one turn: (packets, _DRAINED | _BUDGET). GuestError propagates."""
-        work, pol, st = q.work, self.policy, q.stats
-        st.turns += 1
-        bp, bb = pol.batch_budget(q)
-        start = q.bytes_moved(0) if (q.busy and pol.multi_batch) else None
-        # A C batch may busy-poll its ring (busy_poll_us) only while no other queue of this
-        # worker waits: the client refills the other rings meanwhile, and they would wait.
-        work.solo = not (self._queued or self._polled)
-        n = work.run(bp, bb)
-        total = n
-        if n < bp:
-            q.busy = False
-            if total:
-                pol.after_turn(q, total, 0, False)
-            return total, _DRAINED
-        if not pol.multi_batch:
-            st.budget_exhausted += 1
-            return total, _BUDGET
-        outcome = _DRAINED
-        turn_bytes = 0
-        while True:
-            now_bytes = q.bytes_moved(total)
-            if start is None:
-                start = now_bytes - min(bb, bp * _NOMINAL_PKT)
-            turn_bytes = now_bytes - start
-            if not pol.continue_turn(q, turn_bytes, self._pressure()):
-                st.budget_exhausted += 1
-                outcome = _BUDGET
-                break
-            n = work.run(bp, bb)
-            total += n
-            if n < bp:
-                break
-        q.busy = True
-        pol.after_turn(q, total, turn_bytes, True)
-        return total, outcome
-
-    def _pressure(self) -> bool:
-        """Between two batches of one turn: should the current queue yield (past the minimum)?"""
-        s = self.settings
-        now = self._clock()
-        limit = s.max_work_stuck_ns
-        if limit >= 0:
-            if now - self._last_epoll >= limit // 2:
-                prev = self._last_epoll
-                self._last_epoll = now
-                self._collect(prev, in_turn=True)
-            if self._queued and now - self._queued[0].enq_ns >= limit:
-                return True
-        if self._scan_every and now >= self._next_scan:
-            self._scan(now)
-        return self._n_urgent > 0
-
-    def _scan(self, now: int) -> None:
-        """Stuck detection and min_poll_rate over the poll list; urgent queues go to its head."""
-        self._next_scan = now + self._scan_every
-        pol = self.policy
-        stuck_on = any(d.max_queue_stuck_ns >= 0 for d in self.settings.every())
-        for q in list(self._polled):
-            if q.urgent:
-                continue
-            hit = pol.overdue(q, now)
-            if not hit and stuck_on:
-                try:
-                    # pending() first: an RX ring's avail entries are empty buffers, not work
-                    p = q.pending_count() if q.work.pending() else 0
-                except GuestError as err:
-                    self._fail(q, err)  # detaches it: out of the poll list
-                    continue
-                if p <= 0 or p != q.stuck_pending:
-                    q.stuck_pending = max(p, 0)
-                    q.stuck_since_ns = now
-                elif pol.stuck(q, p, now):
-                    q.stats.stuck_events += 1
-                    hit = True
-            if hit:
-                q.urgent = True
-                self._n_urgent += 1
-                self._polled.remove(q)
-                self._polled.appendleft(q)
-
-    def _served(self, q: QueueState, now: int) -> None:
-        q.last_served_ns = now
-        q.last_checked_ns = now
-        q.stuck_since_ns = now
-        if q.urgent:
-            q.urgent = False
-            self._n_urgent -= 1
-
-    def _start_polling(self, q: QueueState, now: int) -> None:
-        st = q.stats
-        st.poll_starts += 1
-        st.polling = True
-        st.poll_since_ns = now
-        q.last_work_ns = now
-        q.state = POLLED
-        self._polled.append(q)
-        self._poll_gen += 1
-        self.stats.polling += 1
-
-    def _stop_polling(self, q: QueueState, now: int) -> None:
-        """q is out of the poll list: kicks back on, then the re-check."""
-        st = q.stats
-        self._poll_gen += 1
-        st.poll_stops += 1
-        st.polled_ns += max(0, now - st.poll_since_ns)
-        st.polling = False
-        self.stats.polling -= 1
-        if q.urgent:
-            q.urgent = False
-            self._n_urgent -= 1
-        self._rearm(q, now)
-
-    def _rearm(self, q: QueueState, now: int) -> None:
-        """Re-enable kicks, then look once more: a buffer added while kicks were off (the driver
-        saw NO_NOTIFY and did not kick) is found here instead of being stranded."""
-        work, st = q.work, q.stats
-        try:
-            work.set_notify(True)
-            st.notify_on += 1
-            again = work.pending()
-            if again:
-                work.set_notify(False)
-                st.notify_off += 1
-        except GuestError as err:
-            self._fail(q, err)
-            return
-        if again:
-            q.state = QUEUED
-            q.enq_ns = now
-            self._queued.append(q)
-        else:
-            q.state = IDLE
-            if q.kq is not None:  # kicks on and re-checked: the C wait serves the next kick
-                q.kq.give_back()
-
-    def _serve_queued(self, q: QueueState) -> int:
-        now = self._clock()
-        q.state = RUNNING
-        try:
-            total, outcome = self._turn(q)
-        except GuestError as err:
-            self._fail(q, err)
-            return 0
-        self._served(q, now)
-        st = q.stats
-        if total:
-            q.last_work_ns = now
-        else:
-            st.empty_turns += 1
-        if self.settings.polling and self.policy.start_polling(q, total):
-            self._start_polling(q, now)
-        elif outcome == _BUDGET or q.poll_only:
-            q.state = QUEUED
-            q.enq_ns = now
-            self._queued.append(q)
-        else:
-            self._rearm(q, now)
-        return total
-
-    def _serve_polled(self, now: int) -> int:
-        polled = self._polled
-        q = polled.popleft()
-        if not q.urgent and self.policy.coalesced(q, now):
-            polled.append(q)
-            return 0
-        q.state = RUNNING
-        try:
-            total, _ = self._turn(q)
-        except GuestError as err:
-            self._fail(q, err)
-            return 0
-        self._served(q, now)
-        st = q.stats
-        if total:
-            q.last_work_ns = now
-            st.kicks_avoided += 1
-        else:
-            st.empty_turns += 1
-            self.stats.empty_polls += 1
-            if not q.poll_only and self.policy.stop_polling(q, now - q.last_work_ns):
-                self._stop_polling(q, now)
-                return 0
-        q.state = POLLED
-        polled.append(q)
-        return total
-
-    def _build_round(self) -> None:
-        """The Round over every polled work, if each has a C op (else None: the Python path)."""
-        self._round_gen = self._poll_gen
-        qs = list(self._polled)
-        ops: list[COp] = []
-        for q in qs:
-            op = q.kq.op if q.kq is not None else getattr(q.work, "op", None)
-            if op is None:
-                self._round, self._round_qs = None, []
-                return
-            op.set_budget(*self.policy.batch_budget(q))
-            ops.append(op)
-        self._round, self._round_qs = Round(ops), qs
-
-    def _serve_round(self) -> int:
-        """Every polled queue in one C call (vx_round): one batch each per pass, passes for up to
-        poll_round_ns; then the per-queue bookkeeping of _serve_polled, once per round."""
-        if self._round_gen != self._poll_gen:
-            self._build_round()
-        rnd = self._round
-        if rnd is None:
-            return self._serve_polled(self._clock())
-        broken: RoundBroken | None = None
-        t0 = self._clock()
-        try:
-            rnd.run(_ROUND_MAX_PASSES, self._round_ns, self._coalesce_ns)
-        except RoundBroken as err:
-            broken = err
-        now = self._clock()
-        self.stats.round_ns += now - t0
-        pol = self.policy
-        total = 0
-        empty_polls = 0
-        idle: list[QueueState] = []
-        # Python per round grows with the polled queues (at 32 it is of the order of the round
-        # itself): one C call for every op's results, and per queue only plain attribute work
-        res = rnd.results()
-        after_turn = None if type(pol).after_turn is Policy.after_turn else pol.after_turn
-        for q, (batches, found, full, pkts, last_work) in zip(
-                self._round_qs, zip(*[iter(res)] * 5, strict=True), strict=True):  # fmt: skip
-            if not batches:
-                continue
-            q.stats.add_round(batches, found)
-            q.last_served_ns = q.last_checked_ns = q.stuck_since_ns = now  # _served, inlined
-            if q.urgent:
-                q.urgent = False
-                self._n_urgent -= 1
-            if found:
-                total += pkts
-                q.last_work_ns = last_work
-                if after_turn is not None:
-                    after_turn(q, pkts, 0, full > 0)
-            empty = batches - found
-            if empty:
-                empty_polls += empty
-                if (not found and not q.poll_only
-                        and pol.stop_polling(q, now - q.last_work_ns)):  # fmt: skip
-                    idle.append(q)
-        self.stats.empty_polls += empty_polls
-        self.stats.rounds += 1
-        if broken is not None:
-            bq = self._round_qs[broken.index]
-            if bq in idle:
-                idle.remove(bq)
-            self._fail(bq, broken.error)
-        for q in idle:
-            self._polled.remove(q)
-            self._stop_polling(q, now)
-        return total
 
     def _waited(self) -> None:
         reasons = self._wait.run(True)
