@@ -26,6 +26,8 @@ Threads: any (building takes bench.guest's file lock).
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 from bench.guest import DEFAULT_MODULES, GuestImage, build_image
@@ -113,9 +115,22 @@ def viommu_machine_args() -> list[str]:
     ]
 
 
+def _keep_under_tmp() -> list[str]:
+    """Host directories the job needs (the checkout, the Python environment) that the guest's
+    own /tmp would hide: a checkout under /tmp (CI clones anywhere) must stay visible."""
+    dirs = {str(Path(__file__).resolve().parents[1]), os.path.realpath(sys.prefix)}
+    return sorted(d for d in dirs if d.startswith("/tmp/"))
+
+
 def chroot_job(command: str) -> str:
     """/job.sh: mount the host root at /host, give it /proc, /sys, /dev and a /tmp, and run
-    ``command`` (a shell command line) chrooted there; prints ``VX-RESULT chroot_status N``."""
+    ``command`` (a shell command line) chrooted there; prints ``VX-RESULT chroot_status N``.
+    Host directories under /tmp that the job needs are bound back over the guest's /tmp."""
+    keep = _keep_under_tmp()
+    save = "".join(f"mkdir -p /keep{i}; mount -o bind /host{d} /keep{i}\n"
+                   for i, d in enumerate(keep))
+    restore = "".join(f"mkdir -p /host{d}; mount -o bind /keep{i} /host{d}\n"
+                      for i, d in enumerate(keep))
     return f"""
 mkdir -p /host
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=262144 hostroot /host; then
@@ -124,8 +139,8 @@ fi
 mount -t proc proc /host/proc
 mount -t sysfs sysfs /host/sys
 mount -t devtmpfs devtmpfs /host/dev
-mount -t tmpfs tmpfs /host/tmp
-ulimit -l unlimited
+{save}mount -t tmpfs tmpfs /host/tmp
+{restore}ulimit -l unlimited
 chroot /host /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \\
     PYTHONDONTWRITEBYTECODE=1 sh -c {_sh_quote(command)}
 rc=$?
