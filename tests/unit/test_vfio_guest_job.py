@@ -21,7 +21,7 @@ def test_checkout_under_tmp_was_hidden_by_the_guests_tmp(monkeypatch: pytest.Mon
 
 
 def test_nothing_to_keep_outside_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(vg, "_keep_under_tmp", lambda: [])
+    monkeypatch.setattr(vg, "_keep_under_tmp", list)
     assert "/keep" not in vg.chroot_job("true")
 
 
