@@ -365,3 +365,20 @@ def test_unanswered_misses_do_not_hold_their_slots_for_ever(env):
         a.close()
         b.close()
         tlb.close()
+
+
+@pytest.mark.parametrize("mrg_rxbuf", [False, True])
+def test_one_buffer_rx_path_read_iovas_as_guest_physical(env, tlb, mrg_rxbuf):
+    """The direct RX path for one-descriptor chains took the descriptor's address as a guest
+    physical one even on an IOTLB ring: with an IOVA that is also a valid GPA, the frame went to
+    that GPA (a decoy here) instead of where the IOTLB maps it."""
+    drv, dev = _iommu_pair(env, tlb, hdr_len=12, mrg_rxbuf=mrg_rxbuf)
+    decoy = env.alloc(PAGE, PAGE)
+    env.write(decoy, b"\xdd" * 128)
+    real = env.alloc(PAGE, PAGE)
+    tlb.update(env.mem, decoy, PAGE, _uva(env, real), WO)  # IOVA == the decoy's GPA
+    drv.add([], [(decoy, 128)])
+    drv.publish()
+    assert net.rx_fill(dev, b"\x05" * 60, 1) == 1
+    assert env.read(real + 12, 60) == b"\x05" * 60
+    assert env.read(decoy, 128) == b"\xdd" * 128
