@@ -54,8 +54,9 @@ HEADER = struct.Struct("=III")
 HEADER_SIZE = HEADER.size  # 12
 MAX_MEM_REGIONS = 8  # without CONFIGURE_MEM_SLOTS; also the SCM_RIGHTS limit QEMU uses
 MAX_CONFIG_SIZE = 256
-# Largest defined payloads: SET_MEM_TABLE 8 + 32*8 = 264, GET/SET_CONFIG 12 + 256 = 268, crypto
-# sessions a few hundred bytes. Anything larger is garbage and refused as soon as the header is in.
+# Largest defined payloads: SET_MEM_TABLE 8 + 32*8 = 264, GET/SET_CONFIG 12 + 256 = 268, the
+# crypto session requests a few hundred bytes. Anything larger is garbage and refused as soon as
+# the header is in.
 MAX_PAYLOAD_SIZE = 4096
 VRING_IDX_MASK = 0xFF  # SET_VRING_KICK/CALL/ERR u64: bits 0-7 index
 VRING_NOFD_MASK = 0x100  # bit 8: no fd (polling / no notification)
