@@ -33,7 +33,7 @@ LOW = vu.MemRegion(gpa=0, size=0xA0000, uva=0x7F00_0000_0000, mmap_offset=0)
 HIGH = vu.MemRegion(gpa=0x100000, size=MB, uva=0x7F00_0010_0000, mmap_offset=0x100000)
 
 
-class _Binding:
+class NullBinding:
     """A DeviceBinding that attaches nothing anywhere (no worker runs in these tests)."""
 
     def __init__(self) -> None:
@@ -57,7 +57,7 @@ class Wire:
     """One frontend connection to a device, handled in-process, one request at a time."""
 
     def __init__(self, queues: int = 2) -> None:
-        self.binding = _Binding()
+        self.binding = NullBinding()
         cfg = parse_device_spec(f"name=mq{queues},socket=/tmp/unused.sock,queues={queues}")
         self.dev = NetDevice(cfg, self.binding, SwitchRegistry())  # type: ignore[arg-type]
         self.back = vu.BackendConnection()

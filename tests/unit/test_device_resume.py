@@ -16,13 +16,13 @@ with a real memfd.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import struct
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from test_device_repeats import NullBinding
 
 from vhostx.config import parse_device_spec
 from vhostx.net import NetDevice, SwitchRegistry
@@ -35,28 +35,10 @@ REGION = vu.MemRegion(gpa=0, size=MB, uva=0x7F00_0000_0000, mmap_offset=0)
 RING = 0x10000  # ring i at REGION + i * RING: desc, avail (+0x1000), used (+0x2000)
 
 
-class _Binding:
-    def __init__(self) -> None:
-        self.attached: list[Any] = []
-
-    def _done(self) -> concurrent.futures.Future[Any]:
-        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        fut.set_result(None)
-        return fut
-
-    def attach(self, work: Any) -> concurrent.futures.Future[Any]:
-        self.attached.append(work)
-        return self._done()
-
-    def detach(self, work: Any) -> concurrent.futures.Future[Any]:
-        self.attached.remove(work)
-        return self._done()
-
-
 class Wire:
     def __init__(self) -> None:
         cfg = parse_device_spec("name=resume,socket=/tmp/unused.sock,port=sink")
-        self.dev = NetDevice(cfg, _Binding(), SwitchRegistry())  # type: ignore[arg-type]
+        self.dev = NetDevice(cfg, NullBinding(), SwitchRegistry())  # type: ignore[arg-type]
         self.loop = asyncio.new_event_loop()
         self.memfd = os.memfd_create("vx-resume-test")
         os.ftruncate(self.memfd, MB)
