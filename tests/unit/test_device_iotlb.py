@@ -10,7 +10,7 @@ import socket
 from typing import Any
 
 import pytest
-from test_device_repeats import _Binding
+from test_device_repeats import NullBinding
 
 from vhostx.config import parse_device_spec
 from vhostx.net import NetDevice, SwitchRegistry
@@ -29,7 +29,7 @@ ACCESS_PLATFORM = 1 << vf.VIRTIO_F_ACCESS_PLATFORM
 
 class IommuWire:
     def __init__(self, iommu: bool = True) -> None:
-        self.binding = _Binding()
+        self.binding = NullBinding()
         spec = f"name=io,socket=/tmp/unused.sock,iommu={'true' if iommu else 'false'}"
         self.dev = NetDevice(parse_device_spec(spec), self.binding, SwitchRegistry())  # type: ignore[arg-type]
         self.back = vu.BackendConnection()
@@ -190,7 +190,7 @@ def test_backend_channel_needs_backend_req() -> None:
         w.close()
 
 
-class _RecordingBinding(_Binding):
+class _RecordingBinding(NullBinding):
     """Records, at each detach, whether the IOTLB still held the mapping being invalidated."""
 
     def __init__(self) -> None:
