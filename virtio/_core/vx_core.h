@@ -374,7 +374,7 @@ int32_t vx_drvq_rx_frames(struct vx_drvq *q, const uint8_t *bufs, uint32_t buf_s
                           uint32_t hdr_len, uint32_t mrg_rxbuf, uint8_t *out, uint32_t out_cap,
                           uint32_t *lens, uint32_t max_frames);
 
-/* ==== kicked queues and the worker's wait (vx_wait.c) ===================================== *
+/* ==== kicked queues and the worker's wait (vx_kq.c, vx_wait.c) ============================ *
  * A vx_kq is one queue a worker serves on kicks: a vx_op (its batch), the kick eventfd the
  * driver writes, optionally a data fd whose readability also means work (a TAP fd), the batch
  * budget, and counters. It is owned by the Python side (ffi.new), which keeps its op alive.
