@@ -69,7 +69,8 @@ static inline void pause_cpu(void)
  * refills the ring while we serve it, and the refill usually lands within microseconds. Going
  * back to kicks there would cost the driver a kick (a syscall, a VM exit) and this thread a sleep
  * and a wake-up per budget's worth of packets, and lets the two sides fall into a slow lock-step.
- * So such a queue waits, up to its busy-poll window, for avail->idx to move. Only for queues
+ * So such a queue waits, up to its busy-poll window, for avail->idx to move; so does a queue
+ * whose previous batch lingered (kq_turn: a driver one round trip away). Only for queues
  * without a data fd (their work depends on the ring alone). Returns the entries pending (> 0),
  * 0 when the window passed without any, < 0 when the ring broke.
  */
@@ -88,14 +89,23 @@ static int kq_stream_wait(struct vx_kq *kq, uint64_t spin_ns)
     }
 }
 
-/* One turn of a queue whose kicks are off: one batch, then the re-arm unless its budget ran out.
- * solo: no other queue waits for this thread (the batch may busy-poll). */
+/* One turn of a queue whose kicks are off: one batch, then the re-arm unless its budget ran out
+ * or it lingers. solo: no other queue waits for this thread (the batch may busy-poll). */
 int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_python)
 {
     struct vx_op *op = kq->op;
     uint64_t spin = solo && kq->spin_ns ? __atomic_load_n(kq->spin_ns, __ATOMIC_RELAXED) : 0;
-    const int streaming = kq->data_fd < 0 && kq->last > 0 && (uint32_t)kq->last >= kq->max_pkts;
+    /* the driver is refilling: the previous batch used its whole budget, or lingered */
+    const int lingered = kq->lingering;
+    const int streaming = kq->data_fd < 0 && kq->last > 0 &&
+                          ((uint32_t)kq->last >= kq->max_pkts || lingered);
+    kq->lingering = 0;
+    /* the op's busy-poll counts the buffers its spin found on op->vq (spin_found) */
+    const struct vx_stats *vs = vx_vq_stats(op->vq);
+    const uint64_t found0 = vs->spin_found;
     int r = vx_op_run(op, kq->max_pkts, kq->max_bytes, spin);
+    if (r > 0 && lingered && spin)
+        kq->stats.caught++; /* came between the two turns, kicks still off */
     if (r == 0 && spin && streaming) {
         kq->stats.stream_waits++;
         int p = kq_stream_wait(kq, spin);
@@ -103,9 +113,12 @@ int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_
             r = -1;
         else if (p > 0) {
             kq->stats.stream_found++;
+            kq->stats.caught++;
             r = vx_op_run(op, kq->max_pkts, kq->max_bytes, spin);
         }
     }
+    const uint64_t spin_caught = vs->spin_found - found0;
+    kq->stats.caught += spin_caught;
     kq->last = r;
     kq->stats.turns++;
     if (unlikely(r < 0))
@@ -130,6 +143,16 @@ int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_
          * re-arms it. Busy queues sharing a worker are served round robin and none goes back to
          * kicks (a kick and a wake-up each) while it still has work. */
         kq->stats.rearm_deferred++;
+        return VX_TURN_AGAIN;
+    }
+    if (r > 0 && spin_caught && kq->data_fd < 0) {
+        /* The linger (vx_core.h): the batch's spin caught buffers, so its window, a budget for
+         * the whole batch, ran out less than a window after the last of them; the driver is
+         * still active (a ping-pong: its next buffer comes a round trip after our completion).
+         * Re-arming now sent such a driver to kicks once a window and this thread to sleep.
+         * The queue stays runnable, kicks off; its next turn waits a whole window from then. */
+        kq->stats.lingers++;
+        kq->lingering = 1;
         return VX_TURN_AGAIN;
     }
     hook(kq, VX_HOOK_BATCHED);
@@ -157,6 +180,7 @@ broken:
 /* Kicks off for a queue that woke up; -1: its ring is broken (handed over). */
 int kq_suppress(struct vx_kq *kq)
 {
+    kq->stats.wakes++;
     if (vx_vq_set_notify(kq->op->vq, 0) < 0) {
         kq->last = -1;
         hand(kq, VX_WHY_BROKEN);
