@@ -181,6 +181,7 @@ broken:
 int kq_suppress(struct vx_kq *kq)
 {
     kq->stats.wakes++;
+    kq->lingering = 0; /* it slept: its driver came later than a window */
     if (vx_vq_set_notify(kq->op->vq, 0) < 0) {
         kq->last = -1;
         hand(kq, VX_WHY_BROKEN);
