@@ -128,6 +128,8 @@ def test_a_driver_slower_than_the_window_is_served_on_kicks(env):
         c = kq.counters
         assert r.consumed() == 3 and r.kicks_sent == 3
         assert (c.wakes, c.caught) == (3, 0)
+        # a batch whose spin caught nothing waited a whole window: it re-arms, no more spinning
+        assert (c.lingers, c.stream_waits) == (0, 0)
     finally:
         done.set()
         t.join(10)
