@@ -108,10 +108,12 @@ MAX_WORKERS = Param(
 PARAMS: tuple[Param, ...] = (WORKERS, WORKER_CPUS, PLACEMENT, DEVICES_PER_WORKER, MAX_WORKERS)
 """The pool's parameters (worker count, pinning, placement)."""
 
-_QUEUE_FIELDS = ("packets", "bytes", "interrupts", "interrupts_suppressed", "ring_full")
+_QUEUE_FIELDS = ("packets", "bytes", "interrupts", "interrupts_suppressed", "ring_full", "spins",
+                 "spin_found")
 _WORK_FIELDS = (
     "kicks", "kicks_avoided", "poll_starts", "poll_stops", "polled_ns", "stuck_events",
-    "budget_exhausted", "turns", "empty_turns",
+    "budget_exhausted", "turns", "empty_turns", "wakes", "caught", "lingers", "stream_waits",
+    "stream_found",
 )  # fmt: skip
 
 

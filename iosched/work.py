@@ -132,8 +132,11 @@ class WorkStats(_Counters):
     stream_waits = _Counter()  # C only: empty batches after a full one that waited for a refill
     stream_found = _Counter()  # ... whose wait found one
     rearm_deferred = _Counter()  # C only: batches with work requeued, kicks off (others runnable)
+    wakes = _Counter()  # C only: wake-ups of the sleeping queue (arrivals no busy-poll caught)
+    caught = _Counter()  # C only: arrivals a busy-poll window found with kicks still off
+    lingers = _Counter()  # C only: batches whose spin caught buffers, requeued with kicks off
     _SUMMED = ("kicks", "turns", "empty_turns", "notify_on", "notify_off", "budget_exhausted",
-               "stream_waits", "stream_found", "rearm_deferred")
+               "stream_waits", "stream_found", "rearm_deferred", "wakes", "caught", "lingers")
     _PLAIN = (
         ("kicks_avoided", 0),
         ("poll_starts", 0),

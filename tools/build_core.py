@@ -23,7 +23,8 @@ __all__ = ["SOURCES", "cdef_from_header", "ffibuilder", "sanitize"]
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "virtio" / "_core"
 # the core's files by concern (see vx_internal.h); vx_fence.c: fences for the Python driver
-# side; vx_wait.c: kicks served in C and the worker's wait;
+# side; vx_kq.c: one kicked queue's turn in C; vx_wait.c: the worker's wait (vx_wait.h: shared
+# by those two);
 # vx_drv.c: driver-side test support (virtio.testing); vx_drvq.c: the driver side
 # of a split virtqueue (virtio.driver.split); vx_iotlb.c: the ACCESS_PLATFORM IOTLB
 SOURCES = [
@@ -33,6 +34,7 @@ SOURCES = [
     "vx_net_tx.c",
     "vx_switch.c",
     "vx_round.c",
+    "vx_kq.c",
     "vx_wait.c",
     "vx_fence.c",
     "vx_drv.c",

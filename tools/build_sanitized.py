@@ -55,6 +55,7 @@ CORE_TESTS = [
     "tests/unit/test_in_order.py",
     "tests/unit/test_round.py",
     "tests/unit/test_busy_poll.py",
+    "tests/unit/test_busy_poll_window.py",
     "tests/unit/test_driver_split_store.py",
     "tests/unit/test_core_regressions.py",
 ]

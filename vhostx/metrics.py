@@ -99,6 +99,10 @@ _QUEUE_METRICS: tuple[_Spec, ...] = (
      "Turns that ended because the budget ran out.", 1),
     ("turns", "queue_turns", "counter", "Service turns given to the queue.", 1),
     ("empty_turns", "queue_empty_turns", "counter", "Service turns that found nothing to do.", 1),
+    ("wakes", "queue_wakes", "counter",
+     "Arrivals that found the queue asleep in the worker's C wait (kicks on).", 1),
+    ("caught", "queue_caught", "counter",
+     "Arrivals a busy-poll window found with kicks still off (no kick, no wake-up).", 1),
     ("polling", "queue_polling", "gauge", "1 while the queue is polled, 0 while kicks drive it.", 1),
 )
 

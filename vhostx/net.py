@@ -125,7 +125,9 @@ BUSY_POLL_US = Param(
     "inside one C batch that has found work, keep re-reading the ring once it runs empty, for "
     "up to this long in total per batch, before returning to the worker loop (like vhost-net's "
     "busyloop_timeout); completions are published first; an idle ring never spins; bounds one "
-    "batch's extra latency for other queues on the same worker; 0 = return at once",
+    "batch's extra latency for other queues on the same worker; a queue whose batch caught "
+    "buffers this way waits one more window, kicks off, before going back to kicks (the "
+    "linger: a ping-pong driver within the window never kicks); 0 = return at once",
     unit="us", min=0, max=1000, runtime=True, scope=Scope.DEVICE,
 )  # fmt: skip
 PARAMS: tuple[Param, ...] = (BUSY_POLL_US,)

@@ -173,11 +173,14 @@ def start_testpmd_client(stack: ExitStack, sockets: Sequence[str], case: Case,
 
 def notification_counters(stats: dict[str, Any] | None) -> dict[str, int]:
     """Summed notification counters of the daemon stats' "queues" list: packets, kicks,
-    kicks_avoided, interrupts, interrupts_suppressed, poll_switches (starts + stops)."""
+    kicks_avoided, interrupts, interrupts_suppressed, poll_switches (starts + stops), and of the
+    queues served in the worker's C wait: wakes (arrivals that found the queue asleep) and caught
+    (arrivals a busy-poll window found with kicks still off)."""
     out = {"packets": 0, "kicks": 0, "kicks_avoided": 0, "interrupts": 0,
-           "interrupts_suppressed": 0, "poll_switches": 0}
+           "interrupts_suppressed": 0, "poll_switches": 0, "wakes": 0, "caught": 0}
     for q in _queues(stats):
-        for key in ("packets", "kicks", "kicks_avoided", "interrupts", "interrupts_suppressed"):
+        for key in ("packets", "kicks", "kicks_avoided", "interrupts", "interrupts_suppressed",
+                    "wakes", "caught"):
             out[key] += _int(q.get(key))
         out["poll_switches"] += _int(q.get("poll_starts")) + _int(q.get("poll_stops"))
     return out

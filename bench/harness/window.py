@@ -76,7 +76,7 @@ def fill_common(rec: dict[str, Any], s0: dict[str, Any], s1: dict[str, Any],
         per = {}
         base = delta["packets"] or packets * window
         for k in ("kicks", "kicks_avoided", "interrupts", "interrupts_suppressed",
-                  "poll_switches"):
+                  "poll_switches", "wakes", "caught"):
             per[k] = delta[k] / base if base else None
         m["notifications"] = {"counts": delta, "per_packet": per}
     m["memory"] = be.memory()

@@ -39,7 +39,7 @@ NEW_STATS: dict[str, Any] = {
          "packets": 1000, "bytes": 64000, "kicks": 5, "kicks_avoided": 40, "interrupts": 3,
          "interrupts_suppressed": 9, "poll_starts": 2, "poll_stops": 1, "polled_ns": 250_000_000,
          "ring_full": 0, "stuck_events": 1, "budget_exhausted": 6, "turns": 77,
-         "empty_turns": 11},
+         "empty_turns": 11, "wakes": 4, "caught": 960},
         {"name": "net0.rx0", "device": "net0", "worker": 0, "polling": False,
          "packets": 7, "bytes": 700},
     ],
@@ -85,6 +85,8 @@ def test_render_parses_back_with_the_values() -> None:
     assert s[("vhostx_queue_stuck_events_total", q)] == 1
     assert s[("vhostx_queue_budget_exhausted_total", q)] == 6
     assert s[("vhostx_queue_empty_turns_total", q)] == 11
+    assert s[("vhostx_queue_wakes_total", q)] == 4
+    assert s[("vhostx_queue_caught_total", q)] == 960
     assert s[("vhostx_queue_polling", q)] == 1
     assert s[("vhostx_queue_polling", lbl(device="net0", queue="net0.rx0", worker="0"))] == 0
     # absent fields are absent, not zero

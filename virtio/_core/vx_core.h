@@ -374,7 +374,7 @@ int32_t vx_drvq_rx_frames(struct vx_drvq *q, const uint8_t *bufs, uint32_t buf_s
                           uint32_t hdr_len, uint32_t mrg_rxbuf, uint8_t *out, uint32_t out_cap,
                           uint32_t *lens, uint32_t max_frames);
 
-/* ==== kicked queues and the worker's wait (vx_wait.c) ===================================== *
+/* ==== kicked queues and the worker's wait (vx_kq.c, vx_wait.c) ============================ *
  * A vx_kq is one queue a worker serves on kicks: a vx_op (its batch), the kick eventfd the
  * driver writes, optionally a data fd whose readability also means work (a TAP fd), the batch
  * budget, and counters. It is owned by the Python side (ffi.new), which keeps its op alive.
@@ -387,6 +387,15 @@ int32_t vx_drvq_rx_frames(struct vx_drvq *q, const uint8_t *bufs, uint32_t buf_s
  * after the queue's previous batch used its whole budget, the queue is streaming and the driver
  * is refilling: it waits up to that window for avail->idx to move, and runs the batch again if
  * it did, before kicks come back on (stream_waits / stream_found; not for queues with a data fd).
+ * The same wait follows a batch that lingered.
+ * The linger: a batch's busy-poll window is a budget for the whole batch, so a batch whose spin
+ * caught buffers (a ping-pong driver, one frame in flight) has less than a window left after its
+ * last one. Such a queue is not re-armed: it is requeued with kicks off (lingers), and its next
+ * turn, finding the ring empty, does the stream wait (a whole window from then: from after the
+ * batch published its completions and decided its interrupts). So every arrival within a window
+ * of the previous completion is caught without a kick (caught), and only a driver slower than
+ * the window finds the queue asleep (wakes); between the two turns the wait looks at its fds.
+ * A batch whose spin caught nothing waited a whole window after its last buffer: it re-arms.
  * The busy-queue turn: in vx_wait_run, a batch that found work while other queues are runnable
  * requeues its queue with kicks off (rearm_deferred); the queue is re-armed only by a turn that
  * finds its ring empty, so busy queues of one worker are served round robin without going back
@@ -451,6 +460,13 @@ struct vx_kq_stats {
     uint64_t stream_found;     /* ... whose wait found one (and ran the batch again) */
     uint64_t rearm_deferred;   /* batches that found work while other queues were runnable:
                                 * requeued with kicks off, re-armed only at an empty turn */
+    uint64_t wakes;            /* wake-ups of a sleeping queue (VX_KQ_IDLE, kicks on) by a kick
+                                * or its data fd: arrivals no busy-poll window caught */
+    uint64_t caught;           /* arrivals found with kicks still off by a busy-poll window (a
+                                * batch's spin, a stream wait, a lingering queue's next batch) */
+    uint64_t lingers;          /* batches whose spin caught buffers and so ran out of window
+                                * before a whole one had passed since the last: requeued with
+                                * kicks off, the next turn's stream wait gives a fresh window */
 };
 
 struct vx_kq {
@@ -464,6 +480,7 @@ struct vx_kq {
     const uint64_t *spin_ns;   /* busy-poll window of a batch run alone (NULL: none) */
     uint32_t why;              /* VX_WHY_* of the last hand-over */
     int32_t last;              /* the last batch's return (< 0: broken) */
+    uint32_t lingering;        /* the last batch lingered (see lingers): the next one may wait */
     uint64_t last_work_ns;     /* CLOCK_MONOTONIC after the last batch that found work */
     struct vx_kq_stats stats;
     /* the wait's own */

@@ -9,6 +9,8 @@
  * vx_tx.h (the one TX loop), vx_net_rx.c (RX delivery), vx_net_tx.c (the sink, echo, fwd and
  * tx_to_fd actions), vx_switch.c (L2 switch and its TX action), vx_round.c (vx_op / vx_round),
  * vx_drv.c (driver-side test support), vx_iotlb.c (the device IOTLB of ACCESS_PLATFORM).
+ * vx_kq.c and vx_wait.c (kicked queues and the worker's wait) use only the public API and share
+ * vx_wait.h instead of this header.
  */
 #ifndef VX_INTERNAL_H
 #define VX_INTERNAL_H

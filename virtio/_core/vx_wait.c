@@ -1,24 +1,20 @@
 /*
- * vx_wait.c - kicked queues served in C, and the wait a worker thread blocks in.
+ * vx_wait.c - the wait a worker thread blocks in: epoll over its command eventfd, the kick and
+ * data fds of its C-served queues and the fds Python serves itself, the run queue of kicked
+ * queues (each turn is vx_kq.c's kq_turn), the deadline slots and the queues' held interrupts.
  *
- * The contract is in vx_core.h ("kicked queues and the worker's wait"). This file only uses the
- * core's public API (vx_op_run, vx_vq_set_notify, vx_vq_pending, vx_vq_signal, vx_now_ns): it
- * knows rings and operations as opaque handles.
- *
- * The lost-kick race: the driver reads our "kicks off" (VRING_USED_F_NO_NOTIFY, or avail_event
- * under EVENT_IDX) after publishing avail->idx and decides not to kick. A queue therefore goes
- * back to sleep only after kicks are on again (vx_vq_set_notify(1) ends with a full barrier) and
- * a re-read of avail->idx found nothing: whatever the driver published before seeing kicks on
- * is found by that re-read, whatever it published later comes with a kick.
+ * The contract is in vx_core.h ("kicked queues and the worker's wait"); shared declarations in
+ * vx_wait.h. This file only uses the core's public API: it knows rings and operations as opaque
+ * handles.
  *
  * Kick eventfds are registered edge-triggered and drained on every event, so an event is never
  * lost and never repeats; the command fd is level-triggered and left for the Python side to read.
+ *
+ * Threads: everything on one wait from the worker thread that owns it.
  */
-#define _GNU_SOURCE
-#include "vx_core.h"
+#include "vx_wait.h"
 
 #include <errno.h>
-#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -26,9 +22,6 @@
 #include <sys/prctl.h>
 #include <time.h>
 #include <unistd.h>
-
-#define likely(x) __builtin_expect(!!(x), 1)
-#define unlikely(x) __builtin_expect(!!(x), 0)
 
 #define WAIT_EVENTS 64 /* epoll events taken per look (<= VX_WAIT_REPORT_MAX) */
 
@@ -61,167 +54,6 @@ struct vx_wait {
     struct vx_wait_report rep;
     struct vx_wait_stats stats;
 };
-
-/* ------------------------------------------------------------------------------------------ */
-/* one kicked queue                                                                             */
-
-static void drain(int fd)
-{
-    uint64_t v;
-    ssize_t r = read(fd, &v, sizeof(v));
-    (void)r; /* EAGAIN: a kick already drained by an earlier event */
-}
-
-/* The re-check: ring entries pending and, with a data fd, that fd readable. <0: ring broken. */
-static int kq_pending(struct vx_kq *kq)
-{
-    int n = vx_vq_pending(kq->op->vq);
-    if (n <= 0 || kq->data_fd < 0)
-        return n;
-    struct pollfd p = {.fd = kq->data_fd, .events = POLLIN};
-    return poll(&p, 1, 0) > 0 && (p.revents & POLLIN) ? n : 0;
-}
-
-static inline void hook(struct vx_kq *kq, uint32_t point)
-{
-    struct vx_wait *w = kq->owner;
-    if (unlikely(w && w->hook))
-        w->hook(w->hook_arg, point, kq->id);
-}
-
-static int hand(struct vx_kq *kq, uint32_t why)
-{
-    kq->why = why;
-    kq->state = VX_KQ_PY;
-    return VX_TURN_HANDED;
-}
-
-#define STREAM_CHECK 32 /* ring re-reads (one pause each) between two clock reads */
-
-static inline void pause_cpu(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield" ::: "memory");
-#else
-    __asm__ __volatile__("" ::: "memory");
-#endif
-}
-
-/*
- * The stream wait. A batch that finds its ring empty at its start never busy-polls (idle queues
- * cost nothing), but a queue whose previous batch used its whole budget is streaming: its driver
- * refills the ring while we serve it, and the refill usually lands within microseconds. Going
- * back to kicks there would cost the driver a kick (a syscall, a VM exit) and this thread a sleep
- * and a wake-up per budget's worth of packets, and lets the two sides fall into a slow lock-step.
- * So such a queue waits, up to its busy-poll window, for avail->idx to move. Only for queues
- * without a data fd (their work depends on the ring alone). Returns the entries pending (> 0),
- * 0 when the window passed without any, < 0 when the ring broke.
- */
-static int kq_stream_wait(struct vx_kq *kq, uint64_t spin_ns)
-{
-    const uint64_t t0 = vx_now_ns();
-    for (;;) {
-        for (int i = 0; i < STREAM_CHECK; i++) {
-            int n = vx_vq_pending(kq->op->vq);
-            if (n != 0)
-                return n;
-            pause_cpu();
-        }
-        if (vx_now_ns() - t0 >= spin_ns)
-            return 0;
-    }
-}
-
-/* One turn of a queue whose kicks are off: one batch, then the re-arm unless its budget ran out.
- * solo: no other queue waits for this thread (the batch may busy-poll). */
-static int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_python)
-{
-    struct vx_op *op = kq->op;
-    uint64_t spin = solo && kq->spin_ns ? __atomic_load_n(kq->spin_ns, __ATOMIC_RELAXED) : 0;
-    const int streaming = kq->data_fd < 0 && kq->last > 0 && (uint32_t)kq->last >= kq->max_pkts;
-    int r = vx_op_run(op, kq->max_pkts, kq->max_bytes, spin);
-    if (r == 0 && spin && streaming) {
-        kq->stats.stream_waits++;
-        int p = kq_stream_wait(kq, spin);
-        if (p < 0)
-            r = -1;
-        else if (p > 0) {
-            kq->stats.stream_found++;
-            r = vx_op_run(op, kq->max_pkts, kq->max_bytes, spin);
-        }
-    }
-    kq->last = r;
-    kq->stats.turns++;
-    if (unlikely(r < 0))
-        return hand(kq, VX_WHY_BROKEN);
-    if (r == 0) {
-        kq->stats.empty_turns++;
-    } else {
-        kq->stats.packets += (uint64_t)r;
-        kq->last_work_ns = vx_now_ns();
-    }
-    if (poll_start && (uint32_t)r >= poll_start)
-        return hand(kq, VX_WHY_POLL);
-    if ((uint32_t)r >= kq->max_pkts) {
-        if (budget_to_python)
-            return hand(kq, VX_WHY_BUDGET);
-        kq->stats.budget_exhausted++;
-        return VX_TURN_AGAIN;
-    }
-    if (!solo && r > 0) {
-        /* The busy-queue turn: other queues wait for this thread, so this one gets its next
-         * batch after each of them had theirs, kicks still off; a turn that finds its ring empty
-         * re-arms it. Busy queues sharing a worker are served round robin and none goes back to
-         * kicks (a kick and a wake-up each) while it still has work. */
-        kq->stats.rearm_deferred++;
-        return VX_TURN_AGAIN;
-    }
-    hook(kq, VX_HOOK_BATCHED);
-    if (vx_vq_set_notify(op->vq, 1) < 0)
-        goto broken;
-    kq->stats.notify_on++;
-    hook(kq, VX_HOOK_ENABLED);
-    int p = kq_pending(kq);
-    if (p < 0)
-        goto broken;
-    if (p > 0) {
-        if (vx_vq_set_notify(op->vq, 0) < 0)
-            goto broken;
-        kq->stats.notify_off++;
-        return VX_TURN_AGAIN;
-    }
-    vx_vq_signal(op->vq); /* nothing left unpublished (a no-op after a batch) */
-    kq->state = VX_KQ_IDLE;
-    return VX_TURN_IDLE;
-broken:
-    kq->last = -1;
-    return hand(kq, VX_WHY_BROKEN);
-}
-
-/* Kicks off for a queue that woke up; -1: its ring is broken (handed over). */
-static int kq_suppress(struct vx_kq *kq)
-{
-    if (vx_vq_set_notify(kq->op->vq, 0) < 0) {
-        kq->last = -1;
-        hand(kq, VX_WHY_BROKEN);
-        return -1;
-    }
-    kq->stats.notify_off++;
-    return 0;
-}
-
-int vx_kq_kick(struct vx_kq *kq, uint32_t poll_start, uint32_t budget_to_python)
-{
-    if (kq->kick_fd >= 0)
-        drain(kq->kick_fd);
-    kq->stats.kicks++;
-    if (kq_suppress(kq) < 0)
-        return VX_TURN_HANDED;
-    kq->state = VX_KQ_RUN;
-    return kq_turn(kq, 1, poll_start, budget_to_python);
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* the wait                                                                                     */
@@ -468,6 +300,12 @@ void vx_wait_set_hook(struct vx_wait *w, void (*fn)(void *, uint32_t, uint32_t),
 {
     w->hook = fn;
     w->hook_arg = arg;
+}
+
+void wait_hook(struct vx_wait *w, uint32_t point, uint32_t id)
+{
+    if (unlikely(w->hook))
+        w->hook(w->hook_arg, point, id);
 }
 
 /* The earliest deadline (0: none); due slots are reported and cleared, due held interrupts of
