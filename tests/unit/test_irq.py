@@ -128,6 +128,69 @@ def test_moderation_holds_until_frames_or_the_deadline(env):
         r.close()
 
 
+def test_deadline_lateness_is_counted_sum_and_max(env):
+    """Every held interrupt sent because its deadline passed counts how late it went out."""
+    r = RxRing(env)
+    try:
+        r.q.set_irq(IrqConfig(IrqMode.MODERATE, frames=32, delay_ns=10_000 * MS))
+        r.post(8)
+        for late in (3_000, 7_000):
+            r.deliver(1)
+            d = r.q.irq_deadline
+            assert r.q.irq_flush(d + late) == 0 and drain(r.call) == 1
+        r.deliver(1)
+        assert r.q.irq_flush() == 0  # forced (a detach): not a deadline firing
+        s = r.stats()
+        assert (s["irq_deadline_fired"], s["irq_late_ns"], s["irq_late_max_ns"]) == (2, 10_000,
+                                                                                   7_000)
+        assert s["irq_deadline_flushes"] == 3
+    finally:
+        r.close()
+
+
+def test_late_deadline_wake_up_the_timed_flush_learns_the_lateness_and_sends_on_time(env):
+    """Regression: a worker asleep until a held interrupt's deadline woke one timer wake-up
+    latency after it (15-20 us on a loaded VM even with 1 us timer slack), and every moderated
+    RTT paid that on top of irq_coalesce_us. The wait's flush learns the lateness, asks to be
+    woken that much early, and spins the rest: the interrupt goes out at the deadline, never
+    before it. Fake clock values for the learning; the last call spins on the real clock."""
+    r = RxRing(env)
+    try:
+        r.q.set_irq(IrqConfig(IrqMode.MODERATE, frames=64, delay_ns=MS))
+        r.post(64)
+        r.deliver(1)
+        d = r.q.irq_deadline
+        assert r.q.irq_flush_timed(d - 1) == d  # nothing learnt yet: wake at the deadline
+        assert r.q.irq_flush_timed(d) == 0 and drain(r.call) == 1
+        for _ in range(60):  # every wake-up 20 us after the time asked for
+            r.post(1)
+            r.deliver(1)
+            wake = r.q.irq_flush_timed(r.q.irq_deadline - MS)
+            assert r.q.irq_flush_timed(wake + 20_000) == 0 and drain(r.call) == 1
+        r.post(1)
+        r.deliver(1)
+        d = r.q.irq_deadline
+        wake = r.q.irq_flush_timed(d - MS)
+        assert d - 20_000 <= wake <= d - 19_000, d - wake
+        assert not readable(r.call)
+        assert r.q.irq_flush_timed(wake) == 0  # woken early: spins to the deadline, sends
+        assert kick.now_ns() >= d and drain(r.call) == 1
+        s = r.stats()
+        assert s["irq_deadline_fired"] == 62 and s["irq_late_max_ns"] >= 20_000
+        for _ in range(60):  # a worker held up for 10 ms each time: the advance is capped
+            r.post(1)
+            r.deliver(1)
+            wake = r.q.irq_flush_timed(r.q.irq_deadline - MS)
+            assert r.q.irq_flush_timed(wake + 10 * MS) == 0 and drain(r.call) == 1
+        r.post(1)
+        r.deliver(1)
+        d = r.q.irq_deadline
+        assert r.q.irq_flush_timed(d - MS) == d - 50_000  # at most 50 us (and delay / 4)
+        assert r.q.irq_flush() == 0 and drain(r.call) == 1
+    finally:
+        r.close()
+
+
 def test_moderation_off_is_immediate_and_a_held_interrupt_survives_switching_it_off(env):
     r = RxRing(env)
     try:
