@@ -142,6 +142,19 @@ static inline void irq_count_late(struct vx_vq *vq, uint64_t now)
         vq->stats.irq_late_max_ns = late;
 }
 
+/* ADAPTIVE: a hold its deadline ends with one completion coalesced nothing: the queue is in
+ * request-response (ping-pong), where holding is pure latency. Moderation goes off until the
+ * next window's rate turns it on again (so at most one held completion per window). */
+static inline void irq_adaptive_lone(struct vx_vq *vq)
+{
+    const struct vx_irq_config *cfg = vq->irq_cfg;
+    if (vq->irq_active && vq->irq_pending <= 1 && cfg &&
+        __atomic_load_n(&cfg->mode, __ATOMIC_RELAXED) == VX_IRQ_ADAPTIVE) {
+        vq->irq_active = 0;
+        vq->stats.irq_adaptive_off++;
+    }
+}
+
 /* 3. the queue's interrupt policy: what becomes of a publication of n completions the driver
  * wants signalled (wanted) or not. A publication while an interrupt is held joins it (the
  * driver asked once; its used_event has not moved since). */
@@ -171,6 +184,7 @@ static inline int notify_policy_apply(struct vx_vq *vq, int wanted, uint32_t n)
         return irq_release(vq);
     if (now >= vq->irq_deadline) {
         irq_count_late(vq, now);
+        irq_adaptive_lone(vq);
         return irq_release(vq);
     }
     return VX_NOTIFY_DEFERRED;
@@ -241,8 +255,10 @@ uint64_t vx_vq_irq_flush(struct vx_vq *vq, uint64_t now)
     vq_lock(vq);
     uint64_t d = vq->irq_deadline;
     if (d && now >= d && !vq->broken) {
-        if (now != UINT64_MAX)
+        if (now != UINT64_MAX) {
             irq_count_late(vq, now);
+            irq_adaptive_lone(vq);
+        }
         int outcome = irq_release(vq);
         notify_count(vq, outcome);
         vq->stats.irq_deadline_flushes++;
@@ -255,14 +271,16 @@ uint64_t vx_vq_irq_flush(struct vx_vq *vq, uint64_t now)
 }
 
 /* Timer-lateness compensation (the idea of KVM's lapic_timer_advance_ns). A worker sleeping
- * until a deadline wakes some microseconds after it (15-20 us on a loaded VM even with a 1 us
- * timer slack), which would add that much to every held interrupt. The queue learns the
+ * until a deadline wakes some microseconds after it (10-20 us on a loaded VM even with a 1 us
+ * timer slack), which would add that much to every held interrupt. The queue learns that
  * lateness and asks to be woken that much early; woken early, it spins the rest, so the
- * interrupt goes out at its deadline, never before. Learning: at each timed flush,
- * e = (look time - deadline), negative when woken early, each sample clamped to the cap;
- * advance += e / 8, kept in [0, cap]. Steady state: the advance equals the wake-up lateness. */
+ * interrupt goes out at its deadline, never before. Learning, at each timed flush: looked at
+ * after the deadline, advance += 1.5 us; at or before it, advance -= 0.5 us; kept in
+ * [0, cap]. That tracks the 75th percentile of the wake-up lateness (late a quarter of the
+ * time) and ignores its tail: a worker descheduled for milliseconds moves it by 1.5 us. */
 #define IRQ_ADVANCE_MAX_NS 50000ull
-#define IRQ_ADVANCE_SHIFT 3
+#define IRQ_ADVANCE_UP_NS 1500ull
+#define IRQ_ADVANCE_DOWN_NS 500ull
 
 static inline uint64_t irq_advance_cap(const struct vx_vq *vq)
 {
@@ -273,13 +291,12 @@ static inline uint64_t irq_advance_cap(const struct vx_vq *vq)
 
 static inline void irq_advance_learn(struct vx_vq *vq, uint64_t now, uint64_t d, uint64_t cap)
 {
-    int64_t e = (int64_t)(now - d);
-    if (e > (int64_t)cap)
-        e = (int64_t)cap;
-    if (e < -(int64_t)cap)
-        e = -(int64_t)cap;
-    int64_t a = (int64_t)vq->irq_advance_ns + e / (1 << IRQ_ADVANCE_SHIFT);
-    vq->irq_advance_ns = a < 0 ? 0 : (uint64_t)a > cap ? cap : (uint64_t)a;
+    uint64_t a = vq->irq_advance_ns;
+    if (now > d)
+        a += IRQ_ADVANCE_UP_NS;
+    else
+        a = a > IRQ_ADVANCE_DOWN_NS ? a - IRQ_ADVANCE_DOWN_NS : 0;
+    vq->irq_advance_ns = a < cap ? a : cap;
 }
 
 uint64_t vx_vq_irq_flush_timed(struct vx_vq *vq, uint64_t now)
