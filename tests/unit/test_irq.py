@@ -193,6 +193,30 @@ def test_late_deadline_wake_up_the_timed_flush_learns_the_lateness_and_sends_on_
         r.close()
 
 
+def test_late_second_deadline_of_a_kq_the_timed_flush_rereads_a_stale_clock(env):
+    """Regression: the wait flushes a kq's two rings (TX and the RX its echo fills, both held
+    by a QEMU guest) with one clock reading; after spinning to the first deadline, the second
+    one (microseconds later) looked not yet due, the worker slept again and sent it one timer
+    wake-up late. Near its wake time, the timed flush reads the clock again."""
+    a, b = RxRing(env), RxRing(env)
+    try:
+        for r in (a, b):
+            r.q.set_irq(IrqConfig(IrqMode.MODERATE, frames=64, delay_ns=MS))
+            r.post(4)
+            r.deliver(1)
+        da, db = a.q.irq_deadline, b.q.irq_deadline
+        assert 0 < da <= db
+        while kick.now_ns() < db:
+            time.sleep(0.001)
+        stale = da - 1  # the wait's reading, taken before both deadlines
+        assert a.q.irq_flush_timed(stale) == 0 and drain(a.call) == 1
+        assert b.q.irq_flush_timed(stale) == 0 and drain(b.call) == 1
+        assert a.q.irq_flush_timed(kick.now_ns()) == 0  # nothing held: nothing to do
+    finally:
+        a.close()
+        b.close()
+
+
 def test_moderation_off_is_immediate_and_a_held_interrupt_survives_switching_it_off(env):
     r = RxRing(env)
     try:
