@@ -194,10 +194,10 @@ def test_late_deadline_wake_up_the_timed_flush_learns_the_lateness_and_sends_on_
 
 
 def test_late_second_deadline_of_a_kq_the_timed_flush_rereads_a_stale_clock(env):
-    """Regression: the wait flushes a kq's two rings (TX and the RX its echo fills, both held
-    by a QEMU guest) with one clock reading; after spinning to the first deadline, the second
-    one (microseconds later) looked not yet due, the worker slept again and sent it one timer
-    wake-up late. Near its wake time, the timed flush reads the clock again."""
+    """The wait flushes all its rings with one clock reading; after a spin to one ring's
+    deadline, another ring whose wake time fell inside that spin looked not yet due with the
+    stale reading, and the worker slept again and sent it one timer wake-up late. Near its
+    wake time, the timed flush reads the clock again."""
     a, b = RxRing(env), RxRing(env)
     try:
         for r in (a, b):
