@@ -151,6 +151,8 @@ _RING_COUNTERS: tuple[_Spec, ...] = tuple(
         ("interrupts_posted", "Posted-interrupt bits set with no notification needed."),
         ("pi_notifications", "Posted interrupts that wrote the domain's wake eventfd."),
         ("irq_deadline_flushes", "Held interrupts sent by their deadline or a flush."),
+        ("irq_deadline_fired", "Held interrupts sent because their deadline had passed."),
+        ("irq_late_ns", "Sum of how late those were sent after their deadline, ns."),
     )
 )
 

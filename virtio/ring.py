@@ -196,6 +196,12 @@ class DeviceQueue:
         the deadline still pending (0: none)."""
         return int(lib.vx_vq_irq_flush(self._vq, 2**64 - 1 if now_ns is None else now_ns))
 
+    def irq_flush_timed(self, now_ns: int) -> int:
+        """irq_flush for a worker sleeping until the returned time (the C wait's call): returns
+        the deadline less the learnt wake-up lateness (0: none); looked at within that advance,
+        it spins to the deadline and sends."""
+        return int(lib.vx_vq_irq_flush_timed(self._vq, now_ns))
+
     @property
     def irq_deadline(self) -> int:
         """CLOCK_MONOTONIC ns at which a held interrupt is due (0: none held)."""

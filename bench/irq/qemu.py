@@ -2,7 +2,8 @@
 paced stream from a vhostx `source` port (rate_pps) at several rates, moderation off and on,
 with the guest's interrupts per packet read from its /proc/interrupts and its CPU from
 /proc/stat (bench/guest_src/vxperf.c rx), and the RTT cost of the added delay from a ping-pong
-run against an `echo` port, moderation off and on.
+run against an `echo` port, moderation off, on and adaptive (the backend's lateness of each
+deadline firing comes with the backend counters: irq_deadline_fired, irq_late_ns).
 
 Threads: the main thread (QEMU dies with it).
 """
@@ -28,7 +29,8 @@ def _case(kind: str, rate: int) -> Case:
 def _rx_stats(d: DaemonProcess) -> dict[str, int]:
     q = d.stats()["devices"][0]["queues"].get("0", {})
     return {k: int(q.get(k, 0)) for k in ("packets", "interrupts", "interrupts_deferred",
-                                         "interrupts_suppressed", "irq_deadline_flushes")}
+                                         "interrupts_suppressed", "irq_deadline_flushes",
+                                         "irq_deadline_fired", "irq_late_ns")}
 
 
 def _guest(info: Any, sock: str, case: Case, q: dict[str, Any], core: int, workdir: Path,
@@ -65,9 +67,10 @@ def run_qemu(sc: dict[str, Any], out: Path, log: Any) -> list[dict[str, Any]]:
     plans = [("stream", rate, m) for rate in q.get("rates", [10000, 50000])
              for m in ("off", "on")]
     if q.get("pingpong", True):
-        plans += [("pingpong", 0, "off"), ("pingpong", 0, "on")]
+        plans += [("pingpong", 0, "off"), ("pingpong", 0, "on"), ("pingpong", 0, "adaptive")]
     for i, (kind, rate, m) in enumerate(plans):
-        params = ["mode=baseline"] + (mod if m == "on" else ["irq_mode=off"])
+        params = ["mode=baseline"] + {"on": mod, "adaptive": [*mod, "irq_mode=adaptive"]}.get(
+            m, ["irq_mode=off"])
         d = DaemonProcess(params=params, cpus={bcore}, log_level="WARNING")
         opts = {"rate_pps": rate} if kind == "stream" else {}
         sock = d.add_device("net0", "source" if kind == "stream" else "echo", **opts)

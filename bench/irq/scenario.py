@@ -195,15 +195,19 @@ def _report(doc: dict[str, Any]) -> str:
     if qr:
         lines += ["", "## QEMU guest (TCG): paced source into the guest, moderation off / on", "",
                   ("| run | rate (pps) | moderation | received (pps) | guest irq/pkt | "
-                  "guest CPU busy | RTT p50 (us) | RTT p99 (us) | note |"),
-                  "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+                  "guest CPU busy | RTT p50 (us) | RTT p99 (us) | held irq late, mean (us) | "
+                  "note |"),
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         for r in qr:
             def f(k: str, fmt: str, r: dict[str, Any] = r) -> str:
                 return format(r[k], fmt) if r.get(k) is not None else "-"
+            be = r.get("backend", {})
+            fired = int(be.get("irq_deadline_fired", 0))
+            late = f"{be.get('irq_late_ns', 0) / fired / 1e3:.1f}" if fired else "-"
             lines.append(f"| {r['kind']} | {r['rate_pps'] or '-'} | {r['moderation']} | "
                          f"{f('received_pps', '.0f')} | {f('guest_irqs_per_pkt', '.4f')} | "
                          f"{f('guest_cpu_busy', '.2f')} | {f('rtt_p50_us', '.1f')} | "
-                         f"{f('rtt_p99_us', '.1f')} | {r.get('error', '')[:80]} |")
+                         f"{f('rtt_p99_us', '.1f')} | {late} | {r.get('error', '')[:80]} |")
     return "\n".join(lines) + "\n"
 
 

@@ -128,6 +128,95 @@ def test_moderation_holds_until_frames_or_the_deadline(env):
         r.close()
 
 
+def test_deadline_lateness_is_counted_sum_and_max(env):
+    """Every held interrupt sent because its deadline passed counts how late it went out."""
+    r = RxRing(env)
+    try:
+        r.q.set_irq(IrqConfig(IrqMode.MODERATE, frames=32, delay_ns=10_000 * MS))
+        r.post(8)
+        for late in (3_000, 7_000):
+            r.deliver(1)
+            d = r.q.irq_deadline
+            assert r.q.irq_flush(d + late) == 0 and drain(r.call) == 1
+        r.deliver(1)
+        assert r.q.irq_flush() == 0  # forced (a detach): not a deadline firing
+        s = r.stats()
+        assert (s["irq_deadline_fired"], s["irq_late_ns"], s["irq_late_max_ns"]) == (2, 10_000,
+                                                                                   7_000)
+        assert s["irq_deadline_flushes"] == 3
+    finally:
+        r.close()
+
+
+def test_late_deadline_wake_up_the_timed_flush_learns_the_lateness_and_sends_on_time(env):
+    """Regression: a worker asleep until a held interrupt's deadline woke one timer wake-up
+    latency after it (15-20 us on a loaded VM even with 1 us timer slack), and every moderated
+    RTT paid that on top of irq_coalesce_us. The wait's flush learns the lateness, asks to be
+    woken that much early, and spins the rest: the interrupt goes out at the deadline, never
+    before it. The advance follows the lateness's 75th percentile (up 1.5 us when late, down
+    0.5 us when early), capped. Fake clock values teach it; the last call spins on the real
+    clock."""
+    r = RxRing(env)
+    try:
+        r.q.set_irq(IrqConfig(IrqMode.MODERATE, frames=64, delay_ns=MS))
+        r.post(64)
+        r.deliver(1)
+        d = r.q.irq_deadline
+        assert r.q.irq_flush_timed(d - 1) == d  # nothing learnt yet: wake at the deadline
+        assert r.q.irq_flush_timed(d) == 0 and drain(r.call) == 1
+        for _ in range(60):  # every wake-up 20 us after the time asked for
+            r.post(1)
+            r.deliver(1)
+            wake = r.q.irq_flush_timed(r.q.irq_deadline - MS)
+            assert r.q.irq_flush_timed(wake + 20_000) == 0 and drain(r.call) == 1
+        r.post(1)
+        r.deliver(1)
+        d = r.q.irq_deadline
+        wake = r.q.irq_flush_timed(d - MS)
+        assert d - 21_000 <= wake <= d - 19_000, d - wake
+        assert not readable(r.call)
+        assert r.q.irq_flush_timed(wake) == 0  # woken early: spins to the deadline, sends
+        assert kick.now_ns() >= d and drain(r.call) == 1
+        s = r.stats()
+        assert s["irq_deadline_fired"] == 62 and s["irq_late_max_ns"] >= 20_000
+        for _ in range(60):  # a worker held up for 10 ms each time: the advance is capped
+            r.post(1)
+            r.deliver(1)
+            wake = r.q.irq_flush_timed(r.q.irq_deadline - MS)
+            assert r.q.irq_flush_timed(wake + 10 * MS) == 0 and drain(r.call) == 1
+        r.post(1)
+        r.deliver(1)
+        d = r.q.irq_deadline
+        assert r.q.irq_flush_timed(d - MS) == d - 50_000  # at most 50 us (and delay / 4)
+        assert r.q.irq_flush() == 0 and drain(r.call) == 1
+    finally:
+        r.close()
+
+
+def test_late_second_deadline_of_a_kq_the_timed_flush_rereads_a_stale_clock(env):
+    """The wait flushes all its rings with one clock reading; after a spin to one ring's
+    deadline, another ring whose wake time fell inside that spin looked not yet due with the
+    stale reading, and the worker slept again and sent it one timer wake-up late. Near its
+    wake time, the timed flush reads the clock again."""
+    a, b = RxRing(env), RxRing(env)
+    try:
+        for r in (a, b):
+            r.q.set_irq(IrqConfig(IrqMode.MODERATE, frames=64, delay_ns=MS))
+            r.post(4)
+            r.deliver(1)
+        da, db = a.q.irq_deadline, b.q.irq_deadline
+        assert 0 < da <= db
+        while kick.now_ns() < db:
+            time.sleep(0.001)
+        stale = da - 1  # the wait's reading, taken before both deadlines
+        assert a.q.irq_flush_timed(stale) == 0 and drain(a.call) == 1
+        assert b.q.irq_flush_timed(stale) == 0 and drain(b.call) == 1
+        assert a.q.irq_flush_timed(kick.now_ns()) == 0  # nothing held: nothing to do
+    finally:
+        a.close()
+        b.close()
+
+
 def test_moderation_off_is_immediate_and_a_held_interrupt_survives_switching_it_off(env):
     r = RxRing(env)
     try:
@@ -171,6 +260,38 @@ def test_adaptive_moderation_follows_the_rate_with_hysteresis(env):
         s = r.stats()
         assert s["irq_adaptive_off"] == 1 and drain(r.call) == 1, s
         assert r.q.irq_deadline == 0  # the held interrupt went out with it
+    finally:
+        r.close()
+
+
+def test_adaptive_a_lone_held_completion_turns_moderation_off_ping_pong(env):
+    """A ping-pong at a high rate turns adaptive moderation on, but each hold carries one
+    completion: holding is pure latency. A hold its deadline ends with one completion switches
+    moderation off until the next window's rate decides again; a hold that coalesced two
+    keeps it on."""
+    r = RxRing(env)
+    try:
+        cell = IrqConfig(IrqMode.ADAPTIVE, frames=64, delay_ns=10_000 * MS, on_pps=200,
+                         off_pps=50, window_ns=50 * MS)
+        r.q.set_irq(cell)
+        r.post(64)
+        r.deliver(1)
+        r.deliver(40)
+        assert drain(r.call) == 2
+        time.sleep(0.06)
+        r.drv.get_used()
+        r.post(64)
+        r.deliver(1)  # the window ended at a high rate: on, held
+        r.deliver(1)  # joins the hold: two completions coalesced
+        assert r.q.irq_flush(r.q.irq_deadline) == 0 and drain(r.call) == 1
+        r.deliver(1)  # still on: held, alone this time
+        s = r.stats()
+        assert (s["irq_adaptive_on"], s["irq_adaptive_off"], s["interrupts_deferred"]) == (1, 0, 3)
+        assert r.q.irq_flush(r.q.irq_deadline) == 0 and drain(r.call) == 1
+        assert r.stats()["irq_adaptive_off"] == 1
+        r.deliver(1)  # the same window: moderation is off, signalled at once
+        s = r.stats()
+        assert s["interrupts_deferred"] == 3 and drain(r.call) == 1 and r.q.irq_deadline == 0
     finally:
         r.close()
 

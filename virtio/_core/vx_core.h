@@ -62,6 +62,9 @@ struct vx_stats {
     uint64_t irq_deadline_flushes;  /* deferred interrupts sent by their deadline or a flush */
     uint64_t irq_adaptive_on;       /* adaptive moderation switched on */
     uint64_t irq_adaptive_off;      /* ... and off */
+    uint64_t irq_deadline_fired;    /* held interrupts sent because their deadline had passed */
+    uint64_t irq_late_ns;           /* ... the sum of their lateness (send time - deadline), ns */
+    uint64_t irq_late_max_ns;       /* ... and the largest one, ns */
 };
 
 enum {
@@ -154,6 +157,10 @@ void vx_vq_set_irq(struct vx_vq *vq, const struct vx_irq_config *cfg);
  * Returns the deadline still pending (0: none). Owning worker (takes the queue lock). */
 uint64_t vx_vq_irq_flush(struct vx_vq *vq, uint64_t now);
 uint64_t vx_vq_irq_deadline(const struct vx_vq *vq);
+/* vx_vq_irq_flush for a worker that sleeps until the returned time: returns when to look
+ * again, the deadline less the queue's learnt wake-up lateness (0: nothing held); looked at
+ * within that advance, it spins to the deadline and sends. Owning worker (vx_wait). */
+uint64_t vx_vq_irq_flush_timed(struct vx_vq *vq, uint64_t now);
 
 /* ---- para-virtual posted interrupts (vx_used.c, vx_posted.c; docs/interrupts.md) ----
  * A 64-byte, 64-byte-aligned descriptor per interrupt domain (one driver thread), in memory

@@ -134,6 +134,7 @@ struct vx_vq {
     int irq_active;          /* ADAPTIVE: moderation on */
     uint64_t irq_win_start;  /* ADAPTIVE: the rate window's start ... */
     uint64_t irq_win_count;  /* ... and completions in it */
+    uint64_t irq_advance_ns; /* the worker's timer wake-up lateness, learnt (vx_vq_irq_flush_timed) */
     struct vx_pi_desc *pi;   /* posted interrupts: the domain's descriptor (NULL: eventfd) */
     uint32_t pi_bit;
     int pi_fd;

@@ -225,7 +225,8 @@ static uint64_t kq_irq(struct vx_kq *kq, uint64_t now)
     for (int i = 0; i < 2; i++) {
         if (!vqs[i] || !vx_vq_irq_deadline(vqs[i]))
             continue;
-        uint64_t d = vx_vq_irq_flush(vqs[i], now);
+        uint64_t d = now == UINT64_MAX ? vx_vq_irq_flush(vqs[i], now)
+                                       : vx_vq_irq_flush_timed(vqs[i], now);
         if (d && (!next || d < next))
             next = d;
     }
