@@ -219,11 +219,15 @@ def run_check(port: Port, a: argparse.Namespace) -> None:
     result("pt.check.tx_sent", sent)
     result("pt.check.rx_ready", "yes")
     echoed, stray, digest = 0, 0, hashlib.sha256()
+    samples: list[str] = []
     deadline = time.monotonic() + 60
     while echoed < a.check and time.monotonic() < deadline:
         for f in port.recv(0.1):
             if f[:6] != me or f[12:14] != ETH_P_VX.to_bytes(2, "big") or echoed >= a.check:
                 stray += 1
+                if len(samples) < 8:
+                    own = frames.index(f) if f in frames else -1
+                    samples.append(f"{len(f)}:{f[:14].hex()}:tx{own}")
                 continue
             digest.update(f)
             back = f[6:12] + f[0:6] + f[12:]
@@ -232,6 +236,7 @@ def run_check(port: Port, a: argparse.Namespace) -> None:
             echoed += 1
     result("pt.check.rx_echoed", echoed)
     result("pt.check.rx_stray", stray)
+    result("pt.check.rx_stray_samples", ",".join(samples) or "-")
     result("pt.check.rx_sha256", digest.hexdigest())
 
 
