@@ -11,6 +11,10 @@ device's ``virtio.iotlb.DeviceIotlb``:
   device's works (the worker finishes its batch and lets go), so that no batch, running or
   future, uses a removed translation; the re-plan after the message attaches them again. The
   ack (REPLY_ACK) is sent after that: once the frontend has it, the mapping is gone.
+- The table is a cache of the guest's mappings: an UPDATE that finds it full (16384 mappings;
+  an identity-mapped guest gets one per 4 KiB page) first evicts every mapping but the running
+  rings' (works detached), like DPDK's vhost, instead of refusing and stalling the ring that
+  asked; walks ask for evicted pages again.
 - A ring whose addresses are not mapped is not ready: a MISS is sent for the first unmapped page
   (once until an UPDATE comes) and the ring starts at the re-plan after the UPDATE.
 - A walk that misses (vx_iotlb.c) leaves the chain in the ring and writes the table's miss
@@ -81,7 +85,7 @@ class IotlbSupport:
         self._close_backend_channel()
         self._misses_sent = set()
         self.iotlb_counters = {"miss_sent": 0, "miss_send_failed": 0, "resumes": 0,
-                               "quiesced": 0, "refused": 0}
+                               "quiesced": 0, "refused": 0, "evictions": 0, "evicted": 0}
 
     def iommu_active(self) -> bool:
         return self.has_feature(vf.VIRTIO_F_ACCESS_PLATFORM)
@@ -127,7 +131,13 @@ class IotlbSupport:
                 await self._quiesce_for_iotlb()
                 t.invalidate(m.iova, m.size)
             try:
-                t.update(self.memory, m.iova, m.size, m.uaddr, m.perm)
+                try:
+                    t.update(self.memory, m.iova, m.size, m.uaddr, m.perm)
+                except IotlbFull:
+                    # a cache of the guest's page tables, not a copy: make room and go on
+                    await self._quiesce_for_iotlb()
+                    self._iotlb_evict(t)
+                    t.update(self.memory, m.iova, m.size, m.uaddr, m.perm)
             except (IotlbFull, GuestError) as err:
                 self.iotlb_counters["refused"] += 1
                 raise Refused(str(err)) from err
@@ -152,6 +162,34 @@ class IotlbSupport:
         self.iotlb_counters["quiesced"] += 1
         await self._detach_works()
 
+    def _iotlb_evict(self, t: DeviceIotlb) -> None:
+        """The table is full (works detached): forget every mapping but the running rings'
+        (put back with the access each ring needs, so no ring stops); a walk that needs any
+        other page asks the frontend again (the sent set is forgotten too)."""
+        keep: list[tuple[int, int, int, int]] = []
+        for vr in self.vrings:
+            if vr.queue is None or vr.addr is None:
+                continue
+            for iova, length, perm in self._ring_ranges(vr):
+                try:
+                    tr = t.translate(iova, length, perm)
+                except GuestError:
+                    continue
+                if tr is not None and tr.length >= length:
+                    keep.append((iova, length, tr.uaddr, perm))
+        evicted = len(t)
+        t.clear()
+        self._misses_sent = set()
+        for iova, length, uaddr, perm in keep:
+            try:
+                t.update(self.memory, iova, length, uaddr, perm)
+            except GuestError:  # rings that overlap each other: that ring asks again
+                pass
+        self.iotlb_counters["evictions"] += 1
+        self.iotlb_counters["evicted"] += evicted
+        log.info("%s: IOTLB full: %d mappings evicted, %d ring ranges put back", self.name,
+                 evicted, len(t))
+
     def _iotlb_forget(self) -> None:
         """A ring stops (works detached): every mapping goes."""
         if self.iotlb is not None:
@@ -174,13 +212,8 @@ class IotlbSupport:
         if not self.iommu_active():
             return (addr.desc, addr.avail, addr.used)
         t = self._iotlb_table()
-        n = vr.num
         out = []
-        for iova, length, perm in (
-            (addr.desc, 16 * n, IotlbPerm.RO),
-            (addr.avail, 6 + 2 * n, IotlbPerm.RO),
-            (addr.used, 6 + 8 * n, IotlbPerm.WO),
-        ):
+        for iova, length, perm in self._ring_ranges(vr):
             try:
                 uaddr = t.ring_uaddr(iova, length, perm)
                 if uaddr is None:
@@ -192,6 +225,17 @@ class IotlbSupport:
                 return None
             out.append(uaddr)
         return (out[0], out[1], out[2])
+
+    @staticmethod
+    def _ring_ranges(vr: Vring) -> tuple[tuple[int, int, int], ...]:
+        """(iova, length, access) of the ring's descriptor table, avail and used rings."""
+        addr, n = vr.addr, vr.num
+        assert addr is not None
+        return (
+            (addr.desc, 16 * n, IotlbPerm.RO),
+            (addr.avail, 6 + 2 * n, IotlbPerm.RO),
+            (addr.used, 6 + 8 * n, IotlbPerm.WO),
+        )
 
     def _resume_rings(self) -> None:
         """After an UPDATE: wake the running rings (a walk may have stopped at a miss)."""

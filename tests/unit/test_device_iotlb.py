@@ -239,3 +239,36 @@ def test_invalidate_detaches_the_works_before_the_mapping_goes(wire) -> None:
     assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
                       IotlbType.UPDATE) == 0
     assert binding.seen_at_detach == []
+
+
+def test_full_iotlb_evicts_all_but_the_rings_instead_of_refusing_the_update(wire) -> None:
+    """Before: an UPDATE past the capacity was refused and the page stayed in the sent set, so
+    the ring whose buffer needed it stalled for good (a guest with an identity DMA domain gets
+    one mapping per 4 KiB page it touches). Now the table makes room and the ring keeps going."""
+    from virtio.iotlb import DeviceIotlb
+
+    wire.setup()
+    assert [m.iova for m in wire.misses()] == [RING_IOVA]
+    wire.dev.iotlb.close()
+    wire.dev.iotlb = DeviceIotlb(capacity=4)
+    assert wire.iotlb(RING_IOVA, 0x3000, REGION.uva + 0x10000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    queue = wire.dev.vrings[0].queue
+    assert queue is not None
+    for k in range(3):  # the table is full: the ring's mapping and three buffer pages
+        assert wire.iotlb(BUF_IOVA + k * 0x1000, 0x1000, REGION.uva + 0x40000 + k * 0x1000,
+                          IotlbPerm.RW, IotlbType.UPDATE) == 0
+    assert len(wire.dev.iotlb) == 4
+    assert wire.iotlb(BUF_IOVA + 0x8000, 0x1000, REGION.uva + 0x50000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0  # refused (ack 1) before
+    t = wire.dev.iotlb
+    assert t.translate(BUF_IOVA + 0x8000, 1, IotlbPerm.RO).uaddr == REGION.uva + 0x50000
+    assert all(t.translate(BUF_IOVA + k * 0x1000, 1, IotlbPerm.RO) is None for k in range(3))
+    # the ring runs on, not restarted, its addresses still translated
+    assert wire.dev.vrings[0].queue is queue
+    assert t.translate(RING_IOVA, 16 * 256, IotlbPerm.RO).uaddr == REGION.uva + 0x10000
+    assert t.translate(RING_IOVA + 0x2000, 6 + 8 * 256, IotlbPerm.WO).uaddr == (
+        REGION.uva + 0x12000)
+    stats = wire.dev.stats()["iotlb"]
+    assert stats["evictions"] == 1 and stats["evicted"] == 4 and stats["refused"] == 0
+    assert wire.misses() == []  # nothing needed asking again
