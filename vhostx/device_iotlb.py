@@ -203,12 +203,17 @@ class IotlbSupport:
             if vr.queue is None or vr.addr is None:
                 continue
             for iova, length, perm in self._ring_ranges(vr):
-                try:
-                    tr = t.translate(iova, length, perm)
-                except GuestError:
-                    continue
-                if tr is not None and tr.length >= length:
-                    keep.append((iova, length, tr.uaddr, perm))
+                at, end = iova, iova + length
+                while at < end:  # piece by piece: a ring may span several mappings
+                    try:
+                        tr = t.translate(at, end - at, perm)
+                    except GuestError:
+                        break
+                    if tr is None:
+                        break
+                    piece = min(tr.length, end - at)
+                    keep.append((at, piece, tr.uaddr, perm))
+                    at += piece
         evicted = len(t)
         t.clear()
         self._misses_sent = set()

@@ -312,8 +312,31 @@ def test_full_iotlb_evicts_all_but_the_rings_instead_of_refusing_the_update(wire
     # the ring runs on, not restarted, its addresses still translated
     assert wire.dev.vrings[0].queue is queue
     assert t.translate(RING_IOVA, 16 * 256, IotlbPerm.RO).uaddr == REGION.uva + 0x10000
+    assert t.translate(RING_IOVA + 0x1000, 6 + 2 * 256, IotlbPerm.RO).uaddr == (
+        REGION.uva + 0x11000)
     assert t.translate(RING_IOVA + 0x2000, 6 + 8 * 256, IotlbPerm.WO).uaddr == (
         REGION.uva + 0x12000)
     stats = wire.dev.stats()["iotlb"]
     assert stats["evictions"] == 1 and stats["evicted"] == 4 and stats["refused"] == 0
     assert wire.misses() == []  # nothing needed asking again
+
+
+def test_eviction_keeps_a_ring_that_spans_several_mappings(wire) -> None:
+    from virtio.iotlb import DeviceIotlb
+
+    wire.setup()
+    wire.misses()
+    wire.dev.iotlb.close()
+    wire.dev.iotlb = DeviceIotlb(capacity=7)
+    for k in range(6):  # the rings' three pages in half pages: the descriptor table spans two
+        assert wire.iotlb(RING_IOVA + k * 0x800, 0x800, REGION.uva + 0x10000 + k * 0x800,
+                          IotlbPerm.RW, IotlbType.UPDATE) == 0
+    queue = wire.dev.vrings[0].queue
+    assert queue is not None
+    wire.misses()  # the avail and used pages, asked for while the rings were being mapped
+    assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    assert wire.iotlb(BUF_IOVA + 0x1000, 0x1000, REGION.uva + 0x41000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0  # full: evicts, the rings' pieces go back
+    assert wire.dev.vrings[0].queue is queue and wire.misses() == []
+    assert wire.dev.iotlb.translate(BUF_IOVA, 1, IotlbPerm.RO) is None
