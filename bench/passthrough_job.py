@@ -14,7 +14,9 @@ figures as ``VX-RESULT pt.<path>.<phase>.<figure> <value>``: pps, packets, cpu_u
 rtt_p99_us, map_ops (IOMMU MAP_DMA ioctls of the user-space driver).
 ``--check N`` (tests): passthrough only; sends ``check_frame(0..N-1)``, then echoes the first N
 frames the host sends back to it with the MACs swapped (the host checks both byte for byte),
-waiting at most ``--check-wait`` s (60) for them.
+waiting at most ``--check-wait`` s (60) for them; any other frame is counted in
+``pt.check.rx_stray`` (the first eight described in ``pt.check.rx_stray_samples``: length,
+header, ``txK`` when it is a copy of the job's own frame K).
 Threads: the main thread only.
 """
 
