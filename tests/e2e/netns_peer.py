@@ -1,6 +1,7 @@
-"""The network-namespace side of the TAP guest tests (test_qemu_net.py, test_qemu_viommu.py):
-a TCP receiver listening inside the namespace that takes one connection from the guest and
-keeps every byte of it, and ``poke``, which connects from the namespace to the guest and sends.
+"""The network-namespace side of the TAP guest tests (test_qemu_net.py, test_qemu_viommu.py,
+test_qemu_mq.py): a TCP receiver listening inside the namespace that takes one connection from
+the guest and keeps every byte of it, and ``poke``, which connects from the namespace to the
+guest and sends.
 
 Threads: the test's thread creates and joins a ``NetnsReceiver``; its accept runs on a thread of
 its own. ``poke`` runs on the caller's thread.
