@@ -5,9 +5,13 @@ Role: the host side of bench/passthrough_job.py (which runs in this guest). It r
 test guest (bench/vfio_guest.py: image with the vfio and 9p modules, intel-iommu, the host root
 over 9p, ``chroot_job``) and adds:
 - the NIC: ``-device virtio-net-pci,...,vectors=0`` on a vhost-user netdev (QEMU 7.2 under TCG
-  segfaults with MSI-X when vhost starts, so the device has INTx only), with
-  ``iommu_platform=on`` when the backend handles the device IOTLB (DPDK's vhost with
-  ``iommu-support=1``); vhostx serves it without (its device does not translate IOVAs yet);
+  segfaults with MSI-X when vhost starts, so the device has INTx only). With
+  ``iommu_platform=True`` (the scenario's default for every backend) it sits behind the vIOMMU
+  as in tests/e2e/test_qemu_viommu.py: ``iommu_platform=on,ats=on`` on a PCIe root port of its
+  own, the intel-iommu with ``device-iotlb=on``; the backend then translates every address
+  through its device IOTLB (vhostx: a device with ``iommu=true``; DPDK's vhost:
+  ``iommu-support=1``). With ``iommu_platform=False`` the device reads guest physical addresses
+  and bypasses the vIOMMU;
 - ``hugepages=4`` on the kernel command line: the user-space driver's DMA area is one
   physically contiguous hugepage when the device bypasses the IOMMU (IOVA = physical address).
 Threads: any (one thread owns each Guest).
@@ -56,8 +60,9 @@ def passthrough_guest(socket: str | os.PathLike[str], job_args: list[str], *,
                       affinity: set[int] | None = None) -> Guest:
     """A Guest (not started) whose NIC is the vhost-user device at ``socket`` and whose job runs
     bench/passthrough_job.py with ``job_args``."""
-    extra = "iommu_platform=on,disable-legacy=on" if iommu_platform else "disable-legacy=on"
-    nic = VhostUserNic(socket, mac=GUEST_MAC, device_args=extra)
+    nic = VhostUserNic(socket, mac=GUEST_MAC, device_args="disable-legacy=on",
+                       iommu=iommu_platform)
     return Guest(image or build_passthrough_image(), [nic], job=chroot_job(job_command(*job_args)),
-                 name=name, memory_mb=1024, append=PT_APPEND, extra_args=iommu_machine_args(),
-                 workdir=workdir, affinity=affinity)
+                 name=name, memory_mb=1024, append=PT_APPEND,
+                 extra_args=iommu_machine_args(device_iotlb=iommu_platform), workdir=workdir,
+                 affinity=affinity)

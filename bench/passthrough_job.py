@@ -13,7 +13,10 @@ figures as ``VX-RESULT pt.<path>.<phase>.<figure> <value>``: pps, packets, cpu_u
 (guest CPU busy time from /proc/stat per packet), kicks_per_pkt, irqs_per_pkt, rtt_p50_us,
 rtt_p99_us, map_ops (IOMMU MAP_DMA ioctls of the user-space driver).
 ``--check N`` (tests): passthrough only; sends ``check_frame(0..N-1)``, then echoes the first N
-frames the host sends back to it with the MACs swapped (the host checks both byte for byte).
+frames the host sends back to it with the MACs swapped (the host checks both byte for byte),
+waiting at most ``--check-wait`` s (60) for them; any other frame is counted in
+``pt.check.rx_stray`` (the first eight described in ``pt.check.rx_stray_samples``: length,
+header, ``txK`` when it is a copy of the job's own frame K).
 Threads: the main thread only.
 """
 
@@ -219,11 +222,15 @@ def run_check(port: Port, a: argparse.Namespace) -> None:
     result("pt.check.tx_sent", sent)
     result("pt.check.rx_ready", "yes")
     echoed, stray, digest = 0, 0, hashlib.sha256()
-    deadline = time.monotonic() + 60
+    samples: list[str] = []
+    deadline = time.monotonic() + a.check_wait
     while echoed < a.check and time.monotonic() < deadline:
         for f in port.recv(0.1):
             if f[:6] != me or f[12:14] != ETH_P_VX.to_bytes(2, "big") or echoed >= a.check:
                 stray += 1
+                if len(samples) < 8:
+                    own = frames.index(f) if f in frames else -1
+                    samples.append(f"{len(f)}:{f[:14].hex()}:tx{own}")
                 continue
             digest.update(f)
             back = f[6:12] + f[0:6] + f[12:]
@@ -232,6 +239,7 @@ def run_check(port: Port, a: argparse.Namespace) -> None:
             echoed += 1
     result("pt.check.rx_echoed", echoed)
     result("pt.check.rx_stray", stray)
+    result("pt.check.rx_stray_samples", ",".join(samples) or "-")
     result("pt.check.rx_sha256", digest.hexdigest())
 
 
@@ -245,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--queue-size", type=int, default=256)
     ap.add_argument("--check", type=int, default=0)
+    ap.add_argument("--check-wait", type=float, default=60.0)
     a = ap.parse_args(argv)
     bdf, ifname = find_nic(a.mac)
     result("pt.nic", bdf)

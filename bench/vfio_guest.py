@@ -75,11 +75,14 @@ def build_vfio_image(cache: Path | None = None) -> GuestImage:
     return build_image(cache, VFIO_MODULES)
 
 
-def iommu_machine_args(*, share: str = "/") -> list[str]:
-    """QEMU arguments for the machine, the emulated VT-d IOMMU and the host root over 9p."""
+def iommu_machine_args(*, share: str = "/", device_iotlb: bool = False) -> list[str]:
+    """QEMU arguments for the machine, the emulated VT-d IOMMU and the host root over 9p;
+    ``device_iotlb``: the IOMMU serves device IOTLBs (ATS), as a vhost-user NIC with
+    ``iommu_platform=on,ats=on`` wants (see ``viommu_machine_args``)."""
+    iommu = "intel-iommu,intremap=on,caching-mode=on" + (",device-iotlb=on" if device_iotlb else "")
     return [
         "-machine", "q35,kernel-irqchip=split",
-        "-device", "intel-iommu,intremap=on,caching-mode=on",
+        "-device", iommu,
         "-virtfs",
         f"local,path={share},mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
     ]

@@ -17,6 +17,8 @@ declared here (`PARAMS`); whoever builds the pool reads them from its registry a
 A device holds a `DeviceBinding` and hands it its works (`attach` / `detach`, both returning
 futures). The pool remembers where every attached work runs, the device's home worker, and
 per-queue overrides, so a device's re-plan puts its works back where they were migrated to.
+`barrier()` (also on the binding) waits out every batch running at the call, on every worker:
+what a device needs after removing an IOTLB mapping that no ring's own addresses use.
 
 Migration (`migrate`) is two-phase and blocking: detach the work from its old worker (the worker
 runs the detach between turns, so the current turn completes), then attach it to the new one,
@@ -130,6 +132,10 @@ class DeviceBinding:
     def detach(self, work: QueueWork) -> concurrent.futures.Future[Any]:
         return self._pool._detach(self, work)
 
+    def barrier(self) -> list[concurrent.futures.Future[Any]]:
+        """A no-op command on every worker of the pool (see WorkerPool.barrier)."""
+        return self._pool.barrier()
+
     @property
     def worker(self) -> int:
         """Index of the device's home worker."""
@@ -137,6 +143,10 @@ class DeviceBinding:
 
     def __repr__(self) -> str:
         return f"<DeviceBinding {self.device} on worker {self._pool._homes.get(self.device)}>"
+
+
+def _noop() -> None:
+    pass
 
 
 def _done(result: Any = None) -> concurrent.futures.Future[Any]:
@@ -324,6 +334,14 @@ class WorkerPool:
             if idx is None or idx not in self._workers:
                 return _done()
             return self._workers[idx].detach(work)
+
+    def barrier(self) -> list[concurrent.futures.Future[Any]]:
+        """One no-op command on every worker: a worker runs commands between turns, so once its
+        future is done no batch (of any device's work) that was running at the call is still
+        running there. A stopped worker's future carries its RuntimeError (it runs nothing)."""
+        with self._lock:
+            workers = list(self._workers.values())
+        return [w.submit(_noop) for w in workers]
 
     # ---- workers ------------------------------------------------------------------------------
 

@@ -395,8 +395,9 @@ class VhostUserDevice(RequestHandlers, IotlbSupport):
                 self._stop_queue(vr)
         if not changed and (self._works or self.broken is not None):
             return
-        if self._works:
-            await self._detach_works()
+        # Also when the last plan had no work: it may still hold resources (a switch port for
+        # an RX ring whose TX ring is not running yet), which the next plan would take again.
+        await self._detach_works()
         running = {vr.index: vr.queue for vr in self.vrings if vr.queue is not None}
         if not running or self.broken is not None:
             return

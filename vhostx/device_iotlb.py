@@ -7,10 +7,16 @@ channel (SET_BACKEND_REQ_FD). ``IotlbSupport`` is the mixin of ``VhostUserDevice
 device's ``virtio.iotlb.DeviceIotlb``:
 
 - UPDATE inserts (no quiescing: walks read the C table under its seqlock). An UPDATE that
-  overlaps another mapping, and every INVALIDATE that meets a mapping, first detaches the
-  device's works (the worker finishes its batch and lets go), so that no batch, running or
-  future, uses a removed translation; the re-plan after the message attaches them again. The
-  ack (REPLY_ACK) is sent after that: once the frontend has it, the mapping is gone.
+  overlaps another mapping, and every INVALIDATE that meets a mapping, remove it so that no
+  batch, running or future, uses it: a range that meets a running ring's own addresses first
+  detaches the device's works (the worker finishes its batch and lets go; the re-plan after
+  the message translates the rings again and attaches them); any other range is removed at
+  once and a barrier on every worker waits out the batches running at that moment. The ack
+  (REPLY_ACK) is sent after that: once the frontend has it, the mapping is gone.
+- The table is a cache of the guest's mappings: an UPDATE that finds it full (16384 mappings;
+  an identity-mapped guest gets one per 4 KiB page) first evicts every mapping but the running
+  rings' (works detached), like DPDK's vhost, instead of refusing and stalling the ring that
+  asked; walks ask for evicted pages again.
 - A ring whose addresses are not mapped is not ready: a MISS is sent for the first unmapped page
   (once until an UPDATE comes) and the ring starts at the re-plan after the UPDATE.
 - A walk that misses (vx_iotlb.c) leaves the chain in the ring and writes the table's miss
@@ -40,6 +46,7 @@ from virtio.memory import GuestMemory
 from .device_handlers import Refused, _close
 
 if TYPE_CHECKING:
+    from iosched.pool import DeviceBinding
     from vhostx.device import Vring
 
 __all__ = ["IotlbSupport"]
@@ -63,6 +70,7 @@ class IotlbSupport:
     _misses_sent: set[int]
     _backend_out: bytearray  # MISS bytes the backend channel did not take yet
     iotlb_counters: dict[str, int]
+    worker: DeviceBinding
 
     if TYPE_CHECKING:  # provided by VhostUserDevice
 
@@ -81,7 +89,8 @@ class IotlbSupport:
         self._close_backend_channel()
         self._misses_sent = set()
         self.iotlb_counters = {"miss_sent": 0, "miss_send_failed": 0, "resumes": 0,
-                               "quiesced": 0, "refused": 0}
+                               "quiesced": 0, "barriers": 0, "refused": 0, "evictions": 0,
+                               "evicted": 0}
 
     def iommu_active(self) -> bool:
         return self.has_feature(vf.VIRTIO_F_ACCESS_PLATFORM)
@@ -123,11 +132,16 @@ class IotlbSupport:
         if m.type == IotlbType.UPDATE:
             DeviceIotlb.check(m.iova, m.size, m.perm, "update")
             if t.overlaps(m.iova, m.size):
-                # a remap of a mapped range: the old translation goes first, nothing runs
-                await self._quiesce_for_iotlb()
-                t.invalidate(m.iova, m.size)
+                # a remap of a mapped range: the old translation goes first
+                await self._remove_mappings(t, m.iova, m.size)
             try:
-                t.update(self.memory, m.iova, m.size, m.uaddr, m.perm)
+                try:
+                    t.update(self.memory, m.iova, m.size, m.uaddr, m.perm)
+                except IotlbFull:
+                    # a cache of the guest's page tables, not a copy: make room and go on
+                    await self._quiesce_for_iotlb()
+                    self._iotlb_evict(t)
+                    t.update(self.memory, m.iova, m.size, m.uaddr, m.perm)
             except (IotlbFull, GuestError) as err:
                 self.iotlb_counters["refused"] += 1
                 raise Refused(str(err)) from err
@@ -136,8 +150,7 @@ class IotlbSupport:
         elif m.type == IotlbType.INVALIDATE:
             DeviceIotlb.check(m.iova, m.size, m.perm, "invalidate")
             if t.overlaps(m.iova, m.size):
-                await self._quiesce_for_iotlb()
-                t.invalidate(m.iova, m.size)
+                await self._remove_mappings(t, m.iova, m.size)
         elif m.type == IotlbType.ACCESS_FAIL:
             log.warning("%s: frontend reports an IOTLB access failure at iova %#x", self.name,
                         m.iova)
@@ -151,6 +164,68 @@ class IotlbSupport:
     async def _quiesce_for_iotlb(self) -> None:
         self.iotlb_counters["quiesced"] += 1
         await self._detach_works()
+
+    async def _remove_mappings(self, t: DeviceIotlb, iova: int, size: int) -> None:
+        """Remove [iova, iova+size); once this returns nothing uses it. A range that meets a
+        running ring's own addresses (its DeviceQueue holds their host pointers) detaches the
+        works first, and the re-plan after the message translates the rings again. Any other
+        range goes at once (a walk that starts afterwards misses) and a barrier on every worker
+        waits out the batches that may have translated through it before (this device's works
+        and the switch works of other devices that write into its RX rings)."""
+        if self._meets_a_running_ring(iova, size):
+            await self._quiesce_for_iotlb()
+            t.invalidate(iova, size)
+            return
+        t.invalidate(iova, size)
+        self.iotlb_counters["barriers"] += 1
+        for fut in self.worker.barrier():
+            try:
+                await asyncio.wrap_future(fut)
+            except RuntimeError:  # a stopped worker runs no batch
+                pass
+
+    def _meets_a_running_ring(self, iova: int, size: int) -> bool:
+        end = iova + size
+        for vr in self.vrings:
+            if vr.queue is None or vr.addr is None:
+                continue
+            for r_iova, r_len, _perm in self._ring_ranges(vr):
+                if r_iova < end and iova < r_iova + r_len:
+                    return True
+        return False
+
+    def _iotlb_evict(self, t: DeviceIotlb) -> None:
+        """The table is full (works detached): forget every mapping but the running rings'
+        (put back with the access each ring needs, so no ring stops); a walk that needs any
+        other page asks the frontend again (the sent set is forgotten too)."""
+        keep: list[tuple[int, int, int, int]] = []
+        for vr in self.vrings:
+            if vr.queue is None or vr.addr is None:
+                continue
+            for iova, length, perm in self._ring_ranges(vr):
+                at, end = iova, iova + length
+                while at < end:  # piece by piece: a ring may span several mappings
+                    try:
+                        tr = t.translate(at, end - at, perm)
+                    except GuestError:
+                        break
+                    if tr is None:
+                        break
+                    piece = min(tr.length, end - at)
+                    keep.append((at, piece, tr.uaddr, perm))
+                    at += piece
+        evicted = len(t)
+        t.clear()
+        self._misses_sent = set()
+        for iova, length, uaddr, perm in keep:
+            try:
+                t.update(self.memory, iova, length, uaddr, perm)
+            except GuestError:  # rings that overlap each other: that ring asks again
+                pass
+        self.iotlb_counters["evictions"] += 1
+        self.iotlb_counters["evicted"] += evicted
+        log.info("%s: IOTLB full: %d mappings evicted, %d ring ranges put back", self.name,
+                 evicted, len(t))
 
     def _iotlb_forget(self) -> None:
         """A ring stops (works detached): every mapping goes."""
@@ -174,13 +249,8 @@ class IotlbSupport:
         if not self.iommu_active():
             return (addr.desc, addr.avail, addr.used)
         t = self._iotlb_table()
-        n = vr.num
         out = []
-        for iova, length, perm in (
-            (addr.desc, 16 * n, IotlbPerm.RO),
-            (addr.avail, 6 + 2 * n, IotlbPerm.RO),
-            (addr.used, 6 + 8 * n, IotlbPerm.WO),
-        ):
+        for iova, length, perm in self._ring_ranges(vr):
             try:
                 uaddr = t.ring_uaddr(iova, length, perm)
                 if uaddr is None:
@@ -192,6 +262,17 @@ class IotlbSupport:
                 return None
             out.append(uaddr)
         return (out[0], out[1], out[2])
+
+    @staticmethod
+    def _ring_ranges(vr: Vring) -> tuple[tuple[int, int, int], ...]:
+        """(iova, length, access) of the ring's descriptor table, avail and used rings."""
+        addr, n = vr.addr, vr.num
+        assert addr is not None
+        return (
+            (addr.desc, 16 * n, IotlbPerm.RO),
+            (addr.avail, 6 + 2 * n, IotlbPerm.RO),
+            (addr.used, 6 + 8 * n, IotlbPerm.WO),
+        )
 
     def _resume_rings(self) -> None:
         """After an UPDATE: wake the running rings (a walk may have stopped at a miss)."""

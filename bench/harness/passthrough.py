@@ -9,6 +9,11 @@ such files here), because one guest boot runs every phase of both paths:
 - per backend: the backend serves two devices, ``guest`` (the guest's NIC) and ``peer``
   (a host-side peer: VhostUserFrontend + NetDriver in this process), and forwards between them
   (vhostx: two ``switch`` ports; DPDK: two net_vhost ports in ``io`` mode, paired);
+- a backend's ``iommu_platform`` (the shipped file: true for both) puts the guest's NIC behind
+  the vIOMMU (``iommu_platform=on,ats=on``; vhostx's device with ``iommu=true``, DPDK's vdev
+  with ``iommu-support=1``): every ring and buffer address is then an IOVA the backend
+  translates through its device IOTLB; false runs the NIC beside the vIOMMU (guest physical
+  addresses);
 - the guest runs bench/passthrough_job.py, which prints a start and end marker around every
   phase; the peer follows them: counts what the guest sends (tx), sends to the guest (rx, paced),
   echoes (pingpong);
@@ -162,7 +167,7 @@ def _vhostx_counters(stats: dict[str, Any] | None) -> dict[str, int]:
 
 def _run_backend(sc: PassthroughScenario, be: PtBackend, out: Path,
                  log: Any) -> dict[str, Any]:
-    from bench.dpdk_compare import vhostx_daemon
+    from bench.harness.backends import vhostx_daemon
     from bench.passthrough_guest import GUEST_MAC, PEER_MAC, passthrough_guest
     from bench.passthrough_job import mac_bytes
     from bench.testpmd import Testpmd, VhostVdev
@@ -175,8 +180,9 @@ def _run_backend(sc: PassthroughScenario, be: PtBackend, out: Path,
     with ExitStack() as stack:
         daemon = None
         if be.kind == "vhostx":
+            iommu: dict[str, object] = {"iommu": "true"} if be.iommu_platform else {}
             daemon = stack.enter_context(vhostx_daemon(
-                [("guest", "switch", {}), ("peer", "switch", {})], cpus={1},
+                [("guest", "switch", iommu), ("peer", "switch", {})], cpus={1},
                 workdir=str(rundir)))
             guest_sock, peer_sock = daemon.sockets["guest"], daemon.sockets["peer"]
         else:

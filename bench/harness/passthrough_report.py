@@ -78,14 +78,18 @@ def render_report(doc: dict[str, Any]) -> str:
         lines.append(f"## Backend `{be['name']}` ({be['kind']}), device iommu_platform="
                      f"{'on' if be['iommu_platform'] else 'off'}")
         lines.append("")
-        if be["kind"] == "vhostx" and not be["iommu_platform"]:
-            lines.append("vhostx does not implement VIRTIO_F_ACCESS_PLATFORM and the device "
-                         "IOTLB yet, so its device runs without iommu_platform: the device "
-                         "reads guest physical addresses and bypasses the vIOMMU. The "
-                         "user-space driver then maps its DMA area at IOVA = guest physical "
-                         "address (one hugepage), so the same buffers are right either way; "
-                         "the vIOMMU isolates nothing for this device.")
-            lines.append("")
+        if be["iommu_platform"]:
+            lines.append("The device runs with iommu_platform=on,ats=on behind the vIOMMU: "
+                         "every ring and buffer address is an IOVA the backend translates "
+                         "through its device IOTLB (UPDATEs and INVALIDATEs from QEMU, MISSes "
+                         "back).")
+        else:
+            lines.append("The device runs without iommu_platform (the scenario's backend has "
+                         "iommu_platform = false): it reads guest physical addresses and "
+                         "bypasses the vIOMMU. The user-space driver then maps its DMA area at "
+                         "IOVA = guest physical address (one hugepage), so the same buffers are "
+                         "right either way; the vIOMMU isolates nothing for this device.")
+        lines.append("")
         if rec.get("error"):
             lines += [f"**failed**: `{rec['error']}`", ""]
             continue

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from netns_peer import poke, recv_all
 
 from bench.qemu import Guest, VhostUserNic
 
@@ -47,15 +48,6 @@ def _device(name: str, sock: Path, port: str, **opts: object) -> str:
     return f"name={name},type=net,socket={sock},port={port}{extra}"
 
 
-def _recv_all(conn: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        data = conn.recv(1 << 20)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
 def _serve_once(server: socket.socket, send: bytes | None, box: dict[str, Any], key: str) -> None:
     """Accept one connection: read everything it sends (send is None) or send `send` and close."""
     server.settimeout(BOOT_TIMEOUT + JOB_TIMEOUT)
@@ -64,7 +56,7 @@ def _serve_once(server: socket.socket, send: bytes | None, box: dict[str, Any], 
         with conn:
             conn.settimeout(JOB_TIMEOUT)
             if send is None:
-                box[key] = _recv_all(conn)
+                box[key] = recv_all(conn)
             else:
                 conn.sendall(send)
                 box[key] = True
@@ -99,21 +91,6 @@ def _job(host: str, pairs: int) -> str:
         # stay up (rings running, counters readable) until the host has read the daemon's stats
         f"nc -l -p {DONE_PORT} > /dev/null\n"
     )
-
-
-def _poke(netns: Any, host: str, port: int, attempts: int = 60) -> None:
-    for _ in range(attempts):
-        s = netns.call(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.settimeout(10)
-            s.connect((host, port))
-            s.shutdown(socket.SHUT_WR)
-            s.recv(1)
-            return
-        except OSError:
-            threading.Event().wait(1)
-        finally:
-            s.close()
 
 
 def _cli_stats(control: str) -> dict[str, Any]:
@@ -170,7 +147,7 @@ def test_qemu_mq_guest_spreads_traffic_over_every_queue_pair(
         sent_sha = g.result("sent_sha", JOB_TIMEOUT)
         g.result("transfers_done", JOB_TIMEOUT)
         stats = _cli_stats(daemon.control)
-        _poke(netns, guest_ip, DONE_PORT)
+        poke(netns, guest_ip, DONE_PORT)
         try:
             g.wait_done(120)
         finally:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from netns_peer import NetnsReceiver, poke
 
 from bench.qemu import Guest, VhostUserNic
 
@@ -36,15 +35,6 @@ FILE_MIB = 6
 def _device(name: str, sock: Path, port: str, **opts: str) -> str:
     extra = "".join(f",{k}={v}" for k, v in opts.items())
     return f"name={name},type=net,socket={sock},port={port}{extra}"
-
-
-def _recv_all(conn: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        data = conn.recv(1 << 20)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
 
 
 def _guest_done(g: Guest) -> None:
@@ -78,30 +68,9 @@ def test_tap_guest_and_netns_ping_each_other(
         assert g.result("ping_received", JOB_TIMEOUT) == "5", g.tail()
         out = netns.run(["busybox", "ping", "-c", "3", "-W", "3", f"{subnet}.2"], check=False)
         assert "3 packets received" in out.stdout, out.stdout + out.stderr
-        _poke(netns, f"{subnet}.2", 7000)
+        poke(netns, f"{subnet}.2", 7000)
         _guest_done(g)
     print(f"boot to VX-READY {t_boot:.1f} s")
-
-
-def _poke(netns: Any, host: str, port: int, payload: bytes = b"", timeout: float = 60) -> None:
-    """Connect from inside the namespace to host:port (retrying until it listens), send
-    payload, close."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = netns.call(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.settimeout(10)
-            s.connect((host, port))
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            s.recv(1)  # wait for the guest to close: everything was read
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-        finally:
-            s.close()
 
 
 @pytest.mark.netns
@@ -112,17 +81,7 @@ def test_tap_file_both_ways(
     vhostx_daemon(
         [_device("net0", sock, "tap", tap_netns=netns.name, tap_address=f"{subnet}.1/24")]
     )
-    server = netns.call(socket.create_server, (f"{subnet}.1", 5001))
-    received: dict[str, bytes] = {}
-
-    def accept() -> None:
-        server.settimeout(JOB_TIMEOUT + BOOT_TIMEOUT)
-        conn, _ = server.accept()
-        with conn:
-            received["data"] = _recv_all(conn)
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
+    receiver = NetnsReceiver(netns, f"{subnet}.1", 5001, JOB_TIMEOUT + BOOT_TIMEOUT)
     job = (
         f"vx_wait_peer {subnet}.1 60 || exit 10\n"
         f"vx_gen_file /tmp/out {FILE_MIB}\n"
@@ -134,17 +93,17 @@ def test_tap_file_both_ways(
     )
     nic = VhostUserNic(sock, mac="52:54:00:c8:00:02", ip=f"{subnet}.2/24")
     to_guest = os.urandom(FILE_MIB << 20)
-    with server, Guest(guest_image, [nic], job, name="tapfile", workdir=e2e_dir) as g:
+    with receiver, Guest(guest_image, [nic], job, name="tapfile", workdir=e2e_dir) as g:
         g.wait_ready(BOOT_TIMEOUT)
         sent_md5 = g.result("sent_md5", JOB_TIMEOUT)
         t0 = time.monotonic()
-        acceptor.join(JOB_TIMEOUT)
+        data = receiver.join(JOB_TIMEOUT)
         t_up = time.monotonic() - t0
-        assert "data" in received, f"nothing arrived from the guest\n{g.tail()}"
-        assert len(received["data"]) == FILE_MIB << 20
-        assert hashlib.md5(received["data"]).hexdigest() == sent_md5
+        assert data is not None, f"nothing arrived from the guest ({receiver.error})\n{g.tail()}"
+        assert len(data) == FILE_MIB << 20
+        assert hashlib.md5(data).hexdigest() == sent_md5
         t0 = time.monotonic()
-        _poke(netns, f"{subnet}.2", 5002, to_guest)
+        poke(netns, f"{subnet}.2", 5002, to_guest)
         t_down = time.monotonic() - t0
         _guest_done(g)
         assert g.results["recv_size"] == str(len(to_guest))

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from netns_peer import NetnsReceiver, poke
 
 from bench.qemu import Guest, VhostUserNic
 from bench.vfio_guest import viommu_machine_args
@@ -32,34 +30,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.netns]
 BOOT_TIMEOUT = 240.0
 JOB_TIMEOUT = 300.0
 FILE_MIB = 2
-
-
-def _recv_all(conn: socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        data = conn.recv(1 << 20)
-        if not data:
-            return b"".join(chunks)
-        chunks.append(data)
-
-
-def _poke(netns: Any, host: str, port: int, payload: bytes, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = netns.call(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            s.settimeout(30)
-            s.connect((host, port))
-            s.sendall(payload)
-            s.shutdown(socket.SHUT_WR)
-            s.recv(1)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-        finally:
-            s.close()
 
 
 def _device_stats(daemon: Any) -> Any:
@@ -77,17 +47,7 @@ def test_viommu_guest_pings_and_moves_a_file_both_ways(
         [(f"name=net0,type=net,socket={sock},port=tap,tap_netns={netns.name},"
          f"tap_address={subnet}.1/24,iommu=true")]
     )
-    server = netns.call(socket.create_server, (f"{subnet}.1", 5001))
-    received: dict[str, bytes] = {}
-
-    def accept() -> None:
-        server.settimeout(JOB_TIMEOUT + BOOT_TIMEOUT)
-        conn, _ = server.accept()
-        with conn:
-            received["data"] = _recv_all(conn)
-
-    acceptor = threading.Thread(target=accept, daemon=True)
-    acceptor.start()
+    receiver = NetnsReceiver(netns, f"{subnet}.1", 5001, JOB_TIMEOUT + BOOT_TIMEOUT)
     job = (
         "vx_result iommu_groups $(ls /sys/kernel/iommu_groups | wc -l)\n"
         f"vx_wait_peer {subnet}.1 90 || exit 10\n"
@@ -101,18 +61,18 @@ def test_viommu_guest_pings_and_moves_a_file_both_ways(
     )
     nic = VhostUserNic(sock, mac="52:54:00:c8:00:12", ip=f"{subnet}.2/24", iommu=True)
     to_guest = os.urandom(FILE_MIB << 20)
-    with server, Guest(guest_image, [nic], job, name="viommu", workdir=e2e_dir, memory_mb=512,
+    with receiver, Guest(guest_image, [nic], job, name="viommu", workdir=e2e_dir, memory_mb=512,
                        append="intel_iommu=on", machine_args=viommu_machine_args()) as g:
         try:
             g.wait_ready(BOOT_TIMEOUT)
             assert int(g.result("iommu_groups", JOB_TIMEOUT)) > 0, g.tail(40)
             assert g.result("ping_received", JOB_TIMEOUT) == "5", g.tail(40)
             sent_md5 = g.result("sent_md5", JOB_TIMEOUT)
-            acceptor.join(JOB_TIMEOUT)
-            assert "data" in received, f"nothing arrived from the guest\n{g.tail()}"
-            assert len(received["data"]) == FILE_MIB << 20
-            assert hashlib.md5(received["data"]).hexdigest() == sent_md5
-            _poke(netns, f"{subnet}.2", 5002, to_guest)
+            data = receiver.join(JOB_TIMEOUT)
+            assert data is not None, f"nothing from the guest ({receiver.error})\n{g.tail(40)}"
+            assert len(data) == FILE_MIB << 20
+            assert hashlib.md5(data).hexdigest() == sent_md5
+            poke(netns, f"{subnet}.2", 5002, to_guest, timeout=90, connect_timeout=30)
             g.wait_done(JOB_TIMEOUT)
             assert g.results["recv_size"] == str(len(to_guest))
             assert g.results["recv_md5"] == hashlib.md5(to_guest).hexdigest()

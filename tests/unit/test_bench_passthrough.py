@@ -17,7 +17,7 @@ SHIPPED = find_scenario("passthrough")
 def test_shipped_scenario_loads_with_both_backends():
     assert pt.is_passthrough(SHIPPED)
     sc = pt.load(SHIPPED)
-    assert [(b.kind, b.iommu_platform) for b in sc.backends] == [("vhostx", False), ("dpdk", True)]
+    assert [(b.kind, b.iommu_platform) for b in sc.backends] == [("vhostx", True), ("dpdk", True)]
     assert pt.load(SHIPPED, duration=0.5, backends=["dpdk"]).backends[0].name == "dpdk"
 
 
@@ -48,10 +48,14 @@ def _doc() -> dict:
                 {"backend": asdict(sc.backends[1]), "error": "GuestFailure: boom"}]}
 
 
-def test_report_labels_tcg_and_says_vhostx_runs_without_iommu_platform():
-    text = render_report(_doc())
+def test_report_labels_tcg_and_says_whether_each_device_is_behind_the_viommu():
+    doc = _doc()
+    text = render_report(doc)
     assert "TCG figures" in text and "dev run" in text
-    assert "without iommu_platform" in text and "**failed**: `GuestFailure: boom`" in text
+    assert "iommu_platform=on,ats=on behind the vIOMMU" in text
+    assert "without iommu_platform" not in text and "**failed**: `GuestFailure: boom`" in text
+    doc["backends"][0]["backend"]["iommu_platform"] = False
+    assert "without iommu_platform" in render_report(doc)
     assert "| tx | 2.00 | 1.00 | 1.00 |" in text  # passthrough / paravirt of the same boot
 
 
@@ -96,3 +100,32 @@ def test_peer_echoes_with_the_macs_swapped_and_sources_at_its_pace():
         assert all(f[:6] == guest and f[6:12] == me for f in net.sent)
     finally:
         peer.stop()
+
+
+def _guest_command(tmp_path: Path, iommu_platform: bool) -> list[str]:
+    from bench.guest import GuestImage
+    from bench.passthrough_guest import passthrough_guest
+
+    image = GuestImage(kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initrd",
+                       kernel_release="6.1.0-1-amd64", package="linux-image-6.1.0-1-amd64",
+                       package_version="6.1-1", modules=())
+    g = passthrough_guest(tmp_path / "guest.sock", ["--duration", "1"], image=image,
+                          iommu_platform=iommu_platform, workdir=tmp_path)
+    return g.command(tmp_path / "job.initrd")
+
+
+def test_guest_nic_behind_the_viommu_as_the_viommu_e2e_guest_has_it(tmp_path: Path):
+    cmd = _guest_command(tmp_path, iommu_platform=True)
+    nic = next(a for a in cmd if a.startswith("virtio-net-pci,"))
+    assert "iommu_platform=on,ats=on" in nic and ",bus=vxrp0" in nic and "vectors=0" in nic
+    assert any(a.startswith("pcie-root-port,id=vxrp0") for a in cmd)
+    iommu = [a for a in cmd if a.startswith("intel-iommu,")]
+    assert iommu == ["intel-iommu,intremap=on,caching-mode=on,device-iotlb=on"]
+
+
+def test_guest_nic_without_iommu_platform_bypasses_the_viommu(tmp_path: Path):
+    cmd = _guest_command(tmp_path, iommu_platform=False)
+    nic = next(a for a in cmd if a.startswith("virtio-net-pci,"))
+    assert "iommu_platform" not in nic and "ats" not in nic and "bus=" not in nic
+    assert [a for a in cmd if a.startswith("intel-iommu,")] == [
+        "intel-iommu,intremap=on,caching-mode=on"]

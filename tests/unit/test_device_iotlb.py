@@ -5,6 +5,7 @@ UPDATE, stopped by an INVALIDATE), and hostile IOTLB messages."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import socket
 from typing import Any
@@ -191,26 +192,35 @@ def test_backend_channel_needs_backend_req() -> None:
 
 
 class _RecordingBinding(NullBinding):
-    """Records, at each detach, whether the IOTLB still held the mapping being invalidated."""
+    """Records, at each detach and barrier, whether the IOTLB still held ``watch``; a barrier
+    answers only when the test completes ``pending``."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dev: Any = None
+        self.watch = 0
         self.seen_at_detach: list[bool] = []
+        self.seen_at_barrier: list[bool] = []
+        self.pending: concurrent.futures.Future[Any] | None = None
+
+    def _mapped(self) -> bool:
+        t = self.dev.iotlb
+        return t is not None and t.translate(self.watch, 1, IotlbPerm.RO) is not None
 
     def detach(self, work: Any) -> Any:
-        t = self.dev.iotlb
-        self.seen_at_detach.append(t is not None and t.translate(BUF_IOVA, 1, IotlbPerm.RO)
-                                   is not None)
+        self.seen_at_detach.append(self._mapped())
         return super().detach(work)
+
+    def barrier(self) -> list[concurrent.futures.Future[Any]]:
+        self.seen_at_barrier.append(self._mapped())
+        self.barriers += 1
+        return [self.pending] if self.pending is not None else [self._done()]
 
 
 BUF_IOVA = 0x4000_0000
 
 
-def test_invalidate_detaches_the_works_before_the_mapping_goes(wire) -> None:
-    """No batch may run between the removal and the ack: the works are detached first (their
-    worker finishes its batch), the mapping goes, the ack follows, the works come back."""
+def _two_rings_mapped(wire) -> _RecordingBinding:
     binding = _RecordingBinding()
     binding.dev = wire.dev
     wire.dev.worker = binding
@@ -227,15 +237,106 @@ def test_invalidate_detaches_the_works_before_the_mapping_goes(wire) -> None:
                       IotlbType.UPDATE) == 0
     assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
                       IotlbType.UPDATE) == 0
-    works = list(binding.attached)
-    assert works, "both rings run: their works are attached"
-    binding.seen_at_detach.clear()
-    assert wire.iotlb(BUF_IOVA, 0x1000, 0, 0, IotlbType.INVALIDATE) == 0
+    assert [vr.queue is not None for vr in wire.dev.vrings[:2]] == [True, True]
+    assert binding.attached, "the rings run: the TX ring's work is attached (a sink's RX none)"
+    return binding
+
+
+def test_invalidate_of_a_ring_detaches_the_works_before_the_mapping_goes(wire) -> None:
+    """A ring's own addresses (host pointers in its DeviceQueue): the works are detached first
+    (their worker finishes its batch), the mapping goes, the ack follows, the ring re-plans."""
+    binding = _two_rings_mapped(wire)
+    binding.watch = RING_IOVA + 0x4000  # ring 1's avail ring
+    queue = wire.dev.vrings[1].queue
+    assert wire.iotlb(RING_IOVA + 0x4000, 0x1000, 0, 0, IotlbType.INVALIDATE) == 0
     assert binding.seen_at_detach and all(binding.seen_at_detach)  # detached while still mapped
-    assert wire.dev.iotlb.translate(BUF_IOVA, 1, IotlbPerm.RO) is None  # gone at the ack
-    assert binding.attached  # and the rings run again
-    # an UPDATE of an unmapped range inserts without stopping anything
+    assert wire.dev.iotlb.translate(RING_IOVA + 0x4000, 1, IotlbPerm.RO) is None
+    assert wire.dev.vrings[1].queue is None and queue is not None  # stopped, asks again
+    assert binding.barriers == 0 and wire.dev.stats()["iotlb"]["quiesced"] == 1
+
+
+def test_invalidate_of_a_buffer_removes_then_waits_for_every_worker_before_the_ack(wire) -> None:
+    """A range no ring's own addresses use: nothing is detached; the mapping goes first (a walk
+    starting afterwards misses), then the barrier waits out the batches running on every
+    worker, and only then is the ack sent."""
+    binding = _two_rings_mapped(wire)
+    binding.watch = BUF_IOVA
+    rings = [vr.queue for vr in wire.dev.vrings[:2]]
+    works = list(binding.attached)
     binding.seen_at_detach.clear()
+    binding.pending = concurrent.futures.Future()
+    data = wire.front.request(R.IOTLB_MSG, vu.IotlbMsg(BUF_IOVA, 0x1000, 0, 0,
+                                                       IotlbType.INVALIDATE), need_reply=True)
+    (msg,) = wire.back.feed(data, [])
+    task = wire.loop.create_task(wire.dev.handle(wire.back, msg))
+    wire.loop.run_until_complete(asyncio.sleep(0.05))
+    assert binding.seen_at_barrier == [False]  # removed before the barrier was asked for
+    assert not task.done()  # no ack while a worker may still be in a batch
+    binding.pending.set_result(None)
+    (ack,) = wire.front.feed(wire.loop.run_until_complete(task))
+    assert ack.payload == 0
+    assert binding.seen_at_detach == [] and binding.attached == works
+    assert [vr.queue for vr in wire.dev.vrings[:2]] == rings  # the rings ran on
+    st = wire.dev.stats()["iotlb"]
+    assert st["barriers"] == 1 and st["quiesced"] == 0 and st["invalidations"] == 1
+    # an UPDATE of an unmapped range inserts without stopping or waiting for anything
+    binding.pending = None
     assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
                       IotlbType.UPDATE) == 0
-    assert binding.seen_at_detach == []
+    assert binding.seen_at_detach == [] and binding.barriers == 1
+
+
+def test_full_iotlb_evicts_all_but_the_rings_instead_of_refusing_the_update(wire) -> None:
+    """Before: an UPDATE past the capacity was refused and the page stayed in the sent set, so
+    the ring whose buffer needed it stalled for good (a guest with an identity DMA domain gets
+    one mapping per 4 KiB page it touches). Now the table makes room and the ring keeps going."""
+    from virtio.iotlb import DeviceIotlb
+
+    wire.setup()
+    assert [m.iova for m in wire.misses()] == [RING_IOVA]
+    wire.dev.iotlb.close()
+    wire.dev.iotlb = DeviceIotlb(capacity=4)
+    assert wire.iotlb(RING_IOVA, 0x3000, REGION.uva + 0x10000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    queue = wire.dev.vrings[0].queue
+    assert queue is not None
+    for k in range(3):  # the table is full: the ring's mapping and three buffer pages
+        assert wire.iotlb(BUF_IOVA + k * 0x1000, 0x1000, REGION.uva + 0x40000 + k * 0x1000,
+                          IotlbPerm.RW, IotlbType.UPDATE) == 0
+    assert len(wire.dev.iotlb) == 4
+    assert wire.iotlb(BUF_IOVA + 0x8000, 0x1000, REGION.uva + 0x50000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0  # refused (ack 1) before
+    t = wire.dev.iotlb
+    assert t.translate(BUF_IOVA + 0x8000, 1, IotlbPerm.RO).uaddr == REGION.uva + 0x50000
+    assert all(t.translate(BUF_IOVA + k * 0x1000, 1, IotlbPerm.RO) is None for k in range(3))
+    # the ring runs on, not restarted, its addresses still translated
+    assert wire.dev.vrings[0].queue is queue
+    assert t.translate(RING_IOVA, 16 * 256, IotlbPerm.RO).uaddr == REGION.uva + 0x10000
+    assert t.translate(RING_IOVA + 0x1000, 6 + 2 * 256, IotlbPerm.RO).uaddr == (
+        REGION.uva + 0x11000)
+    assert t.translate(RING_IOVA + 0x2000, 6 + 8 * 256, IotlbPerm.WO).uaddr == (
+        REGION.uva + 0x12000)
+    stats = wire.dev.stats()["iotlb"]
+    assert stats["evictions"] == 1 and stats["evicted"] == 4 and stats["refused"] == 0
+    assert wire.misses() == []  # nothing needed asking again
+
+
+def test_eviction_keeps_a_ring_that_spans_several_mappings(wire) -> None:
+    from virtio.iotlb import DeviceIotlb
+
+    wire.setup()
+    wire.misses()
+    wire.dev.iotlb.close()
+    wire.dev.iotlb = DeviceIotlb(capacity=7)
+    for k in range(6):  # the rings' three pages in half pages: the descriptor table spans two
+        assert wire.iotlb(RING_IOVA + k * 0x800, 0x800, REGION.uva + 0x10000 + k * 0x800,
+                          IotlbPerm.RW, IotlbType.UPDATE) == 0
+    queue = wire.dev.vrings[0].queue
+    assert queue is not None
+    wire.misses()  # the avail and used pages, asked for while the rings were being mapped
+    assert wire.iotlb(BUF_IOVA, 0x1000, REGION.uva + 0x40000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0
+    assert wire.iotlb(BUF_IOVA + 0x1000, 0x1000, REGION.uva + 0x41000, IotlbPerm.RW,
+                      IotlbType.UPDATE) == 0  # full: evicts, the rings' pieces go back
+    assert wire.dev.vrings[0].queue is queue and wire.misses() == []
+    assert wire.dev.iotlb.translate(BUF_IOVA, 1, IotlbPerm.RO) is None

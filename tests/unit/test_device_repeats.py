@@ -38,6 +38,7 @@ class NullBinding:
 
     def __init__(self) -> None:
         self.attached: list[Any] = []
+        self.barriers = 0
 
     def _done(self) -> concurrent.futures.Future[Any]:
         fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
@@ -51,6 +52,10 @@ class NullBinding:
     def detach(self, work: Any) -> concurrent.futures.Future[Any]:
         self.attached.remove(work)
         return self._done()
+
+    def barrier(self) -> list[concurrent.futures.Future[Any]]:
+        self.barriers += 1
+        return [self._done()]
 
 
 class Wire:

@@ -3,6 +3,7 @@ workers added and removed at run time (their works move), migration errors and s
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 
 import pytest
@@ -207,3 +208,40 @@ def test_live_update_reaches_every_worker_and_policy_switch(pools) -> None:
         pool.set_policy("nope")
     with pytest.raises(ConfigError, match="placement='x'"):
         pool.set_placement("x")
+
+
+class _HeldWork(FakeWork):
+    """A work whose batch stays inside run() until ``release`` is set."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.inside = threading.Event()
+        self.release = threading.Event()
+
+    def run(self, budget_pkts: int, budget_bytes: int) -> int:
+        self.inside.set()
+        self.release.wait(10)
+        return super().run(budget_pkts, budget_bytes)
+
+
+def test_barrier_completes_on_every_worker_only_after_the_running_batch(pools) -> None:
+    pool = pools(workers=2, placement="least_loaded")
+    a, b = pool.bind("a", worker=0), pool.bind("b", worker=1)
+    held = _HeldWork("a.tx0")
+    a.attach(held).result(5)
+    other = FakeWork("b.tx0")
+    b.attach(other).result(5)
+    held.add(1)
+    assert held.inside.wait(5), "the batch started"
+    futs = b.barrier()  # from any device's binding: every worker of the pool
+    assert len(futs) == 2
+    done, pending = concurrent.futures.wait(futs, timeout=0.3)
+    assert len(done) == 1 and len(pending) == 1  # worker 1 answered, worker 0 is in the batch
+    held.release.set()
+    concurrent.futures.wait(futs, timeout=5)
+    assert all(f.done() and f.exception() is None for f in futs)
+    assert held.served == 1
+    a.detach(held).result(5)
+    b.detach(other).result(5)
+    held.close()
+    other.close()
