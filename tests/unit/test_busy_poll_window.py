@@ -22,7 +22,7 @@ from test_kick import KickedRing
 from iosched.work import WorkStats
 from virtio import kick
 
-WINDOW_NS = 1_000_000_000  # the busy-poll window: 1 s (a loaded machine may stall a thread 100s of ms)
+WINDOW_NS = 1_000_000_000  # the busy-poll window: 1 s (a loaded machine stalls threads)
 THINK_S = 0.02  # the driver's pause between an echo and its next ping: a fiftieth of the window
 PINGS = 16  # 16 round trips of >= 20 ms: far more than one window's worth
 
