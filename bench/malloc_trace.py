@@ -4,7 +4,9 @@
 tracemalloc on (tracebacks of `VHOSTX_TRACEMALLOC_FRAMES` frames, 10 by default) and, every
 SECONDS, writes DIR/snap-NNN.tracemalloc (tracemalloc's own format) and DIR/snap-NNN.json (RSS,
 glibc's malloc statistics, the live object count and the 40 most common object types, after a
-full collection). `VHOSTX_TRACEMALLOC_FRAMES=0` leaves tracemalloc off (only the JSON files).
+full collection). `VHOSTX_TRACEMALLOC_FRAMES=0` leaves tracemalloc off (only the JSON files);
+`VHOSTX_MALLOC_TRIM=1` calls malloc_trim(0) after each snapshot and records the RSS after it
+(what the RSS would be without the free memory the allocator keeps).
 DaemonProcess(module="bench.malloc_trace", ...) starts the daemon this way (bench/hostile.py
 `--tracemalloc DIR`).
 
@@ -64,6 +66,15 @@ def _mallinfo() -> dict[str, int]:
     return {str(f[0]): int(getattr(info, f[0])) for f in _Mallinfo2._fields_}
 
 
+def _malloc_trim() -> bool:
+    """glibc's malloc_trim(0): give the free memory inside the heap and arenas back to the
+    system (MADV_DONTNEED on whole free pages); True if some was released."""
+    try:
+        return bool(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def snapshot_to(directory: Path, n: int) -> None:
     """Write snapshot number `n` (traces, if tracing, and an object census) into `directory`."""
     gc.collect()
@@ -76,6 +87,9 @@ def snapshot_to(directory: Path, n: int) -> None:
     info = {"n": n, "t": time.monotonic(), "rss_kib": _rss_kib(), "objects": len(objects),
             "traced": traced, "traced_peak": peak, "threads": threading.active_count(),
             "malloc": _mallinfo(), "types": dict(census.most_common(40))}
+    if os.environ.get("VHOSTX_MALLOC_TRIM", "") not in ("", "0"):
+        info["trimmed"] = _malloc_trim()
+        info["rss_kib_after_trim"] = _rss_kib()
     (directory / f"snap-{n:03d}.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
