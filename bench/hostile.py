@@ -13,7 +13,8 @@ afresh. The daemon's RSS, open fds and mappings (/proc/PID/status, fd/, maps) ar
 throughout.
 
 `python -m bench.hostile --messages 1000000` (the long run, docs/reliability.md) prints the
-report as JSON; tests/e2e/test_hostile.py runs a short one. Exit status 0 when the daemon lived,
+report as JSON; tests/e2e/test_hostile.py runs a short one. `--tracemalloc DIR` runs the daemon
+under bench/malloc_trace.py (tracemalloc snapshots, object census and malloc statistics in DIR). Exit status 0 when the daemon lived,
 the good device lost nothing and the fd count came back to where it started.
 
 Threads: the main thread sends the hostile traffic (and owns the daemon); one thread runs the
