@@ -13,7 +13,8 @@ afresh. The daemon's RSS, open fds and mappings (/proc/PID/status, fd/, maps) ar
 throughout.
 
 `python -m bench.hostile --messages 1000000` (the long run, docs/reliability.md) prints the
-report as JSON; tests/e2e/test_hostile.py runs a short one. Exit status 0 when the daemon lived,
+report as JSON; tests/e2e/test_hostile.py runs a short one. `--tracemalloc DIR` runs the daemon
+under bench/malloc_trace.py (tracemalloc snapshots, object census and malloc statistics in DIR). Exit status 0 when the daemon lived,
 the good device lost nothing and the fd count came back to where it started.
 
 Threads: the main thread sends the hostile traffic (and owns the daemon); one thread runs the
@@ -55,19 +56,23 @@ class ProcSample:
     rss_kib: int
     fds: int
     maps: int
+    anon_kib: int = 0  # the anonymous part of the RSS (heap, stacks): where a leak would show
+    shmem_kib: int = 0  # shared memory mapped (the guests' memfds), the rest being file pages
 
 
 def sample(pid: int, t0: float) -> ProcSample:
-    """RSS, open fds and mappings of process `pid` now."""
-    rss = 0
+    """RSS (and its anonymous and shared-memory parts), open fds and mappings of `pid` now."""
+    status: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1])
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssAnon", "RssShmem"):
+                status[key] = int(line.split()[1])
     with open(f"/proc/{pid}/maps") as f:
         maps = sum(1 for _ in f)
-    return ProcSample(round(time.monotonic() - t0, 2), rss, len(os.listdir(f"/proc/{pid}/fd")),
-                      maps)
+    return ProcSample(round(time.monotonic() - t0, 2), status.get("VmRSS", 0),
+                      len(os.listdir(f"/proc/{pid}/fd")), maps, status.get("RssAnon", 0),
+                      status.get("RssShmem", 0))
 
 
 @dataclass
@@ -102,7 +107,8 @@ class HostileReport:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["start"], d["end"] = asdict(self.start), asdict(self.end)
-        d["max"] = {k: max(getattr(s, k) for s in self.samples) for k in ("rss_kib", "fds", "maps")}
+        d["max"] = {k: max(getattr(s, k) for s in self.samples)
+                    for k in ("rss_kib", "anon_kib", "fds", "maps")}
         d["samples"] = [asdict(s) for s in self.samples[:: max(1, len(self.samples) // 20)]]
         d["ok"] = self.ok()
         return d
@@ -364,11 +370,18 @@ def _one_connection(path: str, cl: HostileClient, budget: int, rep: HostileRepor
 
 
 def run(messages: int = 10_000, seconds: float = 60.0, seed: int = 1,
-        sample_every: float = 2.0, log: Any = None) -> HostileReport:
-    """The hostile run: stops after `messages` messages or `seconds`, whichever comes first."""
+        sample_every: float = 2.0, log: Any = None, tracemalloc_dir: str | None = None,
+        tracemalloc_every: float = 30.0) -> HostileReport:
+    """The hostile run: stops after `messages` messages or `seconds`, whichever comes first.
+    `tracemalloc_dir`: run the daemon under tracemalloc (bench/malloc_trace.py), a snapshot
+    there every `tracemalloc_every` seconds."""
     rng = random.Random(seed)
     rep = HostileReport()
-    d = DaemonProcess(log_level="ERROR")
+    launcher = ["-m", "vhostx"]
+    if tracemalloc_dir is not None:
+        launcher = ["-m", "bench.malloc_trace", "serve", tracemalloc_dir, str(tracemalloc_every),
+                    "--"]
+    d = DaemonProcess(log_level="ERROR", launcher=launcher)
     victim = d.add_device("victim", port="sink")
     good_path = d.add_device("good", port="echo")
     fds = Fds()
@@ -393,7 +406,7 @@ def run(messages: int = 10_000, seconds: float = 60.0, seed: int = 1,
                 if log is not None:
                     s = rep.samples[-1]
                     print(f"{s.t:8.1f}s {rep.messages:>9} msgs {rep.connections:>7} conns  "
-                          f"rss {s.rss_kib} KiB  fds {s.fds}  maps {s.maps}  good "
+                          f"rss {s.rss_kib} KiB (anon {s.anon_kib})  fds {s.fds}  maps {s.maps}  good "
                           f"{good.received}/{good.sent}", file=log, flush=True)
         rep.seconds = round(time.monotonic() - t0, 1)
         good.stop.set()
@@ -426,8 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=3600.0)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--out", help="write the JSON report here too")
+    ap.add_argument("--tracemalloc", metavar="DIR",
+                    help="run the daemon under tracemalloc, snapshots in DIR (bench/malloc_trace.py)")
+    ap.add_argument("--tracemalloc-every", type=float, default=30.0, metavar="SECONDS")
     args = ap.parse_args(argv)
-    rep = run(args.messages, args.seconds, args.seed, sample_every=10.0, log=sys.stderr)
+    rep = run(args.messages, args.seconds, args.seed, sample_every=10.0, log=sys.stderr,
+              tracemalloc_dir=args.tracemalloc, tracemalloc_every=args.tracemalloc_every)
     text = json.dumps(rep.as_dict(), indent=1)
     print(text)
     if args.out:

@@ -80,11 +80,14 @@ class DaemonProcess:
         log_level: str = "INFO",
         metrics: str | None = None,
         parent_death_signal: int | None = signal.SIGKILL,
+        launcher: Sequence[str] = ("-m", "vhostx"),
     ) -> None:
         """`metrics`: "HOST:PORT" for `serve --metrics`; port 0 is replaced here by a port free
         at that moment, so that `metrics` / `metrics_url` tell where to scrape.
         `parent_death_signal`: the signal the daemon gets when the thread that started it dies
-        (None: none; the daemon then outlives a killed parent)."""
+        (None: none; the daemon then outlives a killed parent).
+        `launcher`: what follows the interpreter on the command line, before the daemon's own
+        arguments (bench/malloc_trace.py wraps the daemon in tracemalloc this way)."""
         self._own_dir = workdir is None
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="vhostx-"))
         self.control = str(self.dir / "control.sock")
@@ -104,6 +107,7 @@ class DaemonProcess:
                 bracketed = f"[{host}]" if ":" in host else host
                 self.metrics = f"{bracketed}:{_free_port(host)}"
         self.parent_death_signal = parent_death_signal
+        self.launcher = list(launcher)
         self.proc: subprocess.Popen[bytes] | None = None
         self.final_stats: dict[str, Any] | None = None
 
@@ -119,7 +123,7 @@ class DaemonProcess:
         return path
 
     def command(self) -> list[str]:
-        args = [sys.executable, "-m", "vhostx", "--log-level", self.log_level, "serve",
+        args = [sys.executable, *self.launcher, "--log-level", self.log_level, "serve",
                 "--control", self.control, "--ready-file", str(self.ready_file),
                 "--stats-file", str(self.stats_file)]
         if self.config:

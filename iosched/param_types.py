@@ -2,6 +2,19 @@
 typed, checked ones; the scopes and sources a value can have. `iosched.params` re-exports all of
 it beside the `Registry`: import from there.
 
+Parsing (`Param.parse`):
+- int: Python ints (not bools) or strings read with `int(s, 0)` (so `0x10`, `1_000`), falling
+  back to base 10 (`010`).
+- float: ints, floats or strings; NaN and infinities are refused.
+- bool: bools, 0/1, or the strings true/false, 1/0, yes/no, on/off (any case).
+- str: strings only. enum: one of the declared choices, by exact name.
+- Unit suffixes, only for parameters whose unit is a time or a size:
+  time (unit "ns", "us", "ms" or "s"): a number with suffix `ns`, `us` (or `µs`), `ms` or `s`,
+  e.g. `3s`, `500ms`, `1.5ms`, `20us`, converted to the parameter's unit and refused unless it is
+  a whole number of that unit; size (unit "bytes"): suffix `B`, `k`/`K`/`KiB`, `M`/`MiB`,
+  `G`/`GiB`, always powers of 1024 like the kernel's memparse (`64k` = 65536, `512KiB`, `1M`).
+  A bare number is in the parameter's own unit. Other units take no suffix.
+
 Threads: any (everything here is immutable or pure).
 """
 

@@ -23,18 +23,8 @@ run-time value falls back to the command line, then the config file, then the de
 The same layers exist per device (config file `[device.params]`, `--param name@device=value`,
 `param set --device`), and any value a device has of its own beats every global one.
 
-Parsing (`Param.parse`):
-- int: Python ints (not bools) or strings read with `int(s, 0)` (so `0x10`, `1_000`), falling
-  back to base 10 (`010`).
-- float: ints, floats or strings; NaN and infinities are refused.
-- bool: bools, 0/1, or the strings true/false, 1/0, yes/no, on/off (any case).
-- str: strings only. enum: one of the declared choices, by exact name.
-- Unit suffixes, only for parameters whose unit is a time or a size:
-  time (unit "ns", "us", "ms" or "s"): a number with suffix `ns`, `us` (or `µs`), `ms` or `s`,
-  e.g. `3s`, `500ms`, `1.5ms`, `20us`, converted to the parameter's unit and refused unless it is
-  a whole number of that unit; size (unit "bytes"): suffix `B`, `k`/`K`/`KiB`, `M`/`MiB`,
-  `G`/`GiB`, always powers of 1024 like the kernel's memparse (`64k` = 65536, `512KiB`, `1M`).
-  A bare number is in the parameter's own unit. Other units take no suffix.
+Parsing raw values (`Param.parse`: ints, floats, bools, strings, enums, time and size suffixes)
+is described in iosched.param_types.
 
 A refusal raises `virtio.errors.ConfigError` naming the parameter, the value as it came and what
 is allowed, e.g. ``poll_stop_idle='-5': out of range, allowed [0, 60000000] us``. Unknown names
@@ -58,12 +48,13 @@ import difflib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from virtio.errors import ConfigError
 
+from .param_listing import ParamRow, describe_rows, format_rows
 from .param_types import SIZE_UNITS, TIME_UNITS, Param, Scope, Source, parse_cpu_list
 
 __all__ = [
@@ -96,28 +87,6 @@ class Current:
 
     value: Any
     source: Source
-
-
-@dataclass(frozen=True)
-class ParamRow:
-    """One line of the `modinfo -p`-like listing (JSON-ready through `as_dict`).
-
-    `devices`: the devices that have a value of their own, {device: {"value", "source"}}."""
-
-    name: str
-    type: str
-    value: Any
-    default: Any
-    range: str
-    unit: str
-    runtime: bool
-    scope: str
-    source: str
-    description: str
-    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class ParamHandle:
@@ -423,19 +392,7 @@ class Registry:
     def describe(self) -> list[ParamRow]:
         """One row per parameter, sorted by name, like `modinfo -p` with values; each row lists
         the devices that have a value of their own."""
-        rows = []
-        for p in self.params():
-            cur = self._current[p.name]
-            own = {d: {"value": c.value, "source": c.source.label}
-                   for d, c in self.overrides(p.name).items()}  # fmt: skip
-            rows.append(
-                ParamRow(
-                    name=p.name, type=p.kind, value=cur.value, default=p.default,
-                    range=p.allowed(), unit=p.unit, runtime=p.runtime, scope=p.scope.value,
-                    source=cur.source.label, description=p.description, devices=own,
-                )
-            )  # fmt: skip
-        return rows
+        return describe_rows(self)
 
     def format_table(self) -> str:
         """The listing as plain text: one header line, one line per parameter, and under it one
@@ -597,42 +554,9 @@ class Registry:
         )
 
 
-def format_rows(rows: Iterable[Mapping[str, Any]]) -> str:
-    """`describe()` rows (as dicts, e.g. from a daemon's control socket) as the `vhostx params`
-    table: a header, one line per parameter, one `name@device` line per device value."""
-    headers = ("NAME", "TYPE", "VALUE", "DEFAULT", "RANGE", "UNIT", "RT", "SCOPE", "SOURCE")
-    lines: list[tuple[str, ...]] = []
-    for r in rows:
-        unit = r.get("unit") or "-"
-        rt = "yes" if r.get("runtime") else "no"
-        lines.append((
-            r["name"], r["type"], _show(r["value"]), _show(r["default"]), r["range"], unit, rt,
-            r["scope"], r["source"], r["description"],
-        ))  # fmt: skip
-        for dev, own in (r.get("devices") or {}).items():
-            lines.append((
-                f"{r['name']}@{dev}", r["type"], _show(own["value"]), "-", r["range"], unit, rt,
-                "device", own["source"], f"device {dev}'s own value (global: {_show(r['value'])})",
-            ))  # fmt: skip
-    widths = [max([len(h)] + [len(line[i]) for line in lines]) for i, h in enumerate(headers)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + "  DESCRIPTION"]
-    for line in lines:
-        cols = "  ".join(c.ljust(w) for c, w in zip(line[:-1], widths, strict=True))
-        out.append(f"{cols}  {line[-1]}")
-    return "\n".join(out) + "\n"
-
-
 def _qualname(cb: Any) -> str:
     return str(getattr(cb, "__qualname__", repr(cb)))
 
 
 def _prefix(where: str) -> str:
     return f"{where}: " if where else ""
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value == "":
-        return '""'
-    return str(value)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import select
+import stat
 from typing import TYPE_CHECKING, Any
 
 from virtio import vhost_user as vu
@@ -31,6 +33,30 @@ log = logging.getLogger("vhostx.control")
 MAX_QUEUE_SIZE = 32768
 MAX_MEM_SLOTS = 32
 STATUS_NEEDS_RESET = 0x40
+
+
+def _check_pollable(fds: tuple[int, ...], what: str) -> None:
+    """Refuse a kick fd that epoll cannot watch (a regular file such as a memfd, /dev/null): a
+    worker waits on kick fds with epoll, and would fail when the ring starts. `fds` (the
+    message's) are closed first."""
+    ep = select.epoll()
+    try:
+        ep.register(fds[0], select.EPOLLIN)
+    except OSError as err:
+        try:
+            mode = os.fstat(fds[0]).st_mode
+            kind = ("a regular file" if stat.S_ISREG(mode) else "a character device"
+                    if stat.S_ISCHR(mode) else f"file type {stat.S_IFMT(mode):#o}")
+        except OSError:
+            kind = "an fd that cannot be inspected"
+        for fd in fds:
+            _close(fd)
+        raise RemoteProtocolError(
+            f"{what}: expected a pollable kick fd (an eventfd), got {kind} that epoll cannot "
+            f"watch ({err.strerror})"
+        ) from err
+    finally:
+        ep.close()
 
 
 def _close(fd: int) -> None:
@@ -293,6 +319,8 @@ class RequestHandlers:
 
     async def h_set_vring_kick(self, msg: vu.Message) -> None:
         vr = self._vring(msg.payload.index, "SET_VRING_KICK", msg.fds)
+        if msg.fds and not msg.payload.nofd:
+            _check_pollable(msg.fds, f"SET_VRING_KICK: ring {msg.payload.index}")
         old = self._replace_fd(vr, "kick_fd", msg)
         if old >= 0 and vr.queue is not None:
             await self._detach_works()  # the worker must stop polling the old fd first

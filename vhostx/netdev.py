@@ -1,15 +1,11 @@
-"""Host network plumbing for tap ports: TAP devices, bridges and network namespaces (pyroute2).
+"""Host network plumbing for tap ports: TAP devices and bridges (pyroute2, ioctls).
 
 Role: ``open_tap()`` creates a TAP interface opened by this process (``IFF_TAP | IFF_NO_PI |
 IFF_VNET_HDR``, non-blocking fd, vnet header length and offloads set by ioctl), optionally moves it
 into a network namespace (created if absent) and gives it an address there; the fd keeps working
-after the move. ``Bridge`` creates a Linux bridge and enslaves interfaces. ``Netns`` creates and
-deletes a namespace and runs commands (``ip netns exec``, which also gives the command the
-namespace's /sys and /etc/netns files) or Python callables inside it.
-
-Namespaces through pyroute2: ``pyroute2.netns.create`` / ``remove`` / ``listnetns`` make, delete and
-find them, ``pyroute2.netns.setns`` enters one on a helper thread, and an interface moves with
-``IPRoute.link("set", net_ns_fd=NAME)``.
+after the move (``IPRoute.link("set", net_ns_fd=NAME)``). ``Bridge`` creates a Linux bridge and
+enslaves interfaces. Namespaces themselves (``Netns``, ``netns_exists``, ``unique_name``) live in
+vhostx.netns and are re-exported here.
 
 Threads: the daemon's main thread calls this at device setup and teardown (and ``Tap.set_offloads``
 / ``set_vnet_hdr_len`` after feature negotiation). The calls block briefly on netlink and ioctls; a
@@ -25,25 +21,31 @@ was asked and what the kernel answered.
 
 from __future__ import annotations
 
-import errno
 import fcntl
-import ipaddress
-import itertools
 import os
 import struct
-import subprocess
-import threading
-from collections.abc import Callable, Sequence
 from enum import IntFlag
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Self
 
 from pyroute2 import IPRoute
-from pyroute2 import config as pyroute2_config
-from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from virtio.errors import ConfigError
+
+from .netns import (
+    IFNAMSIZ,
+    Netns,
+    call_in_netns,
+    check_address,
+    check_netns_name,
+    configure_interface,
+    create_netns,
+    netlink_errmsg,
+    netns_exists,
+    remove_netns,
+    unique_name,
+)
 
 __all__ = [
     "IFF_ATTACH_QUEUE",
@@ -77,57 +79,7 @@ IFF_MULTI_QUEUE = 0x0100
 IFF_ATTACH_QUEUE = 0x0200
 IFF_DETACH_QUEUE = 0x0400
 TUNSETQUEUE = 0x400454D9
-_IFNAMSIZ = 16
 _IFREQ = struct.Struct("16sH22x")  # struct ifreq: name, short flags, padding to 40 bytes
-_NETNS_DIR = pyroute2_netns.NETNS_RUN_DIR
-# pyroute2.netns.create forks a helper that must answer within the library's communicate timeout
-# (2 s by default); a loaded 2-core machine needs longer.
-_CREATE_TIMEOUT_S = 15
-pyroute2_config.default_communicate_timeout = max(pyroute2_config.default_communicate_timeout,
-                                                  _CREATE_TIMEOUT_S)
-
-T = TypeVar("T")
-
-
-def _in_thread(
-    netns: str | None, fn: Callable[[], T], *, timeout: float | None = None, what: str = "netlink"
-) -> T:
-    """Run ``fn()`` on a fresh short-lived thread, inside network namespace ``netns`` (setns on
-    that thread only) or in this process's namespace, and return its result or raise its error.
-
-    Why a thread: pyroute2 0.9's synchronous IPRoute drives an event loop of its own and fails
-    with "this event loop is already running" on a thread whose loop runs (the daemon's main
-    thread); and entering a namespace must not move the caller's thread. IPRoute(netns=...) and
-    NetNS are not used: they fork a helper process per socket with a short timeout and retries,
-    which proved fragile on a loaded 2-core machine (interfaces configured in the wrong
-    namespace); `pyroute2.netns.setns` on a thread of our own needs no helper process."""
-    box: dict[str, Any] = {}
-
-    def body() -> None:
-        try:
-            if netns is not None:
-                try:
-                    pyroute2_netns.setns(netns, flags=0)  # 0: never create it
-                except FileNotFoundError as e:
-                    raise ConfigError(
-                        f"netns={netns!r}: no such namespace ({_NETNS_DIR}/{netns} does not exist)"
-                    ) from e
-                except OSError as e:
-                    raise ConfigError(f"netns={netns!r}: cannot enter it: {_errmsg(e)}") from e
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed to the caller
-            box["error"] = e
-
-    thread = threading.Thread(target=body, name=f"{what}-{netns or 'host'}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise TimeoutError(f"netns {netns}: {what} still running after {timeout} s")
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
 class Offload(IntFlag):
     """TUNSETOFFLOAD flags: which offloaded packets the reader of the TAP fd accepts (set from the
     guest's RX features: GUEST_CSUM -> CSUM, GUEST_TSO4 -> TSO4, ...)."""
@@ -137,108 +89,6 @@ class Offload(IntFlag):
     TSO6 = 0x04
     TSO_ECN = 0x08
     UFO = 0x10
-
-
-_counter = itertools.count(1)
-
-
-def unique_name(prefix: str = "vx") -> str:
-    """A name unique in this host for this process: ``prefix`` + pid + counter, at most 15
-    characters (the interface name limit)."""
-    name = f"{prefix}{os.getpid()}x{next(_counter)}"
-    if len(name) > _IFNAMSIZ - 1:
-        raise ConfigError(
-            f"generated name {name!r} is longer than 15 characters; "
-            f"use a shorter prefix than {prefix!r}"
-        )
-    return name
-
-
-def _errmsg(err: BaseException) -> str:
-    if isinstance(err, NetlinkError):
-        return f"netlink error {err.code} ({os.strerror(err.code)})"
-    if isinstance(err, OSError) and err.errno is not None:
-        return f"{errno.errorcode.get(err.errno, err.errno)} ({err.strerror})"
-    return str(err)
-
-
-def _check_address(address: str, where: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
-    try:
-        iface = ipaddress.ip_interface(address)
-    except ValueError as e:
-        raise ConfigError(
-            f"{where}: address={address!r}: expected ADDRESS/PREFIX such as 10.200.1.1/24 ({e})"
-        ) from e
-    if "/" not in address:
-        raise ConfigError(
-            f"{where}: address={address!r}: expected ADDRESS/PREFIX with an explicit "
-            "prefix length, such as 10.200.1.1/24"
-        )
-    return iface
-
-
-def netns_exists(name: str) -> bool:
-    return name in pyroute2_netns.listnetns()
-
-
-def _check_netns_name(name: str) -> None:
-    if not name or "/" in name or name in (".", "..") or len(name) > 64:
-        raise ConfigError(
-            f"netns={name!r}: expected a namespace name of 1-64 characters without '/'"
-        )
-
-
-def _create_netns(name: str) -> None:
-    _check_netns_name(name)
-    try:
-        pyroute2_netns.create(name)
-    except (OSError, RuntimeError, TimeoutError) as e:
-        raise ConfigError(f"netns={name!r}: cannot add it: {_errmsg(e)}") from e
-
-
-def _remove_netns(name: str) -> None:
-    if netns_exists(name):
-        try:
-            pyroute2_netns.remove(name)
-        except OSError as e:
-            raise ConfigError(f"netns={name!r}: cannot delete it: {_errmsg(e)}") from e
-
-
-def _configure_in(
-    netns: str | None, ifname: str, address: str | None, up: bool, mtu: int | None = None
-) -> None:
-    """Give ``ifname`` (in ``netns`` or this process's namespace) an address and bring it up."""
-    where = f"interface {ifname}" + (f" in netns {netns}" if netns else "")
-    iface = _check_address(address, where) if address else None
-
-    def body() -> None:
-        with IPRoute() as ipr:
-            try:
-                idx = ipr.link_lookup(ifname=ifname)
-                if not idx:
-                    raise ConfigError(f"{where}: no such interface")
-                if mtu is not None:
-                    ipr.link("set", index=idx[0], mtu=mtu)
-                if iface is not None:
-                    ipr.addr(
-                        "add",
-                        index=idx[0],
-                        address=str(iface.ip),
-                        prefixlen=iface.network.prefixlen,
-                    )
-                if up:
-                    ipr.link("set", index=idx[0], state="up")
-                    if netns:
-                        lo = ipr.link_lookup(ifname="lo")
-                        if lo:
-                            ipr.link("set", index=lo[0], state="up")
-            except NetlinkError as e:
-                raise ConfigError(
-                    f"{where}: cannot configure (address={address!r}, up={up}, "
-                    f"mtu={mtu}): {_errmsg(e)}"
-                ) from e
-
-    _in_thread(netns, body, what="configure")
 
 
 def _move_to_netns(ifname: str, netns: str) -> None:
@@ -251,10 +101,10 @@ def _move_to_netns(ifname: str, netns: str) -> None:
                 ipr.link("set", index=idx[0], net_ns_fd=netns)  # pyroute2 opens it by name
         except (NetlinkError, OSError) as e:
             raise ConfigError(
-                f"tap {ifname}: cannot move it into netns {netns!r}: {_errmsg(e)}"
+                f"tap {ifname}: cannot move it into netns {netns!r}: {netlink_errmsg(e)}"
             ) from e
 
-    _in_thread(None, body, what="move")
+    call_in_netns(None, body, what="move")
 
 
 class Tap:
@@ -294,7 +144,7 @@ class Tap:
             fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", length))
         except OSError as e:
             raise ConfigError(
-                f"tap {self.name}: TUNSETVNETHDRSZ {length} failed: {_errmsg(e)}"
+                f"tap {self.name}: TUNSETVNETHDRSZ {length} failed: {netlink_errmsg(e)}"
             ) from e
         self.vnet_hdr_len = length
 
@@ -309,7 +159,7 @@ class Tap:
             fcntl.ioctl(self.fd, TUNSETOFFLOAD, int(flags))
         except OSError as e:
             raise ConfigError(
-                f"tap {self.name}: TUNSETOFFLOAD {flags!r} failed: {_errmsg(e)}"
+                f"tap {self.name}: TUNSETOFFLOAD {flags!r} failed: {netlink_errmsg(e)}"
             ) from e
         self.offloads = flags
 
@@ -333,7 +183,7 @@ class Tap:
         except OSError as e:
             raise ConfigError(
                 f"tap {self.name}: TUNSETQUEUE {'attach' if enabled else 'detach'} of queue "
-                f"{queue} failed: {_errmsg(e)}"
+                f"{queue} failed: {netlink_errmsg(e)}"
             ) from e
         if enabled:
             self._detached.discard(queue)
@@ -351,7 +201,7 @@ class Tap:
             self.fd = -1
         if self._owns_netns and self.netns:
             self._owns_netns = False
-            _remove_netns(self.netns)
+            remove_netns(self.netns)
 
     def __enter__(self) -> Self:
         return self
@@ -382,16 +232,16 @@ def open_tap(
     again by ``Tap.close``); ``address`` (``10.200.1.1/24``) and ``up`` apply where the interface
     ends up. ``queues`` > 1 makes a multiqueue TAP (IFF_MULTI_QUEUE) with one fd per queue in
     ``Tap.fds``."""
-    if name is not None and (not name or len(name) > _IFNAMSIZ - 1 or "/" in name or " " in name):
+    if name is not None and (not name or len(name) > IFNAMSIZ - 1 or "/" in name or " " in name):
         raise ConfigError(f"tap name={name!r}: expected 1-15 characters without '/' or spaces")
     if address is not None:
-        _check_address(address, f"tap {name or '(new)'}")
+        check_address(address, f"tap {name or '(new)'}")
     if netns is not None:
-        _check_netns_name(netns)
+        check_netns_name(netns)
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
-        raise ConfigError(f"tap {name or '(new)'}: cannot open /dev/net/tun: {_errmsg(e)}") from e
+        raise ConfigError(f"tap {name or '(new)'}: cannot open /dev/net/tun: {netlink_errmsg(e)}") from e
     created_netns = False
     tap: Tap | None = None
     try:
@@ -400,7 +250,7 @@ def open_tap(
         try:
             ifr = fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as e:
-            raise ConfigError(f"tap {name or '(new)'}: TUNSETIFF failed: {_errmsg(e)}") from e
+            raise ConfigError(f"tap {name or '(new)'}: TUNSETIFF failed: {netlink_errmsg(e)}") from e
         actual = _IFREQ.unpack(ifr)[0].rstrip(b"\0").decode()
         tap = Tap(fd, actual, vnet_hdr_len=vnet_hdr_len, offloads=0, netns=None, owns_netns=False)
         for _ in range(queues - 1):  # more queues: attach by name, before the move to netns
@@ -410,18 +260,18 @@ def open_tap(
                 fcntl.ioctl(qfd, TUNSETIFF, _IFREQ.pack(actual.encode(), flags))
             except OSError as e:
                 raise ConfigError(
-                    f"tap {actual}: TUNSETIFF of queue {len(tap.fds) - 1} failed: {_errmsg(e)}"
+                    f"tap {actual}: TUNSETIFF of queue {len(tap.fds) - 1} failed: {netlink_errmsg(e)}"
                 ) from e
         tap.set_vnet_hdr_len(vnet_hdr_len)
         tap.set_offloads(offloads)
         if netns is not None:
             if not netns_exists(netns):
-                _create_netns(netns)
+                create_netns(netns)
                 created_netns = True
             _move_to_netns(actual, netns)
             tap.netns = netns
             tap._owns_netns = created_netns
-        _configure_in(netns, actual, address, up, mtu)
+        configure_interface(netns, actual, address, up, mtu)
         return tap
     except BaseException:
         if tap is not None:
@@ -430,7 +280,7 @@ def open_tap(
         else:
             os.close(fd)
             if created_netns:
-                _remove_netns(netns)  # type: ignore[arg-type]
+                remove_netns(netns)  # type: ignore[arg-type]
         raise
 
 
@@ -440,7 +290,7 @@ class Bridge:
     def __init__(
         self, name: str, *, netns: str | None = None, address: str | None = None, up: bool = True
     ) -> None:
-        if not name or len(name) > _IFNAMSIZ - 1:
+        if not name or len(name) > IFNAMSIZ - 1:
             raise ConfigError(f"bridge name={name!r}: expected 1-15 characters")
         self.name = name
         self.netns = netns
@@ -458,12 +308,12 @@ class Bridge:
                     raise ConfigError(
                         f"bridge {name}: cannot create it"
                         f"{' in netns ' + netns if netns else ''}: "
-                        f"{_errmsg(e)}"
+                        f"{netlink_errmsg(e)}"
                     ) from e
 
-        _in_thread(netns, body, what="bridge")
+        call_in_netns(netns, body, what="bridge")
         try:
-            _configure_in(netns, name, address, up)
+            configure_interface(netns, name, address, up)
         except ConfigError:
             self.close()
             raise
@@ -484,10 +334,10 @@ class Bridge:
                     ipr.link("set", index=idx[0], master=br[0], state="up")
                 except NetlinkError as e:
                     raise ConfigError(
-                        f"bridge {self.name}: cannot add {ifname}: {_errmsg(e)}"
+                        f"bridge {self.name}: cannot add {ifname}: {netlink_errmsg(e)}"
                     ) from e
 
-        _in_thread(self.netns, body, what="bridge")
+        call_in_netns(self.netns, body, what="bridge")
 
     def close(self) -> None:
         """Delete the bridge (its ports are released, not deleted). Idempotent."""
@@ -504,9 +354,9 @@ class Bridge:
                     if idx:
                         ipr.link("del", index=idx[0])
                 except NetlinkError as e:
-                    raise ConfigError(f"bridge {self.name}: cannot delete it: {_errmsg(e)}") from e
+                    raise ConfigError(f"bridge {self.name}: cannot delete it: {netlink_errmsg(e)}") from e
 
-        _in_thread(self.netns, body, what="bridge")
+        call_in_netns(self.netns, body, what="bridge")
 
     def __enter__(self) -> Self:
         return self
@@ -518,99 +368,3 @@ class Bridge:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-class Netns:
-    """A network namespace: created on ``create()``/``__enter__``, deleted on ``delete()``/
-    ``__exit__`` (only if this object created it). Processes started with ``popen`` are killed
-    on delete."""
-
-    def __init__(self, name: str | None = None) -> None:
-        self.name = name or unique_name("vxns")
-        _check_netns_name(self.name)
-        self._created = False
-        self._procs: list[subprocess.Popen[Any]] = []
-
-    def __repr__(self) -> str:
-        return f"<Netns {self.name}{' (owned)' if self._created else ''}>"
-
-    @property
-    def path(self) -> str:
-        return os.path.join(_NETNS_DIR, self.name)
-
-    def create(self) -> Self:
-        if netns_exists(self.name):
-            raise ConfigError(f"netns={self.name!r}: already exists")
-        _create_netns(self.name)
-        self._created = True
-        _configure_in(self.name, "lo", None, True)
-        return self
-
-    def delete(self) -> None:
-        """Kill processes started by ``popen``, then delete the namespace. Idempotent."""
-        for proc in self._procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-        self._procs.clear()
-        if self._created:
-            self._created = False
-            _remove_netns(self.name)
-
-    def __enter__(self) -> Self:
-        return self.create()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.delete()
-
-    def exec_prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.name]
-
-    def run(
-        self, cmd: Sequence[str], *, check: bool = True, timeout: float | None = 60, **kwargs: Any
-    ) -> subprocess.CompletedProcess[Any]:
-        """Run ``cmd`` inside the namespace (``ip netns exec``) and wait for it."""
-        kwargs.setdefault("capture_output", True)
-        kwargs.setdefault("text", True)
-        try:
-            return subprocess.run(
-                self.exec_prefix() + list(cmd), check=check, timeout=timeout, **kwargs
-            )
-        except subprocess.CalledProcessError as e:
-            raise ConfigError(
-                f"netns {self.name}: {' '.join(cmd)} exited {e.returncode}: "
-                f"{(e.stderr or '').strip()[-300:]}"
-            ) from e
-
-    def popen(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen[Any]:
-        """Start ``cmd`` inside the namespace; it is killed by ``delete()``."""
-        proc = subprocess.Popen(self.exec_prefix() + list(cmd), **kwargs)
-        self._procs.append(proc)
-        return proc
-
-    def call(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
-        """Run ``fn(*args)`` on a fresh thread that has entered the namespace and return its
-        result (or raise its exception). Sockets it creates stay in the namespace after it
-        returns, so ``ns.call(socket.create_server, ("10.200.1.1", 5000))`` gives a listening
-        socket inside the namespace to use from any thread."""
-        return _in_thread(self.name, lambda: fn(*args), timeout=timeout, what="call")
-
-    def links(self) -> list[str]:
-        """Interface names in the namespace."""
-
-        def body() -> list[str]:
-            with IPRoute() as ipr:
-                return [str(link.get("ifname")) for link in ipr.get_links()]
-
-        return _in_thread(self.name, body, what="links")
-
-    def configure(
-        self, ifname: str, address: str | None = None, *, up: bool = True, mtu: int | None = None
-    ) -> None:
-        """Give ``ifname`` inside the namespace an address and bring it up."""
-        _configure_in(self.name, ifname, address, up, mtu)
