@@ -31,6 +31,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
+from vhostx.heap import malloc_trim
+
 __all__ = ["compare", "main", "snapshot_to"]
 
 _SKIP = (tracemalloc.Filter(False, tracemalloc.__file__),
@@ -66,15 +68,6 @@ def _mallinfo() -> dict[str, int]:
     return {str(f[0]): int(getattr(info, f[0])) for f in _Mallinfo2._fields_}
 
 
-def _malloc_trim() -> bool:
-    """glibc's malloc_trim(0): give the free memory inside the heap and arenas back to the
-    system (MADV_DONTNEED on whole free pages); True if some was released."""
-    try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def snapshot_to(directory: Path, n: int) -> None:
     """Write snapshot number `n` (traces, if tracing, and an object census) into `directory`."""
     gc.collect()
@@ -88,7 +81,7 @@ def snapshot_to(directory: Path, n: int) -> None:
             "traced": traced, "traced_peak": peak, "threads": threading.active_count(),
             "malloc": _mallinfo(), "types": dict(census.most_common(40))}
     if os.environ.get("VHOSTX_MALLOC_TRIM", "") not in ("", "0"):
-        info["trimmed"] = _malloc_trim()
+        info["trimmed"] = malloc_trim()
         info["rss_kib_after_trim"] = _rss_kib()
     (directory / f"snap-{n:03d}.json").write_text(json.dumps(info, indent=1) + "\n")
 

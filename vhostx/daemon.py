@@ -38,6 +38,7 @@ from iosched.policy import SchedSettings
 from iosched.pool import WorkerPool
 from virtio.errors import ConfigError
 
+from . import heap as vxheap
 from . import irq as vxirq
 from . import net as vxnet
 from .config import DaemonConfig
@@ -57,7 +58,7 @@ MODE = Param(
 PARAMS: tuple[Param, ...] = (MODE,)
 """The parameters this module reads."""
 PARAM_SPECS: tuple[Param, ...] = (
-    *PARAMS, *iopool.PARAMS, *iopolicy.PARAMS, *vxnet.PARAMS, *vxirq.PARAMS,
+    *PARAMS, *iopool.PARAMS, *iopolicy.PARAMS, *vxnet.PARAMS, *vxirq.PARAMS, *vxheap.PARAMS,
 )  # fmt: skip
 """Every parameter of every module the daemon uses (what `vhostx params` lists)."""
 
@@ -94,6 +95,8 @@ class Daemon:
         self._metrics_server: Any = None  # metrics.MetricsServer (close, wait_closed)
         self._unsubscribe: list[Any] = []
         self.started_at = time.time()
+        self.heap = vxheap.HeapTrimmer(self.params)
+        self._heap_task: asyncio.Task[None] | None = None
 
     def _load_params(self) -> None:
         reg = self.params
@@ -183,6 +186,7 @@ class Daemon:
                     task.result()
             if self.cfg.control:
                 await self._start_control(self.cfg.control)
+            self._heap_task = asyncio.create_task(self.heap.run())
             metrics_addr = getattr(self.cfg, "metrics", None)
             if metrics_addr:
                 from . import metrics
@@ -290,6 +294,7 @@ class Daemon:
             "queues": pool["queues"],
             "params": self.params.snapshot(),
             "device_params": self.params.device_snapshot(),
+            "heap": self.heap.stats(),
         }
 
     def _param_command(self, cmd: str, req: dict[str, Any]) -> dict[str, Any]:
@@ -328,6 +333,11 @@ class Daemon:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         self._unsubscribe.clear()
+        if self._heap_task is not None:
+            self._heap_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heap_task
+            self._heap_task = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
