@@ -76,8 +76,23 @@ static void round_irq_due(struct vx_op **ops, uint32_t n, uint64_t t)
 
 #define VX_ROUND_CLOCK 4 /* passes between two clock reads in a round (a power of two) */
 
-int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_ns,
-             uint64_t coalesce_ns)
+/* vx_round_until's look at check time t: does the owner need to run (an op idle long enough
+ * that it may stop polling it, or the wait has something)? An op's idle time is counted up to
+ * the clock read before the passes just run (tp: last_work_ns of an op that found work in them),
+ * so an op busy in every interval between two clock reads is never idle. */
+static int round_yield(struct vx_op **ops, uint32_t n, uint64_t tp, uint64_t t, uint64_t t0,
+                       struct vx_wait *w)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        const struct vx_op *op = ops[i];
+        if (op->idle_ns && tp - (op->last_work_ns ? op->last_work_ns : t0) >= op->idle_ns)
+            return 1;
+    }
+    return w && vx_wait_ready(w, t);
+}
+
+int vx_round_until(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t check_ns,
+                   uint64_t max_ns, uint64_t coalesce_ns, struct vx_wait *w)
 {
     for (uint32_t i = 0; i < n; i++) {
         struct vx_op *op = ops[i];
@@ -90,6 +105,7 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
         return 0;
     const uint64_t t0 = now_ns();
     uint64_t t = t0;
+    uint64_t next_check = check_ns < max_ns ? t0 + check_ns : UINT64_MAX;
     uint32_t pass = 0;
     while (pass < max_passes) {
         int any = 0;
@@ -122,13 +138,25 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
          * microseconds, an empty one well under one; reading the clock each time cost ~7% of a
          * busy round), every pass with it */
         if (coalesce_ns || (pass & (VX_ROUND_CLOCK - 1)) == 0 || pass >= max_passes) {
+            const uint64_t tp = t;
             t = now_ns();
             round_irq_due(ops, n, t);
             if (t - t0 >= max_ns)
                 break;
+            if (t >= next_check) {
+                if (round_yield(ops, n, tp, t, t0, w))
+                    break;
+                next_check = t + check_ns;
+            }
         }
     }
     return (int)pass;
+}
+
+int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_ns,
+             uint64_t coalesce_ns)
+{
+    return vx_round_until(ops, n, max_passes, max_ns, max_ns, coalesce_ns, NULL);
 }
 
 void vx_round_results(struct vx_op *const *ops, uint32_t n, uint64_t *out)
