@@ -140,3 +140,33 @@ def test_busy_rounds_return_to_python_once_per_poll_round_max_not_per_poll_round
         w.stop()
         for wk in works:
             wk.close()
+
+
+def test_empty_sink_ring_in_a_round_counts_like_a_batch_that_found_nothing(env):
+    rings = _sinks(env, 2)
+    drv, tx, op = rings[0]
+    rnd = net.Round([o for _, _, o in rings])
+    assert rnd.run(6, 10**12) == 6
+    assert op.results()[:4] == (6, 0, 0, 0)
+    assert tx.stats()["ring_empty"] == 6  # as tx_turn_begin counts it
+    _send(env, drv, 3)  # entries there: the batch runs
+    rnd.run(2, 10**12)
+    assert op.results()[:4] == (2, 1, 0, 3)
+    assert tx.stats()["ring_empty"] == 7
+
+
+def test_broken_empty_ring_still_breaks_the_round(env):
+    rings = _sinks(env, 2)
+    drv, tx, _ = rings[1]
+    drv.write_desc(0, 0x10, 64, 0, 0)  # outside guest memory
+    drv.push_avail(0)
+    drv.publish()
+    rnd = net.Round([o for _, _, o in rings])
+    with pytest.raises(net.RoundBroken):
+        rnd.run(1, 10**12)
+    assert tx.broken
+    drv.write_avail_idx(0)  # the driver takes the entry back: avail->idx == last_avail_idx
+    # broken and empty: the round still reports it (the empty-ring shortcut defers to the op)
+    with pytest.raises(net.RoundBroken) as info:
+        rnd.run(1, 10**12)
+    assert info.value.index == 1
