@@ -52,6 +52,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         ops[i].frame_len = b % 65;
         ops[i].max_pkts = b % 9 ? b % 9 : 64;
         ops[i].max_bytes = b & 0x80 ? 500 : ~0ull;
+        ops[i].idle_ns = b & 0x40 ? 1 : 0; /* vx_round_until: idle ends the round */
         opp[i] = &ops[i];
         if (ops[i].peer == ops[i].vq && (ops[i].kind == VX_OP_ECHO || ops[i].kind == VX_OP_FWD))
             ops[i].peer = g.q[(qs % 3 + 1) % 3].vq; /* a queue is never its own peer */
@@ -63,7 +64,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         switch (op % 4) {
         case 0:
         case 1:
-            r = vx_round(opp, n, 1 + arg % 8, 200000, op & 4 ? 1000 : 0);
+            /* op & 8: the round that looks at idle ops every pass (no wait) */
+            r = op & 8 ? vx_round_until(opp, n, 1 + arg % 8, 1, 200000, op & 4 ? 1000 : 0, NULL)
+                       : vx_round(opp, n, 1 + arg % 8, 200000, op & 4 ? 1000 : 0);
             if (r == 0 || r > (int)(1 + arg % 8) || r < -(int)n)
                 fz_abort("vx_round result out of range", 0, (unsigned)r, n);
             if (r < 0 && opp[-r - 1]->result >= 0)

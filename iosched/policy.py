@@ -136,6 +136,14 @@ POLL_ROUND_US = Param(
     "one queue turn per Python loop",
     unit="us", min=0, max=100_000, runtime=True, scope=Scope.GLOBAL,
 )  # fmt: skip
+POLL_ROUND_MAX_US = Param(
+    "poll_round_max_us", int, 1000,
+    "shared mode: a C poll round goes on past poll_round_us while nothing needs the worker's "
+    "Python side (it looks every poll_round_us: a kick or command waiting, a deadline due, a "
+    "polled queue idle for its poll_stop_idle), for up to this long in all; 0 = rounds end "
+    "at poll_round_us",
+    unit="us", min=0, max=1_000_000, runtime=True, scope=Scope.GLOBAL,
+)  # fmt: skip
 POLICY = Param(
     "policy", str, "elvis",
     "shared mode: scheduling policy of the workers: elvis (ELVIS fine-grained scheduling), "
@@ -175,6 +183,7 @@ class SchedSettings:
     turn_max_packets: int = settings_field(TURN_MAX_PACKETS)
     turn_max_bytes: int = settings_field(TURN_MAX_BYTES)
     poll_round_us: int = settings_field(POLL_ROUND_US)  # 0: no C poll rounds
+    poll_round_max_us: int = settings_field(POLL_ROUND_MAX_US)
     devices: tuple[tuple[str, SchedSettings], ...] = ()
 
     def __post_init__(self) -> None:
@@ -243,6 +252,15 @@ class SchedSettings:
         if self.max_work_stuck_us >= 0:
             r = min(r, self.max_work_stuck_us * _NS_PER_US // 2)
         return r
+
+    @property
+    def poll_round_max_ns(self) -> int:
+        """How long one C poll round may go on while nothing needs the worker (at least
+        poll_round_ns; with max_work_stuck_us >= 0, rounds are not extended)."""
+        r = self.poll_round_ns
+        if self.max_work_stuck_us >= 0:
+            return r
+        return max(r, self.poll_round_max_us * _NS_PER_US)
 
     @property
     def min_poll_period_ns(self) -> int:

@@ -19,6 +19,8 @@ from .work import IDLE, POLLED, QUEUED, RUNNING, QueueState, QueueWork
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from virtio.kick import Wait
+
     from .policy import SchedSettings
     from .work import WorkerStats
 
@@ -49,7 +51,9 @@ class Serving:
         _round_qs: list[QueueState]
         _round_gen: int
         _round_ns: int
+        _round_max_ns: int
         _coalesce_ns: int
+        _wait: Wait
 
         def _collect(self, arrival: int, in_turn: bool = False) -> None: ...
         def _fail(self, q: QueueState, err: GuestError) -> None: ...
@@ -255,7 +259,20 @@ class Serving:
                 return
             op.set_budget(*self.policy.batch_budget(q))
             ops.append(op)
-        self._round, self._round_qs = Round(ops), qs
+        rnd = Round(ops)
+        for i, q in enumerate(qs):
+            rnd.set_idle_exit(i, self._idle_exit_ns(q))
+        self._round, self._round_qs = rnd, qs
+
+    def _idle_exit_ns(self, q: QueueState) -> int:
+        """How long q may find nothing before an extended C round hands it back (0: never, it
+        is polled for good): its poll_stop_idle, or 1 ns when any empty batch may stop it."""
+        if q.poll_only:
+            return 0
+        pol = self.policy
+        if pol.stop_polling(q, 0):
+            return 1
+        return max(1, pol.settings_for(q).poll_stop_idle_ns)
 
     def _serve_round(self) -> int:
         """Every polled queue in one C call (vx_round): one batch each per pass, passes for up to
@@ -267,8 +284,16 @@ class Serving:
             return self._serve_polled(self._clock())
         broken: RoundBroken | None = None
         t0 = self._clock()
+        # Past poll_round_ns only while nothing needs Python: no queued queue, no scan due
+        # sooner; the C round itself looks every poll_round_ns at the wait and at idle queues.
+        max_ns = self._round_ns
+        if not self._queued and self._round_max_ns > max_ns:
+            max_ns = self._round_max_ns
+            if self._scan_every:
+                max_ns = max(self._round_ns, min(max_ns, self._next_scan - t0))
         try:
-            rnd.run(_ROUND_MAX_PASSES, self._round_ns, self._coalesce_ns)
+            rnd.run_until(_ROUND_MAX_PASSES, self._round_ns, max_ns, self._coalesce_ns,
+                          self._wait)
         except RoundBroken as err:
             broken = err
         now = self._clock()

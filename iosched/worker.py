@@ -113,6 +113,7 @@ class Worker(Serving):
         self._round_qs: list[QueueState] = []
         self._round_gen = -1
         self._round_ns = 0
+        self._round_max_ns = 0
         self._coalesce_ns = 0
         self._apply_settings_values()
         self._thread = threading.Thread(target=self._main, name=f"vhostx-{name}", daemon=True)
@@ -208,6 +209,7 @@ class Worker(Serving):
         s = self.settings
         self._poll_gen += 1  # budgets may have changed: rebuild the round
         self._round_ns = s.poll_round_ns if s.polling else 0
+        self._round_max_ns = s.poll_round_max_ns if s.polling else 0
         self._coalesce_ns = s.poll_coalescing_ns
         # per-device settings (s.every()): the scan must come as often as the most demanding
         periods = [p for d in s.every() for p in (d.max_queue_stuck_ns, d.min_poll_period_ns)

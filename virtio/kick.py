@@ -282,6 +282,15 @@ class Wait:
         return self._kqs[ident]
 
     @property
+    def c_wait(self) -> Any:
+        """The cffi `struct vx_wait *` (for Round.run_until)."""
+        return self._w
+
+    def ready(self) -> bool:
+        """Would run(False) find anything now (vx_wait_ready: one poll(), nothing consumed)?"""
+        return bool(lib.vx_wait_ready(self._w, lib.vx_now_ns()))
+
+    @property
     def stats(self) -> Any:
         """The C counters (`struct vx_wait_stats *`: loops, sleeps, busy_ns, idle_ns, batches,
         calls), read as attributes."""
@@ -339,6 +348,30 @@ class Round:
         last_work_ns) are items 5 i .. 5 i + 4 (op.results() of each, in one C call)."""
         lib.vx_round_results(self._arr, self.n, self._out)
         return ffi.unpack(self._out, 5 * self.n)  # type: ignore[no-any-return]
+
+    def set_idle_exit(self, index: int, idle_ns: int) -> None:
+        """run_until: op `index` found idle for idle_ns ends the round at its next check (0:
+        never, the op is polled for good)."""
+        if idle_ns < 0:
+            raise ConfigError(f"idle_ns must be >= 0, got {idle_ns}")
+        self._arr[index].idle_ns = min(idle_ns, _U64_MAX)
+
+    def run_until(self, max_passes: int, check_ns: int, max_ns: int, coalesce_ns: int = 0,
+                  wait: Wait | None = None) -> int:
+        """run() that goes on past check_ns, up to max_ns, while nothing needs the caller: it
+        looks every check_ns for an op idle for its set_idle_exit() and for anything `wait`
+        would report (vx_round_until). Returns and raises as run()."""
+        if max_passes < 0 or check_ns < 0 or max_ns < 0 or coalesce_ns < 0:
+            raise ConfigError(f"max_passes, check_ns, max_ns and coalesce_ns must be >= 0, got "
+                              f"{max_passes}, {check_ns}, {max_ns}, {coalesce_ns}")
+        r = lib.vx_round_until(self._arr, self.n, min(max_passes, _U32_MAX),
+                               min(check_ns, _U64_MAX), min(max_ns, _U64_MAX),
+                               min(coalesce_ns, _U64_MAX), ffi.NULL if wait is None else wait.c_wait)
+        if r < 0:
+            i = -r - 1
+            op = self.ops[i]
+            raise RoundBroken(i, _op_error(op, int(op.c_op.result)))
+        return int(r)
 
     def run(self, max_passes: int, max_ns: int, coalesce_ns: int = 0) -> int:
         """Passes completed (>= 1 when there are ops); RoundBroken when an op's ring broke (the

@@ -271,6 +271,9 @@ struct vx_op {
     const uint8_t *frame;    /* RX_FILL */
     uint32_t max_pkts;       /* budget of one batch in a round */
     uint64_t max_bytes;
+    uint64_t idle_ns;        /* vx_round_until: an op that found no work for this long ends the
+                              * round at its next check (the owner may stop polling it); 0:
+                              * never (it is polled for good) */
     /* written by vx_round */
     int32_t result;          /* the last batch's return */
     uint32_t batches;
@@ -525,6 +528,19 @@ int vx_wait_unwatch(struct vx_wait *w, int fd);
 void vx_wait_configure(struct vx_wait *w, uint32_t poll_start, uint32_t budget_to_python);
 void vx_wait_set_deadline(struct vx_wait *w, uint32_t slot, uint64_t at_ns);
 int vx_wait_run(struct vx_wait *w, int serve);
+/* Would vx_wait_run(w, 0) at `now` find anything (a ready fd, a kicked queue, a due deadline slot
+ * or a due held interrupt of its queues)? 1 yes, 0 no. Reads only: one poll() of the epoll fd. */
+int vx_wait_ready(struct vx_wait *w, uint64_t now);
+/* A poll round that yields to the wait (shared mode with every polled queue busy): vx_round's
+ * passes, with the clock read and the held interrupts sent as there, but the round ends at
+ * max_ns only if nothing needs the owner sooner. From check_ns on, and every check_ns after
+ * that, it looks: the round ends when an op with idle_ns > 0 found no work for idle_ns (from its
+ * last work in this call, or from the call's start, up to the clock read before the passes just
+ * run: an op that found work since the previous clock read is not idle), or when w (NULL: none)
+ * is ready (vx_wait_ready). vx_round(ops, n, p, t, c) is vx_round_until(ops, n, p, t, t, c, NULL).
+ * Results, returns and last_work_ns as vx_round's, for the whole call. */
+int vx_round_until(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t check_ns,
+                   uint64_t max_ns, uint64_t coalesce_ns, struct vx_wait *w);
 struct vx_wait_report *vx_wait_report(struct vx_wait *w);
 struct vx_wait_stats *vx_wait_stats(struct vx_wait *w);
 /* TEST SUPPORT: hook(arg, VX_HOOK_*, kq id) at the two points of a C turn's re-arm */

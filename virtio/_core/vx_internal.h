@@ -276,6 +276,35 @@ static inline uint64_t now_ns(void)
 #define VX_WALK_MISS 1
 int vq_walk(struct vx_vq *vq, uint16_t head) VX_HIDDEN;
 
+/*
+ * vq_walk for the chain a TX driver posts most (testpmd's virtio-user, Linux with a pushed
+ * header): one direct, device-readable descriptor inside one guest memory region. Inlined in the
+ * TX loop: no call, no loop, no indirect or IOTLB branches (a chain walk cost ~107 instructions,
+ * ~15 of them the call). Anything else, or anything it would have to refuse, goes to vq_walk,
+ * which does every check and reports the error: same results, same vq fields filled.
+ */
+static inline __attribute__((always_inline)) int vq_walk_tx(struct vx_vq *vq, uint16_t head)
+{
+    if (likely(head < vq->size && !vq->iotlb)) {
+        struct vring_desc d;
+        memcpy(&d, &vq->desc[head], sizeof(d)); /* one fetch */
+        if (likely(!(d.flags & (VRING_DESC_F_NEXT | VRING_DESC_F_INDIRECT | VRING_DESC_F_WRITE))
+                   && d.len && d.len <= VX_MAX_BUF_LEN)) {
+            uint8_t *p = gpa_to_host(vq, d.addr, d.len);
+            if (likely(p != NULL)) {
+                vq->segs[0].ptr = p;
+                vq->segs[0].len = d.len;
+                vq->nread = 1;
+                vq->nwrite = 0;
+                vq->rlen = d.len;
+                vq->wlen = 0;
+                return 0;
+            }
+        }
+    }
+    return vq_walk(vq, head);
+}
+
 /* Wait (bounded by *left_ns) for avail->idx to move; 1 moved, 0 budget used up, -1 broke. */
 int vq_spin(struct vx_vq *vq, uint64_t *left_ns) VX_HIDDEN;
 

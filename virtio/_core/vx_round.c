@@ -59,6 +59,25 @@ int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t 
     }
 }
 
+/* A sink or tx_to_fd op whose TX ring is empty: its batch would only count the empty ring and
+ * return 0 (tx_turn_begin); done here without the call (an empty visit cost ~100 instructions,
+ * most of them the call into the specialised TX loop and its frame). Anything else (broken,
+ * not started, entries there, other kinds with checks of their own first) makes the call. */
+static inline int op_tx_empty(struct vx_op *op)
+{
+    if (op->kind != VX_OP_TX_SINK && op->kind != VX_OP_TX_TO_FD)
+        return 0;
+    struct vx_vq *vq = op->vq;
+    if (unlikely(!vq || vq->broken || !vq->started))
+        return 0;
+    uint16_t idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+    if (idx != vq->last_avail_idx)
+        return 0;
+    vq->avail_idx = idx;
+    vq->stats.ring_empty++;
+    return 1;
+}
+
 /* held interrupts of the round's rings that are due at t go out (moderation deadlines) */
 static inline void irq_due(struct vx_vq *vq, uint64_t t)
 {
@@ -76,8 +95,23 @@ static void round_irq_due(struct vx_op **ops, uint32_t n, uint64_t t)
 
 #define VX_ROUND_CLOCK 4 /* passes between two clock reads in a round (a power of two) */
 
-int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_ns,
-             uint64_t coalesce_ns)
+/* vx_round_until's look at check time t: does the owner need to run (an op idle long enough
+ * that it may stop polling it, or the wait has something)? An op's idle time is counted up to
+ * the clock read before the passes just run (tp: last_work_ns of an op that found work in them),
+ * so an op busy in every interval between two clock reads is never idle. */
+static int round_yield(struct vx_op **ops, uint32_t n, uint64_t tp, uint64_t t, uint64_t t0,
+                       struct vx_wait *w)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        const struct vx_op *op = ops[i];
+        if (op->idle_ns && tp - (op->last_work_ns ? op->last_work_ns : t0) >= op->idle_ns)
+            return 1;
+    }
+    return w && vx_wait_ready(w, t);
+}
+
+int vx_round_until(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t check_ns,
+                   uint64_t max_ns, uint64_t coalesce_ns, struct vx_wait *w)
 {
     for (uint32_t i = 0; i < n; i++) {
         struct vx_op *op = ops[i];
@@ -90,14 +124,22 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
         return 0;
     const uint64_t t0 = now_ns();
     uint64_t t = t0;
+    uint64_t next_check = check_ns < max_ns ? t0 + check_ns : UINT64_MAX;
     uint32_t pass = 0;
     while (pass < max_passes) {
         int any = 0;
         for (uint32_t i = 0; i < n; i++) {
             struct vx_op *op = ops[i];
+            /* the next op's avail->idx: a line the driver writes on its own core, so a miss
+             * at nearly every visit; fetched while this op's batch runs */
+            if (i + 1 < n && ops[i + 1]->vq) {
+                const struct vring_avail *na = ops[i + 1]->vq->avail;
+                if (na)
+                    __builtin_prefetch(&na->idx);
+            }
             if (coalesce_ns && t < op->next_ns)
                 continue; /* served less than coalesce_ns ago: let the ring fill up */
-            int r = vx_op_run(op, op->max_pkts, op->max_bytes, 0);
+            int r = op_tx_empty(op) ? 0 : vx_op_run(op, op->max_pkts, op->max_bytes, 0);
             op->result = r;
             if (unlikely(r < 0)) {
                 if (r == -1)
@@ -122,13 +164,25 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
          * microseconds, an empty one well under one; reading the clock each time cost ~7% of a
          * busy round), every pass with it */
         if (coalesce_ns || (pass & (VX_ROUND_CLOCK - 1)) == 0 || pass >= max_passes) {
+            const uint64_t tp = t;
             t = now_ns();
             round_irq_due(ops, n, t);
             if (t - t0 >= max_ns)
                 break;
+            if (t >= next_check) {
+                if (round_yield(ops, n, tp, t, t0, w))
+                    break;
+                next_check = t + check_ns;
+            }
         }
     }
     return (int)pass;
+}
+
+int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_ns,
+             uint64_t coalesce_ns)
+{
+    return vx_round_until(ops, n, max_passes, max_ns, max_ns, coalesce_ns, NULL);
 }
 
 void vx_round_results(struct vx_op *const *ops, uint32_t n, uint64_t *out)

@@ -148,7 +148,7 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
                 uint16_t head = tx->avail->ring[slot];
                 if (A->stage > 1)
                     __builtin_prefetch(&tx->desc[tx->avail->ring[(slot + 1) & tx->mask] & tx->mask]);
-                int w = vq_walk(tx, head);
+                int w = vq_walk_tx(tx, head);
                 if (unlikely(w)) {
                     /* act on the chains before it, then fail (or, on an IOTLB miss, end the
                      * call with this chain left in the ring) */

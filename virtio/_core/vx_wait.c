@@ -334,6 +334,25 @@ static uint64_t deadlines(struct vx_wait *w, uint64_t now)
     return next;
 }
 
+int vx_wait_ready(struct vx_wait *w, uint64_t now)
+{
+    if (w->head)
+        return 1;
+    for (uint32_t i = 0; i < VX_WAIT_SLOTS; i++)
+        if (w->deadline[i] && now >= w->deadline[i])
+            return 1;
+    for (uint32_t i = 0; i < w->nkqs; i++) {
+        struct vx_vq *vqs[2] = {w->kqs[i]->op->vq, w->kqs[i]->op->peer};
+        for (int j = 0; j < 2; j++) {
+            uint64_t d = vqs[j] ? vx_vq_irq_deadline(vqs[j]) : 0;
+            if (d && now >= d)
+                return 1;
+        }
+    }
+    struct pollfd p = {.fd = w->epfd, .events = POLLIN};
+    return poll(&p, 1, 0) > 0;
+}
+
 /* A queue woke up (kick or data fd). serve: into the run queue; else handed over. */
 static void wake(struct vx_wait *w, struct vx_kq *kq, int serve)
 {
