@@ -15,6 +15,7 @@
 #include "vx_wait.h"
 
 #include <errno.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
