@@ -174,7 +174,7 @@ def test_policy_decides_with_the_settings_of_the_queues_device() -> None:
 
 def test_parameters_are_declared_beside_their_readers() -> None:
     from iosched import pool
-    from vhostx import daemon, irq, net
+    from vhostx import daemon, heap, irq, net
 
     assert {p.name for p in PARAMS} == {
         "poll_start_rate", "poll_stop_idle", "poll_coalescing", "max_work_stuck_us",
@@ -189,8 +189,9 @@ def test_parameters_are_declared_beside_their_readers() -> None:
     assert [p.name for p in irq.PARAMS] == [
         "irq_mode", "irq_coalesce_frames", "irq_coalesce_us", "irq_adaptive_on_kpps",
         "irq_adaptive_off_kpps", "irq_adaptive_window_us"]
+    assert [p.name for p in heap.PARAMS] == ["heap_trim_s"]
     assert set(daemon.PARAM_SPECS) == {*PARAMS, *pool.PARAMS, *daemon.PARAMS, *net.PARAMS,
-                                       *irq.PARAMS}
+                                       *irq.PARAMS, *heap.PARAMS}
 
 
 def test_a_new_per_device_worker_parameter_is_one_settings_field() -> None:
