@@ -114,8 +114,8 @@ _QUEUE_FIELDS = ("packets", "bytes", "interrupts", "interrupts_suppressed", "rin
                  "spin_found")
 _WORK_FIELDS = (
     "kicks", "kicks_avoided", "poll_starts", "poll_stops", "polled_ns", "stuck_events",
-    "budget_exhausted", "turns", "empty_turns", "wakes", "caught", "lingers", "stream_waits",
-    "stream_found",
+    "budget_exhausted", "turns", "empty_turns", "wakes", "caught", "lingers", "widened",
+    "stream_waits", "stream_found",
 )  # fmt: skip
 
 

@@ -135,8 +135,10 @@ class WorkStats(_Counters):
     wakes = _Counter()  # C only: wake-ups of the sleeping queue (arrivals no busy-poll caught)
     caught = _Counter()  # C only: arrivals a busy-poll window found with kicks still off
     lingers = _Counter()  # C only: batches whose spin caught buffers, requeued with kicks off
+    widened = _Counter()  # C only: wake-ups soon after a re-arm that doubled the adaptive window
     _SUMMED = ("kicks", "turns", "empty_turns", "notify_on", "notify_off", "budget_exhausted",
-               "stream_waits", "stream_found", "rearm_deferred", "wakes", "caught", "lingers")
+               "stream_waits", "stream_found", "rearm_deferred", "wakes", "caught", "lingers",
+               "widened")
     _PLAIN = (
         ("kicks_avoided", 0),
         ("poll_starts", 0),

@@ -35,6 +35,7 @@ from .config import DeviceConfig
 from .device import Refused, VhostUserDevice
 
 __all__ = [
+    "BUSY_POLL_MAX_US",
     "BUSY_POLL_US",
     "COUNTER_FIELDS",
     "PARAMS",
@@ -130,26 +131,39 @@ BUSY_POLL_US = Param(
     "linger: a ping-pong driver within the window never kicks); 0 = return at once",
     unit="us", min=0, max=1000, runtime=True, scope=Scope.DEVICE,
 )  # fmt: skip
-PARAMS: tuple[Param, ...] = (BUSY_POLL_US,)
+BUSY_POLL_MAX_US = Param(
+    "busy_poll_max_us", int, 500,
+    "the adaptive busy-poll window of a kicked queue: a driver that comes back less than this "
+    "long after its queue went back to kicks doubles the window, up to this (a kick and a "
+    "wake-up of a sleeping virtual CPU cost far more than the spin); one that comes later puts "
+    "it back to busy_poll_us (KVM's halt-polling rule); <= busy_poll_us = a fixed window",
+    unit="us", min=0, max=10000, runtime=True, scope=Scope.DEVICE,
+)  # fmt: skip
+PARAMS: tuple[Param, ...] = (BUSY_POLL_US, BUSY_POLL_MAX_US)
 """The parameters this module reads."""
 
 
 class BusyPoll:
-    """The busy-poll window of the C batches (busy_poll_us, in ns) shared by one device's works.
+    """The busy-poll window of the C batches (busy_poll_us, in ns) and the cap of its adaptive
+    growth (busy_poll_max_us) shared by one device's works.
 
-    Follows the value the device uses (`param`: a handle such as
+    Follows the values the device uses (`param`, `cap_param`: handles such as
     `registry.handle("busy_poll_us", device="net0")`; None: the default, fixed) through one
-    subscription (made here, dropped by close()): the value lives in a C cell (`window`, a
+    subscription each (made here, dropped by close()): the values live in C cells (`window`, a
     virtio.kick.SpinWindow) that the kick queues' C batches read, and Python turns read `ns`;
     never the registry.
-    Threads: the subscription callback runs on whichever thread sets the parameter; a batch sees
+    Threads: the subscription callbacks run on whichever thread sets the parameter; a batch sees
     the new value from its next call on (one aligned 8-byte store).
     """
 
-    def __init__(self, param: ParamHandle | Any = None) -> None:
-        self._param = Registry(PARAMS).handle(BUSY_POLL_US.name) if param is None else param
-        self.window = SpinWindow(int(self._param.get()) * 1000)
-        self._unsubscribe: Callable[[], None] | None = self._param.subscribe(self._changed)
+    def __init__(self, param: ParamHandle | Any = None, cap_param: ParamHandle | Any = None
+                 ) -> None:  # fmt: skip
+        own = Registry(PARAMS)
+        self._param = own.handle(BUSY_POLL_US.name) if param is None else param
+        self._cap = own.handle(BUSY_POLL_MAX_US.name) if cap_param is None else cap_param
+        self.window = SpinWindow(int(self._param.get()) * 1000, int(self._cap.get()) * 1000)
+        self._unsubscribe = [self._param.subscribe(self._changed),
+                             self._cap.subscribe(self._cap_changed)]
 
     @property
     def ns(self) -> int:
@@ -158,10 +172,13 @@ class BusyPoll:
     def _changed(self, name: str, old: Any, new: Any) -> None:
         self.window.ns = int(new) * 1000
 
+    def _cap_changed(self, name: str, old: Any, new: Any) -> None:
+        self.window.cap_ns = int(new) * 1000
+
     def close(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe()
-            self._unsubscribe = None
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        self._unsubscribe = []
 
 
 class QueueWorkItem:
@@ -295,7 +312,8 @@ class NetDevice(VhostUserDevice):
         self._switch_port: int | None = None
         self._frame = make_udp_frame(self.mac, b"\x02\x00\x00\x00\x00\x01", cfg.frame_size)
         self.busy_poll = BusyPoll(
-            params.handle(BUSY_POLL_US.name, device=cfg.name) if params is not None else None
+            params.handle(BUSY_POLL_US.name, device=cfg.name) if params is not None else None,
+            params.handle(BUSY_POLL_MAX_US.name, device=cfg.name) if params is not None else None,
         )
         self.irq = irq.IrqModeration(params, cfg.name if params is not None else None)
         super().__init__(cfg.name, worker)

@@ -107,11 +107,19 @@ def _op_error(op: COp, result: int) -> GuestError:
 
 
 class SpinWindow:
-    """A busy-poll window (ns) in a C cell: the batches of every KickQueue given it read it."""
+    """A busy-poll window (ns) and the cap of its adaptive growth (ns; 0: fixed) in two C cells:
+    the batches of every KickQueue given it read them (vx_kq.c kq_window, kq_adapt)."""
 
-    def __init__(self, ns: int = 0) -> None:
-        self._cell = ffi.new("uint64_t[1]")
+    def __init__(self, ns: int = 0, cap_ns: int = 0) -> None:
+        self._cell = ffi.new("uint64_t[2]")
         self.ns = ns
+        self.cap_ns = cap_ns
+
+    @staticmethod
+    def _checked(value: int) -> int:
+        if value < 0:
+            raise ConfigError(f"a busy-poll window must be >= 0 ns, got {value}")
+        return min(value, _U64_MAX)
 
     @property
     def ns(self) -> int:
@@ -119,9 +127,15 @@ class SpinWindow:
 
     @ns.setter
     def ns(self, value: int) -> None:
-        if value < 0:
-            raise ConfigError(f"a busy-poll window must be >= 0 ns, got {value}")
-        self._cell[0] = min(value, _U64_MAX)
+        self._cell[0] = self._checked(value)
+
+    @property
+    def cap_ns(self) -> int:
+        return int(self._cell[1])
+
+    @cap_ns.setter
+    def cap_ns(self, value: int) -> None:
+        self._cell[1] = self._checked(value)
 
     @property
     def c_cell(self) -> Any:

@@ -326,7 +326,7 @@ def test_unknown_name_suggests_close_matches() -> None:
         reg.set("poll_stop_idl", 5)
     with pytest.raises(ConfigError, match="did you mean devices_per_worker"):
         reg.load_cmdline(["device_per_worker=3"])
-    with pytest.raises(ConfigError, match="unknown parameter 'zzz'; known: busy_poll_us, devices_per_worker"):
+    with pytest.raises(ConfigError, match="unknown parameter 'zzz'; known: busy_poll_max_us, busy_poll_us, devices_per_worker"):
         reg.get("zzz")
     with pytest.raises(ConfigError, match="did you mean"):
         reg.subscribe(lambda *a: None, "turn_max_packet")
@@ -551,7 +551,8 @@ def test_format_table_contains_every_parameter() -> None:
 DEVICE_SCOPE = {
     "poll_start_rate", "poll_stop_idle", "max_queue_stuck_us", "max_queue_stuck_size",
     "min_processed_data_limit", "max_processed_data_limit", "min_poll_rate", "turn_max_packets",
-    "turn_max_bytes", "busy_poll_us", "irq_mode", "irq_coalesce_frames", "irq_coalesce_us",
+    "turn_max_bytes", "busy_poll_us", "busy_poll_max_us", "irq_mode", "irq_coalesce_frames",
+    "irq_coalesce_us",
     "irq_adaptive_on_kpps", "irq_adaptive_off_kpps", "irq_adaptive_window_us",
 }  # fmt: skip
 

@@ -185,7 +185,7 @@ def test_parameters_are_declared_beside_their_readers() -> None:
     assert {p.name for p in pool.PARAMS} == {
         "workers", "worker_cpus", "placement", "devices_per_worker", "max_workers"}
     assert [p.name for p in daemon.PARAMS] == ["mode"]
-    assert [p.name for p in net.PARAMS] == ["busy_poll_us"]
+    assert [p.name for p in net.PARAMS] == ["busy_poll_us", "busy_poll_max_us"]
     assert [p.name for p in irq.PARAMS] == [
         "irq_mode", "irq_coalesce_frames", "irq_coalesce_us", "irq_adaptive_on_kpps",
         "irq_adaptive_off_kpps", "irq_adaptive_window_us"]

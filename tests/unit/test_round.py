@@ -423,7 +423,7 @@ def test_a_ring_breaking_in_a_round_detaches_only_its_queue(env):
 def test_work_stats_add_round_counts_like_the_counters_plus_equals_with_c_counters_bound():
     class C:  # stands for a kick queue's C counters (every summed one; turns and empty moved)
         kicks = notify_on = notify_off = budget_exhausted = 0
-        stream_waits = stream_found = rearm_deferred = wakes = caught = lingers = 0
+        stream_waits = stream_found = rearm_deferred = wakes = caught = lingers = widened = 0
         turns = 7
         empty_turns = 2
 

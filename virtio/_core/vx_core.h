@@ -477,6 +477,8 @@ struct vx_kq_stats {
     uint64_t lingers;          /* batches whose spin caught buffers and so ran out of window
                                 * before a whole one had passed since the last: requeued with
                                 * kicks off, the next turn's stream wait gives a fresh window */
+    uint64_t widened;          /* wake-ups soon after a re-arm that doubled the adaptive window
+                                * (busy_poll_max_us; vx_kq.c kq_adapt) */
 };
 
 struct vx_kq {
@@ -487,11 +489,14 @@ struct vx_kq {
     uint32_t state;            /* VX_KQ_* */
     uint32_t max_pkts;         /* budget of one batch */
     uint64_t max_bytes;
-    const uint64_t *spin_ns;   /* busy-poll window of a batch run alone (NULL: none) */
+    const uint64_t *spin_ns;   /* NULL, or {window, cap}: the busy-poll window of a batch run
+                                * alone and the cap of its adaptive growth (0: fixed) */
     uint32_t why;              /* VX_WHY_* of the last hand-over */
     int32_t last;              /* the last batch's return (< 0: broken) */
     uint32_t lingering;        /* the last batch lingered (see lingers): the next one may wait */
     uint64_t last_work_ns;     /* CLOCK_MONOTONIC after the last batch that found work */
+    uint64_t win_ns;           /* the adaptive window now (0: the base one); see kq_suppress */
+    uint64_t rearm_ns;         /* CLOCK_MONOTONIC when kicks were last turned back on */
     struct vx_kq_stats stats;
     /* the wait's own */
     struct vx_kq *next;

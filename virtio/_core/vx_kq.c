@@ -89,12 +89,53 @@ static int kq_stream_wait(struct vx_kq *kq, uint64_t spin_ns)
     }
 }
 
+/* The busy-poll window of this queue's next batch: the base window (busy_poll_us) or, when its
+ * driver came back soon after earlier re-arms, the longer one kq_suppress learnt (at most the
+ * cap, busy_poll_max_us). */
+static uint64_t kq_window(const struct vx_kq *kq)
+{
+    if (!kq->spin_ns)
+        return 0;
+    uint64_t base = __atomic_load_n(&kq->spin_ns[0], __ATOMIC_RELAXED);
+    uint64_t cap = __atomic_load_n(&kq->spin_ns[1], __ATOMIC_RELAXED);
+    if (!base || cap <= base || kq->win_ns <= base)
+        return base;
+    return kq->win_ns < cap ? kq->win_ns : cap;
+}
+
+/*
+ * The adaptive window (the rule of KVM's halt polling, applied to a queue): a wake-up that comes
+ * less than the cap after kicks were turned back on means a window that long would have caught
+ * the driver without its kick and this thread's sleep and wake-up (which cost far more than the
+ * spin on a virtual CPU: the host must run it again); the window doubles, up to the cap. A
+ * wake-up later than the cap means the driver really paused: back to the base window, so a
+ * queue that goes idle spins at most one cap's worth once.
+ */
+static void kq_adapt(struct vx_kq *kq)
+{
+    if (!kq->spin_ns || !kq->rearm_ns)
+        return;
+    uint64_t base = __atomic_load_n(&kq->spin_ns[0], __ATOMIC_RELAXED);
+    uint64_t cap = __atomic_load_n(&kq->spin_ns[1], __ATOMIC_RELAXED);
+    if (!base || cap <= base) {
+        kq->win_ns = 0;
+        return;
+    }
+    uint64_t cur = kq->win_ns > base ? kq->win_ns : base;
+    if (vx_now_ns() - kq->rearm_ns <= cap) {
+        kq->win_ns = cur * 2 < cap ? cur * 2 : cap;
+        kq->stats.widened++;
+    } else {
+        kq->win_ns = 0;
+    }
+}
+
 /* One turn of a queue whose kicks are off: one batch, then the re-arm unless its budget ran out
  * or it lingers. solo: no other queue waits for this thread (the batch may busy-poll). */
 int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_python)
 {
     struct vx_op *op = kq->op;
-    uint64_t spin = solo && kq->spin_ns ? __atomic_load_n(kq->spin_ns, __ATOMIC_RELAXED) : 0;
+    uint64_t spin = solo ? kq_window(kq) : 0;
     /* the driver is refilling: the previous batch used its whole budget, or lingered */
     const int lingered = kq->lingering;
     const int streaming = kq->data_fd < 0 && kq->last > 0 &&
@@ -170,6 +211,8 @@ int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_
         return VX_TURN_AGAIN;
     }
     vx_vq_signal(op->vq); /* nothing left unpublished (a no-op after a batch) */
+    if (kq->spin_ns)
+        kq->rearm_ns = vx_now_ns();
     kq->state = VX_KQ_IDLE;
     return VX_TURN_IDLE;
 broken:
@@ -182,6 +225,7 @@ int kq_suppress(struct vx_kq *kq)
 {
     kq->stats.wakes++;
     kq->lingering = 0; /* it slept: its driver came later than a window */
+    kq_adapt(kq);
     if (vx_vq_set_notify(kq->op->vq, 0) < 0) {
         kq->last = -1;
         hand(kq, VX_WHY_BROKEN);
