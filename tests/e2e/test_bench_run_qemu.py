@@ -95,7 +95,12 @@ def test_qemu_client_scenario(tmp_path: Path) -> None:
         assert len(raw["rtt_ns"]) == lat["count"]
         for test in ("tx64", "rx64"):
             m = by[(test, b)]["metrics"]
-            assert m["pps"] > 1000 and m["bps"] == pytest.approx(m["pps"] * 64 * 8, rel=0.01)
+            # pps and bps: eth0's packet and byte counters, read by vxperf one sysfs file after
+            # the other at each end of the window; in a TCG guest on a loaded machine the reads
+            # are milliseconds apart while frames keep coming (62.98 and 64.8 B a frame seen
+            # with 64 B frames, against DPDK and vhostx alike)
+            assert m["pps"] > 1000 and m["bps"] == pytest.approx(m["pps"] * 64 * 8, rel=0.03), (
+                test, b, m["bps"] / m["pps"] / 8)
             # the backend's own count over the host's window agrees with the guest's driver
             assert 0.6 < m["backend_pps"] / m["pps"] < 1.4, (test, b, m["backend_pps"], m["pps"])
     if with_dpdk:
