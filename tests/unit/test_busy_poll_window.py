@@ -11,9 +11,11 @@ loaded machine included); counts decide.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from test_core_env import Env
@@ -43,14 +45,12 @@ def _serve_until(w: kick.Wait, done: threading.Event, timeout: float = 30.0) -> 
         w.run(True)
 
 
-def test_ping_pong_past_one_window_per_batch_is_caught_without_kicks(env):
-    # The window used to be a budget per batch: a batch that caught a few pings by spinning had
-    # used it up after one window in all, so the queue went back to kicks although the next
-    # ping came within the window of the echo before it; the driver then kicked, and the
-    # worker, asleep in epoll, woke up for it (the latency benchmark's p99: kicks/packet 0.175
-    # = one round trip in ~5.7 at 9 us a round trip and a 50 us window).
+@contextlib.contextmanager
+def _ping_ponged(env, spin: kick.SpinWindow, think_s: float) -> Iterator[tuple[KickedRing, object]]:
+    """PINGS echo round trips, `think_s` apart, served by the C wait with busy-poll `spin`;
+    yields the ring and its kick queue (counters still readable) once the driver is done."""
     r = KickedRing(env, echo=True)
-    kq = kick.KickQueue(r.work.op, r.kick, spin=kick.SpinWindow(WINDOW_NS))
+    kq = kick.KickQueue(r.work.op, r.kick, spin=spin)
     cmd = os.eventfd(0, os.EFD_NONBLOCK)
     w = kick.Wait(cmd)
     done = threading.Event()
@@ -60,7 +60,7 @@ def test_ping_pong_past_one_window_per_batch_is_caught_without_kicks(env):
         try:
             for _ in range(PINGS):
                 r.ping()
-                time.sleep(THINK_S)
+                time.sleep(think_s)  # sleeps only ever last longer
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
             errors.append(err)
         finally:
@@ -76,6 +76,22 @@ def test_ping_pong_past_one_window_per_batch_is_caught_without_kicks(env):
         t.join(10)
         assert not errors, errors
         assert r.consumed() == PINGS
+        yield r, kq
+    finally:
+        done.set()
+        t.join(10)
+        w.close()
+        os.close(cmd)
+        r.close()
+
+
+def test_ping_pong_past_one_window_per_batch_is_caught_without_kicks(env):
+    # The window used to be a budget per batch: a batch that caught a few pings by spinning had
+    # used it up after one window in all, so the queue went back to kicks although the next
+    # ping came within the window of the echo before it; the driver then kicked, and the
+    # worker, asleep in epoll, woke up for it (the latency benchmark's p99: kicks/packet 0.175
+    # = one round trip in ~5.7 at 9 us a round trip and a 50 us window).
+    with _ping_ponged(env, kick.SpinWindow(WINDOW_NS), THINK_S) as (r, kq):
         c = kq.counters
         assert r.kicks_sent == 1, (
             f"only the first ping may kick; {r.kicks_sent} kicks, wakes={c.wakes}, "
@@ -85,12 +101,6 @@ def test_ping_pong_past_one_window_per_batch_is_caught_without_kicks(env):
         assert c.lingers >= 1  # the window outlived at least one batch's own spin budget
         st = WorkStats(c)  # what the daemon's queue statistics show
         assert (st.wakes, st.caught, st.lingers) == (c.wakes, c.caught, c.lingers)
-    finally:
-        done.set()
-        t.join(10)
-        w.close()
-        os.close(cmd)
-        r.close()
 
 
 def test_a_driver_slower_than_the_window_is_served_on_kicks(env):
@@ -143,42 +153,10 @@ CAP_NS = 500_000_000  # ... that may grow up to 500 ms
 SLOW_THINK_S = 0.06  # a driver pausing 60 ms: later than the base window, well within the cap
 
 
-def _ping_pong_kicks(env, cap_ns: int) -> tuple[int, object]:
-    r = KickedRing(env, echo=True)
-    kq = kick.KickQueue(r.work.op, r.kick, spin=kick.SpinWindow(BASE_NS, cap_ns))
-    cmd = os.eventfd(0, os.EFD_NONBLOCK)
-    w = kick.Wait(cmd)
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def driver() -> None:
-        try:
-            for _ in range(PINGS):
-                r.ping()
-                time.sleep(SLOW_THINK_S)  # sleeps only ever last longer
-        except BaseException as err:  # noqa: BLE001 - reported by the test thread
-            errors.append(err)
-        finally:
-            done.set()
-            os.eventfd_write(cmd, 1)
-
-    t = threading.Thread(target=driver, daemon=True)
-    try:
-        w.add(kq, 0)
-        kq.give_back()
-        t.start()
-        _serve_until(w, done)
-        t.join(10)
-        assert not errors, errors
-        assert r.consumed() == PINGS
+def _ping_pong_kicks(env, cap_ns: int) -> tuple[int, tuple[int, int, int]]:
+    with _ping_ponged(env, kick.SpinWindow(BASE_NS, cap_ns), SLOW_THINK_S) as (r, kq):
         c = kq.counters
         return r.kicks_sent, (c.wakes, c.caught, c.widened)
-    finally:
-        done.set()
-        t.join(10)
-        w.close()
-        os.close(cmd)
-        r.close()
 
 
 def test_fixed_window_a_driver_pausing_past_it_kicks_every_time(env):
