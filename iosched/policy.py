@@ -130,14 +130,14 @@ TURN_MAX_BYTES = Param(
 )  # fmt: skip
 POLL_ROUND_US = Param(
     "poll_round_us", int, 50,
-    "shared mode: a worker with two or more polled queues serves them all in one C call, round "
+    "shared mode: a worker serves its polled queues in one C call, round "
     "robin, one batch of each per pass, for up to this long before it looks at kicks, timers "
     "and commands again (with max_work_stuck_us >= 0, at most half of that); 0 = no C rounds: "
     "one queue turn per Python loop",
     unit="us", min=0, max=100_000, runtime=True, scope=Scope.GLOBAL,
 )  # fmt: skip
 POLL_ROUND_MAX_US = Param(
-    "poll_round_max_us", int, 1000,
+    "poll_round_max_us", int, 20000,
     "shared mode: a C poll round goes on past poll_round_us while nothing needs the worker's "
     "Python side (it looks every poll_round_us: a kick or command waiting, a deadline due, a "
     "polled queue idle for its poll_stop_idle), for up to this long in all; 0 = rounds end "

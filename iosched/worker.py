@@ -429,7 +429,9 @@ class Worker(Serving):
                 if self._queued:
                     moved += self._serve_queued(self._queued.popleft())
                 if self._polled:
-                    if self._round_ns and len(self._polled) > 1:
+                    # one polled queue too: served in C between two Python looks, a queue
+                    # served turn by turn met the worker's Python every busy-poll window
+                    if self._round_ns:
                         moved += self._serve_round()
                     else:
                         moved += self._serve_polled(clock())

@@ -30,6 +30,7 @@ from .client import IrqClient
 __all__ = ["is_interrupts_scenario", "load", "run_scenario"]
 
 MODES = ("eventfd", "moderation", "adaptive", "posted")
+DEFAULT_WINDOW = 32  # frames in flight per queue pair in an unlimited stream
 
 
 def is_interrupts_scenario(path: Path) -> bool:
@@ -50,6 +51,9 @@ def load(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: matrix.daemon_modes: allowed baseline, shared; got {bad}")
     if any(not 1 <= q <= 64 for q in m.get("queues", [1])):
         raise ValueError(f"{path}: matrix.queues: each 1..64, got {m.get('queues')}")
+    ws = m.get("windows", [DEFAULT_WINDOW])
+    if not ws or any(not isinstance(w, int) or not 1 <= w <= 128 for w in ws):
+        raise ValueError(f"{path}: matrix.windows: a non-empty list, each 1..128, got {ws}")
     return sc
 
 
@@ -77,8 +81,20 @@ def _params(sc: dict[str, Any], mode: str, daemon_mode: str) -> list[str]:
     return out
 
 
+def _streams(rates: list[int], windows: list[int]) -> list[tuple[int, int]]:
+    """(rate, window) of each stream run: a paced rate once with the first window, unlimited
+    (rate 0) once per window (frames in flight per queue pair: how many completions one
+    notification may cover when the driver keeps up)."""
+    out = []
+    for rate in rates:
+        out += [(rate, w) for w in (windows if rate == 0 else windows[:1])]
+    return out
+
+
 def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path,
-         log: Any, daemon_mode: str = "baseline") -> list[dict[str, Any]]:
+         log: Any, daemon_mode: str = "baseline",
+         windows: list[int] | None = None) -> list[dict[str, Any]]:
+    windows = windows or [DEFAULT_WINDOW]
     run = sc.get("run", {})
     pl = sc.get("placement", {})
     daemon = DaemonProcess(params=_params(sc, mode, daemon_mode),
@@ -94,15 +110,15 @@ def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path
         client = IrqClient(sock, queues, posted=(mode == "posted"))
         try:
             time.sleep(0.2)
-            for rate in rates:
+            for rate, window in _streams(rates, windows):
                 c0, s0 = _cpu(daemon.pid), _rx_counters(daemon.stats())
-                res = client.stream(float(run.get("duration", 3.0)), rate)
+                res = client.stream(float(run.get("duration", 3.0)), rate, window=window)
                 c1, s1 = _cpu(daemon.pid), _rx_counters(daemon.stats())
                 pk = max(1, res.packets)
                 notif = (s1["interrupts"] - s0["interrupts"]
                          + s1.get("pi_notifications", 0) - s0.get("pi_notifications", 0))
                 rec = {"kind": "stream", "daemon_mode": daemon_mode, "queues": queues,
-                       "mode": mode, "rate_pps": rate,
+                       "mode": mode, "rate_pps": rate, "window": window,
                        **res.as_dict(),
                        "throughput_pps": res.packets / max(res.elapsed_s, 1e-9),
                        "notifications": notif, "notifications_per_pkt": notif / pk,
@@ -111,7 +127,8 @@ def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path
                        "backend_cpu_us_per_pkt": 1e6 * (c1 - c0) / pk,
                        "backend": {k: s1.get(k, 0) - s0.get(k, 0) for k in s1}}
                 recs.append(rec)
-                log(f"{daemon_mode:<8} {mode:<10} q={queues:<3} rate={rate or 'max':>6}: "
+                log(f"{daemon_mode:<8} {mode:<10} q={queues:<3} rate={rate or 'max':>6} "
+                    f"window={window:<3}: "
                     f"{rec['throughput_pps']:9.0f} pps, {rec['notifications_per_pkt']:.4f} "
                     f"notif/pkt, {rec['syscalls_per_pkt']:.4f} syscalls/pkt")
             pp = client.pingpong(int(run.get("pingpongs", 400)))
@@ -146,11 +163,12 @@ def _ratios(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         base = next((b for b in streams if b["mode"] == "eventfd" and b["queues"] == r["queues"]
                      and b["rate_pps"] == r["rate_pps"]
+                     and b.get("window") == r.get("window")
                      and b["daemon_mode"] == r["daemon_mode"]), None)
         if base is None:
             continue
         out.append({"daemon_mode": r["daemon_mode"], "queues": r["queues"],
-                    "rate_pps": r["rate_pps"], "mode": r["mode"],
+                    "rate_pps": r["rate_pps"], "window": r.get("window"), "mode": r["mode"],
                     "throughput_ratio": r["throughput_pps"] / max(base["throughput_pps"], 1e-9),
                     "notifications_ratio": (r["notifications_per_pkt"]
                                             / max(base["notifications_per_pkt"], 1e-12)),
@@ -164,13 +182,14 @@ def _report(doc: dict[str, Any]) -> str:
              f"Label: {doc['label']}", "",
              f"Commit {doc['dimensions'].get('commit', '?')}; command: `{doc['command']}`", "",
              "## Streams (guest model, one driver thread, echo device)", "",
-             ("| daemon | queues | rate (pps) | mode | throughput (pps) | notif/pkt | "
-              "syscalls/pkt | driver CPU us/pkt | backend CPU us/pkt |"),
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+             ("| daemon | queues | rate (pps) | in flight/pair | mode | throughput (pps) | "
+              "notif/pkt | syscalls/pkt | driver CPU us/pkt | backend CPU us/pkt |"),
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in doc["runs"]:
         if r["kind"] != "stream":
             continue
         lines.append(f"| {r['daemon_mode']} | {r['queues']} | {r['rate_pps'] or 'unlimited'} | "
+                     f"{r.get('window', '-')} | "
                      f"{r['mode']} | {r['throughput_pps']:.0f} | {r['notifications_per_pkt']:.4f} | "
                      f"{r['syscalls_per_pkt']:.4f} | {r['driver_cpu_us_per_pkt']:.2f} | "
                      f"{r['backend_cpu_us_per_pkt']:.2f} |")
@@ -184,11 +203,12 @@ def _report(doc: dict[str, Any]) -> str:
                          f"{r['syscalls_per_pkt']:.3f} |" if r["rtt_p50_us"] is not None else
                          f"| {r['daemon_mode']} | {r['queues']} | {r['mode']} | - | - | - |")
     lines += ["", "## Ratios against per-queue eventfds (same run)", "",
-              ("| daemon | queues | rate (pps) | mode | throughput x | notif/pkt x | "
-              "syscalls/pkt x |"),
-              "|---|---:|---:|---|---:|---:|---:|"]
+              ("| daemon | queues | rate (pps) | in flight/pair | mode | throughput x | "
+              "notif/pkt x | syscalls/pkt x |"),
+              "|---|---:|---:|---:|---|---:|---:|---:|"]
     for x in doc["ratios"]:
-        lines.append(f"| {x['daemon_mode']} | {x['queues']} | {x['rate_pps'] or 'unlimited'} | {x['mode']} | "
+        lines.append(f"| {x['daemon_mode']} | {x['queues']} | {x['rate_pps'] or 'unlimited'} | "
+                     f"{x.get('window', '-')} | {x['mode']} | "
                      f"{x['throughput_ratio']:.2f} | {x['notifications_ratio']:.3f} | "
                      f"{x['syscalls_ratio']:.3f} |")
     qr = [r for r in doc["runs"] if r["kind"].startswith("qemu_")]
@@ -219,7 +239,9 @@ def _plots(doc: dict[str, Any], out: Path) -> None:
 
     pdir = out / "plots"
     pdir.mkdir(exist_ok=True)
-    streams = [r for r in doc["runs"] if r["kind"] == "stream"]
+    w0 = doc["scenario"].get("matrix", {}).get("windows", [DEFAULT_WINDOW])[0]
+    streams = [r for r in doc["runs"]  # one line against load: the first window's runs
+               if r["kind"] == "stream" and r.get("window", w0) == w0]
     for dm, q in sorted({(r["daemon_mode"], r["queues"]) for r in streams}):
         for metric, label in (("notifications_per_pkt", "interrupts (notifications) per packet"),
                               ("syscalls_per_pkt", "driver syscalls per packet")):
@@ -275,7 +297,8 @@ def run_scenario(path: Path, out: Path, *, duration: float | None = None,
     for dm in m.get("daemon_modes", ["baseline"]) if guest_model else []:
         for q in qs:
             for mode in m.get("modes", MODES):
-                recs += _one(sc, q, mode, list(m.get("rates", [0])), out, log, dm)
+                recs += _one(sc, q, mode, list(m.get("rates", [0])), out, log, dm,
+                             list(m.get("windows", [DEFAULT_WINDOW])))
     if qemu:
         from .qemu import run_qemu
 

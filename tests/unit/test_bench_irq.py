@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.irq.scenario import _ratios, _report, is_interrupts_scenario, load
+from bench.irq.scenario import _ratios, _report, _streams, is_interrupts_scenario, load
 
 SHIPPED = Path(__file__).resolve().parents[2] / "configs" / "bench" / "interrupts.toml"
 
@@ -19,6 +19,7 @@ def test_the_shipped_scenario_loads_and_is_dispatched_to_its_runner() -> None:
     assert sc["matrix"]["queues"] == [1, 8, 64]
     assert set(sc["matrix"]["modes"]) == {"eventfd", "moderation", "posted"}
     assert sc["qemu"]["rates"] == [10000, 50000]
+    assert sc["matrix"]["windows"] == [32, 1]
     assert not is_interrupts_scenario(SHIPPED.with_name("smoke.toml"))
 
 
@@ -26,6 +27,8 @@ def test_the_shipped_scenario_loads_and_is_dispatched_to_its_runner() -> None:
     ('modes = ["eventfd", "msi"]', "matrix.modes"),
     ('queues = [0]', "matrix.queues"),
     ('daemon_modes = ["turbo"]', "matrix.daemon_modes"),
+    ('windows = [0]', "matrix.windows"),
+    ('windows = []', "matrix.windows"),
 ])
 def test_bad_matrices_are_refused(tmp_path: Path, bad: str, why: str) -> None:
     p = tmp_path / "x.toml"
@@ -34,8 +37,9 @@ def test_bad_matrices_are_refused(tmp_path: Path, bad: str, why: str) -> None:
         load(p)
 
 
-def _stream(dm: str, mode: str, pps: float, notif: float, sys: float) -> dict:
+def _stream(dm: str, mode: str, pps: float, notif: float, sys: float, window: int = 32) -> dict:
     return {"kind": "stream", "daemon_mode": dm, "queues": 64, "rate_pps": 0, "mode": mode,
+            "window": window,
             "throughput_pps": pps, "notifications_per_pkt": notif, "syscalls_per_pkt": sys,
             "driver_cpu_us_per_pkt": 1.0, "backend_cpu_us_per_pkt": 1.0}
 
@@ -58,5 +62,18 @@ def test_ratios_pair_modes_with_eventfd_of_the_same_daemon_mode() -> None:
            "ratios": [r]}
     text = _report(doc)
     for part in ("## Streams", "## Ping-pong", "## Ratios", "## QEMU guest (TCG)", "dev run",
-                 "| shared | 64 | unlimited | posted | 1.50 | 0.010 | 0.010 |"):
+                 "| shared | 64 | unlimited | 32 | posted | 1.50 | 0.010 | 0.010 |"):
         assert part in text
+
+
+def test_unlimited_streams_run_once_per_window_paced_ones_once() -> None:
+    assert _streams([5000, 0], [32, 1]) == [(5000, 32), (0, 32), (0, 1)]
+
+
+def test_ratios_pair_each_window_with_eventfd_at_the_same_window() -> None:
+    recs = [_stream("shared", "eventfd", 100.0, 0.03, 0.06, window=32),
+            _stream("shared", "eventfd", 50.0, 1.0, 2.0, window=1),
+            _stream("shared", "posted", 100.0, 0.0, 0.0, window=32),
+            _stream("shared", "posted", 80.0, 0.0, 0.0, window=1)]
+    by_window = {r["window"]: r["throughput_ratio"] for r in _ratios(recs)}
+    assert by_window == {32: pytest.approx(1.0), 1: pytest.approx(1.6)}
