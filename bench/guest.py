@@ -12,6 +12,10 @@ for the same inputs already exists. Inputs and where they come from:
   uncompressed (``.ko.xz`` / ``.ko.zst`` are decompressed here, because busybox insmod may not);
 - ``/init`` (``INIT_SCRIPT`` below) and shell helpers for jobs (``JOB_LIB``).
 
+The byte formats (the cpio writer, the ELF reader, module dependencies) are in
+bench/guest_formats.py; ``CpioWriter``, ``GuestBuildError`` and ``module_depends`` are
+re-exported here.
+
 The cache directory is ``$VHOSTX_CACHE`` or ``~/.cache/vhostx``; it must not be inside the repo.
 The initramfs name carries a hash of all its inputs, so a change of kernel, busybox, module list or
 init script builds a new one next to the old. A file lock serialises concurrent builders.
@@ -33,22 +37,27 @@ Threads: any thread may call this module; building takes a process-wide file loc
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
-import io
 import json
-import lzma
 import os
 import re
 import shutil
 import stat
-import struct
 import subprocess
 import tempfile
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from bench.guest_formats import (
+    CpioWriter,
+    GuestBuildError,
+    elf_is_static,
+    extract_vmlinux,
+    gzip_cpio,
+    module_closure,
+    module_depends,
+)
 
 __all__ = [
     "BUILDER_VERSION",
@@ -80,10 +89,6 @@ DEFAULT_MODULES: tuple[str, ...] = (
 )
 
 _KERNEL_PKG_RE = re.compile(r"^linux-image-(6\.1[0-9.]*-[0-9]+-amd64)$")
-
-
-class GuestBuildError(RuntimeError):
-    """Building the guest image failed; the message says which step and what it saw."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,241 +179,6 @@ vx_send() {
 # vx_recv FILE PORT: accept one TCP connection on PORT and write what arrives to FILE
 vx_recv() { nc -l -p "$2" > "$1"; }
 """
-
-
-# --------------------------------------------------------------------------------------------
-# cpio (newc) writer
-
-
-class CpioWriter:
-    """Writes a reproducible newc cpio archive (mtime 0, uid/gid 0) into a binary stream."""
-
-    def __init__(self, out: io.BufferedIOBase | io.BytesIO) -> None:
-        self._out = out
-        self._ino = 1
-        self._dirs: set[str] = set()
-
-    def _entry(
-        self,
-        name: str,
-        mode: int,
-        data: bytes = b"",
-        *,
-        rdev: tuple[int, int] = (0, 0),
-        nlink: int = 1,
-    ) -> None:
-        name = name.lstrip("/")
-        encoded = name.encode() + b"\0"
-        header = "070701" + "".join(
-            f"{v:08X}"
-            for v in (
-                self._ino,
-                mode,
-                0,
-                0,
-                nlink,
-                0,
-                len(data),
-                0,
-                0,
-                rdev[0],
-                rdev[1],
-                len(encoded),
-                0,
-            )
-        )
-        self._ino += 1
-        buf = header.encode() + encoded
-        buf += b"\0" * (-len(buf) % 4)
-        buf += data
-        buf += b"\0" * (-len(data) % 4)
-        self._out.write(buf)
-
-    def mkdir(self, name: str, mode: int = 0o755) -> None:
-        name = name.strip("/")
-        if not name or name in self._dirs:
-            return
-        parent = os.path.dirname(name)
-        if parent:
-            self.mkdir(parent)
-        self._dirs.add(name)
-        self._entry(name, stat.S_IFDIR | mode, nlink=2)
-
-    def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self.mkdir(os.path.dirname(name.strip("/")))
-        self._entry(name, stat.S_IFREG | mode, data)
-
-    def symlink(self, name: str, target: str) -> None:
-        self.mkdir(os.path.dirname(name.strip("/")))
-        self._entry(name, stat.S_IFLNK | 0o777, target.encode())
-
-    def chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-        self.mkdir(os.path.dirname(name.strip("/")))
-        self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
-
-    def close(self) -> None:
-        self._entry("TRAILER!!!", 0, nlink=1)
-
-
-def _gzip_cpio(build: Iterable[tuple[str, tuple[object, ...]]]) -> bytes:
-    raw = io.BytesIO()
-    writer = CpioWriter(raw)
-    for method, args in build:
-        getattr(writer, method)(*args)
-    writer.close()
-    return gzip.compress(raw.getvalue(), compresslevel=6, mtime=0)
-
-
-# --------------------------------------------------------------------------------------------
-# Small ELF reader: static-binary check and module .modinfo
-
-
-def _elf_sections(data: bytes) -> dict[str, bytes]:
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        raise GuestBuildError("not a 64-bit ELF file")
-    (shoff,) = struct.unpack_from("<Q", data, 0x28)
-    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
-    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
-    strtab = headers[shstrndx]
-    names = data[strtab[4] : strtab[4] + strtab[5]]
-    out: dict[str, bytes] = {}
-    for h in headers:
-        name = names[h[0] : names.index(b"\0", h[0])].decode()
-        out[name] = data[h[4] : h[4] + h[5]]
-    return out
-
-
-def _elf_is_static(data: bytes) -> bool:
-    if data[:4] != b"\x7fELF":
-        return False
-    (phoff,) = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    for i in range(phnum):
-        (p_type,) = struct.unpack_from("<I", data, phoff + i * phentsize)
-        if p_type == 3:  # PT_INTERP
-            return False
-    return True
-
-
-def _has_pvh_entry(elf: bytes) -> bool:
-    """True if an ELF kernel carries XEN_ELFNOTE_PHYS32_ENTRY (18), i.e. QEMU can boot it
-    directly in PVH mode (no real-mode setup, no decompression)."""
-    try:
-        sections = _elf_sections(elf)
-    except (GuestBuildError, struct.error, ValueError):
-        return False
-    for name, data in sections.items():
-        if not name.startswith(".note"):
-            continue
-        off = 0
-        while off + 12 <= len(data):
-            namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-            nname = data[off + 12 : off + 12 + namesz]
-            if nname.rstrip(b"\0") == b"Xen" and ntype == 18:
-                return True
-            off += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
-    return False
-
-
-def _extract_vmlinux(bzimage: Path, dest: Path) -> Path | None:
-    """Decompress the ELF kernel inside a bzImage (xz or gzip payload) into ``dest`` if it can
-    be booted in PVH mode; None (use the bzImage) otherwise. Under TCG this saves the xz
-    decompression and the real-mode setup: boot to userspace drops from ~16 s to ~6-10 s here."""
-    if dest.exists():
-        return dest
-    data = bzimage.read_bytes()
-    elf: bytes | None = None
-    for magic, make in (
-        (b"\xfd7zXZ\x00", lambda: lzma.LZMADecompressor()),
-        (b"\x1f\x8b\x08", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS)),
-    ):
-        start = data.find(magic)
-        while start >= 0 and elf is None:
-            try:
-                out = make().decompress(data[start:])
-            except (lzma.LZMAError, zlib.error):
-                out = b""
-            if out[:4] == b"\x7fELF":
-                elf = out
-            start = data.find(magic, start + 1)
-        if elf is not None:
-            break
-    if elf is None or not _has_pvh_entry(elf):
-        return None
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-vmlinux-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(elf)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, dest)
-    return dest
-
-
-def _read_module(path: Path) -> bytes:
-    """The module's ELF bytes, decompressing .ko.xz / .ko.zst."""
-    data = path.read_bytes()
-    if path.name.endswith(".xz"):
-        return lzma.decompress(data)
-    if path.name.endswith(".zst"):
-        try:
-            return subprocess.run(
-                ["zstd", "-dc", str(path)], check=True, capture_output=True
-            ).stdout
-        except (OSError, subprocess.CalledProcessError) as e:
-            raise GuestBuildError(f"cannot decompress {path}: zstd failed ({e})") from e
-    return data
-
-
-def module_depends(ko: bytes) -> list[str]:
-    """Module names listed in the ``depends=`` field of a module's ``.modinfo`` section."""
-    modinfo = _elf_sections(ko).get(".modinfo", b"")
-    for field in modinfo.split(b"\0"):
-        if field.startswith(b"depends="):
-            return [d.replace("-", "_") for d in field[8:].decode().split(",") if d]
-    return []
-
-
-def _find_modules(moddir: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in (moddir / "kernel").rglob("*.ko*"):
-        m = re.match(r"^(.*)\.ko(\.xz|\.zst|\.gz)?$", path.name)
-        if m:
-            found[m.group(1).replace("-", "_")] = path
-    return found
-
-
-def _module_closure(moddir: Path, wanted: Sequence[str]) -> list[tuple[str, bytes]]:
-    """The wanted modules plus their dependencies, each after what it depends on."""
-    index = _find_modules(moddir)
-    order: list[tuple[str, bytes]] = []
-    done: set[str] = set()
-    visiting: set[str] = set()
-
-    def visit(name: str) -> None:
-        name = name.replace("-", "_")
-        if name in done:
-            return
-        if name in visiting:
-            raise GuestBuildError(f"module dependency cycle at {name}")
-        path = index.get(name)
-        if path is None:
-            builtin = moddir / "modules.builtin"
-            if builtin.exists() and re.search(
-                rf"/{re.escape(name)}\.ko\b", builtin.read_text().replace("-", "_")
-            ):
-                done.add(name)
-                return
-            raise GuestBuildError(f"module {name} not found under {moddir} (nor built in)")
-        visiting.add(name)
-        ko = _read_module(path)
-        for dep in module_depends(ko):
-            visit(dep)
-        visiting.discard(name)
-        done.add(name)
-        order.append((name, ko))
-
-    for name in wanted:
-        visit(name)
-    return order
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,7 +348,7 @@ class GuestImage:
             f.write(base)
             f.write(b"\0" * (-len(base) % 512))
             if entries:
-                f.write(_gzip_cpio(entries))
+                f.write(gzip_cpio(entries))
         return dest
 
 
@@ -587,7 +357,7 @@ def _busybox() -> tuple[Path, bytes]:
         path = Path(candidate)
         if path.exists():
             data = path.read_bytes()
-            if not _elf_is_static(data):
+            if not elf_is_static(data):
                 raise GuestBuildError(f"{path} is dynamically linked; install busybox-static")
             return path, data
     raise GuestBuildError("busybox not found; install busybox-static")
@@ -632,9 +402,9 @@ def build_image(
             raise GuestBuildError(
                 f"{package} {version} unpacked to {tree} has no {kernel} or no {moddir}"
             )
-        vmlinux = _extract_vmlinux(kernel, tree / f"vmlinux-{release}.pvh")
+        vmlinux = extract_vmlinux(kernel, tree / f"vmlinux-{release}.pvh")
         bb_path, bb = _busybox()
-        mods = _module_closure(moddir, modules)
+        mods = module_closure(moddir, modules)
         h = hashlib.sha256()
         for part in (str(BUILDER_VERSION), package, version, INIT_SCRIPT, JOB_LIB):
             h.update(part.encode() + b"\0")
@@ -676,7 +446,7 @@ def build_image(
             entries.append(("file", ("init", INIT_SCRIPT.encode(), 0o755)))
             fd, tmp = tempfile.mkstemp(dir=initramfs.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:
-                f.write(_gzip_cpio(entries))
+                f.write(gzip_cpio(entries))
             os.chmod(tmp, 0o644)
             os.replace(tmp, initramfs)
         return GuestImage(

@@ -39,7 +39,7 @@ from typing import Any
 from bench.process import DaemonProcess
 from bench.testpmd import StatsSample, Testpmd, VhostVdev, VirtioUserVdev
 
-from .scenario import Backend, Case, Placement, TestpmdClient
+from .scenario_model import Backend, Case, Placement, TestpmdClient
 
 __all__ = [
     "ALONGSIDE_DEVICE",

@@ -49,7 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from .scenario import ModeSettings
+from .scenario_model import ModeSettings
 
 __all__ = [
     "FAST",

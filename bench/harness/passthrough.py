@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness.pingpong import make_frame
-from bench.harness.scenario import ScenarioError
+from bench.harness.scenario_model import ScenarioError
 
 __all__ = ["PassthroughScenario", "PeerThread", "is_passthrough", "load", "run"]
 

@@ -34,7 +34,7 @@ from typing import Any, Self
 from bench.guest import GuestImage, build_image, cache_dir
 from bench.qemu import Guest, GuestFailure, VhostUserNic
 
-from .scenario import Case, QemuClient
+from .scenario_model import Case, QemuClient
 
 __all__ = ["GUEST_MAC", "VXPERF_SRC", "GuestImageInfo", "QemuResult", "QemuRun",
            "build_vxperf", "guest_image", "job_script", "parse_console", "vxperf_mode"]

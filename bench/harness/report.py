@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .modes import FAST, MIXED, ONE, PAIRABLE, SLOW, assign_modes, mode_counts, same_mode_pairs
-from .scenario import Scenario
+from .scenario_model import Scenario
 from .stats import Ratio
 
 __all__ = ["RATIO_METRICS", "main_mode", "markdown", "metric", "one_line", "summarize"]

@@ -15,7 +15,8 @@ One run: a fresh short socket directory, the backend started pinned to the backe
 client on the client core (testpmd's forwarding lcore, or this process's thread for the guest
 model), warm-up (excluded), then a window between two snapshots of: the client's per-port
 counters, the backend's own packet count, the daemon's stats (kicks, interrupts, polling
-switches), CPU time of every backend and client thread. Then everything is stopped.
+switches), CPU time of every backend and client thread. Then everything is stopped. The
+window of each client kind (testpmd, guest model, QEMU) is driven by bench/harness/measure.py.
 
 Files in the output directory (written after every run, so an interrupted run keeps them):
     results.json      dimensions, scenario, every run (without raw RTT samples), summary
@@ -32,7 +33,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -43,21 +43,12 @@ from typing import Any
 from bench.testpmd import TestpmdError, find_testpmd
 
 from . import system
-from .backends import (
-    CLEAN_CLIENT_CPU,
-    BackendFailed,
-    RunningBackend,
-    sample_rates,
-    start_backend,
-    start_testpmd_client,
-)
-from .modes import DpdkProbe, assign_modes, rtt_slices, short_of_pairs, slice_count
-from .pingpong import AlongsideFlow, GuestModel, PingPongResult
+from .backends import BackendFailed, RunningBackend, start_backend
+from .measure import measure_guest_model, measure_qemu, measure_testpmd_stream
+from .modes import DpdkProbe, assign_modes, short_of_pairs
 from .report import one_line
-from .scenario import Backend, Case, Scenario
-from .stats import latency_summary
+from .scenario_model import Backend, Case, Scenario
 from .system import wait_quiet
-from .window import fill_common, snapshot
 
 __all__ = ["Runner", "plan"]
 
@@ -197,10 +188,6 @@ class Runner:
             self.log(f"mode probe failed: {type(err).__name__}: {err}")
             return None
 
-    def _parts(self) -> int:
-        """Parts of a window for `mode_probe.slices` (each at least modes.MIN_SLICE_S)."""
-        return slice_count(self.sc.run.duration, self.sc.modes.slices)
-
     def _wants_more(self, case: Case, extra: int) -> bool:
         """True while a compared backend of `case` has fewer than `run.min_pairs` same-mode pairs
         with the reference (any one mode) and extra repetitions are left."""
@@ -271,11 +258,11 @@ class Runner:
                 rec["backend_setup"] = be.setup
                 self._call_hook("started", rec)
                 if case.kind == "stream" and case.client == "testpmd":
-                    self._stream_testpmd(stack, be, case, rec, logs)
+                    measure_testpmd_stream(self.sc, stack, be, case, rec, logs, self._on_window)
                 elif case.client == "qemu":
                     self._qemu(stack, be, case, rec, rundir, logs)
                 else:
-                    self._guest_model(stack, be, case, rec)
+                    measure_guest_model(self.sc, stack, be, case, rec, self._on_window)
                 if be.daemon is not None:
                     rec["daemon_params"] = (be.stats() or {}).get("params")
         except BackendFailed as err:
@@ -307,165 +294,8 @@ class Runner:
         if self.hook is not None:
             self.hook(point, rec)
 
-    # ---- testpmd streams ---------------------------------------------------------------------
-    def _stream_testpmd(self, stack: ExitStack, be: RunningBackend, case: Case,
-                        rec: dict[str, Any], logs: Path) -> None:
-        client = start_testpmd_client(stack, be.sockets, case, self.sc.testpmd,
-                                      self.sc.placement, logs)
-        rec["client_pids"] = client.pids
-        rec.setdefault("logs", []).extend(client.logs)
-        flow = self._start_alongside(stack, be, case) if case.pingpong_alongside else None
-        busy = case.busy_devices if case.busy else None
-        if case.direction == "guest_tx":
-            be.start_traffic()
-            client.start(busy)
-        else:
-            client.start(busy)
-            be.start_traffic()
-        if flow is not None:
-            flow.start()
-        time.sleep(self.sc.run.warmup)
-        tid = flow.cpu_tid if flow is not None else None
-        if flow is not None:
-            flow.begin_window()
-        s0 = snapshot(be, case, client.pids, False, tid)
-        c0 = client.port_stats()
+    def _on_window(self, rec: dict[str, Any]) -> None:
         self._call_hook("window", rec)
-        c1 = self._sliced_window(client, case, rec, c0)
-        s1 = snapshot(be, case, client.pids, False, tid)
-        pp = flow.end_window() if flow is not None else None
-        sched = flow.sched if flow is not None else ""
-        window, rates = sample_rates(c0, c1)
-        key = "tx" if case.direction == "guest_tx" else "rx"
-        per_dev = [{"device": k, "pps": r[f"{key}_pps"], "bps": r[f"{key}_bps"]}
-                   for k, r in enumerate(rates)]
-        pps = sum(d["pps"] for d in per_dev)
-        m = rec.setdefault("metrics", {})
-        m.update(pps=pps, bps=sum(d["bps"] for d in per_dev), per_device=per_dev,
-                 devices_with_traffic=sum(1 for d in per_dev if d["pps"] > 0))
-        fill_common(rec, s0, s1, window, pps, be)
-        m["client_tx_drops"] = client.stop()
-        client_core = m["client_cpu"]["total"]
-        if pp is not None:
-            client_core += self._alongside_metrics(rec, pp, sched, s0, s1)
-        # clean: the busy-polling client had its core (other load shows here first); with a
-        # ping-pong alongside, testpmd and the ping-pong thread share that core
-        m["clean"] = client_core >= CLEAN_CLIENT_CPU
-
-    def _sliced_window(self, client: Any, case: Case, rec: dict[str, Any], c0: Any) -> Any:
-        """Sleep through the window, sampling the client's counters `[modes] slices` times; the
-        parts' rates go to rec["mode_probe"]["slices"]. Returns the last sample."""
-        parts = self._parts()
-        key = "tx_pps" if case.direction == "guest_tx" else "rx_pps"
-        end = time.monotonic() + self.sc.run.duration
-        prev = c0
-        slices = []
-        for k in range(1, parts):
-            time.sleep(max(0.0, end - self.sc.run.duration * (parts - k) / parts
-                           - time.monotonic()))
-            cur = client.port_stats()
-            slices.append(round(sum(r[key] for r in sample_rates(prev, cur)[1]), 1))
-            prev = cur
-        time.sleep(max(0.0, end - time.monotonic()))
-        last = client.port_stats()
-        if parts > 1:
-            slices.append(round(sum(r[key] for r in sample_rates(prev, last)[1]), 1))
-        rec["mode_probe"]["slices"] = slices
-        return last
-
-    def _start_alongside(self, stack: ExitStack, be: RunningBackend,
-                         case: Case) -> AlongsideFlow:
-        """Connect the guest model to the alongside device; the flow starts later (`start`)."""
-        if be.alongside is None:
-            raise RuntimeError(f"backend {be.spec.name} has no alongside ping-pong device")
-        gm_cfg = self.sc.guest_model
-        gm = stack.enter_context(GuestModel([be.alongside], queue_size=gm_cfg.queue_size,
-                                            mem_mb=gm_cfg.mem_mb))
-        flow = AlongsideFlow(gm, size=case.size, core=self.sc.placement.client_core,
-                             wait=gm_cfg.wait,
-                             interval=1.0 / case.pingpong_rate if case.pingpong_rate else 0.0)
-        stack.callback(flow.stop)  # before the guest model closes (LIFO)
-        return flow
-
-    def _alongside_metrics(self, rec: dict[str, Any], res: PingPongResult, sched: str,
-                           s0: dict[str, Any], s1: dict[str, Any]) -> float:
-        """metrics["alongside"] of a stream run; returns the ping-pong thread's CPU (cores)."""
-        case_rate = rec["params"]["pingpong_rate"]
-        cpu = system.cpu_usage(s0.get("alongside", {}), s1.get("alongside", {}),
-                               s1["t"] - s0["t"])
-        rate = res.received / res.elapsed_s if res.elapsed_s else 0.0
-        rec["metrics"]["alongside"] = {
-            "device": "one more device of the same backend, not counted in pps/per_device",
-            "core": self.sc.placement.client_core,
-            "shares_core_with": "testpmd client forwarding lcore",
-            "size": rec["params"]["size"], "wait": self.sc.guest_model.wait,
-            "sched": sched,
-            "attempted_rate": case_rate or "back to back",
-            "round_trips_per_s": rate, "round_trips": res.received, "sent": res.sent,
-            "lost": res.lost, "bad": res.bad, "late": res.late,
-            "elapsed_s": round(res.elapsed_s, 4),
-            "latency": latency_summary(res.rtt_ns), "cpu": cpu,
-        }
-        rec["_alongside_rtt_ns"] = res.rtt_ns
-        if res.received == 0:
-            rec["error"] = (f"the alongside ping-pong completed no round trip in "
-                            f"{res.elapsed_s:.1f} s (sent {res.sent}, lost {res.lost}, bad "
-                            f"replies {res.bad})")
-        return float(cpu["total"])
-    # ---- guest model: ping-pong, paced stream, idle ------------------------------------------
-    def _guest_model(self, stack: ExitStack, be: RunningBackend, case: Case,
-                     rec: dict[str, Any]) -> None:
-        gm_cfg = self.sc.guest_model
-        gm = stack.enter_context(GuestModel(be.sockets, queue_size=gm_cfg.queue_size,
-                                            mem_mb=gm_cfg.mem_mb))
-        be.start_traffic()
-        old_affinity = os.sched_getaffinity(0)
-        os.sched_setaffinity(threading.get_native_id(), {self.sc.placement.client_core})
-        stack.callback(os.sched_setaffinity, threading.get_native_id(), old_affinity)
-        run = self.sc.run
-        m = rec.setdefault("metrics", {})
-        if case.kind == "pingpong":
-            gm.pingpong(run.warmup, case.size, wait=gm_cfg.wait, record=False)
-            s0 = snapshot(be, case, [], True)
-            self._call_hook("window", rec)
-            res = gm.pingpong(run.duration, case.size, wait=gm_cfg.wait)
-            s1 = snapshot(be, case, [], True)
-            window = s1["t"] - s0["t"]
-            rate = res.received / res.elapsed_s if res.elapsed_s else 0.0
-            m.update(pps=rate, bps=rate * case.size * 8, round_trips=res.received,
-                     sent=res.sent, lost=res.lost, bad=res.bad, late=res.late,
-                     per_flow=res.per_flow,
-                     latency=latency_summary(res.rtt_ns))
-            rec["_rtt_ns"] = res.rtt_ns
-            rec["mode_probe"]["slices"] = [round(x, 1) for x in
-                                           rtt_slices(res.rtt_ns, self._parts())]
-            if res.received == 0:
-                rec["error"] = (f"no round trip completed in the {res.elapsed_s:.1f} s window "
-                                f"(sent {res.sent}, lost {res.lost}, bad replies {res.bad})")
-            fill_common(rec, s0, s1, window, 2 * rate, be)
-        elif case.kind == "stream":
-            gm.stream(run.warmup, case.size, case.rate)
-            s0 = snapshot(be, case, [], True)
-            self._call_hook("window", rec)
-            res2 = gm.stream(run.duration, case.size, case.rate)
-            s1 = snapshot(be, case, [], True)
-            window = s1["t"] - s0["t"]
-            pps = res2.posted / res2.elapsed_s if res2.elapsed_s else 0.0
-            m.update(pps=pps, bps=pps * case.size * 8, offered_pps=case.rate * case.devices,
-                     posted=res2.posted, offered=res2.offered,
-                     per_device=[{"device": k, "pps": n / res2.elapsed_s, "bps":
-                                  n / res2.elapsed_s * case.size * 8}
-                                 for k, n in enumerate(res2.per_flow)])
-            fill_common(rec, s0, s1, window, pps, be)
-        else:  # idle
-            m["primed"] = gm.prime()
-            time.sleep(run.warmup + case.idle_time)
-            s0 = snapshot(be, case, [], True)
-            self._call_hook("window", rec)
-            time.sleep(run.duration)
-            s1 = snapshot(be, case, [], True)
-            fill_common(rec, s0, s1, s1["t"] - s0["t"], 0.0, be)
-            m["pps"] = 0.0
 
     # ---- QEMU guests (TCG) --------------------------------------------------------------------
     def _qemu_dims(self) -> dict[str, Any]:
@@ -485,55 +315,10 @@ class Runner:
 
     def _qemu(self, stack: ExitStack, be: RunningBackend, case: Case, rec: dict[str, Any],
               rundir: Path, logs: Path) -> None:
-        from .qemu_client import QemuRun
-
         if self.qemu_info is None:
             raise RuntimeError(f"no QEMU guest: {self.qemu_unavailable or 'not built'}")
-        run = self.sc.run
-        be.start_traffic()
-        guest = QemuRun(self.qemu_info, be.sockets[0], case, self.sc.qemu, warmup=run.warmup,
-                        duration=run.duration, core=self.sc.placement.client_core,
-                        workdir=rundir, name=f"g{rec['index']:03d}")
-        # registered before the guest: runs after QEMU stopped, keeps its console log
-        stack.callback(_copy_quietly, guest.console_log, logs / "guest.console.log")
-        stack.enter_context(guest)
-        pids = [guest.pid] if guest.pid is not None else []
-        rec["client_pids"] = pids
-        rec.setdefault("logs", []).append(str(logs / "guest.console.log"))
-        guest.wait_window_begin()
-        s0 = snapshot(be, case, pids, False)
-        self._call_hook("window", rec)
-        guest.wait_window_end()
-        s1 = snapshot(be, case, pids, False)
-        res = guest.finish()
-        v = res.values
-        elapsed = v["elapsed_ns"] / 1e9
-        m = rec.setdefault("metrics", {})
-        m.update(client="qemu", tcg_guest=True, boot_s=round(res.boot_s, 3),
-                 guest_window_s=round(elapsed, 4), guest=dict(v))
-        if res.mode == "pingpong":
-            rate = v["received"] / elapsed if elapsed else 0.0
-            m.update(pps=rate, bps=rate * case.size * 8, round_trips=v["received"],
-                     sent=v["sent"], lost=v["lost"], bad=v["bad"], per_flow=[v["received"]],
-                     latency=latency_summary(res.rtt_ns))
-            rec["_rtt_ns"] = res.rtt_ns
-            rec["mode_probe"]["slices"] = [round(x, 1) for x in
-                                           rtt_slices(res.rtt_ns, self._parts())]
-            if v["received"] == 0:
-                rec["error"] = (f"the guest completed no round trip in {elapsed:.1f} s (sent "
-                                f"{v['sent']}, lost {v['lost']}, bad replies {v['bad']})")
-            fill_common(rec, s0, s1, s1["t"] - s0["t"], 2 * rate, be)
-        else:
-            # the guest driver's own counters (frames through eth0) over the guest's window
-            pps = v["if_packets"] / elapsed if elapsed else 0.0
-            bps = v["if_bytes"] * 8 / elapsed if elapsed else 0.0
-            m.update(pps=pps, bps=bps, per_device=[{"device": 0, "pps": pps, "bps": bps}],
-                     devices_with_traffic=int(pps > 0))
-            fill_common(rec, s0, s1, s1["t"] - s0["t"], pps, be)
-            # clean: the guest's vCPU (busy sending or receiving) had the client core
-            m["clean"] = m["client_cpu"]["total"] >= CLEAN_CLIENT_CPU
-            if pps == 0:
-                rec["error"] = f"the guest moved no frame in its {elapsed:.1f} s window"
+        measure_qemu(self.sc, self.qemu_info, stack, be, case, rec, rundir, logs,
+                     self._on_window)
 
     # ---- output ------------------------------------------------------------------------------
     def _write_run(self, rec: dict[str, Any]) -> None:
@@ -587,13 +372,6 @@ class Runner:
                 self.log(f"plots failed: {type(err).__name__}: {err}")
         del rtts
         _atomic_write(self.out / "report.md", markdown(doc, plots=plots))
-
-
-def _copy_quietly(src: Path, dst: Path) -> None:
-    try:
-        shutil.copyfile(src, dst)
-    except OSError:
-        pass
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -4,7 +4,8 @@
 `ScenarioError` (a `ConfigError`) naming where the key is, the value that came and what is
 allowed: unknown keys (with close matches), wrong types, values out of range, inconsistent
 combinations (a paced rate with testpmd, guest RX with a rate, a reference that is not a backend).
-`Scenario.cases()` expands each test's sweep (cartesian product, in file order) into `Case`s.
+The data they build (the dataclasses, `Scenario.cases()`) lives in bench/harness/scenario_model.py;
+`Scenario` and `ScenarioError` are re-exported here.
 
 The format is documented key by key in docs/harness.md. Pure module: no I/O beyond reading the
 file; any thread.
@@ -13,262 +14,42 @@ file; any thread.
 from __future__ import annotations
 
 import difflib
-import itertools
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from virtio.errors import ConfigError
 
+from .scenario_model import (
+    BACKEND_KINDS,
+    CLIENTS,
+    DIRECTIONS,
+    MAX_DEVICES,
+    MODES,
+    SWEEPABLE,
+    TEST_KINDS,
+    Backend,
+    GuestModelClient,
+    ModeSettings,
+    Placement,
+    QemuClient,
+    RunSettings,
+    Scenario,
+    ScenarioError,
+    TestpmdClient,
+    TestSpec,
+    param_text,
+)
+
 __all__ = [
-    "BACKEND_KINDS",
-    "Backend",
-    "Case",
-    "GuestModelClient",
-    "ModeSettings",
-    "Placement",
-    "QemuClient",
-    "RunSettings",
     "Scenario",
     "ScenarioError",
-    "TestSpec",
-    "TestpmdClient",
     "find_scenario",
     "load_scenario",
     "parse_scenario",
     "scenario_dirs",
 ]
-
-BACKEND_KINDS = ("vhostx", "dpdk", "vfio")
-TEST_KINDS = ("stream", "pingpong", "idle")
-DIRECTIONS = ("guest_tx", "guest_rx")
-MODES = ("baseline", "shared")
-SWEEPABLE = ("devices", "busy", "size", "rate", "queues", "direction")
-MAX_DEVICES = 64
-
-
-class ScenarioError(ConfigError):
-    """A scenario file is invalid: the message names the key, the value and what is allowed."""
-
-
-# ----------------------------------------------------------------------------------------------
-# the data
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    duration: float = 5.0  # measurement window, seconds
-    warmup: float = 2.0  # excluded, before the window
-    repeats: int = 3  # runs per backend per case (A B A B ...)
-    quiet_wait: float = 0.0  # before each run wait up to this long for idle cores (0: off)
-    quiet_cores: float = 1.5  # idle cores wanted
-    reference: str = ""  # backend the ratios are against ("" -> the last backend)
-    min_pairs: int = 0  # same-mode pairs wanted per compared backend and case (0: min(3, repeats))
-    max_extra_repeats: int = -1  # extra repetitions allowed per case to get them (-1: repeats)
-
-    @property
-    def pairs_wanted(self) -> int:
-        return self.min_pairs or min(3, self.repeats)
-
-    @property
-    def extra_limit(self) -> int:
-        return self.repeats if self.max_extra_repeats < 0 else self.max_extra_repeats
-
-
-@dataclass(frozen=True)
-class ModeSettings:
-    """How each run's machine mode is found (`[modes]`, bench/harness/modes.py)."""
-
-    probe: str = "dpdk"  # "dpdk": a DPDK-vs-DPDK reference probe before and after each run
-    probe_duration: float = 0.5  # s, the probe's window
-    gap: float = 1.8  # ratio between neighbouring rates that separates two modes
-    slices: int = 4  # parts of a run's window whose rates are compared (1: off)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"probe": self.probe, "probe_duration": self.probe_duration, "gap": self.gap,
-                "slices": self.slices}
-
-
-@dataclass(frozen=True)
-class Placement:
-    backend_core: int = 1  # backend threads (vhostx daemon affinity, DPDK forwarding lcore)
-    client_core: int = 0  # the client (testpmd forwarding lcore, the guest model's thread)
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    kind: str  # vhostx | dpdk | vfio (reserved)
-    mode: str = "baseline"  # vhostx
-    params: tuple[tuple[str, Any], ...] = ()  # vhostx --param name=value, in file order
-    memory_mb: int = 1024  # dpdk
-    total_num_mbufs: int = 0  # dpdk; 0: sized from the number of devices
-    burst: int = 0  # dpdk; 0: testpmd's default (32)
-
-    def param_args(self) -> list[str]:
-        """The daemon's --param items: mode first, then the scenario's params."""
-        items = [f"mode={self.mode}"]
-        items += [f"{k}={_param_text(v)}" for k, v in self.params]
-        return items
-
-
-def _param_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-@dataclass(frozen=True)
-class TestpmdClient:
-    queue_size: int = 0  # 0: DPDK's default (256)
-    burst: int = 0  # 0: default (32)
-    memory_mb: int = 1024
-    total_num_mbufs: int = 0  # 0: sized from the number of devices
-    mrg_rxbuf: bool | None = None
-    in_order: bool | None = None
-    packed_vq: bool | None = None
-
-
-@dataclass(frozen=True)
-class GuestModelClient:
-    queue_size: int = 256
-    wait: str = "interrupt"  # pingpong: wait for the call eventfd, or "poll" the used ring
-    mem_mb: int = 16  # guest memory per device
-
-
-@dataclass(frozen=True)
-class QemuClient:
-    memory_mb: int = 256  # guest RAM (memfd, shared with the backend)
-    boot_timeout: float = 180.0  # s from QEMU start to the guest's VX-READY
-
-
-@dataclass(frozen=True)
-class TestSpec:
-    """One [[tests]] entry before its sweep is expanded."""
-
-    __test__ = False
-
-    name: str
-    kind: str  # stream | pingpong | idle
-    direction: str = "guest_tx"
-    size: int = 64
-    devices: int = 1
-    busy: int = 0  # stream: devices carrying traffic (0: all)
-    queues: int = 1  # queue pairs per device
-    rate: int = 0  # stream: offered packets/s per device (0: unlimited, testpmd)
-    client: str = ""  # "" -> testpmd for unlimited streams, guest_model otherwise; or qemu
-    idle_time: float = 0.0  # idle: seconds without traffic before the window
-    pingpong_alongside: bool = False  # stream: one more device carrying a guest-model ping-pong
-    pingpong_rate: int = 1000  # round trips/s the alongside flow attempts (0: back to back)
-    sweep: tuple[tuple[str, tuple[Any, ...]], ...] = ()
-
-
-@dataclass(frozen=True)
-class Case:
-    """One point of a test: every dimension fixed."""
-
-    test: str
-    kind: str
-    direction: str
-    size: int
-    devices: int
-    busy: int
-    queues: int
-    rate: int
-    client: str
-    idle_time: float
-    sweep_values: tuple[tuple[str, Any], ...] = ()
-    pingpong_alongside: bool = False  # one more device (not counted in `devices`): a ping-pong
-    pingpong_rate: int = 1000  # flow by the guest model during the stream's window
-
-    @property
-    def label(self) -> str:
-        if not self.sweep_values:
-            return self.test
-        return self.test + "[" + ",".join(f"{k}={v}" for k, v in self.sweep_values) + "]"
-
-    @property
-    def busy_devices(self) -> int:
-        return self.devices if self.busy == 0 else self.busy
-
-
-@dataclass(frozen=True)
-class Scenario:
-    name: str
-    description: str
-    run: RunSettings
-    placement: Placement
-    backends: tuple[Backend, ...]
-    testpmd: TestpmdClient
-    guest_model: GuestModelClient
-    tests: tuple[TestSpec, ...]
-    source: str = ""  # the file it came from
-    raw: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
-    qemu: QemuClient = QemuClient()
-    modes: ModeSettings = ModeSettings()
-
-    @property
-    def reference(self) -> str:
-        return self.run.reference or self.backends[-1].name
-
-    def cases(self) -> list[Case]:
-        out: list[Case] = []
-        for t in self.tests:
-            keys = [k for k, _ in t.sweep]
-            for combo in itertools.product(*(vals for _, vals in t.sweep)) if t.sweep else [()]:
-                values = dict(zip(keys, combo, strict=True))
-                base = replace(t, **values) if values else t
-                client = base.client or ("testpmd" if base.kind == "stream" and base.rate == 0
-                                         else "guest_model")
-                case = Case(base.name, base.kind, base.direction, base.size, base.devices,
-                            base.busy, base.queues, base.rate, client, base.idle_time,
-                            tuple(values.items()), base.pingpong_alongside,
-                            base.pingpong_rate)
-                _check_case(case, f"tests '{t.name}'" + (f" sweep {values}" if values else ""))
-                out.append(case)
-        return out
-
-    def with_overrides(self, *, repeats: int | None = None, duration: float | None = None,
-                       warmup: float | None = None, quiet_wait: float | None = None,
-                       backends: list[str] | None = None,
-                       tests: list[str] | None = None, min_pairs: int | None = None,
-                       max_extra_repeats: int | None = None,
-                       probe: str | None = None) -> Scenario:
-        """The scenario with command-line overrides applied (validated like the file)."""
-        run = self.run
-        for key, value, lo, hi in (("repeats", repeats, 1, 100), ("duration", duration, 0.1, 3600),
-                                   ("warmup", warmup, 0.0, 600), ("quiet_wait", quiet_wait, 0, 3600),
-                                   ("min_pairs", min_pairs, 0, 100),
-                                   ("max_extra_repeats", max_extra_repeats, -1, 100)):
-            if value is not None:
-                if not lo <= value <= hi:
-                    raise ScenarioError(f"--{key.replace('_', '-')} {value}: out of range, "
-                                        f"allowed [{lo}, {hi}]")
-                run = replace(run, **{key: value})  # type: ignore[arg-type]
-        sc = replace(self, run=run)
-        if probe is not None:
-            if probe not in ("dpdk", "none"):
-                raise ScenarioError(f"--probe {probe!r}: allowed dpdk | none")
-            sc = replace(sc, modes=replace(sc.modes, probe=probe))
-        if backends:
-            known = [b.name for b in self.backends]
-            for name in backends:
-                if name not in known:
-                    raise ScenarioError(f"--backends: {name!r} is not a backend of this scenario; "
-                                        f"known: {', '.join(known)}")
-            sc = replace(sc, backends=tuple(b for b in self.backends if b.name in backends))
-            if sc.run.reference and sc.run.reference not in backends:
-                sc = replace(sc, run=replace(sc.run, reference=""))
-        if tests:
-            known = [t.name for t in self.tests]
-            for name in tests:
-                if name not in known:
-                    raise ScenarioError(f"--tests: {name!r} is not a test of this scenario; "
-                                        f"known: {', '.join(known)}")
-            sc = replace(sc, tests=tuple(t for t in self.tests if t.name in tests))
-        return sc
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +134,6 @@ _TESTPMD = ["queue_size", "burst", "memory_mb", "total_num_mbufs", "mrg_rxbuf", 
             "packed_vq"]
 _GUEST_MODEL = ["queue_size", "wait", "mem_mb"]
 _QEMU = ["memory_mb", "boot_timeout"]
-CLIENTS = ("testpmd", "guest_model", "qemu")
 _TEST = ["name", "kind", "direction", "size", "devices", "busy", "queues", "rate", "client",
          "idle_time", "pingpong_alongside", "pingpong_rate", "sweep"]
 
@@ -453,7 +233,7 @@ def _check_vhostx_params(params: tuple[tuple[str, Any], ...], where: str) -> Non
         if isinstance(value, list | dict):
             raise ScenarioError(f"{where}.params.{key} = {value!r}: expected a scalar")
     try:
-        new_registry().load_cmdline(f"{k}={_param_text(v)}" for k, v in params)
+        new_registry().load_cmdline(f"{k}={param_text(v)}" for k, v in params)
     except ConfigError as err:
         raise ScenarioError(f"{where}.params: {err}") from err
 
@@ -553,55 +333,6 @@ def _parse_test(t: Any, i: int) -> TestSpec:
         sweep=tuple(sweep),
     )
 
-
-def _check_case(c: Case, where: str) -> None:
-    """Rules across keys, checked on every expanded case."""
-    if c.busy > c.devices:
-        raise ScenarioError(f"{where}: busy = {c.busy} exceeds devices = {c.devices}")
-    if c.client == "qemu":
-        if c.kind == "idle":
-            raise ScenarioError(f"{where}: client = 'qemu' runs kind = 'stream' or 'pingpong'")
-        for key, value, want in (("devices", c.devices, 1), ("queues", c.queues, 1),
-                                 ("rate", c.rate, 0), ("busy", c.busy, 0)):
-            if value != want:
-                raise ScenarioError(f"{where}: client = 'qemu' boots one guest with one NIC "
-                                    f"and one queue pair, unpaced: {key} = {value} (allowed "
-                                    f"{want})")
-    elif c.kind == "stream":
-        if c.rate and c.client == "testpmd":
-            raise ScenarioError(f"{where}: rate = {c.rate} needs client = 'guest_model' (testpmd "
-                                "txonly cannot pace a virtio-user port)")
-        if c.rate and c.direction == "guest_rx":
-            raise ScenarioError(f"{where}: rate applies to guest_tx only (in guest_rx the backend "
-                                "is the sender)")
-        if c.client == "guest_model" and c.direction == "guest_rx":
-            raise ScenarioError(f"{where}: guest_rx streams use client = 'testpmd'")
-        if c.client == "guest_model" and c.queues != 1:
-            raise ScenarioError(f"{where}: the guest model drives one queue pair per device")
-        if c.busy and c.client != "testpmd":
-            raise ScenarioError(f"{where}: busy applies to testpmd clients only")
-    else:
-        if c.client == "testpmd":
-            raise ScenarioError(f"{where}: kind = {c.kind!r} uses the guest model (or qemu) "
-                                "client")
-        for key, bad in (("rate", c.rate), ("busy", c.busy)):
-            if bad:
-                raise ScenarioError(f"{where}: {key} applies to kind = 'stream' only")
-        if c.queues != 1:
-            raise ScenarioError(f"{where}: kind = {c.kind!r} uses one queue pair per device")
-    if c.kind != "idle" and c.idle_time:
-        raise ScenarioError(f"{where}: idle_time applies to kind = 'idle' only")
-    if c.pingpong_alongside:
-        if c.kind != "stream" or c.client != "testpmd" or c.direction != "guest_tx":
-            raise ScenarioError(f"{where}: pingpong_alongside applies to guest_tx streams driven "
-                                f"by testpmd only (got kind = {c.kind!r}, client = {c.client!r}, "
-                                f"direction = {c.direction!r})")
-        if c.queues != 1:
-            raise ScenarioError(f"{where}: pingpong_alongside needs queues = 1 (the guest model "
-                                "drives one queue pair)")
-        if c.devices + 1 > MAX_DEVICES:
-            raise ScenarioError(f"{where}: pingpong_alongside adds a device: devices = "
-                                f"{c.devices} + 1 exceeds {MAX_DEVICES}")
 
 
 # ----------------------------------------------------------------------------------------------

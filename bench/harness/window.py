@@ -19,7 +19,7 @@ from typing import Any
 
 from . import system
 from .backends import RunningBackend, notification_counters
-from .scenario import Case
+from .scenario_model import Case
 
 __all__ = ["fill_common", "snapshot"]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness.qemu_client import QemuRun, guest_image
-from bench.harness.scenario import Case, QemuClient
+from bench.harness.scenario_model import Case, QemuClient
 from bench.process import DaemonProcess
 
 __all__ = ["run_qemu"]

@@ -16,7 +16,8 @@ import pytest
 from bench.harness.backends import RunningBackend, _dpdk_mode
 from bench.harness.plots import make_plots
 from bench.harness.report import markdown, summarize
-from bench.harness.scenario import Backend, ScenarioError, parse_scenario
+from bench.harness.scenario import ScenarioError, parse_scenario
+from bench.harness.scenario_model import Backend
 from bench.testpmd import PortStats, StatsSample
 
 BASE: dict[str, Any] = {

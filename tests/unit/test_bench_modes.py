@@ -22,7 +22,8 @@ from bench.harness.modes import (
     slices_step,
 )
 from bench.harness.report import markdown, summarize
-from bench.harness.scenario import ModeSettings, ScenarioError, parse_scenario
+from bench.harness.scenario import ScenarioError, parse_scenario
+from bench.harness.scenario_model import ModeSettings
 
 FAST_PROBE, SLOW_PROBE = 17e6, 5.2e6
 

@@ -120,9 +120,9 @@ def test_build_vxperf_static_and_cached(tmp_path: Path) -> None:
     path = build_vxperf(tmp_path)
     data = path.read_bytes()
     assert data[:4] == b"\x7fELF" and path.stat().st_mode & 0o111
-    from bench.guest import _elf_is_static
+    from bench.guest_formats import elf_is_static
 
-    assert _elf_is_static(data)
+    assert elf_is_static(data)
     mtime = path.stat().st_mtime_ns
     assert build_vxperf(tmp_path) == path and path.stat().st_mtime_ns == mtime  # cached
     with pytest.raises(QemuClientError, match="not usable"):

@@ -5,6 +5,7 @@ reported and skipped while the others go on."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import pytest
 
 from bench.harness.runner import Runner
 from bench.harness.scenario import parse_scenario
+from bench.harness.scenario_model import Backend
 from bench.harness.system import alive as _alive
 
 
@@ -77,12 +79,10 @@ def test_refused_backend_is_skipped_and_others_go_on(tmp_path: Path,
                      {"name": "good", "kind": "vhostx", "mode": "baseline"}],
         "tests": [{"name": "pp", "kind": "pingpong"}],
     })
-    from bench.harness import scenario as scmod
-
     bad = sc.backends[0]
     # a parameter value the daemon itself refuses at start-up (the file check is bypassed)
-    broken = scmod.Backend(**{**bad.__dict__, "params": (("workers", 0),)})
-    sc = scmod.replace(sc, backends=(broken, sc.backends[1]))
+    broken = Backend(**{**bad.__dict__, "params": (("workers", 0),)})
+    sc = replace(sc, backends=(broken, sc.backends[1]))
     doc = Runner(sc, tmp_path, progress=False, plots=False).run()
     by = {(r["backend"], r["rep"]): r for r in doc["runs"]}
     assert by[("bad", 0)]["error"] and "did not start" in by[("bad", 0)]["error"]

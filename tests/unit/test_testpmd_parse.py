@@ -1,4 +1,4 @@
-"""Unit tests of bench.testpmd's parsers on text captured from dpdk-testpmd 22.11 (Debian
+"""Unit tests of bench.testpmd_parse's parsers on text captured from dpdk-testpmd 22.11 (Debian
 dpdk-dev 22.11.11) in interactive mode: a virtio-user client with two ports of two queue pairs in
 txonly (--txpkts=60,4) against a net_vhost peer in rxonly. No process is started here.
 
@@ -10,10 +10,9 @@ from __future__ import annotations
 import pytest
 
 from bench.harness.backends import guest_mapping_rss_kb
-from bench.testpmd import (
+from bench.testpmd import VhostVdev, VirtioUserVdev
+from bench.testpmd_parse import (
     StatsSample,
-    VhostVdev,
-    VirtioUserVdev,
     parse_fwd_stats,
     parse_port_count,
     parse_port_stats,

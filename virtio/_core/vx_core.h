@@ -117,10 +117,8 @@ enum {
     VX_NOTIFY_SUPPRESSED = 2, /* the driver wants none (stats.interrupts_suppressed) */
     VX_NOTIFY_NO_FD = 3,      /* wanted, but the queue has no call fd (stats.interrupts_no_fd) */
     VX_NOTIFY_DEFERRED = 4,   /* wanted, held back by moderation (stats.interrupts_deferred) */
-    VX_NOTIFY_POSTED = 5,     /* posted: request bit set, no notification needed
-                               * (stats.interrupts_posted) */
-    VX_NOTIFY_POSTED_WAKE = 6 /* posted and the domain's wake eventfd written
-                               * (stats.pi_notifications) */
+    VX_NOTIFY_POSTED = 5,     /* request bit set, no notification (stats.interrupts_posted) */
+    VX_NOTIFY_POSTED_WAKE = 6 /* ... and the wake eventfd written (stats.pi_notifications) */
 };
 int vx_vq_notify_decide(struct vx_vq *vq);
 /* vx_vq_notify_decide as a bool: 1 if the call eventfd was written, 0 if not, -1 broken */
@@ -162,19 +160,16 @@ uint64_t vx_vq_irq_deadline(const struct vx_vq *vq);
  * within that advance, it spins to the deadline and sends. Owning worker (vx_wait). */
 uint64_t vx_vq_irq_flush_timed(struct vx_vq *vq, uint64_t now);
 
-/* ---- para-virtual posted interrupts (vx_used.c, vx_posted.c; docs/interrupts.md) ----
+/* ---- para-virtual posted interrupts (vx_used.c; docs/interrupts.md, "Ordering rules") ----
  * A 64-byte, 64-byte-aligned descriptor per interrupt domain (one driver thread), in memory
  * the frontend shares (VHOSTX_SET_POSTED_IRQ), modelled on the APICv posted-interrupt
- * descriptor: PIR, the request bitmap (bit i = vring index i of the device), and the control
- * word: ON (a notification is outstanding) and SN (the driver runs and will look: suppress).
- * Backend (vx_vq_notify_decide, on a publication the driver wants signalled): set the queue's
- * PIR bit, full fence, read control; if neither ON nor SN, set ON and, on its 0 -> 1 transition,
- * write the domain's wake eventfd. Driver: while it runs, SN is set; it takes the PIR with
- * atomic exchanges (vx_pi_take); before sleeping it clears ON (the exitless EOI: one store) and
- * SN, full fence, then re-reads PIR (vx_pi_prepare_sleep) and sleeps only if it is empty. */
+ * descriptor. Backend (vx_vq_notify_decide): set the queue's PIR bit, full fence, read control,
+ * wake only on ON's 0 -> 1 with SN clear. Driver: SN while it runs; before sleeping ON = 0 (the
+ * exitless EOI), SN = 0, full fence, re-read PIR (vx_pi_prepare_sleep). */
 struct vx_pi_desc {
-    uint64_t pir[4];      /* bytes 0..31: request bitmap */
-    uint32_t control;     /* bytes 32..35: VX_PI_ON | VX_PI_SN */
+    uint64_t pir[4];      /* bytes 0..31: request bitmap (bit i = the device's vring i) */
+    uint32_t control;     /* bytes 32..35: VX_PI_ON (notification outstanding) | VX_PI_SN
+                           * (suppress: the driver runs and will look) */
     uint32_t domain;      /* bytes 36..39: the domain's number (the NDST analogue) */
     uint64_t reserved[3]; /* bytes 40..63 */
 };
@@ -235,14 +230,14 @@ struct vx_switch_stats *vx_switch_stats(struct vx_switch *sw);
 /* ---- port operations as data, and poll rounds ----
  * A vx_op names one net operation and its rings (owned by the Python side, which keeps every
  * pointer in it alive while the op may run). vx_op_run runs it once (the vx_net_* call it names);
- * vx_round serves many ops of one worker thread in one call: round robin, one batch of each op per
- * pass (its own max_pkts / max_bytes, no busy-poll spin), passes repeated until max_passes or
- * until max_ns has elapsed since the call began (the clock is read every 4 passes; a pass is
- * never cut short, so a round may exceed max_ns by up to 4 passes). A pass that found no work on any op is
- * followed by one pause instruction. Per op it writes: batches run, batches that found work
- * (found), batches that used their whole packet budget (full), packets, and last_work_ns (the
- * last CLOCK_MONOTONIC reading before the last pass in which the op found work, at most 4 passes
- * earlier; 0: none).
+ * vx_round serves many ops of one worker thread in one call: round robin, one batch of each op
+ * per pass (its own max_pkts / max_bytes, no busy-poll spin), passes repeated until max_passes
+ * or until max_ns has elapsed since the call began (the clock is read every 4 passes; a pass is
+ * never cut short, so a round may exceed max_ns by up to 4 passes; a pass that found no work on
+ * any op is followed by one pause instruction). Per op it writes: batches run, batches that
+ * found work (found), batches that used their whole packet budget (full), packets, and
+ * last_work_ns (the last CLOCK_MONOTONIC reading before the last pass in which the op found
+ * work, at most 4 passes earlier; 0: none).
  * Returns the passes completed (>= 1 when n > 0), or -(i + 1) when op i returned -1 (a ring
  * broke; its `result` is -1 and the round stopped right there: ops after i in that pass did not
  * run), or -(i + 1) with result -2 for an op of unknown kind (nothing run).
@@ -393,23 +388,10 @@ int32_t vx_drvq_rx_frames(struct vx_drvq *q, const uint8_t *bufs, uint32_t buf_s
  * its budget), then, unless the batch used its whole packet budget: kicks back on (full
  * barrier), re-check the ring (a buffer that landed between the batch's last look and the
  * re-enable came with no kick: it is found here), kicks off again if it is not empty, signal.
- * The stream wait: when a batch run alone (with a busy-poll window) finds the ring empty right
- * after the queue's previous batch used its whole budget, the queue is streaming and the driver
- * is refilling: it waits up to that window for avail->idx to move, and runs the batch again if
- * it did, before kicks come back on (stream_waits / stream_found; not for queues with a data fd).
- * The same wait follows a batch that lingered.
- * The linger: a batch's busy-poll window is a budget for the whole batch, so a batch whose spin
- * caught buffers (a ping-pong driver, one frame in flight) has less than a window left after its
- * last one. Such a queue is not re-armed: it is requeued with kicks off (lingers), and its next
- * turn, finding the ring empty, does the stream wait (a whole window from then: from after the
- * batch published its completions and decided its interrupts). So every arrival within a window
- * of the previous completion is caught without a kick (caught), and only a driver slower than
- * the window finds the queue asleep (wakes); between the two turns the wait looks at its fds.
- * A batch whose spin caught nothing waited a whole window after its last buffer: it re-arms.
- * The busy-queue turn: in vx_wait_run, a batch that found work while other queues are runnable
- * requeues its queue with kicks off (rearm_deferred); the queue is re-armed only by a turn that
- * finds its ring empty, so busy queues of one worker are served round robin without going back
- * to kicks after each batch.
+ * Kicks stay off past one batch in three turns (vx_kq.c kq_turn tells why): the stream wait (an
+ * empty batch right after a full or lingering one waits up to the busy-poll window for the
+ * refill; not with a data fd), the linger (a batch whose spin caught buffers is requeued), and
+ * in vx_wait_run the busy-queue turn (work found while other queues are runnable: requeued).
  *
  * A vx_wait is one worker thread's waiting point: an epoll fd over its command eventfd, the
  * kick and data fds of its C-served queues (vx_wait_add) and the fds the Python side serves
@@ -468,17 +450,14 @@ struct vx_kq_stats {
     uint64_t packets;          /* packets of the batches run in C */
     uint64_t stream_waits;     /* empty batches after a full one that waited for a refill */
     uint64_t stream_found;     /* ... whose wait found one (and ran the batch again) */
-    uint64_t rearm_deferred;   /* batches that found work while other queues were runnable:
-                                * requeued with kicks off, re-armed only at an empty turn */
+    uint64_t rearm_deferred;   /* busy-queue turns: requeued, re-armed only at an empty turn */
     uint64_t wakes;            /* wake-ups of a sleeping queue (VX_KQ_IDLE, kicks on) by a kick
                                 * or its data fd: arrivals no busy-poll window caught */
     uint64_t caught;           /* arrivals found with kicks still off by a busy-poll window (a
                                 * batch's spin, a stream wait, a lingering queue's next batch) */
-    uint64_t lingers;          /* batches whose spin caught buffers and so ran out of window
-                                * before a whole one had passed since the last: requeued with
-                                * kicks off, the next turn's stream wait gives a fresh window */
-    uint64_t widened;          /* wake-ups soon after a re-arm that doubled the adaptive window
-                                * (busy_poll_max_us; vx_kq.c kq_adapt) */
+    uint64_t lingers;          /* batches that lingered: the next turn's stream wait gives a
+                                * fresh window */
+    uint64_t widened;          /* early wake-ups that doubled the window (vx_kq.c kq_adapt) */
 };
 
 struct vx_kq {

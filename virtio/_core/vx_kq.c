@@ -187,11 +187,16 @@ int kq_turn(struct vx_kq *kq, int solo, uint32_t poll_start, uint32_t budget_to_
         return VX_TURN_AGAIN;
     }
     if (r > 0 && spin_caught && kq->data_fd < 0) {
-        /* The linger (vx_core.h): the batch's spin caught buffers, so its window, a budget for
-         * the whole batch, ran out less than a window after the last of them; the driver is
-         * still active (a ping-pong: its next buffer comes a round trip after our completion).
-         * Re-arming now sent such a driver to kicks once a window and this thread to sleep.
-         * The queue stays runnable, kicks off; its next turn waits a whole window from then. */
+        /* The linger: the batch's spin caught buffers, so its window, a budget for the whole
+         * batch, ran out less than a window after the last of them; the driver is still active
+         * (a ping-pong: its next buffer comes a round trip after our completion). Re-arming now
+         * sent such a driver to kicks once a window and this thread to sleep. The queue stays
+         * runnable, kicks off; its next turn, finding the ring empty, does the stream wait, a
+         * whole window from then (after this batch published its completions and decided its
+         * interrupts). So every arrival within a window of the previous completion is caught
+         * without a kick (caught), and only a driver slower than the window finds the queue
+         * asleep (wakes); between the two turns the wait looks at its fds. A batch whose spin
+         * caught nothing waited a whole window after its last buffer: it re-arms. */
         kq->stats.lingers++;
         kq->lingering = 1;
         return VX_TURN_AGAIN;
