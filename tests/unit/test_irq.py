@@ -377,6 +377,24 @@ def test_no_lost_deferred_interrupt_poll_rounds_honour_the_deadline(env):
         r.close()
 
 
+def test_held_interrupt_busy_poll_of_the_batch_ends_at_its_deadline(env):
+    """An echo batch that busy-polls its TX ring after holding the echo's interrupt stops at the
+    interrupt's deadline instead of spinning out its whole window: the driver is waiting for that
+    interrupt before it sends more, so spinning past the deadline only delayed it (by up to
+    busy_poll_max_us per round trip under moderation)."""
+    r = _moderated_echo(env, 2 * MS)
+    try:
+        r.add(1)
+        t0 = time.monotonic()
+        assert r.work.op.run(64, BIG, spin_ns=20_000 * MS) == 1  # a 20 s window
+        elapsed = time.monotonic() - t0
+        assert r.rx.stats()["interrupts_deferred"] == 1 and not readable(r.call)
+        assert elapsed < 10.0, f"the spin outlasted the held interrupt's deadline ({elapsed:.1f} s)"
+        assert r.rx.irq_deadline != 0  # still held: the caller's wait or round sends it
+    finally:
+        r.close()
+
+
 def test_no_lost_deferred_interrupt_a_detached_queue_flushes_it(env):
     """Detach (and so migration, which detaches first) sends a held interrupt at once."""
     r = _moderated_echo(env, 10_000 * MS)

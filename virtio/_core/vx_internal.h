@@ -306,7 +306,13 @@ static inline __attribute__((always_inline)) int vq_walk_tx(struct vx_vq *vq, ui
 }
 
 /* Wait (bounded by *left_ns) for avail->idx to move; 1 moved, 0 budget used up, -1 broke. */
-int vq_spin(struct vx_vq *vq, uint64_t *left_ns) VX_HIDDEN;
+int vq_spin(struct vx_vq *vq, uint64_t *left_ns, uint64_t until_ns) VX_HIDDEN;
+
+/* the earlier of two CLOCK_MONOTONIC deadlines, 0 meaning none */
+static inline uint64_t deadline_min(uint64_t a, uint64_t b)
+{
+    return !a ? b : (!b || a < b) ? a : b;
+}
 
 
 /* The start of every TX turn: how many chains this turn may take (0: nothing to do, -1: the

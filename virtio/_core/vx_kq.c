@@ -72,19 +72,26 @@ static inline void pause_cpu(void)
  * So such a queue waits, up to its busy-poll window, for avail->idx to move; so does a queue
  * whose previous batch lingered (kq_turn: a driver one round trip away). Only for queues
  * without a data fd (their work depends on the ring alone). Returns the entries pending (> 0),
- * 0 when the window passed without any, < 0 when the ring broke.
+ * 0 when the window (or a held interrupt's deadline) passed without any, < 0 when the ring
+ * broke.
  */
 static int kq_stream_wait(struct vx_kq *kq, uint64_t spin_ns)
 {
     const uint64_t t0 = vx_now_ns();
+    /* nor past a held interrupt's deadline of the op's rings: the driver may wait for it */
+    const struct vx_op *op = kq->op;
+    const uint64_t a = vx_vq_irq_deadline(op->vq);
+    const uint64_t b = op->peer ? vx_vq_irq_deadline(op->peer) : 0;
+    const uint64_t until = !a ? b : (!b || a < b) ? a : b;
     for (;;) {
         for (int i = 0; i < STREAM_CHECK; i++) {
-            int n = vx_vq_pending(kq->op->vq);
+            int n = vx_vq_pending(op->vq);
             if (n != 0)
                 return n;
             pause_cpu();
         }
-        if (vx_now_ns() - t0 >= spin_ns)
+        const uint64_t t = vx_now_ns();
+        if (t - t0 >= spin_ns || (until && t >= until))
             return 0;
     }
 }

@@ -341,7 +341,7 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
             break;
         if (vx_vq_notify_decide(rx) < 0) /* publish and interrupt before we wait */
             return -1;
-        int s = vq_spin(rx, &spin_left);
+        int s = vq_spin(rx, &spin_left, rx->irq_deadline);
         if (s < 0)
             return -1;
         if (s == 0)
@@ -372,7 +372,7 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
                  * refill (the fd may hold more; we only learn that by reading it) */
                 if (vx_vq_notify_decide(rx) < 0)
                     return -1;
-                a = vq_spin(rx, &spin_left);
+                a = vq_spin(rx, &spin_left, rx->irq_deadline);
                 if (a < 0)
                     return -1;
                 if (a > 0)

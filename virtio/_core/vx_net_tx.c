@@ -143,6 +143,11 @@ static inline void to_rx_release(void *ctx)
         vq_unlock(x->rx);
 }
 
+static inline uint64_t to_rx_held_until(void *ctx)
+{
+    return __atomic_load_n(&((struct to_rx_ctx *)ctx)->rx->irq_deadline, __ATOMIC_RELAXED);
+}
+
 static inline int to_rx_resume(void *ctx, int spun)
 {
     struct to_rx_ctx *x = ctx;
@@ -180,6 +185,7 @@ static const struct tx_action TO_RX = {
     .begin = to_rx_lock,
     .chain = to_rx_chain,
     .before_wait = to_rx_release,
+    .held_until = to_rx_held_until,
     .after_wait = to_rx_resume,
     .end = to_rx_release,
 };

@@ -290,19 +290,23 @@ int vq_walk(struct vx_vq *vq, uint16_t head)
  * pause in between, and read the clock every VX_SPIN_CHECK reads, until it moves or the call's
  * remaining spin budget *left_ns is used up (the time spent here is taken from it). Returns 1
  * when new entries are there (vq->avail_idx updated, the jump checked like every avail read),
- * 0 when the budget ran out, -1 when the queue broke (a bogus avail->idx).
+ * 0 when the budget ran out or the clock reached until_ns (0: no such bound; a held interrupt's
+ * deadline: the driver may be waiting for that interrupt to give us more, so the spin must not
+ * outlast it), -1 when the queue broke (a bogus avail->idx).
  *
  * The caller has published every used entry and decided every interrupt before calling: the
  * driver never waits on anything of ours while we spin. Nothing is read from the guest here
  * except avail->idx, which vq_avail() checks.
  */
-int vq_spin(struct vx_vq *vq, uint64_t *left_ns)
+int vq_spin(struct vx_vq *vq, uint64_t *left_ns, uint64_t until_ns)
 {
     if (*left_ns == 0 || unlikely(vq->broken))
         return vq->broken ? -1 : 0;
+    const uint64_t t0 = now_ns();
+    if (until_ns && t0 >= until_ns)
+        return 0;
     vq->stats.spins++;
     const uint16_t seen = vq->avail_idx;
-    const uint64_t t0 = now_ns();
     uint64_t t = t0;
     int r = 0;
     for (;;) {
@@ -325,7 +329,7 @@ int vq_spin(struct vx_vq *vq, uint64_t *left_ns)
             /* it moved and came back (a guest playing games): keep waiting */
         }
         t = now_ns();
-        if (t - t0 >= *left_ns)
+        if (t - t0 >= *left_ns || (until_ns && t >= until_ns))
             break;
     }
     if (r != 0)

@@ -77,6 +77,10 @@ struct tx_action {
     int (*chain)(void *ctx, struct vx_vq *tx, const struct tx_item *it);
     /* before a busy-poll wait: publish what the action wrote, release locks (NULL: nothing) */
     void (*before_wait)(void *ctx);
+    /* before a busy-poll wait: the earliest held-interrupt deadline of the queues the action
+     * wrote (0: none; NULL: none); the wait ends there, since their driver may be waiting for
+     * that interrupt before it gives the TX ring more */
+    uint64_t (*held_until)(void *ctx);
     /* after it (spun: the wait's result): retake locks; < 0 fails the call (NULL: 0) */
     int (*after_wait)(void *ctx, int spun);
     /* the call ends (either way): publish what the action wrote, release locks (NULL: nothing) */
@@ -242,7 +246,10 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
             if (A->before_wait)
                 A->before_wait(ctx);
             vx_vq_notify_decide(tx);
-            int r = vq_spin(tx, &spin_left);
+            uint64_t until = __atomic_load_n(&tx->irq_deadline, __ATOMIC_RELAXED);
+            if (A->held_until)
+                until = deadline_min(until, A->held_until(ctx));
+            int r = vq_spin(tx, &spin_left, until);
             int f = A->after_wait ? A->after_wait(ctx, r) : 0;
             if (r < 0 || f < 0)
                 goto fail;
