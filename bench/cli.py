@@ -153,6 +153,8 @@ def _run_passthrough(args: argparse.Namespace, console: Any, path: Path) -> bool
 
 
 def _print_summary(console: Any, doc: dict[str, Any]) -> None:
+    from bench.harness.slice_modes import summary_lines
+
     for e in doc["summary"]:
         for name, ratios in e["ratios"].items():
             for mname, r in ratios.items():
@@ -162,6 +164,8 @@ def _print_summary(console: Any, doc: dict[str, Any]) -> None:
                                   f"{r['max']:.3f}, {r['pairs']} pairs, mode {r.get('mode')}"
                                   f"{'' if r.get('enough', True) else ', NOT ENOUGH PAIRS'})",
                                   highlight=False, markup=False)
+    for line in summary_lines(doc.get("slice_modes")):
+        console.print(line, highlight=False, markup=False)
 
 
 def _cmd_restart_soak(args: argparse.Namespace) -> int:

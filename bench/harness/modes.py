@@ -73,6 +73,7 @@ __all__ = [
     "boundary",
     "label_of",
     "mode_counts",
+    "positive_rates",
     "rtt_slices",
     "same_mode_pairs",
     "short_of_pairs",
@@ -92,7 +93,9 @@ def slice_count(duration: float, wanted: int) -> int:
     return max(1, min(wanted, int(duration / MIN_SLICE_S)))
 
 
-def _positive(values: Iterable[Any]) -> list[float]:
+def positive_rates(values: Iterable[Any]) -> list[float]:
+    """The finite positive numbers among `values` (None, NaN, 0, negatives and non-numbers
+    dropped: a part of a window that moved nothing, or a probe that failed, is not a rate)."""
     out = []
     for v in values:
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
@@ -126,7 +129,7 @@ def two_clusters(values: Iterable[Any], min_side: int = 1) -> Split | None:
     (an exact 1-D optimum: the best split of sorted values is contiguous). None with fewer than
     2 * `min_side` values or when all values are equal."""
     side = max(1, min_side)
-    raw = [math.log(x) for x in sorted(_positive(values))]
+    raw = [math.log(x) for x in sorted(positive_rates(values))]
     n = len(raw)
     if n < 2 * side:
         return None
@@ -163,7 +166,7 @@ def boundary(values: Iterable[Any], gap: float, min_side: int = 1,
 
 def label_of(value: Any, cut: float | None) -> str:
     """fast / slow against a boundary; one when there is none; unknown without a value."""
-    if not _positive([value]):
+    if not positive_rates([value]):
         return UNKNOWN
     if cut is None:
         return ONE
@@ -176,7 +179,7 @@ def slices_step(slices: Sequence[Any], gap: float, min_block: int = 2) -> bool:
     `min_block` parts long. A single disturbed part (a dip anywhere, one slow last part) is not a
     step: that is noise of a busy machine, not a mode; a change near an end of the window is left
     to the probes before and after."""
-    xs = _positive(slices)
+    xs = positive_rates(slices)
     if len(xs) != len(slices) or len(xs) < 2 * min_block:
         return False
     for k in range(min_block, len(xs) - min_block + 1):
@@ -210,7 +213,7 @@ def _primary(run: Mapping[str, Any]) -> float | None:
     runs and failed runs."""
     if run.get("error") or run.get("skipped") or run.get("kind") == "idle":
         return None
-    v = _positive([(run.get("metrics") or {}).get("pps")])
+    v = positive_rates([(run.get("metrics") or {}).get("pps")])
     return v[0] if v else None
 
 
@@ -220,7 +223,7 @@ def assign_modes(runs: Sequence[dict[str, Any]], settings: ModeSettings) -> dict
     gap = settings.gap
     probes = [v for r in runs for v in ((r.get("mode_probe") or {}).get("before"),
                                         (r.get("mode_probe") or {}).get("after"))]
-    have_probe = bool(_positive(probes))
+    have_probe = bool(positive_rates(probes))
     detector = "probe" if have_probe else "cluster"
     # a run in a mode gives two probe values (before, after): one lone value is a disturbed
     # probe, not a mode

@@ -5,7 +5,9 @@ groups runs by case and backend: medians of every metric over the repetitions in
 mode (the mode with the most runs), how many runs fell in each mode, and for every backend its
 ratios against the reference backend, paired by repetition and only within one mode: per mode
 median with min and max, the mode with the most pairs quoted first. A pair across modes is never
-used. `markdown(doc)` renders the results document (results.json) as tables. Pure; any thread.
+used. `markdown(doc)` renders the results document (results.json) as tables, with the
+slice-level rates by mode of bench/harness/slice_modes.py (computed from the runs when an older
+document lacks them). Pure; any thread.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .modes import FAST, MIXED, ONE, PAIRABLE, SLOW, assign_modes, mode_counts, same_mode_pairs
-from .scenario_model import Scenario
+from .scenario_model import ModeSettings, Scenario
+from .slice_modes import markdown_section, slice_modes
 from .stats import Ratio
 
 __all__ = ["RATIO_METRICS", "main_mode", "markdown", "metric", "one_line", "summarize"]
@@ -312,6 +315,7 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                              f"{b['ok']}/{b['runs']} |")
         lines.append("")
     lines += _modes_section(doc)
+    lines += markdown_section(_slice_doc(doc))
     errors = [(e["case"], n, err) for e in summary for n, b in e["backends"].items()
               for err in b["errors"]]
     if errors:
@@ -369,6 +373,17 @@ def _modes_section(doc: dict[str, Any]) -> list[str]:
         lines.append(f"- warning: {w}")
     lines.append("")
     return lines
+
+
+def _slice_doc(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The document's slice-level estimate; computed from its runs when it has none (results
+    written before the estimate existed)."""
+    if "slice_modes" in doc:
+        return doc["slice_modes"]  # type: ignore[no-any-return]
+    if not doc.get("runs"):
+        return None
+    gap = (doc.get("modes") or {}).get("gap") or ModeSettings().gap
+    return slice_modes(doc["runs"], doc["scenario"].get("reference", ""), gap)
 
 
 def _counts(counts: dict[str, int] | None) -> str:

@@ -272,6 +272,9 @@ def test_runner_repeats_until_enough_same_mode_pairs(tmp_path: Path,
     r = doc["summary"][0]["ratios"]["vx"]["pps"]
     assert r["pairs"] == 2 and r["enough"] and r["cross_mode_pairs"] == 2
     assert doc["modes"]["runs_per_mode"]["vx"] == {FAST: 2, SLOW: 2}
+    sm = doc["slice_modes"]["cases"][0]  # window slices pooled: vx 8 slow, 8 fast
+    assert sm["modes"] == 2 and sm["backends"]["vx"]["slices"] == {FAST: 8, SLOW: 8}
+    assert "## Rates by machine mode (window slices)" in (tmp_path / "report.md").read_text()
 
 
 def test_runner_extra_repetitions_are_bounded(tmp_path: Path,
