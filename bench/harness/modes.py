@@ -279,7 +279,8 @@ def assign_modes(runs: Sequence[dict[str, Any]], settings: ModeSettings) -> dict
         if "machine_mode" in r and not r.get("skipped"):
             c2 = counts.setdefault(r["backend"], {})
             c2[r["machine_mode"]["label"]] = c2.get(r["machine_mode"]["label"], 0) + 1
-    return {"detector": detector, "boundary": cut, "gap": gap, "settings": settings.as_dict(),
+    return {"detector": detector, "boundary": cut, "gap": gap, "min_fit": PROBE_FIT,
+            "settings": settings.as_dict(),
             "runs_per_mode": counts,
             "changed_midway": [r.get("index") for r in runs
                                if (r.get("machine_mode") or {}).get("label") == MIXED],

@@ -5,10 +5,13 @@ cut follows the backends, and the report section."""
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bench.cli import main
 from bench.harness.modes import FAST, ONE, SLOW
 from bench.harness.report import markdown
 from bench.harness.slice_modes import markdown_section, slice_modes, summary_lines
@@ -17,7 +20,7 @@ from bench.harness.slice_modes import markdown_section, slice_modes, summary_lin
 def run(backend: str, slices: list[float], case: str = "tx", kind: str = "stream",
         **extra: Any) -> dict[str, Any]:
     return {"case": case, "test": case, "kind": kind, "backend": backend, "rep": 0,
-            "error": None, "skipped": None, "metrics": {"pps": max(slices, default=0.0)},
+            "params": {"devices": 1}, "error": None, "skipped": None, "metrics": {"pps": max(slices, default=0.0)},
             "mode_probe": {"before": None, "after": None, "slices": slices}, **extra}
 
 
@@ -106,3 +109,32 @@ def test_report_has_the_section_also_for_older_documents() -> None:
     assert "geometric midpoint" in new
     line = summary_lines(doc["slice_modes"])[0]
     assert line.startswith("tx") and "vx fast 0.80 slow 1.00" in line
+
+
+def test_bench_report_renders_again_by_the_current_rules(tmp_path: Path) -> None:
+    """A results.json written when the probe rule saw one mode (probes taken during flips
+    bridged the gap) and before slice_modes existed: `bench report` labels its runs again and
+    adds the slice section; results.json stays as it was."""
+    runs = two_mode_runs()
+    probes = [(5.0e6, 5.2e6), (7.9e6, 9.6e6), (15.0e6, 16.0e6), (10.0e6, 12.8e6)]
+    for rep, (r, (before, after)) in enumerate(zip(runs, probes, strict=True)):
+        r.update(rep=rep // 2, index=rep)
+        r["mode_probe"].update(before=before, after=after)
+    runs += [{**run(name, jitter(level, 3)), "rep": 2, "index": 4 + i,
+              "mode_probe": {"before": level, "after": level * 1.02, "slices": []}}
+             for i, (name, level) in enumerate([("vx", 4.8e6), ("dpdk", 16.5e6)])]
+    raw = {"name": "syn", "run": {"repeats": 3, "reference": "dpdk"},
+           "backends": [{"name": "vx", "kind": "vhostx"}, {"name": "dpdk", "kind": "dpdk"}],
+           "tests": [{"name": "tx", "kind": "stream"}]}
+    stale = {"scenario": {"name": "syn", "raw": raw, "reference": "dpdk"}, "runs": runs,
+             "summary": [], "complete": True, "planned_runs": 6,
+             "modes": {"detector": "probe", "boundary": None, "gap": 1.8, "probe": "on",
+                       "min_pairs": 1, "max_extra_repeats": 0}}
+    (tmp_path / "results.json").write_text(json.dumps(stale))
+    assert main(["bench", "report", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "## Rates by machine mode (window slices)" in text
+    cut = float(text.split("; boundary ")[1].split(" Mpps")[0])
+    assert 6.0 < cut < 14.0  # two probe modes now, bridged or not
+    assert json.loads((tmp_path / "results.json").read_text()) == stale
+    assert main(["bench", "report", str(tmp_path / "missing")]) == 2
