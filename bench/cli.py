@@ -1,4 +1,5 @@
-"""`vhostx bench list` and `vhostx bench run FILE|NAME`: the benchmark harness's command line.
+"""`vhostx bench list`, `vhostx bench run FILE|NAME` and `vhostx bench report DIR`: the benchmark
+harness's command line.
 
 `register(subparsers)` adds the `bench` command to vhostx's parser (through the entry point
 `bench` of the group `vhostx.commands`, which vhostx/cli.py discovers: vhostx imports no bench);
@@ -153,6 +154,8 @@ def _run_passthrough(args: argparse.Namespace, console: Any, path: Path) -> bool
 
 
 def _print_summary(console: Any, doc: dict[str, Any]) -> None:
+    from bench.harness.slice_modes import summary_lines
+
     for e in doc["summary"]:
         for name, ratios in e["ratios"].items():
             for mname, r in ratios.items():
@@ -162,6 +165,34 @@ def _print_summary(console: Any, doc: dict[str, Any]) -> None:
                                   f"{r['max']:.3f}, {r['pairs']} pairs, mode {r.get('mode')}"
                                   f"{'' if r.get('enough', True) else ', NOT ENOUGH PAIRS'})",
                                   highlight=False, markup=False)
+    for line in summary_lines(doc.get("slice_modes")):
+        console.print(line, highlight=False, markup=False)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """Render a results directory's report.md again from its results.json, labels, summary and
+    slice estimate derived again by the current rules; results.json is left as it is."""
+    import json
+
+    from rich.console import Console
+
+    from bench.harness.report import markdown, rederive
+    from bench.harness.scenario import ScenarioError
+
+    console = Console(stderr=True, soft_wrap=True)
+    results = Path(args.dir) / "results.json"
+    try:
+        doc = rederive(json.loads(results.read_text()))
+    except (OSError, ValueError, KeyError, ScenarioError) as err:
+        console.print(f"cannot re-render {results}: {type(err).__name__}: {err}",
+                      markup=False, highlight=False)
+        return 2
+    plots = sorted(f"plots/{p.name}" for p in (Path(args.dir) / "plots").glob("*.png"))
+    out = Path(args.out) if args.out else Path(args.dir) / "report.md"
+    out.write_text(markdown(doc, plots=plots))
+    _print_summary(console, doc)
+    console.print(f"report: {out}", highlight=False)
+    return 0
 
 
 def _cmd_restart_soak(args: argparse.Namespace) -> int:
@@ -202,8 +233,8 @@ def _register_soaks(bsub: Any) -> None:
 
 
 def register(subparsers: Any) -> None:
-    """Add `bench list`, `bench run`, `bench restart-soak` and `bench soak` to an argparse
-    subparsers object."""
+    """Add `bench list`, `bench run`, `bench report`, `bench restart-soak` and `bench soak` to an
+    argparse subparsers object."""
     b = subparsers.add_parser("bench", help="benchmark scenarios: vhostx vs DPDK, modes, sweeps",
                               description="Run the benchmark harness (docs/harness.md).")
     bsub = b.add_subparsers(dest="bench_cmd", required=True)
@@ -226,6 +257,11 @@ def register(subparsers: Any) -> None:
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     r.set_defaults(func=_cmd_run)
+    rp = bsub.add_parser("report", help="render a results directory's report.md again, modes "
+                         "and ratios derived again from its results.json by the current rules")
+    rp.add_argument("dir", metavar="DIR", help="a `bench run` results directory")
+    rp.add_argument("--out", metavar="FILE.md", help="write here (default: DIR/report.md)")
+    rp.set_defaults(func=_cmd_report)
     _register_soaks(bsub)
 
 

@@ -13,6 +13,7 @@ Modules (a module imports only modules above it in this list):
 - ``backends``: start/stop a backend under test (the vhostx daemon in a mode, DPDK's vhost PMD in
   testpmd) and read its counters.
 - ``window``: snapshots at both ends of a measurement window and the metrics every run derives.
+- ``slice_modes``: rates by machine mode from the window slices of every run, pooled per case.
 - ``report``: summary (ratios vs the reference backend), JSON and markdown.
 - ``runner``: one run (backend + client, warm-up, window, snapshot) and the interleaved loop,
   results written incrementally, Ctrl-C safe.

@@ -17,12 +17,17 @@ Evidence per run (recorded by the runner in ``run["mode_probe"]``):
   least MIN_SLICE_S.
 
 Labels (`assign_modes`):
-- ``detector = "probe"``: every probe value of the scenario is split into two clusters where
-  neighbouring sorted values are at least `gap` apart (a ratio) and each side has at least two
-  values (a run in a mode gives two; a lone disturbed probe is not a mode); the upper cluster is
-  ``fast``, the lower ``slow``; when no such gap exists, every run is in the one mode seen,
-  ``one``. A run
-  whose probes before and after disagree, or whose window slices show a step of `gap`
+- ``detector = "probe"``: every probe value of the scenario goes into `boundary`: the best
+  split of the values into two clusters in log space (`two_clusters`: least within-cluster sum
+  of squares of the logs, each side at least two values: a run in a mode gives two, a lone
+  disturbed probe is not a mode), taken as two modes when the clusters' geometric means are at
+  least `gap` apart (a ratio) and the split explains at least PROBE_FIT of the variance of the
+  logs (goodness of variance fit; an even spread of values explains 0.75, noise within 1.5x
+  has centres closer than `gap`); the cut is the geometric midpoint of the two means. Values
+  measured while the mode flipped lie between the clusters and bridge every gap between sorted
+  neighbours, so a rule on neighbours would see one mode; the split still finds two. Above the
+  cut is ``fast``, below ``slow``; one cluster: every run is in the one mode seen, ``one``. A
+  run whose probes before and after disagree, or whose window slices show a step of `gap`
   (`slices_step`), is ``mixed`` (changed mode around or during the run); a run without probe
   values is ``unknown``.
 - ``detector = "cluster"`` (no probe: ``[modes] probe = "none"``, a single backend, or the probe
@@ -45,6 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -57,24 +63,29 @@ __all__ = [
     "MIXED",
     "ONE",
     "PAIRABLE",
+    "PROBE_FIT",
     "SLOW",
     "UNKNOWN",
     "DpdkProbe",
     "ModeSettings",
+    "Split",
     "assign_modes",
     "boundary",
     "label_of",
     "mode_counts",
+    "positive_rates",
     "rtt_slices",
     "same_mode_pairs",
     "short_of_pairs",
     "slice_count",
     "slices_step",
+    "two_clusters",
 ]
 
 FAST, SLOW, ONE, MIXED, UNKNOWN = "fast", "slow", "one", "mixed", "unknown"
 PAIRABLE = (FAST, SLOW, ONE)
 MIN_SLICE_S = 0.5  # shorter parts of a window vary too much on a busy machine to show a mode
+PROBE_FIT = 0.8  # share of the log variance a probe split must explain to be two modes
 
 
 def slice_count(duration: float, wanted: int) -> int:
@@ -82,7 +93,9 @@ def slice_count(duration: float, wanted: int) -> int:
     return max(1, min(wanted, int(duration / MIN_SLICE_S)))
 
 
-def _positive(values: Iterable[Any]) -> list[float]:
+def positive_rates(values: Iterable[Any]) -> list[float]:
+    """The finite positive numbers among `values` (None, NaN, 0, negatives and non-numbers
+    dropped: a part of a window that moved nothing, or a probe that failed, is not a rate)."""
     out = []
     for v in values:
         if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0:
@@ -90,23 +103,70 @@ def _positive(values: Iterable[Any]) -> list[float]:
     return out
 
 
-def boundary(values: Iterable[Any], gap: float, min_side: int = 1) -> float | None:
-    """The value separating two clusters of positive numbers: the geometric mean of the two
-    neighbours (in sorted order) with the largest ratio, when that ratio is at least `gap` and
-    each side holds at least `min_side` values; None when the values form one cluster."""
-    xs = sorted(_positive(values))
-    best: float | None = None
-    best_ratio = gap
-    for i, (lo, hi) in enumerate(itertools.pairwise(xs)):
-        if hi / lo >= best_ratio and min(i + 1, len(xs) - i - 1) >= min_side:
-            best_ratio = hi / lo
-            best = math.sqrt(lo * hi)
-    return best
+@dataclass(frozen=True)
+class Split:
+    """The best two-cluster split of positive values in log space (`two_clusters`): the cut
+    (geometric midpoint of the two centres), the centres (geometric means), the values on each
+    side, and the goodness of variance fit 1 - SSE_within / SSE_total (1: two tight clusters,
+    0: no structure)."""
+
+    cut: float
+    low: float
+    high: float
+    n_low: int
+    n_high: int
+    fit: float
+
+    @property
+    def ratio(self) -> float:
+        """How far apart the two centres are (high / low)."""
+        return self.high / self.low
+
+
+def two_clusters(values: Iterable[Any], min_side: int = 1) -> Split | None:
+    """The split of the sorted positive values into a lower and an upper cluster that minimises
+    the within-cluster sum of squares of their logarithms, each side at least `min_side` values
+    (an exact 1-D optimum: the best split of sorted values is contiguous). None with fewer than
+    2 * `min_side` values or when all values are equal."""
+    side = max(1, min_side)
+    raw = [math.log(x) for x in sorted(positive_rates(values))]
+    n = len(raw)
+    if n < 2 * side:
+        return None
+    mean = sum(raw) / n
+    logs = [v - mean for v in raw]  # centred: the prefix sums below lose no precision
+    pre = [0.0, *itertools.accumulate(logs)]
+    pre_sq = [0.0, *itertools.accumulate(v * v for v in logs)]
+
+    def sse(i: int, j: int) -> float:  # of logs[i:j]
+        s = pre[j] - pre[i]
+        return max(0.0, pre_sq[j] - pre_sq[i] - s * s / (j - i))
+
+    total = sse(0, n)
+    if total <= 1e-12 * n:
+        return None
+    within, k = min((sse(0, k) + sse(k, n), k) for k in range(side, n - side + 1))
+    lo, hi = mean + pre[k] / k, mean + (pre[n] - pre[k]) / (n - k)
+    return Split(cut=math.exp((lo + hi) / 2), low=math.exp(lo), high=math.exp(hi), n_low=k,
+                 n_high=n - k, fit=1.0 - within / total)
+
+
+def boundary(values: Iterable[Any], gap: float, min_side: int = 1,
+             min_fit: float = PROBE_FIT) -> float | None:
+    """The value separating two modes among positive numbers, None when they form one: the cut
+    of `two_clusters` (each side at least `min_side` values), accepted when the two centres
+    differ by at least `gap` (a ratio) and the split explains at least `min_fit` of the
+    variance of the logs. Values measured while the mode changed lie between the clusters and
+    bridge any gap between sorted neighbours; they lower the fit only a little."""
+    s = two_clusters(values, min_side)
+    if s is None or s.ratio < gap or s.fit < min_fit:
+        return None
+    return s.cut
 
 
 def label_of(value: Any, cut: float | None) -> str:
     """fast / slow against a boundary; one when there is none; unknown without a value."""
-    if not _positive([value]):
+    if not positive_rates([value]):
         return UNKNOWN
     if cut is None:
         return ONE
@@ -119,7 +179,7 @@ def slices_step(slices: Sequence[Any], gap: float, min_block: int = 2) -> bool:
     `min_block` parts long. A single disturbed part (a dip anywhere, one slow last part) is not a
     step: that is noise of a busy machine, not a mode; a change near an end of the window is left
     to the probes before and after."""
-    xs = _positive(slices)
+    xs = positive_rates(slices)
     if len(xs) != len(slices) or len(xs) < 2 * min_block:
         return False
     for k in range(min_block, len(xs) - min_block + 1):
@@ -153,7 +213,7 @@ def _primary(run: Mapping[str, Any]) -> float | None:
     runs and failed runs."""
     if run.get("error") or run.get("skipped") or run.get("kind") == "idle":
         return None
-    v = _positive([(run.get("metrics") or {}).get("pps")])
+    v = positive_rates([(run.get("metrics") or {}).get("pps")])
     return v[0] if v else None
 
 
@@ -163,7 +223,7 @@ def assign_modes(runs: Sequence[dict[str, Any]], settings: ModeSettings) -> dict
     gap = settings.gap
     probes = [v for r in runs for v in ((r.get("mode_probe") or {}).get("before"),
                                         (r.get("mode_probe") or {}).get("after"))]
-    have_probe = bool(_positive(probes))
+    have_probe = bool(positive_rates(probes))
     detector = "probe" if have_probe else "cluster"
     # a run in a mode gives two probe values (before, after): one lone value is a disturbed
     # probe, not a mode
@@ -219,7 +279,8 @@ def assign_modes(runs: Sequence[dict[str, Any]], settings: ModeSettings) -> dict
         if "machine_mode" in r and not r.get("skipped"):
             c2 = counts.setdefault(r["backend"], {})
             c2[r["machine_mode"]["label"]] = c2.get(r["machine_mode"]["label"], 0) + 1
-    return {"detector": detector, "boundary": cut, "gap": gap, "settings": settings.as_dict(),
+    return {"detector": detector, "boundary": cut, "gap": gap, "min_fit": PROBE_FIT,
+            "settings": settings.as_dict(),
             "runs_per_mode": counts,
             "changed_midway": [r.get("index") for r in runs
                                if (r.get("machine_mode") or {}).get("label") == MIXED],

@@ -5,21 +5,37 @@ groups runs by case and backend: medians of every metric over the repetitions in
 mode (the mode with the most runs), how many runs fell in each mode, and for every backend its
 ratios against the reference backend, paired by repetition and only within one mode: per mode
 median with min and max, the mode with the most pairs quoted first. A pair across modes is never
-used. `markdown(doc)` renders the results document (results.json) as tables. Pure; any thread.
+used. `markdown(doc)` renders the results document (results.json) as tables, with the
+slice-level rates by mode of bench/harness/slice_modes.py (computed from the runs when an older
+document lacks them); `rederive(doc)` computes a document's labels, summary and slice estimate
+again by the current rules (`vhostx bench report`). Pure; any thread.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .modes import FAST, MIXED, ONE, PAIRABLE, SLOW, assign_modes, mode_counts, same_mode_pairs
-from .scenario_model import Scenario
+from .modes import (
+    FAST,
+    MIXED,
+    ONE,
+    PAIRABLE,
+    PROBE_FIT,
+    SLOW,
+    assign_modes,
+    mode_counts,
+    same_mode_pairs,
+)
+from .scenario_model import ModeSettings, Scenario
+from .slice_modes import markdown_section, slice_modes
 from .stats import Ratio
 
-__all__ = ["RATIO_METRICS", "main_mode", "markdown", "metric", "one_line", "summarize"]
+__all__ = ["RATIO_METRICS", "main_mode", "markdown", "metric", "one_line", "rederive",
+           "summarize"]
 
 # metric name -> (how to read it from a run's metrics, higher is better?)
 RATIO_METRICS: dict[str, tuple[str, bool]] = {
@@ -312,6 +328,7 @@ def markdown(doc: dict[str, Any], plots: Sequence[str] = ()) -> str:
                              f"{b['ok']}/{b['runs']} |")
         lines.append("")
     lines += _modes_section(doc)
+    lines += markdown_section(_slice_doc(doc))
     errors = [(e["case"], n, err) for e in summary for n, b in e["backends"].items()
               for err in b["errors"]]
     if errors:
@@ -342,8 +359,10 @@ def _modes_section(doc: dict[str, Any]) -> list[str]:
     lines = ["## Machine modes", ""]
     how = ("a DPDK-vs-DPDK reference probe before and after each run" if det == "probe" else
            "clustering each backend's runs of a case by their own rate (no probe)")
-    lines.append(f"- detector: {how}; probe {modes.get('probe', '?')}; two modes when rates "
-                 f"differ by >= {modes.get('gap')}x"
+    lines.append(f"- detector: {how}; probe {modes.get('probe', '?')}; two modes when the "
+                 f"rates split into two clusters (least within-cluster sum of squares of their "
+                 f"logarithms) whose geometric means differ by >= {modes.get('gap')}x and that "
+                 f"explain >= {modes.get('min_fit', PROBE_FIT)} of the variance"
                  + (f"; boundary {cut / 1e6:.2f} Mpps (probe)" if cut and det == "probe" else
                     "; one mode seen" if det == "probe" else ""))
     lines.append(f"- min_pairs {modes.get('min_pairs')} same-mode pairs per compared backend and "
@@ -369,6 +388,42 @@ def _modes_section(doc: dict[str, Any]) -> list[str]:
         lines.append(f"- warning: {w}")
     lines.append("")
     return lines
+
+
+def _slice_doc(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The document's slice-level estimate; computed from its runs when it has none (results
+    written before the estimate existed)."""
+    if "slice_modes" in doc:
+        return doc["slice_modes"]  # type: ignore[no-any-return]
+    if not doc.get("runs"):
+        return None
+    gap = (doc.get("modes") or {}).get("gap") or ModeSettings().gap
+    return slice_modes(doc["runs"], doc["scenario"].get("reference", ""), gap)
+
+
+def rederive(doc: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a results document whose derived parts (each run's `machine_mode`, `modes`,
+    `summary`, `slice_modes`) are computed again from its runs by the current rules; what was
+    measured is kept as it is. The scenario comes from the document (`scenario.raw`), with the
+    reference, min_pairs and max_extra_repeats it was run with. Raises ScenarioError when that
+    scenario no longer parses."""
+    from dataclasses import replace
+
+    from .scenario import parse_scenario
+
+    out = copy.deepcopy(doc)
+    runs = out.get("runs") or []
+    sc = parse_scenario(out["scenario"].get("raw") or {})
+    old = out.get("modes") or {}
+    sc = sc.with_overrides(min_pairs=old.get("min_pairs"),
+                           max_extra_repeats=old.get("max_extra_repeats"))
+    ref = out["scenario"].get("reference") or sc.reference
+    sc = replace(sc, run=replace(sc.run, reference=ref))
+    modes = assign_modes(runs, sc.modes)
+    out["modes"] = {**old, **modes}
+    out["summary"] = summarize(sc, runs)
+    out["slice_modes"] = slice_modes(runs, ref, sc.modes.gap)
+    return out
 
 
 def _counts(counts: dict[str, int] | None) -> str:

@@ -9,7 +9,8 @@ Machine modes (bench/harness/modes.py): with two or more backends, a DPDK-vs-DPD
 measures the machine just before and just after every run, and a stream's window is sampled in
 `[modes] slices` parts. Ratios pair runs of one mode only; when a case ends with a compared
 backend short of `run.min_pairs` same-mode pairs, the case gets another repetition of every
-backend, up to `run.max_extra_repeats`.
+backend, up to `run.max_extra_repeats`. Beside the run pairs, the window slices of every run are
+pooled per case and split by mode (bench/harness/slice_modes.py: results.json "slice_modes").
 
 One run: a fresh short socket directory, the backend started pinned to the backend core, the
 client on the client core (testpmd's forwarding lcore, or this process's thread for the guest
@@ -19,7 +20,8 @@ switches), CPU time of every backend and client thread. Then everything is stopp
 window of each client kind (testpmd, guest model, QEMU) is driven by bench/harness/measure.py.
 
 Files in the output directory (written after every run, so an interrupted run keeps them):
-    results.json      dimensions, scenario, every run (without raw RTT samples), summary
+    results.json      dimensions, scenario, every run (without raw RTT samples), summary,
+                      slice_modes
     runs/NNN-*.json   one run with all raw samples (RTTs in ns)
     logs/             testpmd and daemon logs
     report.md, plots/ at the end (also after Ctrl-C, from what was measured)
@@ -48,6 +50,7 @@ from .measure import measure_guest_model, measure_qemu, measure_testpmd_stream
 from .modes import DpdkProbe, assign_modes, short_of_pairs
 from .report import one_line
 from .scenario_model import Backend, Case, Scenario
+from .slice_modes import slice_modes
 from .system import wait_quiet
 
 __all__ = ["Runner", "plan"]
@@ -354,6 +357,7 @@ class Runner:
             "unavailable": self.unavailable,
             "runs": runs,
             "summary": summarize(self.sc, self.runs),
+            "slice_modes": slice_modes(self.runs, self.sc.reference, self.sc.modes.gap),
         }
         _atomic_write(self.out / "results.json", json.dumps(doc, indent=1, default=str))
         return doc

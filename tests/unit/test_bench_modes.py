@@ -14,12 +14,14 @@ from bench.harness.modes import (
     FAST,
     MIXED,
     ONE,
+    PROBE_FIT,
     SLOW,
     assign_modes,
     boundary,
     rtt_slices,
     slice_count,
     slices_step,
+    two_clusters,
 )
 from bench.harness.report import markdown, summarize
 from bench.harness.scenario import ScenarioError, parse_scenario
@@ -61,13 +63,35 @@ def bimodal() -> list[dict[str, Any]]:
 
 
 def test_boundary_splits_two_clusters_and_only_by_the_gap() -> None:
-    assert boundary([5e6, 5.3e6, 16.8e6, 17.4e6], 1.8) == pytest.approx((5.3e6 * 16.8e6) ** 0.5)
+    # the cut is the geometric midpoint of the two clusters' geometric means
+    assert boundary([5e6, 5.3e6, 16.8e6, 17.4e6], 1.8) == pytest.approx(
+        (5e6 * 5.3e6 * 16.8e6 * 17.4e6) ** 0.25)
     assert boundary([15e6, 16e6, 17e6, 12e6], 1.8) is None  # noise, not a second mode
     assert boundary([5e6], 1.8) is None and boundary([], 1.8) is None
     assert boundary([0, None, float("nan"), 4e6, 12e6], 1.8) is not None
     # one lone low value (a disturbed probe) is not a second mode when two are required
     assert boundary([1500, 16e6, 16.5e6, 17e6, 17.2e6], 1.8, min_side=2) is None
     assert boundary([5e6, 5.1e6, 16e6, 17e6], 1.8, min_side=2) is not None
+
+
+def test_boundary_sees_two_modes_bridged_by_values_measured_while_the_mode_changed() -> None:
+    """Probes taken while the mode flipped (8-12 Mpps) fill the gap between a cluster at 5 and
+    one at 15 Mpps: no neighbour pair is 1.8x apart, yet the values are plainly bimodal."""
+    slow = [4.7e6, 4.8e6, 4.9e6, 5.0e6, 5.0e6, 5.1e6, 5.2e6, 5.3e6, 5.7e6, 6.0e6]
+    fast = [14.0e6, 14.4e6, 14.6e6, 15.0e6, 15.2e6, 15.4e6, 15.8e6, 16.2e6, 16.5e6, 16.9e6]
+    bridge = [7.9e6, 9.6e6, 10.0e6, 12.8e6]
+    values = slow + bridge + fast
+    assert max(b / a for a, b in zip(sorted(values), sorted(values)[1:])) < 1.8
+    s = two_clusters(values, min_side=2)
+    assert s is not None and s.ratio >= 1.8 and s.fit >= PROBE_FIT
+    cut = boundary(values, 1.8, min_side=2)
+    assert cut is not None and 6.0e6 < cut < 14.0e6
+    assert cut == pytest.approx((s.low * s.high) ** 0.5)
+    # a fit threshold the split does not reach: one mode
+    assert boundary(values, 1.8, min_side=2, min_fit=0.999) is None
+    # one cluster spread evenly over the same range is not two modes
+    spread = [4.7e6 * 1.1 ** k for k in range(13)]
+    assert boundary(spread, 1.8, min_side=2) is None
 
 
 def test_bimodal_runs_pair_only_within_a_mode() -> None:
@@ -248,6 +272,9 @@ def test_runner_repeats_until_enough_same_mode_pairs(tmp_path: Path,
     r = doc["summary"][0]["ratios"]["vx"]["pps"]
     assert r["pairs"] == 2 and r["enough"] and r["cross_mode_pairs"] == 2
     assert doc["modes"]["runs_per_mode"]["vx"] == {FAST: 2, SLOW: 2}
+    sm = doc["slice_modes"]["cases"][0]  # window slices pooled: vx 8 slow, 8 fast
+    assert sm["modes"] == 2 and sm["backends"]["vx"]["slices"] == {FAST: 8, SLOW: 8}
+    assert "## Rates by machine mode (window slices)" in (tmp_path / "report.md").read_text()
 
 
 def test_runner_extra_repetitions_are_bounded(tmp_path: Path,
