@@ -16,7 +16,8 @@
  *     turn (DPDK's vhost dequeue prefetches the same way). A scattered chain ends the stage: its
  *     segments (tx->segs) are only valid until the next walk.
  *  2. act on the staged chains in avail order, and complete each (a used entry) after its action:
- *     used entries always keep the avail order (VIRTIO_F_IN_ORDER).
+ *     used entries always keep the avail order (VIRTIO_F_IN_ORDER); a stage followed by more
+ *     chains of the same snapshot publishes its used entries before the next stage.
  * The byte budget: staging stops once the staged frames, all counted, would reach the budget, so
  * a call stops at exactly the chain it would stop at without the stage.
  * Busy-poll (spin_ns), the packet budget and the avail re-reads are as described in vx_core.h.
@@ -237,6 +238,11 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
                 goto fail;
             if (unlikely(walk_missed))
                 goto out;
+            /* more of this snapshot to go: publish the stage's completions now, so the driver
+             * can reuse those descriptors while we copy the rest (not once per snapshot of up
+             * to a whole ring) */
+            if (done < n)
+                vq_flush(tx);
         }
         if ((uint32_t)done >= max_pkts || spin_left == 0)
             break;
