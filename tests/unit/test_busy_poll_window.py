@@ -15,7 +15,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from test_core_env import Env
@@ -45,10 +45,16 @@ def _serve_until(w: kick.Wait, done: threading.Event, timeout: float = 30.0) -> 
         w.run(True)
 
 
+def _sleeper(think_s: float) -> Callable[[kick.KickQueue], None]:
+    return lambda kq: time.sleep(think_s)  # sleeps only ever last longer
+
+
 @contextlib.contextmanager
-def _ping_ponged(env, spin: kick.SpinWindow, think_s: float) -> Iterator[tuple[KickedRing, object]]:
-    """PINGS echo round trips, `think_s` apart, served by the C wait with busy-poll `spin`;
-    yields the ring and its kick queue (counters still readable) once the driver is done."""
+def _ping_ponged(env, spin: kick.SpinWindow, pause: Callable[[kick.KickQueue], None],
+                 pings: int = PINGS) -> Iterator[tuple[KickedRing, object]]:
+    """`pings` echo round trips, `pause(kq)` after each, served by the C wait with busy-poll
+    `spin`; yields the ring and its kick queue (counters still readable) once the driver is
+    done."""
     r = KickedRing(env, echo=True)
     kq = kick.KickQueue(r.work.op, r.kick, spin=spin)
     cmd = os.eventfd(0, os.EFD_NONBLOCK)
@@ -58,9 +64,9 @@ def _ping_ponged(env, spin: kick.SpinWindow, think_s: float) -> Iterator[tuple[K
 
     def driver() -> None:
         try:
-            for _ in range(PINGS):
+            for _ in range(pings):
                 r.ping()
-                time.sleep(think_s)  # sleeps only ever last longer
+                pause(kq)
         except BaseException as err:  # noqa: BLE001 - reported by the test thread
             errors.append(err)
         finally:
@@ -75,7 +81,7 @@ def _ping_ponged(env, spin: kick.SpinWindow, think_s: float) -> Iterator[tuple[K
         _serve_until(w, done)
         t.join(10)
         assert not errors, errors
-        assert r.consumed() == PINGS
+        assert r.consumed() == pings
         yield r, kq
     finally:
         done.set()
@@ -91,7 +97,7 @@ def test_ping_pong_past_one_window_per_batch_is_caught_without_kicks(env):
     # ping came within the window of the echo before it; the driver then kicked, and the
     # worker, asleep in epoll, woke up for it (the latency benchmark's p99: kicks/packet 0.175
     # = one round trip in ~5.7 at 9 us a round trip and a 50 us window).
-    with _ping_ponged(env, kick.SpinWindow(WINDOW_NS), THINK_S) as (r, kq):
+    with _ping_ponged(env, kick.SpinWindow(WINDOW_NS), _sleeper(THINK_S)) as (r, kq):
         c = kq.counters
         assert r.kicks_sent == 1, (
             f"only the first ping may kick; {r.kicks_sent} kicks, wakes={c.wakes}, "
@@ -106,46 +112,18 @@ def test_ping_pong_past_one_window_per_batch_is_caught_without_kicks(env):
 def test_a_driver_slower_than_the_window_is_served_on_kicks(env):
     # The other side: a ping that comes after the window passed finds the queue asleep with its
     # kicks on, kicks, and is counted as a wake-up, not as caught.
-    r = KickedRing(env, echo=True)
-    kq = kick.KickQueue(r.work.op, r.kick, spin=kick.SpinWindow(1_000_000))  # 1 ms
-    cmd = os.eventfd(0, os.EFD_NONBLOCK)
-    w = kick.Wait(cmd)
-    done = threading.Event()
-    errors: list[BaseException] = []
+    def past_the_window(kq: kick.KickQueue) -> None:
+        # far past the window (and the in-batch spin and the linger after it)
+        deadline = time.monotonic() + 0.1
+        while kq.state != kick.KQ_IDLE or time.monotonic() < deadline:
+            time.sleep(0.01)
 
-    def driver() -> None:
-        try:
-            for _ in range(3):
-                r.ping()
-                # far past the window (and the in-batch spin and the linger after it)
-                deadline = time.monotonic() + 0.1
-                while kq.state != kick.KQ_IDLE or time.monotonic() < deadline:
-                    time.sleep(0.01)
-        except BaseException as err:  # noqa: BLE001 - reported by the test thread
-            errors.append(err)
-        finally:
-            done.set()
-            os.eventfd_write(cmd, 1)
-
-    t = threading.Thread(target=driver, daemon=True)
-    try:
-        w.add(kq, 0)
-        kq.give_back()
-        t.start()
-        _serve_until(w, done)
-        t.join(10)
-        assert not errors, errors
+    with _ping_ponged(env, kick.SpinWindow(1_000_000), past_the_window, pings=3) as (r, kq):
         c = kq.counters
         assert r.consumed() == 3 and r.kicks_sent == 3
         assert (c.wakes, c.caught) == (3, 0)
         # a batch whose spin caught nothing waited a whole window: it re-arms, no more spinning
         assert (c.lingers, c.stream_waits) == (0, 0)
-    finally:
-        done.set()
-        t.join(10)
-        w.close()
-        os.close(cmd)
-        r.close()
 
 
 BASE_NS = 20_000_000  # a 20 ms window ...
@@ -154,7 +132,7 @@ SLOW_THINK_S = 0.06  # a driver pausing 60 ms: later than the base window, well 
 
 
 def _ping_pong_kicks(env, cap_ns: int) -> tuple[int, tuple[int, int, int]]:
-    with _ping_ponged(env, kick.SpinWindow(BASE_NS, cap_ns), SLOW_THINK_S) as (r, kq):
+    with _ping_ponged(env, kick.SpinWindow(BASE_NS, cap_ns), _sleeper(SLOW_THINK_S)) as (r, kq):
         c = kq.counters
         return r.kicks_sent, (c.wakes, c.caught, c.widened)
 
