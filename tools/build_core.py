@@ -1,7 +1,7 @@
 """cffi builder of the C core: `python tools/build_core.py` builds virtio/_vx_core*.so in place.
 
-vx_core.h is the single source of truth: its preprocessor lines are stripped and the rest is the
-cdef. The internal headers (vx_internal.h, vx_cursor.h, vx_tx.h) are only compiled, never fed to
+vx_core.h and vx_drv.h (PUBLIC_HEADERS) are the single source of truth: their preprocessor lines
+are stripped and the rest is the cdef. The internal headers (vx_internal.h, vx_cursor.h, vx_tx.h) are only compiled, never fed to
 cdef. setup.py names `tools/build_core.py:ffibuilder` in cffi_modules. Runs at build time only.
 
 VHOSTX_SANITIZE=1 in the environment builds with AddressSanitizer and UndefinedBehaviorSanitizer
@@ -18,7 +18,8 @@ from pathlib import Path
 
 from cffi import FFI
 
-__all__ = ["SOURCES", "cdef_from_header", "ffibuilder", "sanitize"]
+__all__ = ["PUBLIC_HEADERS", "SOURCES", "cdef_from_header", "ffibuilder", "public_cdef",
+           "sanitize"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ROOT / "virtio" / "_core"
@@ -39,6 +40,7 @@ SOURCES = [
     "vx_fence.c",
     "vx_drv.c",
     "vx_drvq.c",
+    "vx_drvpair.c",
     "vx_iotlb.c",
 ]
 CFLAGS = ["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"]
@@ -54,13 +56,21 @@ def cdef_from_header(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
+PUBLIC_HEADERS = ("vx_core.h", "vx_drv.h")  # the cdef, in this order (vx_core.h includes the other)
+
+
+def public_cdef(core: Path = CORE) -> str:
+    """The cdef of the C core: every public header without comments and preprocessor lines."""
+    return "\n".join(cdef_from_header((core / h).read_text()) for h in PUBLIC_HEADERS)
+
+
 def sanitize() -> bool:
     """True when VHOSTX_SANITIZE asks for an ASan + UBSan build."""
     return os.environ.get("VHOSTX_SANITIZE", "") not in ("", "0")
 
 
 ffibuilder = FFI()
-ffibuilder.cdef(cdef_from_header((CORE / "vx_core.h").read_text()))
+ffibuilder.cdef(public_cdef())
 ffibuilder.set_source(
     "virtio._vx_core",
     '#include "vx_core.h"\n',

@@ -145,7 +145,7 @@ def build(verbose: bool = False) -> Path:
         from cffi import FFI
 
         ffi = FFI()
-        ffi.cdef(bc.cdef_from_header((CORE / "vx_core.h").read_text()))
+        ffi.cdef(bc.public_cdef(CORE))
         ffi.set_source(
             "virtio._vx_core",
             '#include "vx_core.h"\n',

@@ -4,13 +4,17 @@ posted-interrupt domain (virtio.driver.posted), and counting what it costs.
 
 - `IrqClient(sock, pairs, posted)`: connects (VhostUserFrontend + NetDriver), and with `posted`
   negotiates VHOSTX_POSTED_IRQ and registers one domain holding every RX vring.
-- `stream(duration, rate_pps)`: frames spread round robin over the pairs at `rate_pps` in total
-  (0: as fast as the driver goes, each pair keeps up to `window` frames in flight), echoes
-  received; returns packets, elapsed time, the driver's syscalls and CPU.
+- `stream(duration, rate_pps)`: frames spread round robin over the pairs at `rate_pps` in total,
+  echoes received; 0: as fast as the driver goes, each pair kept at `window` frames in flight by
+  C driver turns (virtio.driver.pairs) of the pairs the notification path names. Returns
+  packets, elapsed time, the driver's syscalls and CPU.
 - `pingpong(count)`: one frame in flight (pair i % N), the driver sleeping between; RTTs in ns.
 
-Syscalls counted are the driver's own on the notification path: kicks (eventfd writes),
-select() calls and eventfd reads. Python's per-frame work is the same in every mode.
+Syscalls counted are the driver's own on the notification path: kicks (eventfd writes), waits
+(epoll_wait over the per-queue eventfds, select() on the posted wake eventfd) and eventfd reads.
+The driver's per-packet work is C's in every mode (unlimited streams: one C call per wake-up for
+every pair named; paced streams and ping-pong: C batches per pair, no Python object per frame):
+what differs between modes is the notification path.
 
 Threads: the thread that made the client (one driver thread, like a vCPU).
 """
@@ -21,9 +25,11 @@ import os
 import select
 import struct
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
+from virtio.driver.pairs import PairTurns
 from virtio.driver.posted import PostedArea, PostedDomain, register
 from virtio.frontend import DEFAULT_PROTOCOL_FEATURES, NetDriver, VhostUserFrontend
 from virtio.vhost_user import ProtocolFeature as PF
@@ -69,6 +75,12 @@ class IrqClient:
             self.area = PostedArea(1)
             self.dom = PostedDomain(self.area, 0, [2 * p for p in range(pairs)])
             register(self.fe, self.dom)
+        rx_fds = [self.fe.call_fds[2 * p] for p in range(pairs)]
+        self._pair_of_fd = {fd: p for p, fd in enumerate(rx_fds)}
+        self._epoll = select.epoll()
+        if not posted:
+            for fd in rx_fds:
+                self._epoll.register(fd, select.EPOLLIN)
         real_kick = self.fe.kick
 
         def kick(index: int) -> None:
@@ -92,32 +104,43 @@ class IrqClient:
                         self.wakeups += 1
                 got = self.dom.take()
             return [v // 2 for v in got]
-        fds = self.fe.call_fds
-        rx = [fds[2 * p] for p in range(self.pairs)]
+        # per-queue eventfds, the way a user-space driver waits on many: one epoll_wait, then
+        # one read per eventfd it names
         self.syscalls += 1
-        r, _, _ = select.select(rx, [], [], max(0.0, timeout))
         out = []
-        for fd in r:
+        for fd, _ev in self._epoll.poll(max(0.0, timeout)):
             try:
                 os.eventfd_read(fd)
             except BlockingIOError:
                 pass
             self.syscalls += 1
             self.wakeups += 1
-            out.append(rx.index(fd))
+            out.append(self._pair_of_fd[fd])
         return out
 
     def _poll(self, pair: int) -> int:
         """Collect a pair's echoes, re-checking used->idx after used_event moved (an entry the
         device published meanwhile came with no interrupt: virtqueue_enable_cb's re-check)."""
-        got = len(self.drv.poll_rx(pair))
+        got = self.drv.poll_rx_count(pair)
         while self.fe.queues[2 * pair].more_used():
-            got += len(self.drv.poll_rx(pair))
+            got += self.drv.poll_rx_count(pair)
         return got
 
     # ---- traffic ------------------------------------------------------------------------------
+    def _packs(self, window: int) -> list[tuple[memoryview, array[int]]]:
+        """packs[n]: n frames packed for NetDriver.send_packed (made once per stream)."""
+        data = memoryview(self.frame * window)
+        lens = array("I", [len(self.frame)]) * window
+        flen = len(self.frame)
+        return [(data[: n * flen], lens[:n]) for n in range(window + 1)]
+
     def stream(self, duration: float, rate_pps: int, *, window: int = 32) -> StreamResult:
+        """Paced (`rate_pps` frames/s in total, round robin over the pairs, each pair keeping
+        at most `window` in flight) or unlimited (rate 0: `_unlimited`)."""
+        if not rate_pps:
+            return self._unlimited(duration, window)
         res = StreamResult()
+        packs = self._packs(window)
         inflight = [0] * self.pairs
         sys0, wk0, cpu0 = self.syscalls, self.wakeups, time.thread_time()
         start = time.monotonic()
@@ -125,37 +148,60 @@ class IrqClient:
         nxt = 0
         now = start
         while now < end:
-            # send what is due (paced), or top up every window (unlimited)
-            if rate_pps:
-                due = int(rate_pps * (now - start)) - res.sent
-            else:
-                due = sum(window - n for n in inflight)
-            batches: dict[int, int] = {}
+            # what is due by the clock, round robin over the pairs with room
+            due = int(rate_pps * (now - start)) - res.sent
+            batches = [0] * self.pairs
             tries = 0
             while due > 0 and tries < self.pairs:
                 p = nxt % self.pairs
                 nxt += 1
-                if inflight[p] < window:
-                    batches[p] = batches.get(p, 0) + 1
-                    inflight[p] += 1
+                if inflight[p] + batches[p] < window:
+                    batches[p] += 1
                     due -= 1
                     tries = 0
                 else:
                     tries += 1
-            for p, n in batches.items():
-                res.sent += self.drv.send([self.frame] * n, p, timeout=0.0)
+            sent_any = False
+            for p, n in enumerate(batches):
+                if n:
+                    k = self.drv.send_packed(*packs[n], p, timeout=0.0)
+                    inflight[p] += k
+                    res.sent += k
+                    sent_any = True
+            wait = max(0.0, min(end, start + (res.sent + 1) / rate_pps) - time.monotonic())
             # completions: the pairs the notification path names
-            if rate_pps:
-                wait = max(0.0, min(end, start + (res.sent + 1) / rate_pps) - time.monotonic())
-            else:
-                wait = 0.05
-            for p in self._ready_pairs(0.0 if batches else wait):
+            for p in self._ready_pairs(0.0 if sent_any else wait):
                 got = self._poll(p)
                 inflight[p] = max(0, inflight[p] - got)
                 res.packets += got
             now = time.monotonic()
         res.elapsed_s = now - start
         res.syscalls = self.syscalls - sys0
+        res.wakeups = self.wakeups - wk0
+        res.driver_cpu_s = time.thread_time() - cpu0
+        self._drain(0.2)
+        return res
+
+    def _unlimited(self, duration: float, window: int) -> StreamResult:
+        """Every pair kept at `window` frames in flight; the pairs the notification path names
+        get their driver turn in C (virtio.driver.pairs: reap, re-stock, top up, kick), all of
+        them in one call: what remains in Python is the notification path and one call per
+        wake-up, as in a driver whose per-packet work is native."""
+        res = StreamResult()
+        turns = PairTurns(self.drv, self.frame, window)
+        sys0, wk0, cpu0 = self.syscalls, self.wakeups, time.thread_time()
+        start = time.monotonic()
+        end = start + duration
+        turns.turn()
+        now = start
+        while now < end:
+            ready = self._ready_pairs(min(0.05, end - now))
+            if ready:
+                turns.turn(ready)
+            now = time.monotonic()
+        res.elapsed_s = now - start
+        res.packets, res.sent = turns.received, turns.sent
+        res.syscalls = self.syscalls - sys0 + turns.kicks
         res.wakeups = self.wakeups - wk0
         res.driver_cpu_s = time.thread_time() - cpu0
         self._drain(0.2)
@@ -197,6 +243,7 @@ class IrqClient:
 
     def close(self) -> None:
         try:
+            self._epoll.close()
             self.fe.close()
         finally:
             if self.dom is not None:

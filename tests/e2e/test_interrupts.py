@@ -173,3 +173,22 @@ def test_a_paced_source_never_exceeds_its_rate(daemon_factory) -> None:
             got += len(net.recv(timeout=0.1))
         elapsed = time.monotonic() - t0
         assert 1 <= got <= 2000 * elapsed * 1.1 + 256, (got, elapsed)
+
+
+@pytest.mark.parametrize("posted", [False, True], ids=["eventfd", "posted"])
+def test_guest_model_unlimited_stream_keeps_every_window_and_loses_nothing(daemon_factory,
+                                                                          posted) -> None:
+    from bench.irq.client import IrqClient
+
+    d = daemon_factory(params=["mode=baseline"])
+    sock = d.add_device("net0", port="echo", queues=4)
+    d.start()
+    c = IrqClient(sock, 4, posted=posted)
+    try:
+        res = c.stream(0.5, 0, window=8)
+    finally:
+        c.close()
+    assert res.packets > 100
+    # every frame sent came back, but for the ones still in flight when the stream ended
+    assert res.packets <= res.sent <= res.packets + 4 * 8
+    assert res.syscalls > 0 and res.driver_cpu_s > 0

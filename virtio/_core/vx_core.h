@@ -1,9 +1,10 @@
 /*
  * vx_core.h - the C core of vhostx: split virtqueue device side, net data path, L2 switch.
  *
- * This header is the single source of truth for the cffi cdef: tools/build_core.py strips the
- * preprocessor lines and feeds the rest to ffibuilder.cdef(). Keep it plain C declarations that
- * cffi can parse (no macros, no inline functions, no attributes).
+ * This header and vx_drv.h (the driver side, included at the end) are the single source of
+ * truth for the cffi cdef: tools/build_core.py strips their preprocessor lines and feeds the
+ * rest to ffibuilder.cdef(). Keep them plain C declarations that cffi can parse (no macros, no
+ * inline functions, no attributes).
  *
  * Return codes: >= 0 success (a count), -1 the queue (or the TX queue of a pair) is broken; the
  * message is in vx_vq_error(). A broken queue never touches guest memory again.
@@ -294,91 +295,6 @@ int vx_round(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t max_n
 void vx_round_results(struct vx_op *const *ops, uint32_t n, uint64_t *out);
 uint64_t vx_now_ns(void);
 
-/* ---- memory order for the driver side in Python (virtio.driver.split; vx_fence.c) ---- */
-void vx_fence_release(void); /* earlier loads and stores before later stores */
-void vx_fence_acquire(void); /* earlier loads before later loads and stores */
-void vx_fence_full(void);    /* all of the above, and earlier stores before later loads */
-
-/* ---- driver-side TEST SUPPORT (vx_drv.c; only virtio.testing calls it, for benchmarks): a
- * trivial guest that recycles fixed buffers ---- */
-struct vx_drv {
-    void *desc;
-    void *avail;
-    void *used;
-    uint32_t size;
-    uint16_t avail_idx;
-    uint16_t last_used;
-};
-void vx_drv_fill_descs(struct vx_drv *d, uint64_t buf_gpa, uint32_t stride, uint32_t len,
-                       uint16_t flags);
-uint32_t vx_drv_post_all(struct vx_drv *d);
-uint32_t vx_drv_recycle(struct vx_drv *d);
-
-/* ==== the driver side of a split virtqueue (vx_drvq.c; virtio.driver.split.DriverQueue) ==== *
- * The guest's side: free descriptors, chains in flight and shadow indexes live here; the
- * arrays (size entries each) are allocated by the Python face. Returns: >= 0 a count or a head
- * id; -1 more used entries than chains in flight / no room (err_a, err_b), -2 IN_ORDER
- * violation (err_a head, err_b expected, err_c used index) or indirect chain too long, -3 a
- * used head not in flight (err_a), -4 a length beyond the buffer (err_a len, err_b head),
- * -5 an RX length shorter than the net header, -6 a bad num_buffers (err_a). */
-enum {
-    VX_DRVQ_EVENT_IDX = 1,
-    VX_DRVQ_IN_ORDER = 2,
-    VX_DRVQ_INDIRECT_MAX = 16,
-};
-
-struct vx_drvbuf {
-    uint64_t addr;
-    uint32_t len;
-    uint16_t flags;
-    uint16_t pad;
-};
-
-struct vx_drvq {
-    void *desc;            /* descriptor table, avail ring, used ring in this process */
-    void *avail;
-    void *used;
-    void *ind;             /* indirect tables: VX_DRVQ_INDIRECT_MAX entries per descriptor */
-    uint64_t ind_addr;     /* device address of ind */
-    uint16_t *free_ids;    /* a deque of free descriptor ids (a stack, a FIFO under IN_ORDER) */
-    uint16_t *chain_next;  /* private next links of the chains in flight */
-    uint16_t *chain_len;   /* descriptors held by each head in flight; 0: not in flight */
-    uint16_t *order;       /* IN_ORDER: heads in avail order */
-    uint16_t *scratch;
-    uint32_t size;
-    uint32_t flags;        /* VX_DRVQ_* */
-    uint32_t free_head;
-    uint32_t num_free;
-    uint32_t order_head;
-    uint32_t order_len;
-    uint32_t in_flight;
-    uint16_t avail_idx;    /* next avail slot (not yet published) */
-    uint16_t published;    /* last published avail->idx */
-    uint16_t last_used;
-    uint16_t irq_enabled;
-    uint32_t err_a;
-    uint32_t err_b;
-    uint32_t err_c;
-    uint64_t posted;       /* frames posted by vx_drvq_tx_frames */
-    uint64_t reaped;       /* used entries taken */
-    uint64_t kicks;        /* vx_drvq_publish calls that asked for a kick */
-};
-
-void vx_drvq_reset(struct vx_drvq *q, uint16_t start_idx);
-/* bookkeeping for the single-chain API (no fences: the caller orders its loads and stores) */
-int32_t vx_drvq_add(struct vx_drvq *q, const struct vx_drvbuf *bufs, uint32_t n, uint32_t indirect);
-int32_t vx_drvq_take_used(struct vx_drvq *q, uint16_t idx, uint32_t *ids, uint32_t *lens);
-/* batches, fences inside; buffer i (bufs + i * buf_size, device address bufs_addr + ...)
- * belongs to descriptor i */
-uint32_t vx_drvq_publish(struct vx_drvq *q);
-int32_t vx_drvq_reap(struct vx_drvq *q);
-int32_t vx_drvq_tx_frames(struct vx_drvq *q, uint8_t *bufs, uint64_t bufs_addr, uint32_t buf_size,
-                          uint32_t hdr_len, const uint8_t *data, const uint32_t *lens, uint32_t n);
-uint32_t vx_drvq_rx_post(struct vx_drvq *q, uint64_t bufs_addr, uint32_t buf_size);
-int32_t vx_drvq_rx_frames(struct vx_drvq *q, const uint8_t *bufs, uint32_t buf_size,
-                          uint32_t hdr_len, uint32_t mrg_rxbuf, uint8_t *out, uint32_t out_cap,
-                          uint32_t *lens, uint32_t max_frames);
-
 /* ==== kicked queues and the worker's wait (vx_kq.c, vx_wait.c) ============================ *
  * A vx_kq is one queue a worker serves on kicks: a vx_op (its batch), the kick eventfd the
  * driver writes, optionally a data fd whose readability also means work (a TAP fd), the batch
@@ -595,5 +511,7 @@ struct vx_iotlb_stats *vx_iotlb_stats(struct vx_iotlb *t);
 int vx_vq_set_iotlb(struct vx_vq *vq, struct vx_iotlb *t);
 /* the IOVA of the last miss that stopped this queue's walk, 0 if none since start */
 uint64_t vx_vq_iotlb_last_miss(const struct vx_vq *vq);
+
+#include "vx_drv.h" /* the driver side: public API too */
 
 #endif

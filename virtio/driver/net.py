@@ -92,11 +92,19 @@ class NetDriver:
     def send(self, frames: Sequence[bytes], pair: int = 0, *, timeout: float = 1.0) -> int:
         """Post ``frames`` on the TX queue (zeroed net header first) and kick if the device
         wants it. Waits up to ``timeout`` for room when the ring is full; returns frames posted."""
-        q = self._txq(pair)
         if not frames:
             return 0
-        data = b"".join(frames)
-        lens = array("I", map(len, frames))
+        return self.send_packed(b"".join(frames), array("I", map(len, frames)), pair,
+                                timeout=timeout)
+
+    def send_packed(self, data: bytes | memoryview, lens: array[int], pair: int = 0, *,
+                    timeout: float = 1.0) -> int:
+        """send() for frames already packed: ``data`` holds them back to back, ``lens`` (a
+        uint32 array) their lengths. A driver that sends the same frames again and again packs
+        them once (no list, join or length array per batch)."""
+        q = self._txq(pair)
+        if not lens:
+            return 0
         longest = max(lens)
         nbuf = (self.hdr_len + longest + self.buf_size - 1) // self.buf_size
         if nbuf > q.size:
@@ -142,6 +150,18 @@ class NetDriver:
             off += length
         self.rx_packets += n
         return out
+
+    def poll_rx_count(self, pair: int = 0) -> int:
+        """poll_rx() that only counts: the frames are reaped and the ring refilled, but no
+        bytes object is made (a load generator that needs the count, not the frames)."""
+        try:
+            n = self._rxq(pair).rx_frames(self.hdr_len, self.mrg_rxbuf, self._rx_out,
+                                          self._rx_lens)
+        except VhostError as err:
+            raise RemoteProtocolError(f"RX queue {2 * pair}: {err}") from err
+        self.rx_packets += n
+        self._refill(pair)
+        return n
 
     def poll_rx(self, pair: int = 0) -> list[bytes]:
         """Frames received on RX queue 2*pair so far (no wait, interrupts left as they are),
