@@ -8,8 +8,13 @@
  *
  *   vxperf pingpong IFACE SIZE WARMUP_S DURATION_S   one frame in flight; the backend reflects it
  *   vxperf tx       IFACE SIZE WARMUP_S DURATION_S   send as fast as the guest can (backend sinks)
- *   vxperf rx       IFACE WARMUP_S DURATION_S        count what arrives (backend sources),
- *                                                    the guest's virtio interrupts and CPU
+ *   vxperf rx       IFACE WARMUP_S DURATION_S [PING_US]
+ *                                                    count what arrives (backend sources),
+ *                                                    the guest's virtio interrupts and CPU;
+ *                                                    PING_US > 0: also a ping-pong frame sent
+ *                                                    every PING_US, its RTT taken when the
+ *                                                    backend reflects it into the same stream
+ *                                                    (vhostx `source` with echo_tx)
  *
  * Console protocol (one line each, flushed at once):
  *   VX-WINDOW begin / VX-WINDOW end   the measurement window (after the warm-up), guest clock
@@ -363,17 +368,72 @@ static int tx(const char *ifname, int size, double warmup, double duration)
 	return 0;
 }
 
-static int rx(const char *ifname, double warmup, double duration)
+/* rx's pinger: a VXPP frame every `every_ns` on its own socket (ETHERTYPE_VXPP), replies
+ * matched by their magic, the RTT from the timestamp they carry back */
+struct pinger {
+	int fd;
+	uint64_t every_ns, next_ns, seq;
+	unsigned char mac[6];
+	int size;
+	uint64_t sent, received, bad;
+	size_t n, cap;
+	uint64_t *rtt;
+};
+
+static void pinger_send(struct pinger *p, uint64_t now)
+{
+	unsigned char frame[HDR + BODY + 64];
+	if (!p->every_ns || now < p->next_ns)
+		return;
+	make_frame(frame, p->size, p->mac, ++p->seq, now);
+	if (send(p->fd, frame, (size_t)p->size, MSG_DONTWAIT) == p->size)
+		p->sent++;
+	p->next_ns = now + p->every_ns;
+}
+
+static void pinger_recv(struct pinger *p, int window_open)
+{
+	unsigned char buf[MAX_FRAME + 64];
+	for (;;) {
+		struct sockaddr_ll from;
+		socklen_t fl = sizeof from;
+		ssize_t got = recvfrom(p->fd, buf, sizeof buf, MSG_DONTWAIT, (struct sockaddr *)&from, &fl);
+		uint64_t t_rx = now_ns();
+		if (got < 0)
+			return;
+		if (from.sll_pkttype == PACKET_OUTGOING)
+			continue;
+		if (got < HDR + BODY || memcmp(buf + HDR, "VXPP", 4) != 0) {
+			p->bad++;
+			continue;
+		}
+		p->received++;
+		if (!window_open)
+			continue;
+		if (p->n == p->cap) {
+			p->cap = p->cap ? 2 * p->cap : 4096;
+			p->rtt = realloc(p->rtt, p->cap * sizeof *p->rtt);
+		}
+		p->rtt[p->n++] = t_rx - get_u64(buf + HDR + 14);
+	}
+}
+
+static int rx(const char *ifname, double warmup, double duration, double ping_us)
 {
 	int ifindex;
 	unsigned char mac[6];
 	int fd = open_socket(ifname, ETH_P_ALL, &ifindex, mac);
 	if (fd < 0)
 		return 3;
+	struct pinger pg = {.fd = -1, .size = HDR + BODY + 24};
+	if (ping_us > 0) {
+		pg.fd = open_socket(ifname, ETHERTYPE_VXPP, &ifindex, pg.mac);
+		if (pg.fd < 0)
+			return 3;
+		pg.every_ns = (uint64_t)(ping_us * 1e3);
+	}
 	int big = 8 << 20;
 	setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big);
-	struct timeval tv = {.tv_sec = 0, .tv_usec = 100000};
-	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 	static unsigned char bufs[BATCH][2048];
 	struct iovec iov[BATCH];
 	struct mmsghdr msgs[BATCH];
@@ -388,6 +448,8 @@ static int rx(const char *ifname, double warmup, double duration)
 		int state = window_tick(&w);
 		if (state == W_BEGIN) {
 			frames = bytes = 0;
+			pg.sent = pg.received = pg.bad = 0;
+			pg.n = 0;
 			getsockopt(fd, SOL_PACKET, PACKET_STATISTICS, &st, &sl); /* reads and resets */
 			if0 = if_stat(ifname, "rx_packets");
 			b0 = if_stat(ifname, "rx_bytes");
@@ -397,7 +459,17 @@ static int rx(const char *ifname, double warmup, double duration)
 		} else if (state == W_END) {
 			break;
 		}
-		int r = recvmmsg(fd, msgs, BATCH, 0, NULL);
+		uint64_t now = now_ns();
+		pinger_send(&pg, now);
+		/* sleep until data or the next ping (at most 100 ms: the window's end is checked) */
+		int wait_ms = 100;
+		if (pg.every_ns)
+			wait_ms = pg.next_ns > now ? (int)((pg.next_ns - now) / 1000000ULL) : 0;
+		struct pollfd pf[2] = {{.fd = fd, .events = POLLIN}, {.fd = pg.fd, .events = POLLIN}};
+		poll(pf, pg.fd >= 0 ? 2 : 1, wait_ms);
+		if (pg.fd >= 0)
+			pinger_recv(&pg, w.open);
+		int r = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
 		for (int i = 0; i < r; i++)
 			bytes += msgs[i].msg_len;
 		if (r > 0)
@@ -419,13 +491,27 @@ static int rx(const char *ifname, double warmup, double duration)
 	result_u64("virtio_irqs", irq1 - irq0);           /* guest interrupts in the window */
 	result_u64("cpu_busy_ticks", cb1 - cb0);          /* guest CPU (USER_HZ ticks) */
 	result_u64("cpu_total_ticks", ct1 - ct0);
+	if (pg.fd >= 0) {
+		result_u64("pings_sent", pg.sent);
+		result_u64("pings_received", pg.received);
+		result_u64("pings_bad", pg.bad);
+		for (size_t i = 0; i < pg.n; i += 32) {
+			char line[32 * 21 + 16];
+			int len = snprintf(line, sizeof line, "VX-RTT");
+			for (size_t k = i; k < pg.n && k < i + 32; k++)
+				len += snprintf(line + len, sizeof line - (size_t)len, " %llu",
+						(unsigned long long)pg.rtt[k]);
+			say("%s\n", line);
+		}
+		result_u64("rtt_samples", pg.n);
+	}
 	return 0;
 }
 
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOFBF, 1 << 16);
-	if ((argc == 6) && (atoi(argv[3]) < HDR + BODY || atoi(argv[3]) > MAX_FRAME)) {
+	if (argc == 6 && strcmp(argv[1], "rx") != 0 && (atoi(argv[3]) < HDR + BODY || atoi(argv[3]) > MAX_FRAME)) {
 		fprintf(stderr, "VX-ERROR frame size %s: allowed %d..%d\n", argv[3], HDR + BODY, MAX_FRAME);
 		return 2;
 	}
@@ -433,8 +519,8 @@ int main(int argc, char **argv)
 		return pingpong(argv[2], atoi(argv[3]), atof(argv[4]), atof(argv[5]));
 	if (argc == 6 && strcmp(argv[1], "tx") == 0)
 		return tx(argv[2], atoi(argv[3]), atof(argv[4]), atof(argv[5]));
-	if (argc == 5 && strcmp(argv[1], "rx") == 0)
-		return rx(argv[2], atof(argv[3]), atof(argv[4]));
-	fprintf(stderr, "VX-ERROR usage: vxperf pingpong|tx IFACE SIZE WARMUP DURATION | rx IFACE WARMUP DURATION\n");
+	if ((argc == 5 || argc == 6) && strcmp(argv[1], "rx") == 0)
+		return rx(argv[2], atof(argv[3]), atof(argv[4]), argc == 6 ? atof(argv[5]) : 0.0);
+	fprintf(stderr, "VX-ERROR usage: vxperf pingpong|tx IFACE SIZE WARMUP DURATION | rx IFACE WARMUP DURATION [PING_US]\n");
 	return 2;
 }

@@ -110,13 +110,14 @@ def job_script(case: Case, warmup: float, duration: float) -> str:
     """The guest's /job.sh: eth0 up with nothing of its own to send, then vxperf."""
     mode = vxperf_mode(case)
     size = "" if mode == "rx" else f" {case.size}"
+    ping = f" {case.rx_ping_us}" if mode == "rx" and case.rx_ping_us > 0 else ""
     return (
         f"chmod 755 {VXPERF_PATH}\n"
         "i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); "
         "done\n"
         "echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6 2>/dev/null\n"
         "ip link set eth0 up || exit 9\n"
-        f"{VXPERF_PATH} {mode} eth0{size} {warmup:g} {duration:g}\n"
+        f"{VXPERF_PATH} {mode} eth0{size} {warmup:g} {duration:g}{ping}\n"
     )
 
 
@@ -149,8 +150,9 @@ def parse_console(text: str, mode: str) -> QemuResult:
     missing = [k for k in need if k not in res.values]
     if missing:
         raise QemuClientError(f"vxperf {mode}: no {', '.join(missing)} on the console")
-    if mode == "pingpong" and res.values["rtt_samples"] != len(res.rtt_ns):
-        raise QemuClientError(f"vxperf pingpong: {len(res.rtt_ns)} RTT samples on the console, "
+    if (mode == "pingpong" or "rtt_samples" in res.values) and \
+            res.values["rtt_samples"] != len(res.rtt_ns):
+        raise QemuClientError(f"vxperf {mode}: {len(res.rtt_ns)} RTT samples on the console, "
                               f"{res.values['rtt_samples']} announced")
     return res
 

@@ -181,6 +181,8 @@ class Case:
     sweep_values: tuple[tuple[str, Any], ...] = ()
     pingpong_alongside: bool = False  # one more device (not counted in `devices`): a ping-pong
     pingpong_rate: int = 1000  # flow by the guest model during the stream's window
+    rx_ping_us: int = 0  # client qemu, guest_rx: vxperf also pings every this many us on the
+    # same NIC (the backend reflects guest TX into the stream: a `source` port with echo_tx)
 
     @property
     def label(self) -> str:

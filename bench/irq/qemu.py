@@ -1,9 +1,13 @@
 """The QEMU part of the `interrupts` scenario: a TCG guest (the same on a KVM host) receiving a
 paced stream from a vhostx `source` port (rate_pps) at several rates, moderation off and on,
 with the guest's interrupts per packet read from its /proc/interrupts and its CPU from
-/proc/stat (bench/guest_src/vxperf.c rx), and the RTT cost of the added delay from a ping-pong
-run against an `echo` port, moderation off, on and adaptive (the backend's lateness of each
-deadline firing comes with the backend counters: irq_deadline_fired, irq_late_ns).
+/proc/stat (bench/guest_src/vxperf.c rx). The RTT cost of the added delay is measured in the
+stream: the guest pings every `ping_us` (default 2000) on the same NIC and the port reflects its
+TX frames into the stream (echo_tx), so each ping waits in the same moderated RX ring as the
+stream; the added p50 of a rate is its p50 with moderation on minus off. A ping-pong run against
+an `echo` port, moderation off, on and adaptive, shows the cost with nothing else in flight
+(each completion waits out the whole hold). The backend's lateness of each deadline firing
+comes with the backend counters: irq_deadline_fired, irq_late_ns.
 
 Threads: the main thread (QEMU dies with it).
 """
@@ -21,9 +25,10 @@ from bench.process import DaemonProcess
 __all__ = ["run_qemu"]
 
 
-def _case(kind: str, rate: int) -> Case:
+def _case(kind: str, rate: int, ping_us: int = 0) -> Case:
     return Case(test=f"irq_{kind}", kind=kind, direction="guest_rx", size=64, devices=1, busy=0,
-                queues=1, rate=rate, client="qemu", idle_time=0.0)
+                queues=1, rate=rate, client="qemu", idle_time=0.0,
+                rx_ping_us=ping_us if kind == "stream" else 0)
 
 
 def _rx_stats(d: DaemonProcess) -> dict[str, int]:
@@ -61,6 +66,10 @@ def run_qemu(sc: dict[str, Any], out: Path, log: Any) -> list[dict[str, Any]]:
     core = int(sc.get("placement", {}).get("client_core", 0))
     bcore = int(sc.get("placement", {}).get("backend_core", 1))
     mod = [f"{k}={v}" for k, v in q.get("moderation", {}).items()]
+    ping_us = int(q.get("ping_us", 2000))
+    if not 0 <= ping_us <= 1_000_000:
+        raise ValueError(f"qemu.ping_us: allowed 0..1000000 (0: no pings in the stream), got "
+                         f"{ping_us}")
     recs: list[dict[str, Any]] = []
     work = out / "qemu"
     work.mkdir(parents=True, exist_ok=True)
@@ -72,12 +81,14 @@ def run_qemu(sc: dict[str, Any], out: Path, log: Any) -> list[dict[str, Any]]:
         params = ["mode=baseline"] + {"on": mod, "adaptive": [*mod, "irq_mode=adaptive"]}.get(
             m, ["irq_mode=off"])
         d = DaemonProcess(params=params, cpus={bcore}, log_level="WARNING")
-        opts = {"rate_pps": rate} if kind == "stream" else {}
+        opts: dict[str, Any] = {}
+        if kind == "stream":
+            opts = {"rate_pps": rate, **({"echo_tx": True} if ping_us else {})}
         sock = d.add_device("net0", "source" if kind == "stream" else "echo", **opts)
         t0 = time.monotonic()
         try:
             d.start()
-            r = _guest(info, sock, _case(kind, rate), q, core, work, f"irq{i:02d}", d)
+            r = _guest(info, sock, _case(kind, rate, ping_us), q, core, work, f"irq{i:02d}", d)
         except (RuntimeError, OSError, KeyError) as err:  # reported; the others go on
             r = {"error": f"{type(err).__name__}: {err}"[:600]}
         finally:
@@ -91,12 +102,27 @@ def run_qemu(sc: dict[str, Any], out: Path, log: Any) -> list[dict[str, Any]]:
             tot = max(1, int(g.get("cpu_total_ticks", 0)))
             rec["guest_cpu_busy"] = int(g.get("cpu_busy_ticks", 0)) / tot
             rec["received_pps"] = pk / max(float(q.get("duration", 5.0)), 1e-9)
+            if "rtt_p50_us" in r:
+                rec["pings_lost"] = int(g.get("pings_sent", 0)) - int(g.get("pings_received", 0))
             log(f"qemu rx {rate:>6} pps moderation {m:<3}: {rec['guest_irqs_per_pkt']:.4f} "
-                f"irq/pkt, guest CPU {rec['guest_cpu_busy']:.2f}")
+                f"irq/pkt, guest CPU {rec['guest_cpu_busy']:.2f}, ping p50 "
+                f"{r.get('rtt_p50_us', float('nan')):.1f} us")
         elif kind == "pingpong" and "rtt_p50_us" in r:
             log(f"qemu ping-pong moderation {m:<3}: p50 {r['rtt_p50_us']:.1f} us, "
                 f"p99 {r['rtt_p99_us']:.1f} us")
         else:
             log(f"qemu {kind} {rate} moderation {m}: {r.get('error', 'no result')}")
         recs.append(rec)
+    _added_p50(recs)
     return recs
+
+
+def _added_p50(recs: list[dict[str, Any]]) -> None:
+    """On each moderated stream record: `added_rtt_p50_us`, its ping p50 minus the p50 without
+    moderation at the same rate in the same run."""
+    off = {r["rate_pps"]: r["rtt_p50_us"] for r in recs
+           if r["kind"] == "qemu_stream" and r["moderation"] == "off" and "rtt_p50_us" in r}
+    for r in recs:
+        if r["kind"] == "qemu_stream" and r["moderation"] != "off" and "rtt_p50_us" in r \
+                and r["rate_pps"] in off:
+            r["added_rtt_p50_us"] = r["rtt_p50_us"] - off[r["rate_pps"]]

@@ -5,6 +5,7 @@ runs in tests/e2e/test_bench_run_qemu.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,18 @@ def test_job_script() -> None:
     assert job_script(tx, 0.5, 2.5).splitlines()[-1] == "/usr/bin/vxperf tx eth0 64 0.5 2.5"
     assert job_script(rx, 1.0, 3.0).splitlines()[-1] == "/usr/bin/vxperf rx eth0 1 3"
     assert "disable_ipv6" in job_script(rx, 1, 1)  # the guest sends nothing of its own
+    pinged = dataclasses.replace(rx, rx_ping_us=2000)  # pings alongside the stream
+    assert job_script(pinged, 1.0, 3.0).splitlines()[-1] == "/usr/bin/vxperf rx eth0 1 3 2000"
+
+
+def test_parse_console_rx_with_pings_checks_the_sample_count() -> None:
+    rx = ("VX-RESULT elapsed_ns 1\nVX-RESULT received 9\nVX-RESULT if_packets 9\n"
+          "VX-RESULT if_bytes 540\n")
+    assert parse_console(rx, "rx").rtt_ns == []
+    res = parse_console(rx + "VX-RTT 5000 7000\nVX-RESULT rtt_samples 2\n", "rx")
+    assert res.rtt_ns == [5000, 7000]
+    with pytest.raises(QemuClientError, match="1 RTT samples on the console, 2 announced"):
+        parse_console(rx + "VX-RTT 5000\nVX-RESULT rtt_samples 2\n", "rx")
 
 
 CONSOLE = """VX-READY uptime 2.1
