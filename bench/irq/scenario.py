@@ -228,11 +228,12 @@ def _report(doc: dict[str, Any]) -> str:
                          f"{f('received_pps', '.0f')} | {f('guest_irqs_per_pkt', '.4f')} | "
                          f"{f('guest_cpu_busy', '.2f')} | {f('rtt_p50_us', '.1f')} | "
                          f"{f('rtt_p99_us', '.1f')} | {late} | {r.get('error', '')[:80]} |")
-        hold = doc["scenario"].get("qemu", {}).get("moderation", {}).get("irq_coalesce_us")
+        qsc = doc.get("scenario", {}).get("qemu", {})
+        hold = qsc.get("moderation", {}).get("irq_coalesce_us")
         added = [r for r in qr if r.get("added_rtt_p50_us") is not None]
         if added:
             lines += ["", (f"Stream rows: RTT of pings the guest sent every "
-                      f"{doc['scenario'].get('qemu', {}).get('ping_us', 2000)} us, reflected "
+                      f"{qsc.get('ping_us', 2000)} us, reflected "
                       f"into the stream (they wait in the same moderated RX ring). Added p50 "
                       f"with moderation (irq_coalesce_us = {hold}):")]
             lines += [f"- {r['rate_pps']} pps: {r['added_rtt_p50_us']:+.1f} us "
