@@ -1,6 +1,7 @@
 /*
  * fuzz_round.c - port operations as data and poll rounds: vx_op_run and vx_round over up to six
- * vx_op of every kind (an unknown kind too) on three queues and a switch, with coalescing.
+ * vx_op of every kind (an unknown kind too) on three queues and a switch, with coalescing; RX_FILL
+ * and ECHO ops sometimes with shared_rx (their RX ring locked: no path may take it twice).
  *
  * Queues 0..2 in one fuzzed guest memory (see fuzz_common.h); ops name them by index.
  */
@@ -56,6 +57,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         opp[i] = &ops[i];
         if (ops[i].peer == ops[i].vq && (ops[i].kind == VX_OP_ECHO || ops[i].kind == VX_OP_FWD))
             ops[i].peer = g.q[(qs % 3 + 1) % 3].vq; /* a queue is never its own peer */
+        if (k & 0x80) { /* an RX ring with two writers (echo_tx): its lock, taken alone here */
+            ops[i].shared_rx = 1;
+            vx_vq_set_shared(ops[i].kind == VX_OP_ECHO ? ops[i].peer : ops[i].vq, 1);
+        }
     }
     for (unsigned s = 0; s < 4; s++) {
         uint8_t op = fz_u8(&g.steps), arg = fz_u8(&g.steps);

@@ -25,9 +25,9 @@ runs the detach between turns, so the current turn completes), then attach it to
 which treats it as runnable at once (kicks off, a turn is run): a kick that arrived in between
 is found by that first turn, nothing is served twice (one owner at a time), and the other works
 of both workers keep running. Per-queue migration is safe for every work vhostx builds: a ring is
-written by exactly one work (echo's TX work is the only writer of its RX ring and moves with it),
-and rings written by several works (switch RX rings) are written under the C core's per-queue
-lock. A work that says `migratable_alone = False` is refused a per-queue move.
+written either by exactly one work (echo's TX work is the only writer of its RX ring and moves
+with it) or, when several works write it (switch RX rings; a `source` port's RX ring with echo_tx,
+by its rx_fill and its TX work's echo), under the C core's per-queue lock. A work that says `migratable_alone = False` is refused a per-queue move.
 
 Threads: every method may be called from any thread; `migrate`, `remove_worker`, `update` and
 `stop` block until the workers answered (call them from a thread, e.g. asyncio.to_thread; `bind`,

@@ -44,6 +44,9 @@ class DeviceConfig:
     switch: str = "default"  # which switch a port=switch device joins
     frame_size: int = 64  # port=source: generated frame length (without the net header)
     rate_pps: int = 0  # port=source: frames per second per RX queue (0: as fast as buffers come)
+    # port=source: TX frames come back on the pair's RX queue, MACs swapped, between the generated
+    # ones (instead of being drained)
+    echo_tx: bool = False
     tap_name: str = ""  # port=tap: interface name (empty: chosen by the kernel)
     tap_netns: str = ""  # port=tap: move the interface into this namespace (created if absent)
     tap_address: str = ""  # port=tap: address/prefix to give the interface, e.g. 10.0.0.1/24
@@ -86,7 +89,7 @@ _INT_RANGES = {
     "rate_pps": (0, 100_000_000),
     "worker": (-1, 1023),
 }
-_BOOL_KEYS = {"client", "in_order", "iommu"}
+_BOOL_KEYS = {"client", "echo_tx", "in_order", "iommu"}
 _STR_KEYS = {
     "name", "socket", "type", "port", "mac", "switch", "tap_name", "tap_netns", "tap_address",
 }
@@ -203,6 +206,9 @@ def _device_from_mapping(raw: dict[str, Any], where: str, fd: int = -1) -> Devic
         for key in ("tap_name", "tap_netns", "tap_address"):
             if values.get(key):
                 raise ConfigError(f"{where}: {key} is only meaningful with port = \"tap\"")
+    if values.get("echo_tx") and values.get("port", "sink") != "source":
+        raise ConfigError(f"{where}: echo_tx is only meaningful with port = \"source\" (port = "
+                          f"\"{values.get('port', 'sink')}\"; an echo port echoes every frame)")
     if values.get("tap_name") and len(values["tap_name"]) > 15:
         raise ConfigError(f"{where}: tap_name={values['tap_name']!r}: at most 15 characters")
     values.setdefault("socket", "")  # an --fd device has none

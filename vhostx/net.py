@@ -3,7 +3,9 @@
 Ports (what the guest's queues are connected to):
   sink    copy each TX packet out of guest memory, count it, drop it
   echo    return each TX packet to the same guest's RX queue with the MACs swapped
-  source  fill the guest's RX queues with generated frames at full rate (and sink its TX)
+  source  fill the guest's RX queues with generated frames at full rate, or paced (rate_pps), and
+          sink its TX; with echo_tx its TX frames come back on the pair's RX queue, MACs swapped
+          (that RX ring then has two writers, the TX and RX works, which lock it)
   switch  an L2 learning switch between the daemon's devices, guest to guest in one copy
   tap     a TAP device (optionally in a network namespace), net header passed through
 
@@ -408,7 +410,8 @@ class NetDevice(VhostUserDevice):
             tx = running.get(2 * pair + 1)
             rx_kick = self.vrings[2 * pair].kick_fd
             tx_kick = self.vrings[2 * pair + 1].kick_fd
-            if tx is not None and not (port in ("switch", "echo") and not rx_all):
+            echoes = port == "echo" or (port == "source" and self.cfg.echo_tx)
+            if tx is not None and not ((port == "switch" or echoes) and not rx_all):
                 # A switch or echo port without any RX ring yet leaves TX frames in the ring
                 # (nothing lost): they are served once an RX ring starts and the plan is remade.
                 works.append(self._tx_work(pair, tx, rx, tx_kick))
@@ -423,11 +426,14 @@ class NetDevice(VhostUserDevice):
         port = self.cfg.port
         if port == "echo" and rx is not None:
             op = vnet.Op.echo(tx, rx)
+        elif port == "source" and self.cfg.echo_tx and rx is not None:
+            # into the RX ring the source's rx_fill writes too (maybe from another worker)
+            op = vnet.Op.echo(tx, rx, shared=True)
         elif port == "switch" and self._switch is not None and self._switch_port is not None:
             op = vnet.Op.switch_tx(self._switch, self._switch_port, tx)
         elif port == "tap":
             op = vnet.Op.tx_to_fd(tx, self.tap.queue_fd(pair))
-        else:  # sink, source (its TX is drained), echo whose RX ring is not running yet
+        else:  # sink, source (its TX is drained), echo (or echo_tx) whose RX is not running yet
             op = vnet.Op.tx_sink(tx)
         return QueueWorkItem(
             f"{self.name}.tx{pair}", tx, op, kick_fd=kick, device=self.name,
@@ -439,7 +445,8 @@ class NetDevice(VhostUserDevice):
         # paced (rate_pps): frames are due by the clock, not by the guest's refills, so the
         # work is polled for as long as it is attached (no kick fd), like a NIC's TX timer
         return QueueWorkItem(
-            f"{self.name}.rx{pair}", rx, vnet.Op.rx_fill(rx, self._frame, rate),
+            f"{self.name}.rx{pair}", rx,
+            vnet.Op.rx_fill(rx, self._frame, rate, shared=self.cfg.echo_tx),
             kick_fd=-1 if rate else kick, device=self.name, busy_poll=self.busy_poll,
             on_broken=self.guest_error,
         )  # fmt: skip

@@ -14,7 +14,8 @@ for the whole call (cffi).
 
 Threads: the worker that owns the TX queue calls tx_sink/echo/fwd/tx_to_fd/Switch.tx; the worker
 that owns the RX queue calls rx_fill/rx_from_fd. fwd and Switch write other devices' RX queues
-under the C queue lock, so several workers may feed one RX queue.
+under the C queue lock, so several workers may feed one RX queue; so do the two Ops of a shared
+RX ring (Op.rx_fill and Op.echo with shared=True: a `source` port's echo_tx).
 """
 
 from __future__ import annotations
@@ -171,17 +172,33 @@ class Op:
         return cls(lib.VX_OP_TX_SINK, "tx_sink", tx)
 
     @classmethod
-    def rx_fill(cls, rx: DeviceQueue, frame: bytes, rate_pps: int = 0) -> Op:
-        """`rate_pps` > 0: paced, at most that many frames per second (struct vx_op)."""
+    def rx_fill(cls, rx: DeviceQueue, frame: bytes, rate_pps: int = 0, *,
+                shared: bool = False) -> Op:  # fmt: skip
+        """`rate_pps` > 0: paced, at most that many frames per second (struct vx_op).
+        `shared`: an echo op (echo(..., shared=True)) writes `rx` too, from another thread."""
         op = cls(lib.VX_OP_RX_FILL, "rx_fill", rx, frame=frame)
         if not 0 <= rate_pps < 2**64:
             raise ConfigError(f"rx_fill rate_pps: allowed 0..2**64-1, got {rate_pps}")
         op._c.rate_pps = rate_pps
+        if shared:
+            op._share_rx(rx)
         return op
 
     @classmethod
-    def echo(cls, tx: DeviceQueue, rx: DeviceQueue) -> Op:
-        return cls(lib.VX_OP_ECHO, "echo", tx, peer=rx)
+    def echo(cls, tx: DeviceQueue, rx: DeviceQueue, *, shared: bool = False) -> Op:
+        """`shared`: an rx_fill op (rx_fill(..., shared=True)) writes `rx` too, from another
+        thread (a `source` port's echo_tx)."""
+        op = cls(lib.VX_OP_ECHO, "echo", tx, peer=rx)
+        if shared:
+            op._share_rx(rx)
+        return op
+
+    def _share_rx(self, rx: DeviceQueue) -> None:
+        # Every write of the RX ring by this op, and its owner's pending / set_notify / signal /
+        # busy-poll, take the ring's lock from now on (vx_vq_set_shared): set before either op
+        # runs (the control thread builds the works before attaching them).
+        lib.vx_vq_set_shared(rx.c_queue, 1)
+        self._c.shared_rx = 1
 
     @classmethod
     def fwd(cls, tx: DeviceQueue, rx: DeviceQueue) -> Op:

@@ -8,8 +8,8 @@
  *
  * Return codes: >= 0 success (a count), -1 the queue (or the TX queue of a pair) is broken; the
  * message is in vx_vq_error(). A broken queue never touches guest memory again.
- * Threads: a vx_vq belongs to one worker thread, except RX queues fed by a vx_switch or
- * vx_net_fwd, which are written under the queue's internal lock.
+ * Threads: a vx_vq belongs to one worker thread, except RX queues fed by a vx_switch, vx_net_fwd
+ * or two ops (vx_vq_set_shared), which are written under the queue's internal lock.
  *
  * The implementation is split by concern into virtio/_core/vx_*.c; vx_internal.h (never fed to
  * cdef) lists the files and holds what they share.
@@ -194,6 +194,9 @@ int vx_pi_prepare_sleep(struct vx_pi_desc *d);     /* ON = 0, SN = 0, full fence
  * it reads control; point 2 after the driver cleared ON/SN, before its fence and PIR re-read */
 void vx_pi_set_test_hook(void (*hook)(void *, uint32_t), void *arg);
 
+/* vq is written by two ops on different threads (a `source` port's echo_tx: RX_FILL and ECHO
+ * with shared_rx): its pending, set_notify, signal and busy-poll lock it too. Control thread. */
+void vx_vq_set_shared(struct vx_vq *vq, int shared);
 uint16_t vx_vq_last_avail_idx(const struct vx_vq *vq);
 uint16_t vx_vq_used_idx(const struct vx_vq *vq);
 const char *vx_vq_error(const struct vx_vq *vq);
@@ -243,9 +246,8 @@ struct vx_switch_stats *vx_switch_stats(struct vx_switch *sw);
  * broke; its `result` is -1 and the round stopped right there: ops after i in that pass did not
  * run), or -(i + 1) with result -2 for an op of unknown kind (nothing run).
  * coalesce_ns > 0 (poll_coalescing): an op runs at most once per coalesce_ns (its next_ns, kept
- * across rounds): the driver finds its ring untouched meanwhile and the device finds more per
- * batch, fewer cache lines cross between the two cores per packet. Passes in which every op was
- * skipped count as passes (batches does not grow). */
+ * across rounds; vx_round.c tells why). Passes in which every op was skipped count as passes
+ * (batches does not grow). */
 enum {
     VX_OP_TX_SINK = 1,
     VX_OP_RX_FILL = 2,
@@ -285,6 +287,8 @@ struct vx_op {
     uint64_t rate_pps;
     uint64_t rate_t0_ns;
     uint64_t rate_sent;
+    uint32_t shared_rx;      /* RX_FILL, ECHO: the RX ring has another writer (vx_vq_set_shared):
+                              * each fill step, each batch holds its lock (never a spin) */
 };
 
 int vx_op_run(struct vx_op *op, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns);
@@ -304,10 +308,7 @@ uint64_t vx_now_ns(void);
  * its budget), then, unless the batch used its whole packet budget: kicks back on (full
  * barrier), re-check the ring (a buffer that landed between the batch's last look and the
  * re-enable came with no kick: it is found here), kicks off again if it is not empty, signal.
- * Kicks stay off past one batch in three turns (vx_kq.c kq_turn tells why): the stream wait (an
- * empty batch right after a full or lingering one waits up to the busy-poll window for the
- * refill; not with a data fd), the linger (a batch whose spin caught buffers is requeued), and
- * in vx_wait_run the busy-queue turn (work found while other queues are runnable: requeued).
+ * Kicks stay off past one batch in three turns (vx_kq.c lists them and tells why).
  *
  * A vx_wait is one worker thread's waiting point: an epoll fd over its command eventfd, the
  * kick and data fds of its C-served queues (vx_wait_add) and the fds the Python side serves

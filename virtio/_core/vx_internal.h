@@ -147,6 +147,7 @@ struct vx_vq {
     struct iovec *iov; /* size entries */
     uint8_t *scratch;  /* VX_SCRATCH_LEN */
     int lock;
+    int shared;        /* written by two ops on two threads (vx_vq_set_shared): owner calls lock */
     uint32_t rr;
     int broken;
     char err[VX_ERR_LEN];
@@ -364,5 +365,12 @@ struct rx_src {
  * Caller holds the rx lock if the queue is shared.
  */
 int rx_deliver(struct vx_vq *rx, struct rx_src *src) VX_HIDDEN;
+
+/* the ops of a ring shared by two writers (struct vx_op shared_rx): vx_net_rx_fill and
+ * vx_net_echo with the RX ring's lock held around each fill step / batch (never a spin) */
+int rx_fill_shared(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
+                   uint64_t spin_ns) VX_HIDDEN;
+int echo_shared(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
+                uint64_t spin_ns) VX_HIDDEN;
 
 #endif

@@ -13,6 +13,11 @@
  * a re-read of avail->idx found nothing: whatever the driver published before seeing kicks on
  * is found by that re-read, whatever it published later comes with a kick.
  *
+ * Kicks stay off past one batch in three turns: the stream wait (an empty batch right after a
+ * full or lingering one waits up to the busy-poll window for the refill; not with a data fd),
+ * the linger (a batch whose spin caught buffers is requeued), and in vx_wait_run the busy-queue
+ * turn (work found while other queues are runnable: requeued); kq_turn tells why.
+ *
  * Threads: the worker thread that owns the queue's wait (or, without a wait, the one caller).
  */
 #include "vx_wait.h"

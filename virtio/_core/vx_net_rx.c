@@ -3,7 +3,8 @@
  * buffers), from a constant frame (rx_fill), from an fd (rx_from_fd) and from TX chains of
  * another queue (rx_deliver, used by vx_net_tx.c and vx_switch.c).
  *
- * Threads: the RX queue's owning worker; rx_deliver for fwd and the switch: under the RX lock.
+ * Threads: the RX queue's owning worker; rx_deliver for fwd, the switch and a shared ring's two
+ * writers (rx_fill_shared, echo_shared): under the RX lock.
  */
 #include "vx_internal.h"
 
@@ -301,8 +302,15 @@ static int rx_fill_simple(struct vx_vq *rx, const uint8_t *img, uint32_t total, 
     return (int)done;
 }
 
-int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
-                   uint64_t spin_ns)
+/*
+ * rx_fill itself. locked (a constant in each of the two instances): the ring has another writer
+ * (echo_tx), so every step that reads avail, consumes chains, writes used entries, publishes or
+ * decides the interrupt holds rx's lock; the lock is dropped for the busy-poll wait. The image
+ * in rx->scratch is this op's alone (no other writer uses the RX ring's scratch buffer).
+ */
+static inline __attribute__((always_inline)) int
+rx_fill_run(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
+            uint64_t spin_ns, const int locked)
 {
     if (unlikely(rx->broken))
         return -1;
@@ -312,11 +320,13 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
     const uint32_t total = max_pkts ? rx_fill_image(rx, frame, len) : 0;
     uint64_t spin_left = spin_ns;
     int done = 0;
+    if (locked)
+        vq_lock(rx);
     while ((uint32_t)done < max_pkts) {
         if (total) {
             int k = rx_fill_simple(rx, rx->scratch, total, len, max_pkts - (uint32_t)done);
             if (k < 0)
-                return -1;
+                goto broken;
             done += k;
             if ((uint32_t)done >= max_pkts)
                 break;
@@ -328,7 +338,7 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
         src.swap_mac = 0;
         int r = rx_deliver(rx, &src);
         if (r < 0)
-            return -1;
+            goto broken;
         if (r > 0) {
             done++;
             continue;
@@ -340,17 +350,40 @@ int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_
         if (!starved || done == 0 || spin_left == 0)
             break;
         if (vx_vq_notify_decide(rx) < 0) /* publish and interrupt before we wait */
-            return -1;
-        int s = vq_spin(rx, &spin_left, rx->irq_deadline);
+            goto broken;
+        const uint64_t until = rx->irq_deadline;
+        if (locked)
+            vq_unlock(rx); /* the other writer must not wait on our spin */
+        int s = vq_spin(rx, &spin_left, until);
+        if (locked)
+            vq_lock(rx);
         if (s < 0)
-            return -1;
+            goto broken;
         if (s == 0)
             break;
         rx->stats.ring_full--; /* the wait found buffers: nothing was refused after all */
     }
     if (vx_vq_notify_decide(rx) < 0)
-        return -1;
+        goto broken;
+    if (locked)
+        vq_unlock(rx);
     return done;
+broken:
+    if (locked)
+        vq_unlock(rx);
+    return -1;
+}
+
+int vx_net_rx_fill(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
+                   uint64_t spin_ns)
+{
+    return rx_fill_run(rx, frame, len, max_pkts, spin_ns, 0);
+}
+
+int rx_fill_shared(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_pkts,
+                   uint64_t spin_ns)
+{
+    return rx_fill_run(rx, frame, len, max_pkts, spin_ns, 1);
 }
 
 int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin_ns)

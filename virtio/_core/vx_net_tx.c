@@ -3,7 +3,7 @@
  * or into an fd (tx_to_fd). Each operation is the one TX loop (vx_tx.h) with its action here;
  * the switch's action is in vx_switch.c.
  *
- * Threads: the TX queue's owning worker (fwd writes the RX queue under its lock).
+ * Threads: the TX queue's owning worker (fwd and echo_shared write the RX queue under its lock).
  */
 #include "vx_tx.h"
 
@@ -113,7 +113,8 @@ int vx_net_tx_sink(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint
 struct to_rx_ctx {
     struct vx_vq *rx;
     int swap_mac; /* echo: swap destination and source MAC */
-    int locked;   /* fwd: rx may be written by other threads: hold its lock (never while spinning) */
+    int locked;   /* fwd, echo_shared: rx may be written by other threads: hold its lock (never
+                   * while spinning) */
     int rx_fatal; /* echo: rx breaking fails the call; fwd: its frames are dropped */
     int wrote;    /* delivered into rx since its last publication */
 };
@@ -194,6 +195,13 @@ int vx_net_echo(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t 
                 uint64_t spin_ns)
 {
     struct to_rx_ctx ctx = {.rx = rx, .swap_mac = 1, .locked = 0, .rx_fatal = 1};
+    return tx_run(tx, max_pkts, max_bytes, spin_ns, &TO_RX, &ctx);
+}
+
+int echo_shared(struct vx_vq *tx, struct vx_vq *rx, uint32_t max_pkts, uint64_t max_bytes,
+                uint64_t spin_ns)
+{
+    struct to_rx_ctx ctx = {.rx = rx, .swap_mac = 1, .locked = 1, .rx_fatal = 1};
     return tx_run(tx, max_pkts, max_bytes, spin_ns, &TO_RX, &ctx);
 }
 

@@ -9,6 +9,8 @@
  * the queue it was found on (vq->broken), and a broken queue never touches guest memory again.
  *
  * Threads: a queue's owning worker thread (life cycle calls: the control thread, queue stopped).
+ * A shared ring (vx_vq_set_shared: two ops write it from two threads) is read and re-armed by
+ * pending, set_notify and the busy-poll's re-read under its lock.
  */
 #include "vx_internal.h"
 
@@ -141,14 +143,33 @@ struct vx_stats *vx_vq_stats(struct vx_vq *vq) { return &vq->stats; }
 /* ------------------------------------------------------------------------------------------ */
 /* avail side                                                                                   */
 
+void vx_vq_set_shared(struct vx_vq *vq, int shared)
+{
+    __atomic_store_n(&vq->shared, shared ? 1 : 0, __ATOMIC_RELAXED);
+}
+
+/* a shared ring's avail_idx and last_avail_idx move under its lock: a reader of avail->idx
+ * storing an older avail_idx behind the other writer's back would hand out stale heads */
+static inline int shared_lock(struct vx_vq *vq)
+{
+    if (likely(!__atomic_load_n(&vq->shared, __ATOMIC_RELAXED)))
+        return 0;
+    vq_lock(vq);
+    return 1;
+}
+
 int vx_vq_pending(struct vx_vq *vq)
 {
     if (unlikely(vq->broken || !vq->started))
         return vq->broken ? -1 : 0;
-    return vq_avail(vq);
+    if (likely(!shared_lock(vq)))
+        return vq_avail(vq);
+    int n = vq_avail(vq);
+    vq_unlock(vq);
+    return n;
 }
 
-int vx_vq_set_notify(struct vx_vq *vq, int enable)
+static int set_notify(struct vx_vq *vq, int enable)
 {
     if (vq->broken)
         return -1;
@@ -172,6 +193,15 @@ int vx_vq_set_notify(struct vx_vq *vq, int enable)
         /* under EVENT_IDX: avail_event is simply no longer advanced */
     }
     return 0;
+}
+
+int vx_vq_set_notify(struct vx_vq *vq, int enable)
+{
+    if (likely(!shared_lock(vq)))
+        return set_notify(vq, enable);
+    int r = set_notify(vq, enable);
+    vq_unlock(vq);
+    return r;
 }
 
 /*
@@ -317,7 +347,10 @@ int vq_spin(struct vx_vq *vq, uint64_t *left_ns, uint64_t until_ns)
             cpu_relax();
         }
         if (i < VX_SPIN_CHECK) {
-            int a = vq_avail(vq); /* acquire; checks the jump */
+            const int locked = shared_lock(vq); /* never held while spinning */
+            int a = vq_avail(vq);               /* acquire; checks the jump */
+            if (unlikely(locked))
+                vq_unlock(vq);
             if (a < 0) {
                 r = -1;
                 break;

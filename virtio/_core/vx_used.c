@@ -372,6 +372,11 @@ int vx_pi_prepare_sleep(struct vx_pi_desc *d)
 
 int vx_vq_signal(struct vx_vq *vq)
 {
+    const int shared = __atomic_load_n(&vq->shared, __ATOMIC_RELAXED);
+    if (unlikely(shared))
+        vq_lock(vq); /* the other writer may be filling the used shadow */
     int outcome = vx_vq_notify_decide(vq);
+    if (unlikely(shared))
+        vq_unlock(vq);
     return outcome < 0 ? -1 : outcome == VX_NOTIFY_SENT;
 }
