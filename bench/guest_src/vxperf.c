@@ -35,6 +35,7 @@
 #include <linux/if_packet.h>
 #include <net/ethernet.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -368,27 +369,43 @@ static int tx(const char *ifname, int size, double warmup, double duration)
 	return 0;
 }
 
-/* rx's pinger: a VXPP frame every `every_ns` on its own socket (ETHERTYPE_VXPP), replies
- * matched by their magic, the RTT from the timestamp they carry back */
+/* rx's pinger: a thread sending a VXPP frame on its own timer (every_ns on average, each gap
+ * drawn uniformly from [every_ns / 2, 3 every_ns / 2] so the pings keep no phase with the
+ * stream's interrupts), on its own socket (ETHERTYPE_VXPP); rx's loop takes the replies, matched
+ * by their magic, the RTT from the timestamp they carry back. A ping sent from the receive loop
+ * would leave right after an interrupt woke it, and so always wait out a whole hold. */
 struct pinger {
 	int fd;
-	uint64_t every_ns, next_ns, seq;
+	uint64_t every_ns, seq;
 	unsigned char mac[6];
 	int size;
-	uint64_t sent, received, bad;
+	volatile int stop;
+	uint64_t sent; /* written by the thread; read after it is joined or as a snapshot */
+	uint64_t received, bad;
 	size_t n, cap;
 	uint64_t *rtt;
 };
 
-static void pinger_send(struct pinger *p, uint64_t now)
+static void *pinger_main(void *arg)
 {
+	struct pinger *p = arg;
 	unsigned char frame[HDR + BODY + 64];
-	if (!p->every_ns || now < p->next_ns)
-		return;
-	make_frame(frame, p->size, p->mac, ++p->seq, now);
-	if (send(p->fd, frame, (size_t)p->size, MSG_DONTWAIT) == p->size)
-		p->sent++;
-	p->next_ns = now + p->every_ns;
+	uint64_t next = now_ns(), rnd = next | 1;
+	while (!p->stop) {
+		rnd ^= rnd << 13; /* xorshift64: the gaps' jitter */
+		rnd ^= rnd >> 7;
+		rnd ^= rnd << 17;
+		next += p->every_ns / 2 + rnd % (p->every_ns + 1);
+		struct timespec ts = {.tv_sec = (time_t)(next / 1000000000ULL),
+				      .tv_nsec = (long)(next % 1000000000ULL)};
+		while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+			;
+		uint64_t t = now_ns();
+		make_frame(frame, p->size, p->mac, ++p->seq, t);
+		if (send(p->fd, frame, (size_t)p->size, MSG_DONTWAIT) == p->size)
+			__atomic_fetch_add(&p->sent, 1, __ATOMIC_RELAXED);
+	}
+	return NULL;
 }
 
 static void pinger_recv(struct pinger *p, int window_open)
@@ -432,8 +449,16 @@ static int rx(const char *ifname, double warmup, double duration, double ping_us
 			return 3;
 		pg.every_ns = (uint64_t)(ping_us * 1e3);
 	}
+	pthread_t pinger_thread;
+	if (pg.fd >= 0 && pthread_create(&pinger_thread, NULL, pinger_main, &pg) != 0) {
+		perror("VX-ERROR pthread_create");
+		return 3;
+	}
+	uint64_t pings0 = 0;
 	int big = 8 << 20;
 	setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof big);
+	struct timeval tv = {.tv_sec = 0, .tv_usec = 100000};
+	setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 	static unsigned char bufs[BATCH][2048];
 	struct iovec iov[BATCH];
 	struct mmsghdr msgs[BATCH];
@@ -448,7 +473,8 @@ static int rx(const char *ifname, double warmup, double duration, double ping_us
 		int state = window_tick(&w);
 		if (state == W_BEGIN) {
 			frames = bytes = 0;
-			pg.sent = pg.received = pg.bad = 0;
+			pings0 = __atomic_load_n(&pg.sent, __ATOMIC_RELAXED);
+			pg.received = pg.bad = 0;
 			pg.n = 0;
 			getsockopt(fd, SOL_PACKET, PACKET_STATISTICS, &st, &sl); /* reads and resets */
 			if0 = if_stat(ifname, "rx_packets");
@@ -459,17 +485,14 @@ static int rx(const char *ifname, double warmup, double duration, double ping_us
 		} else if (state == W_END) {
 			break;
 		}
-		uint64_t now = now_ns();
-		pinger_send(&pg, now);
-		/* sleep until data or the next ping (at most 100 ms: the window's end is checked) */
-		int wait_ms = 100;
-		if (pg.every_ns)
-			wait_ms = pg.next_ns > now ? (int)((pg.next_ns - now) / 1000000ULL) : 0;
-		struct pollfd pf[2] = {{.fd = fd, .events = POLLIN}, {.fd = pg.fd, .events = POLLIN}};
-		poll(pf, pg.fd >= 0 ? 2 : 1, wait_ms);
-		if (pg.fd >= 0)
+		int flags = 0; /* without pings: block in recvmmsg (SO_RCVTIMEO ends it) */
+		if (pg.fd >= 0) {
+			struct pollfd pf[2] = {{.fd = fd, .events = POLLIN}, {.fd = pg.fd, .events = POLLIN}};
+			poll(pf, 2, 100); /* 100 ms at most: the window's end is checked */
 			pinger_recv(&pg, w.open);
-		int r = recvmmsg(fd, msgs, BATCH, MSG_DONTWAIT, NULL);
+			flags = MSG_DONTWAIT;
+		}
+		int r = recvmmsg(fd, msgs, BATCH, flags, NULL);
 		for (int i = 0; i < r; i++)
 			bytes += msgs[i].msg_len;
 		if (r > 0)
@@ -492,7 +515,9 @@ static int rx(const char *ifname, double warmup, double duration, double ping_us
 	result_u64("cpu_busy_ticks", cb1 - cb0);          /* guest CPU (USER_HZ ticks) */
 	result_u64("cpu_total_ticks", ct1 - ct0);
 	if (pg.fd >= 0) {
-		result_u64("pings_sent", pg.sent);
+		pg.stop = 1;
+		pthread_join(pinger_thread, NULL);
+		result_u64("pings_sent", pg.sent - pings0); /* a few more than the window's replies */
 		result_u64("pings_received", pg.received);
 		result_u64("pings_bad", pg.bad);
 		for (size_t i = 0; i < pg.n; i += 32) {

@@ -232,7 +232,7 @@ def _report(doc: dict[str, Any]) -> str:
         hold = qsc.get("moderation", {}).get("irq_coalesce_us")
         added = [r for r in qr if r.get("added_rtt_p50_us") is not None]
         if added:
-            lines += ["", (f"Stream rows: RTT of pings the guest sent every "
+            lines += ["", (f"qemu_stream_ping rows: RTT of pings the guest sent every "
                       f"{qsc.get('ping_us', 2000)} us, reflected "
                       f"into the stream (they wait in the same moderated RX ring). Added p50 "
                       f"with moderation (irq_coalesce_us = {hold}):")]
