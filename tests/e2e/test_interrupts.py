@@ -156,9 +156,12 @@ def test_moderation_set_per_device_at_run_time(daemon_factory) -> None:
             for i in range(20):  # one at a time: each one's interrupt held (net0) or not
                 net.send([frame(i)])
                 assert net.recv(timeout=5) == [frame(i)]
+            # a driver that finds each echo before it asks for an interrupt (a fast machine)
+            # may finish before net0's first 2000 us hold ends: the held interrupt is sent then
+            time.sleep(0.02)
             s = rx_stats(d, dev)
             assert (s["interrupts_deferred"] > 0) == held, (dev, s)
-            assert s["interrupts"] >= 1
+            assert s["interrupts"] >= 1, (dev, s)
 
 
 def test_a_paced_source_never_exceeds_its_rate(daemon_factory) -> None:
