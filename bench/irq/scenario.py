@@ -54,6 +54,9 @@ def load(path: Path) -> dict[str, Any]:
     ws = m.get("windows", [DEFAULT_WINDOW])
     if not ws or any(not isinstance(w, int) or not 1 <= w <= 128 for w in ws):
         raise ValueError(f"{path}: matrix.windows: a non-empty list, each 1..128, got {ws}")
+    reps = sc.get("run", {}).get("unlimited_repeats", 1)
+    if not isinstance(reps, int) or isinstance(reps, bool) or not 1 <= reps <= 20:
+        raise ValueError(f"{path}: run.unlimited_repeats: 1..20, got {reps!r}")
     return sc
 
 
@@ -91,6 +94,26 @@ def _streams(rates: list[int], windows: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _stream_rec(client: IrqClient, daemon: DaemonProcess, run: dict[str, Any], rate: int,
+                window: int, daemon_mode: str, queues: int, mode: str) -> dict[str, Any]:
+    """One stream run and its figures (the backend's counters and CPU around it)."""
+    c0, s0 = _cpu(daemon.pid), _rx_counters(daemon.stats())
+    res = client.stream(float(run.get("duration", 3.0)), rate, window=window)
+    c1, s1 = _cpu(daemon.pid), _rx_counters(daemon.stats())
+    pk = max(1, res.packets)
+    notif = (s1["interrupts"] - s0["interrupts"]
+             + s1.get("pi_notifications", 0) - s0.get("pi_notifications", 0))
+    return {"kind": "stream", "daemon_mode": daemon_mode, "queues": queues,
+            "mode": mode, "rate_pps": rate, "window": window,
+            **res.as_dict(),
+            "throughput_pps": res.packets / max(res.elapsed_s, 1e-9),
+            "notifications": notif, "notifications_per_pkt": notif / pk,
+            "syscalls_per_pkt": res.syscalls / pk,
+            "driver_cpu_us_per_pkt": 1e6 * res.driver_cpu_s / pk,
+            "backend_cpu_us_per_pkt": 1e6 * (c1 - c0) / pk,
+            "backend": {k: s1.get(k, 0) - s0.get(k, 0) for k in s1}}
+
+
 def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path,
          log: Any, daemon_mode: str = "baseline",
          windows: list[int] | None = None) -> list[dict[str, Any]]:
@@ -111,25 +134,18 @@ def _one(sc: dict[str, Any], queues: int, mode: str, rates: list[int], out: Path
         try:
             time.sleep(0.2)
             for rate, window in _streams(rates, windows):
-                c0, s0 = _cpu(daemon.pid), _rx_counters(daemon.stats())
-                res = client.stream(float(run.get("duration", 3.0)), rate, window=window)
-                c1, s1 = _cpu(daemon.pid), _rx_counters(daemon.stats())
-                pk = max(1, res.packets)
-                notif = (s1["interrupts"] - s0["interrupts"]
-                         + s1.get("pi_notifications", 0) - s0.get("pi_notifications", 0))
-                rec = {"kind": "stream", "daemon_mode": daemon_mode, "queues": queues,
-                       "mode": mode, "rate_pps": rate, "window": window,
-                       **res.as_dict(),
-                       "throughput_pps": res.packets / max(res.elapsed_s, 1e-9),
-                       "notifications": notif, "notifications_per_pkt": notif / pk,
-                       "syscalls_per_pkt": res.syscalls / pk,
-                       "driver_cpu_us_per_pkt": 1e6 * res.driver_cpu_s / pk,
-                       "backend_cpu_us_per_pkt": 1e6 * (c1 - c0) / pk,
-                       "backend": {k: s1.get(k, 0) - s0.get(k, 0) for k in s1}}
+                reps = [_stream_rec(client, daemon, run, rate, window, daemon_mode, queues, mode)
+                        for _ in range(1 if rate else int(run.get("unlimited_repeats", 1)))]
+                # the run of median throughput stands for them all (ratios of medians)
+                rec = sorted(reps, key=lambda x: x["throughput_pps"])[len(reps) // 2]
+                rec["repeats"] = len(reps)
+                rec["throughput_runs_pps"] = [x["throughput_pps"] for x in reps]
                 recs.append(rec)
                 log(f"{daemon_mode:<8} {mode:<10} q={queues:<3} rate={rate or 'max':>6} "
                     f"window={window:<3}: "
-                    f"{rec['throughput_pps']:9.0f} pps, {rec['notifications_per_pkt']:.4f} "
+                    f"{rec['throughput_pps']:9.0f} pps"
+                    f"{f' (median of {len(reps)})' if len(reps) > 1 else ''}, "
+                    f"{rec['notifications_per_pkt']:.4f} "
                     f"notif/pkt, {rec['syscalls_per_pkt']:.4f} syscalls/pkt")
             pp = client.pingpong(int(run.get("pingpongs", 400)))
             rtts = sorted(pp.rtts_ns)
@@ -177,11 +193,21 @@ def _ratios(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _repeats_note(doc: dict[str, Any]) -> list[str]:
+    n = max((int(r.get("repeats", 1)) for r in doc["runs"] if r["kind"] == "stream"), default=1)
+    if n <= 1:
+        return []
+    return [(f"Unlimited rows: {n} runs in a row each, the row is the run of median throughput "
+            f"(every run's rate in results.json, `throughput_runs_pps`); ratios below are "
+            f"ratios of these medians."), ""]
+
+
 def _report(doc: dict[str, Any]) -> str:
     lines = [f"# {doc['name']}: {doc['description']}", "",
              f"Label: {doc['label']}", "",
              f"Commit {doc['dimensions'].get('commit', '?')}; command: `{doc['command']}`", "",
              "## Streams (guest model, one driver thread, echo device)", "",
+             *_repeats_note(doc),
              ("| daemon | queues | rate (pps) | in flight/pair | mode | throughput (pps) | "
               "notif/pkt | syscalls/pkt | driver CPU us/pkt | backend CPU us/pkt |"),
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]

@@ -37,6 +37,14 @@ def test_bad_matrices_are_refused(tmp_path: Path, bad: str, why: str) -> None:
         load(p)
 
 
+@pytest.mark.parametrize("bad", ["0", "21", "2.5", "true"])
+def test_bad_unlimited_repeats_are_refused(tmp_path: Path, bad: str) -> None:
+    p = tmp_path / "x.toml"
+    p.write_text(f'kind = "interrupts"\n[run]\nunlimited_repeats = {bad}\n')
+    with pytest.raises(ValueError, match=r"run.unlimited_repeats: 1\.\.20"):
+        load(p)
+
+
 def _stream(dm: str, mode: str, pps: float, notif: float, sys: float, window: int = 32) -> dict:
     return {"kind": "stream", "daemon_mode": dm, "queues": 64, "rate_pps": 0, "mode": mode,
             "window": window,
