@@ -135,12 +135,18 @@ class NetDriver:
         if q.rx_post() and q.publish_batch():
             self._kick(2 * pair)
 
-    def _collect(self, pair: int) -> list[bytes]:
+    def _reap_rx(self, pair: int) -> int:
+        """Whole received frames copied into self._rx_out (lengths in self._rx_lens); counted."""
         try:
             n = self._rxq(pair).rx_frames(self.hdr_len, self.mrg_rxbuf, self._rx_out,
                                           self._rx_lens)
         except VhostError as err:
             raise RemoteProtocolError(f"RX queue {2 * pair}: {err}") from err
+        self.rx_packets += n
+        return n
+
+    def _collect(self, pair: int) -> list[bytes]:
+        n = self._reap_rx(pair)
         if not n:
             return []
         out: list[bytes] = []
@@ -148,18 +154,12 @@ class NetDriver:
         for length in self._rx_lens[:n]:
             out.append(bytes(view[off : off + length]))
             off += length
-        self.rx_packets += n
         return out
 
     def poll_rx_count(self, pair: int = 0) -> int:
         """poll_rx() that only counts: the frames are reaped and the ring refilled, but no
         bytes object is made (a load generator that needs the count, not the frames)."""
-        try:
-            n = self._rxq(pair).rx_frames(self.hdr_len, self.mrg_rxbuf, self._rx_out,
-                                          self._rx_lens)
-        except VhostError as err:
-            raise RemoteProtocolError(f"RX queue {2 * pair}: {err}") from err
-        self.rx_packets += n
+        n = self._reap_rx(pair)
         self._refill(pair)
         return n
 
