@@ -18,7 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-C_TARGETS=(chain tx rx round iotlb)
+C_TARGETS=(chain tx rx round iotlb drvpair)
 PY_TARGETS=(vhost_user)
 CACHE=${VHOSTX_CACHE:-$HOME/.cache/vhostx}/fuzz
 PY=${PYTHON:-$ROOT/.venv/bin/python}

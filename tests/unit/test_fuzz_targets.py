@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 FUZZ = ROOT / "scripts" / "fuzz.sh"
 SECONDS = int(os.environ.get("VHOSTX_FUZZ_SECONDS", "12"))
-C_TARGETS = {"chain", "tx", "rx", "round", "iotlb"}
+C_TARGETS = {"chain", "tx", "rx", "round", "iotlb", "drvpair"}
 
 
 def _targets() -> list[str]:
