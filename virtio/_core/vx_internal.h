@@ -59,6 +59,11 @@ static inline void cpu_relax(void)
 #define VX_MAC_PAIR_LEN 12 /* destination + source MAC: what echo swaps */
 
 #define VX_MAX_QUEUE_SIZE 32768 /* the largest split ring (VIRTIO 1.2, 2.7) */
+/* frames (TX chains, RX deliveries) one data-path call handles at most, whatever max_pkts asks
+ * (the largest turn_max_packets): a ring that refills itself as we complete chains (a used ring
+ * laid over the avail ring makes every publication look like new entries), or an RX frame that
+ * takes no chain (empty, no header, MRG_RXBUF), must not hold a call and its worker for ever */
+#define VX_CALL_MAX 65536u
 /* ring alignments (VIRTIO 1.2, 2.7.1): descriptor table, avail ring, used ring */
 #define VRING_DESC_ALIGN 16
 #define VRING_AVAIL_ALIGN 2

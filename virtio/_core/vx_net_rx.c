@@ -316,6 +316,8 @@ rx_fill_run(struct vx_vq *rx, const uint8_t *frame, uint32_t len, uint32_t max_p
         return -1;
     if (unlikely(!rx->started))
         return 0;
+    if (max_pkts > VX_CALL_MAX)
+        max_pkts = VX_CALL_MAX;
     struct vx_seg seg = {(uint8_t *)frame, len};
     const uint32_t total = max_pkts ? rx_fill_image(rx, frame, len) : 0;
     uint64_t spin_left = spin_ns;
@@ -392,6 +394,8 @@ int vx_net_rx_from_fd(struct vx_vq *rx, int fd, uint32_t max_pkts, uint64_t spin
         return -1;
     if (unlikely(!rx->started))
         return 0;
+    if (max_pkts > VX_CALL_MAX)
+        max_pkts = VX_CALL_MAX;
     const uint32_t hlen = rx->hdr_len;
     uint64_t spin_left = spin_ns;
     int done = 0;

@@ -33,11 +33,6 @@
 #define VX_TX_STAGE_MAX 32
 /* frames longer than this are prefetched a second cache line further */
 #define VX_TX_PREFETCH_LINE 64
-/* chains one call completes at most, whatever max_pkts asks (the largest turn_max_packets):
- * a ring that refills itself as we complete chains (a used ring laid over the avail ring makes
- * every publication look like new entries) must not hold a call, and its worker, for ever */
-#define VX_TX_CALL_MAX 65536u
-
 /* what the walk found in one chain (struct tx_item.kind) */
 enum tx_kind {
     TX_FLAT = 0,      /* header and frame each in one buffer: hdr / frame pointers valid */
@@ -135,8 +130,8 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
         if (p <= 0)
             return p;
     }
-    if (max_pkts > VX_TX_CALL_MAX)
-        max_pkts = VX_TX_CALL_MAX;
+    if (max_pkts > VX_CALL_MAX)
+        max_pkts = VX_CALL_MAX;
     int n = tx_turn_begin(tx, max_pkts);
     if (n <= 0)
         return n;
