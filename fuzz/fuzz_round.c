@@ -54,6 +54,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         ops[i].max_pkts = b % 9 ? b % 9 : 64;
         ops[i].max_bytes = b & 0x80 ? 500 : ~0ull;
         ops[i].idle_ns = b & 0x40 ? 1 : 0; /* vx_round_until: idle ends the round */
+        /* batch waiting: a target that the ring (half its size) and the budget may cap, a
+         * maximum wait short enough (1 us) or long enough (100 us) to skip ops in a round */
+        ops[i].batch_target = k & 0x20 ? 16u + (b & 0x3f) : 0;
+        ops[i].batch_wait_max_ns = k & 0x40 ? 1000 : 100000;
         opp[i] = &ops[i];
         if (ops[i].peer == ops[i].vq && (ops[i].kind == VX_OP_ECHO || ops[i].kind == VX_OP_FWD))
             ops[i].peer = g.q[(qs % 3 + 1) % 3].vq; /* a queue is never its own peer */
@@ -78,6 +82,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 fz_abort("vx_round stopped at an op that did not fail", 0, (unsigned)(-r), 0);
             if (r < 0)
                 g.tainted = 1;
+            for (unsigned i = 0; i < n; i++)
+                if (opp[i]->batch_wait_ns > opp[i]->batch_wait_max_ns)
+                    fz_abort("batch wait past its maximum", 0, (unsigned)opp[i]->batch_wait_ns, i);
             break;
         case 2:
             r = vx_op_run(opp[arg % n], opp[arg % n]->max_pkts, opp[arg % n]->max_bytes, 0);

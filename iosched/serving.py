@@ -262,6 +262,8 @@ class Serving:
         rnd = Round(ops)
         for i, q in enumerate(qs):
             rnd.set_idle_exit(i, self._idle_exit_ns(q))
+            s = self.policy.settings_for(q)
+            rnd.set_batch_wait(i, s.poll_batch_target, s.poll_batch_wait_max_ns)
         self._round, self._round_qs = rnd, qs
 
     def _idle_exit_ns(self, q: QueueState) -> int:

@@ -370,6 +370,22 @@ class Round:
             raise ConfigError(f"idle_ns must be >= 0, got {idle_ns}")
         self._arr[index].idle_ns = min(idle_ns, _U64_MAX)
 
+    def set_batch_wait(self, index: int, target: int, max_ns: int) -> None:
+        """Batch waiting for op `index` (vx_round.c): while its batches carry a stream, visit it
+        less often so that they grow towards `target` packets, waiting at most max_ns between
+        two visits; target 0: off (visited at every pass)."""
+        if target < 0 or max_ns < 0:
+            raise ConfigError(f"target and max_ns must be >= 0, got {target}, {max_ns}")
+        op = self._arr[index]
+        op.batch_target = min(target, _U32_MAX)
+        op.batch_wait_max_ns = min(max_ns, _U64_MAX)
+        if not target:
+            op.batch_wait_ns = 0
+
+    def batch_waits(self) -> list[int]:
+        """Each op's current spacing under batch waiting, in ns (0: visited at every pass)."""
+        return [int(self._arr[i].batch_wait_ns) for i in range(self.n)]
+
     def run_until(self, max_passes: int, check_ns: int, max_ns: int, coalesce_ns: int = 0,
                   wait: Wait | None = None) -> int:
         """run() that goes on past check_ns, up to max_ns, while nothing needs the caller: it

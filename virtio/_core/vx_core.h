@@ -246,8 +246,10 @@ struct vx_switch_stats *vx_switch_stats(struct vx_switch *sw);
  * broke; its `result` is -1 and the round stopped right there: ops after i in that pass did not
  * run), or -(i + 1) with result -2 for an op of unknown kind (nothing run).
  * coalesce_ns > 0 (poll_coalescing): an op runs at most once per coalesce_ns (its next_ns, kept
- * across rounds; vx_round.c tells why). Passes in which every op was skipped count as passes
- * (batches does not grow). */
+ * across rounds; vx_round.c tells why). An op with batch_target > 0 spaces its own visits
+ * (batch waiting, below: the larger of that spacing and coalesce_ns applies). With either, the
+ * clock is read at every pass. Passes in which every op was skipped count as passes (batches
+ * does not grow). */
 enum {
     VX_OP_TX_SINK = 1,
     VX_OP_RX_FILL = 2,
@@ -279,8 +281,16 @@ struct vx_op {
     uint32_t full;
     uint64_t pkts;
     uint64_t last_work_ns;
+    /* batch waiting (vx_round_until; 0: off): while the op's batches carry a stream (at least
+     * VX_BATCH_WAIT_FLOOR packets), the round spaces its visits so that they grow towards
+     * batch_target packets (at most half the ring, at most max_pkts), waiting at most
+     * batch_wait_max_ns between two; a smaller batch visits it at every pass again */
+    uint32_t batch_target;
+    uint64_t batch_wait_max_ns;
     /* kept across rounds */
-    uint64_t next_ns;        /* with coalesce_ns: not run again before this CLOCK_MONOTONIC */
+    uint64_t batch_wait_ns;  /* the op's current spacing (batch waiting) */
+    uint64_t next_ns;        /* with coalesce_ns or batch waiting: not run again before this
+                              * CLOCK_MONOTONIC */
     /* RX_FILL pacing (a `source` port's rate_pps): at most rate_pps frames per second since
      * rate_t0_ns, never more than 4 batches behind (a paced op that fell behind does not
      * burst to catch up); 0: unpaced */

@@ -103,6 +103,49 @@ static void round_irq_due(struct vx_op **ops, uint32_t n, uint64_t t)
     }
 }
 
+/*
+ * Batch waiting: why a busy ring is visited less often than the round could.
+ * Each visit of a ring the driver is filling reads avail->idx, a line the driver writes on its own
+ * core; every batch publishes used->idx, a line the driver reads. A round that looks at a ring
+ * after each of the driver's bursts moves both lines between the cores once per burst (32 frames
+ * from testpmd), and the driver, whose store of avail->idx is followed by a full barrier, waits
+ * for each of those transfers. Measured on guest TX 64 B with 4 queue pairs on one testpmd core,
+ * the driver was the bottleneck and moved ~10% fewer frames against vhostx than against DPDK's
+ * vhost PMD, whose slower poll loop leaves some bursts unseen (docs/benchmarks.md, 2026-12-02).
+ * So an op whose batches carry a stream (at least VX_BATCH_WAIT_FLOOR packets) waits between two
+ * visits: the wait doubles (plus 1 us) while its batches stay under half batch_target (or come
+ * back empty: the wait was shorter than the driver's gap between bursts), halves when a batch
+ * passes batch_target, and never exceeds batch_wait_max_ns; batch_target is capped at half the
+ * ring (the driver never finds it full because of the wait) and at the op's budget. A batch of
+ * 1 to VX_BATCH_WAIT_FLOOR - 1 packets (a ping-pong, a light stream) ends the waiting at once:
+ * latency-bound traffic is visited at every pass, as before; the first frame after a stream
+ * stopped may wait up to batch_wait_max_ns.
+ */
+#define VX_BATCH_WAIT_FLOOR 8
+#define VX_BATCH_WAIT_STEP_NS 1000
+
+static inline uint64_t batch_wait(struct vx_op *op, uint32_t r)
+{
+    uint32_t target = op->batch_target;
+    if (op->vq && target > op->vq->size / 2)
+        target = op->vq->size / 2;
+    if (target > op->max_pkts)
+        target = op->max_pkts;
+    uint64_t w = op->batch_wait_ns;
+    if (target < 2 * VX_BATCH_WAIT_FLOOR || (r && r < VX_BATCH_WAIT_FLOOR))
+        w = 0;
+    else if (r == 0)
+        w = w ? w * 2 + VX_BATCH_WAIT_STEP_NS : 0; /* waiting, and nothing came: wait longer */
+    else if (r > target)
+        w /= 2;
+    else if (r < target / 2)
+        w = w * 2 + VX_BATCH_WAIT_STEP_NS;
+    if (w > op->batch_wait_max_ns)
+        w = op->batch_wait_max_ns;
+    op->batch_wait_ns = w;
+    return w;
+}
+
 #define VX_ROUND_CLOCK 4 /* passes between two clock reads in a round (a power of two) */
 
 /* vx_round_until's look at check time t: does the owner need to run (an op idle long enough
@@ -132,6 +175,10 @@ int vx_round_until(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t
     }
     if (n == 0 || max_passes == 0)
         return 0;
+    int timed = coalesce_ns != 0; /* read the clock at every pass */
+    for (uint32_t i = 0; i < n; i++)
+        if (ops[i]->batch_target)
+            timed = 1;
     const uint64_t t0 = now_ns();
     uint64_t t = t0;
     uint64_t next_check = check_ns < max_ns ? t0 + check_ns : UINT64_MAX;
@@ -141,14 +188,15 @@ int vx_round_until(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t
         for (uint32_t i = 0; i < n; i++) {
             struct vx_op *op = ops[i];
             /* the next op's avail->idx: a line the driver writes on its own core, so a miss
-             * at nearly every visit; fetched while this op's batch runs */
-            if (i + 1 < n && ops[i + 1]->vq) {
+             * at nearly every visit; fetched while this op's batch runs, unless that op is to
+             * be skipped (a fetch would move the line all the same) */
+            if (i + 1 < n && ops[i + 1]->vq && t >= ops[i + 1]->next_ns) {
                 const struct vring_avail *na = ops[i + 1]->vq->avail;
                 if (na)
                     __builtin_prefetch(&na->idx);
             }
-            if (coalesce_ns && t < op->next_ns)
-                continue; /* served less than coalesce_ns ago: let the ring fill up */
+            if (timed && t < op->next_ns)
+                continue; /* served less than its wait ago: let the ring fill up */
             int r = op_tx_empty(op) ? 0 : vx_op_run(op, op->max_pkts, op->max_bytes, 0);
             op->result = r;
             if (unlikely(r < 0)) {
@@ -157,7 +205,13 @@ int vx_round_until(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t
                 return -(int)(i + 1);
             }
             op->batches++;
-            op->next_ns = t + coalesce_ns;
+            uint64_t wait = coalesce_ns;
+            if (op->batch_target) {
+                const uint64_t bw = batch_wait(op, (uint32_t)r);
+                if (bw > wait)
+                    wait = bw;
+            }
+            op->next_ns = t + wait;
             if (r > 0) {
                 op->found++;
                 op->pkts += (uint64_t)r;
@@ -173,7 +227,7 @@ int vx_round_until(struct vx_op **ops, uint32_t n, uint32_t max_passes, uint64_t
         /* the clock every VX_ROUND_CLOCK passes without coalescing (a busy pass takes
          * microseconds, an empty one well under one; reading the clock each time cost ~7% of a
          * busy round), every pass with it */
-        if (coalesce_ns || (pass & (VX_ROUND_CLOCK - 1)) == 0 || pass >= max_passes) {
+        if (timed || (pass & (VX_ROUND_CLOCK - 1)) == 0 || pass >= max_passes) {
             const uint64_t tp = t;
             t = now_ns();
             round_irq_due(ops, n, t);
