@@ -13,7 +13,8 @@
  *     translated), classify each (flat frame, scattered, malformed, oversize) and, when the stage
  *     holds more than one chain, prefetch the first bytes of each frame: the driver just wrote
  *     them on another core, and touching them right after the walk would stall on each line in
- *     turn (DPDK's vhost dequeue prefetches the same way). A scattered chain ends the stage: its
+ *     turn (DPDK's vhost dequeue prefetches the same way); non-temporal, so that those lines
+ *     do not stay in this core's L2 (see the prefetch). A scattered chain ends the stage: its
  *     segments (tx->segs) are only valid until the next walk.
  *  2. act on the staged chains in avail order, and complete each (a used entry) after its action:
  *     used entries always keep the avail order (VIRTIO_F_IN_ORDER); a stage followed by more
@@ -189,9 +190,14 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
                         break;
                     }
                     if (A->stage > 1) {
-                        __builtin_prefetch(it->frame);
+                        /* non-temporal (PREFETCHNTA): the frame is read once, and a line of
+                         * the driver's left in our L2 makes the driver's next write to it (its
+                         * next frame in that buffer) wait for an invalidation here. Guest TX
+                         * 64 B with 4 queue pairs, testpmd the bottleneck: 0.96x DPDK with NTA,
+                         * 0.79x with PREFETCHT0 (docs/benchmarks.md, 2026-12-02) */
+                        __builtin_prefetch(it->frame, 0, 0);
                         if (len > VX_TX_PREFETCH_LINE)
-                            __builtin_prefetch(it->frame + VX_TX_PREFETCH_LINE);
+                            __builtin_prefetch(it->frame + VX_TX_PREFETCH_LINE, 0, 0);
                     }
                     if (staged >= max_bytes)
                         break;
