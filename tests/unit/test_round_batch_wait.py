@@ -159,7 +159,7 @@ def test_a_skipped_ring_loses_nothing(env):
 
 def test_defaults_and_ranges_of_the_parameters():
     s = SchedSettings.from_registry()
-    assert (s.poll_batch_target, s.poll_batch_wait_max_us) == (0, 20)  # off unless asked for
+    assert (s.poll_batch_target, s.poll_batch_wait_max_us) == (128, 20)
     assert s.poll_batch_wait_max_ns == 20_000
 
 
