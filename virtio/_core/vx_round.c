@@ -109,9 +109,10 @@ static void round_irq_due(struct vx_op **ops, uint32_t n, uint64_t t)
  * core; every batch publishes used->idx, a line the driver reads. A round that looks at a ring
  * after each of the driver's bursts moves both lines between the cores once per burst (32 frames
  * from testpmd), and the driver, whose store of avail->idx is followed by a full barrier, waits
- * for each of those transfers. Measured on guest TX 64 B with 4 queue pairs on one testpmd core,
- * the driver was the bottleneck and moved ~10% fewer frames against vhostx than against DPDK's
- * vhost PMD, whose slower poll loop leaves some bursts unseen (docs/benchmarks.md, 2026-12-02).
+ * for each of those transfers. On guest TX 64 B with 4 queue pairs on one testpmd core the
+ * driver is the bottleneck; the larger part of what it lost against DPDK's vhost PMD was the
+ * frame lines kept in our L2 (the non-temporal prefetch in vx_tx.h), and this wait took it from
+ * 0.92x to 0.97x on top of that (docs/benchmarks.md, 2026-12-02).
  * So an op whose batches carry a stream (at least VX_BATCH_WAIT_FLOOR packets) waits between two
  * visits: the wait doubles (plus 1 us) while its batches stay under half batch_target (or come
  * back empty: the wait was shorter than the driver's gap between bursts), halves when a batch
