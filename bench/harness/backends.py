@@ -161,7 +161,9 @@ def start_testpmd_client(stack: ExitStack, sockets: Sequence[str], case: Case,
             total_num_mbufs=client.total_num_mbufs or auto_mbufs(len(vdevs), case.queues,
                                                                  client.queue_size),
             log_dir=logs, name=f"client{gi}", start_timeout=120.0, socket_timeout=60.0,
-            app_args=("--port-topology=loop",),  # each port's stream stays on its own device
+            # each port's stream stays on its own device
+            app_args=("--port-topology=loop",
+                      *((f"--mbcache={client.mbcache}",) if client.mbcache else ())),
         )
         group.procs.append(stack.enter_context(proc))
     return group

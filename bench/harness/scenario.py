@@ -130,8 +130,8 @@ _MODES = ["probe", "probe_duration", "gap", "slices"]
 _PLACEMENT = ["backend_core", "client_core"]
 _BACKEND = ["name", "kind", "mode", "params", "memory_mb", "total_num_mbufs", "burst"]
 _CLIENTS = ["testpmd", "guest_model", "qemu"]
-_TESTPMD = ["queue_size", "burst", "memory_mb", "total_num_mbufs", "mrg_rxbuf", "in_order",
-            "packed_vq"]
+_TESTPMD = ["queue_size", "burst", "memory_mb", "total_num_mbufs", "mbcache", "mrg_rxbuf",
+            "in_order", "packed_vq"]
 _GUEST_MODEL = ["queue_size", "wait", "mem_mb"]
 _QEMU = ["memory_mb", "boot_timeout"]
 _TEST = ["name", "kind", "direction", "size", "devices", "busy", "queues", "rate", "client",
@@ -257,6 +257,7 @@ def _parse_clients(raw: Mapping[str, Any]) -> tuple[TestpmdClient, GuestModelCli
         queue_size=qs, burst=_int(tp, "burst", 0, 0, 512, w),
         memory_mb=_int(tp, "memory_mb", 1024, 64, 65536, w),
         total_num_mbufs=_int(tp, "total_num_mbufs", 0, 0, 4_000_000, w),
+        mbcache=_int(tp, "mbcache", 0, 0, 512, w),  # RTE_MEMPOOL_CACHE_MAX_SIZE
         mrg_rxbuf=_opt_bool(tp, "mrg_rxbuf", w), in_order=_opt_bool(tp, "in_order", w),
         packed_vq=_opt_bool(tp, "packed_vq", w),
     )

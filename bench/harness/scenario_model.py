@@ -125,6 +125,7 @@ class TestpmdClient:
     burst: int = 0  # 0: default (32)
     memory_mb: int = 1024
     total_num_mbufs: int = 0  # 0: sized from the number of devices
+    mbcache: int = 0  # testpmd --mbcache (the lcore's mempool cache); 0: testpmd's default (250)
     mrg_rxbuf: bool | None = None
     in_order: bool | None = None
     packed_vq: bool | None = None

@@ -12,6 +12,8 @@ posted-interrupt domain (virtio.driver.posted), and counting what it costs.
 
 Syscalls counted are the driver's own on the notification path: kicks (eventfd writes), waits
 (epoll_wait over the per-queue eventfds, select() on the posted wake eventfd) and eventfd reads.
+`kicks` counts the first kind on its own: kicks are the driver-to-device direction, which the
+daemon's mode decides (a polling worker suppresses them), not the interrupt delivery mode.
 The driver's per-packet work is C's in every mode (unlimited streams: one C call per wake-up for
 every pair named; paced streams and ping-pong: C batches per pair, no Python object per frame):
 what differs between modes is the notification path.
@@ -45,7 +47,8 @@ class StreamResult:
     packets: int = 0
     sent: int = 0
     elapsed_s: float = 0.0
-    syscalls: int = 0
+    syscalls: int = 0  # kicks included
+    kicks: int = 0  # of `syscalls`: eventfd writes to the device (driver-to-device direction)
     wakeups: int = 0  # notifications the driver saw (eventfd reads, posted wake-ups)
     driver_cpu_s: float = 0.0
     rtts_ns: list[int] = field(default_factory=list)
@@ -70,6 +73,7 @@ class IrqClient:
         self.area: PostedArea | None = None
         self.dom: PostedDomain | None = None
         self.syscalls = 0
+        self.kicks = 0
         self.wakeups = 0
         if posted:
             self.area = PostedArea(1)
@@ -85,6 +89,7 @@ class IrqClient:
 
         def kick(index: int) -> None:
             self.syscalls += 1
+            self.kicks += 1
             real_kick(index)
 
         self.fe.kick = kick  # type: ignore[method-assign]
@@ -142,7 +147,7 @@ class IrqClient:
         res = StreamResult()
         packs = self._packs(window)
         inflight = [0] * self.pairs
-        sys0, wk0, cpu0 = self.syscalls, self.wakeups, time.thread_time()
+        sys0, k0, wk0, cpu0 = self.syscalls, self.kicks, self.wakeups, time.thread_time()
         start = time.monotonic()
         end = start + duration
         nxt = 0
@@ -177,6 +182,7 @@ class IrqClient:
             now = time.monotonic()
         res.elapsed_s = now - start
         res.syscalls = self.syscalls - sys0
+        res.kicks = self.kicks - k0
         res.wakeups = self.wakeups - wk0
         res.driver_cpu_s = time.thread_time() - cpu0
         self._drain(0.2)
@@ -189,7 +195,7 @@ class IrqClient:
         wake-up, as in a driver whose per-packet work is native."""
         res = StreamResult()
         turns = PairTurns(self.drv, self.frame, window)
-        sys0, wk0, cpu0 = self.syscalls, self.wakeups, time.thread_time()
+        sys0, k0, wk0, cpu0 = self.syscalls, self.kicks, self.wakeups, time.thread_time()
         start = time.monotonic()
         end = start + duration
         turns.turn()
@@ -202,6 +208,7 @@ class IrqClient:
         res.elapsed_s = now - start
         res.packets, res.sent = turns.received, turns.sent
         res.syscalls = self.syscalls - sys0 + turns.kicks
+        res.kicks = self.kicks - k0 + turns.kicks
         res.wakeups = self.wakeups - wk0
         res.driver_cpu_s = time.thread_time() - cpu0
         self._drain(0.2)
@@ -219,7 +226,7 @@ class IrqClient:
     def pingpong(self, count: int, *, timeout: float = 1.0) -> StreamResult:
         res = StreamResult()
         self._drain(0.05)
-        sys0, wk0, cpu0 = self.syscalls, self.wakeups, time.thread_time()
+        sys0, k0, wk0, cpu0 = self.syscalls, self.kicks, self.wakeups, time.thread_time()
         start = time.monotonic()
         for i in range(count):
             p = i % self.pairs
@@ -237,6 +244,7 @@ class IrqClient:
                 res.packets += got
         res.elapsed_s = time.monotonic() - start
         res.syscalls = self.syscalls - sys0
+        res.kicks = self.kicks - k0
         res.wakeups = self.wakeups - wk0
         res.driver_cpu_s = time.thread_time() - cpu0
         return res

@@ -109,6 +109,8 @@ def _stream_rec(client: IrqClient, daemon: DaemonProcess, run: dict[str, Any], r
             "throughput_pps": res.packets / max(res.elapsed_s, 1e-9),
             "notifications": notif, "notifications_per_pkt": notif / pk,
             "syscalls_per_pkt": res.syscalls / pk,
+            "kicks_per_pkt": res.kicks / pk,
+            "irq_syscalls_per_pkt": (res.syscalls - res.kicks) / pk,
             "driver_cpu_us_per_pkt": 1e6 * res.driver_cpu_s / pk,
             "backend_cpu_us_per_pkt": 1e6 * (c1 - c0) / pk,
             "backend": {k: s1.get(k, 0) - s0.get(k, 0) for k in s1}}
@@ -202,6 +204,12 @@ def _repeats_note(doc: dict[str, Any]) -> list[str]:
             f"ratios of these medians."), ""]
 
 
+def _kicks(r: dict[str, Any]) -> str:
+    """The kicks per packet of a stream row (results written before they were counted: -)."""
+    k = r.get("kicks_per_pkt")
+    return "-" if k is None else f"{k:.4f}"
+
+
 def _report(doc: dict[str, Any]) -> str:
     lines = [f"# {doc['name']}: {doc['description']}", "",
              f"Label: {doc['label']}", "",
@@ -209,15 +217,17 @@ def _report(doc: dict[str, Any]) -> str:
              "## Streams (guest model, one driver thread, echo device)", "",
              *_repeats_note(doc),
              ("| daemon | queues | rate (pps) | in flight/pair | mode | throughput (pps) | "
-              "notif/pkt | syscalls/pkt | driver CPU us/pkt | backend CPU us/pkt |"),
-             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+              "notif/pkt | syscalls/pkt | of which kicks/pkt | driver CPU us/pkt | "
+              "backend CPU us/pkt |"),
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in doc["runs"]:
         if r["kind"] != "stream":
             continue
         lines.append(f"| {r['daemon_mode']} | {r['queues']} | {r['rate_pps'] or 'unlimited'} | "
                      f"{r.get('window', '-')} | "
                      f"{r['mode']} | {r['throughput_pps']:.0f} | {r['notifications_per_pkt']:.4f} | "
-                     f"{r['syscalls_per_pkt']:.4f} | {r['driver_cpu_us_per_pkt']:.2f} | "
+                     f"{r['syscalls_per_pkt']:.4f} | {_kicks(r)} | "
+                     f"{r['driver_cpu_us_per_pkt']:.2f} | "
                      f"{r['backend_cpu_us_per_pkt']:.2f} |")
     lines += ["", "## Ping-pong (one frame in flight)", "",
               "| daemon | queues | mode | RTT p50 (us) | RTT p99 (us) | syscalls/pkt |",

@@ -195,3 +195,6 @@ def test_guest_model_unlimited_stream_keeps_every_window_and_loses_nothing(daemo
     # every frame sent came back, but for the ones still in flight when the stream ended
     assert res.packets <= res.sent <= res.packets + 4 * 8
     assert res.syscalls > 0 and res.driver_cpu_s > 0
+    # a baseline worker sleeps on its kicks: the first top-up kicks at least, and the kicks are
+    # counted among the syscalls
+    assert 0 < res.kicks <= res.syscalls

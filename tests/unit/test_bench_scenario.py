@@ -59,6 +59,12 @@ def test_shipped_scenarios_parse(path: Path) -> None:
     assert sc.reference in [b.name for b in sc.backends]
 
 
+def test_client_mbcache_defaults_to_testpmds_own_and_is_kept() -> None:
+    assert parse_scenario(make()).testpmd.mbcache == 0
+    sc = parse_scenario(make(clients={"testpmd": {"mbcache": 512}}))
+    assert sc.testpmd.mbcache == 512
+
+
 def test_shipped_set_is_complete() -> None:
     names = {p.stem for p in CONFIGS.glob("*.toml")}
     assert {"smoke", "throughput", "scaling", "latency", "idle"} <= names
@@ -129,6 +135,7 @@ def test_reference_defaults_to_last_backend() -> None:
         ({"clients": {"qemu": {"memory_mb": 64}}}, "clients.qemu.memory_mb = 64: out of range"),
         ({"clients": {"testpmd": {"queue_size": 100}}}, "expected a power of two"),
         ({"clients": {"testpmd": {"mrg_rxbuf": 1}}}, "mrg_rxbuf = 1: expected true or false"),
+        ({"clients": {"testpmd": {"mbcache": 513}}}, "clients.testpmd.mbcache = 513: out of range"),
         ({"clients": {"guest_model": {"wait": "spin"}}}, "allowed interrupt | poll"),
         ({"clients": {"virtio": {}}}, "unknown key 'virtio'"),
         ({"tests": []}, "at least one [[tests]]"),
