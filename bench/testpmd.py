@@ -240,6 +240,7 @@ class Testpmd:
         txq: int | None = None,
         rxd: int | None = None,
         txd: int | None = None,
+        mbcache: int | None = None,
         total_num_mbufs: int = 16384,
         memory_mb: int = 1024,
         allow: Sequence[str] = (),
@@ -293,7 +294,8 @@ class Testpmd:
         if txpkts is not None:
             sizes = [txpkts] if isinstance(txpkts, int) else list(txpkts)
             app.append("--txpkts=" + ",".join(map(str, sizes)))
-        for opt, val in (("burst", burst), ("rxq", rxq), ("txq", txq), ("rxd", rxd), ("txd", txd)):
+        for opt, val in (("burst", burst), ("rxq", rxq), ("txq", txq), ("rxd", rxd), ("txd", txd),
+                         ("mbcache", mbcache)):
             if val is not None:
                 app.append(f"--{opt}={val}")
         if not link_check:  # a vhost port is down until its frontend connects: do not wait 9 s

@@ -157,13 +157,11 @@ def start_testpmd_client(stack: ExitStack, sockets: Sequence[str], case: Case,
             vdevs, forward_mode=mode, forward_lcores=(placement.client_core,),
             main_lcore=placement.backend_core,
             txpkts=case.size if mode == "txonly" else None, burst=client.burst or None,
-            rxq=q, txq=q, memory_mb=client.memory_mb,
+            rxq=q, txq=q, memory_mb=client.memory_mb, mbcache=client.mbcache or None,
             total_num_mbufs=client.total_num_mbufs or auto_mbufs(len(vdevs), case.queues,
                                                                  client.queue_size),
             log_dir=logs, name=f"client{gi}", start_timeout=120.0, socket_timeout=60.0,
-            # each port's stream stays on its own device
-            app_args=("--port-topology=loop",
-                      *((f"--mbcache={client.mbcache}",) if client.mbcache else ())),
+            app_args=("--port-topology=loop",),  # each port's stream stays on its own device
         )
         group.procs.append(stack.enter_context(proc))
     return group
