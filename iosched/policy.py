@@ -160,6 +160,20 @@ POLL_ROUND_MAX_US = Param(
     "at poll_round_us",
     unit="us", min=0, max=1_000_000, runtime=True, scope=Scope.GLOBAL,
 )  # fmt: skip
+TX_PREFETCH = Param(
+    "tx_prefetch", str, "auto",
+    "how a TX batch prefetches the frames it is about to copy: nta (non-temporal: the driver's "
+    "lines stay out of the worker's L2), t0 (kept), none, or auto: the worker measures nta "
+    "against t0 on its polled rings every tx_prefetch_recheck and keeps the faster "
+    "(iosched/prefetch_tuner.py; rings served on kicks only use nta)",
+    choices=("auto", "nta", "t0", "none"), runtime=True, scope=Scope.DEVICE,
+)  # fmt: skip
+TX_PREFETCH_RECHECK = Param(
+    "tx_prefetch_recheck", int, 2000,
+    "tx_prefetch auto: a worker measures nta against t0 again this long after its last "
+    "decision (at its polled rings' next traffic; about 80 ms of measuring); 0 = only once",
+    unit="ms", min=0, max=3_600_000, runtime=True, scope=Scope.GLOBAL,
+)  # fmt: skip
 POLICY = Param(
     "policy", str, "elvis",
     "shared mode: scheduling policy of the workers: elvis (ELVIS fine-grained scheduling), "
@@ -202,6 +216,8 @@ class SchedSettings:
     turn_max_bytes: int = settings_field(TURN_MAX_BYTES)
     poll_round_us: int = settings_field(POLL_ROUND_US)  # 0: no C poll rounds
     poll_round_max_us: int = settings_field(POLL_ROUND_MAX_US)
+    tx_prefetch: str = settings_field(TX_PREFETCH)
+    tx_prefetch_recheck_ms: int = settings_field(TX_PREFETCH_RECHECK)
     devices: tuple[tuple[str, SchedSettings], ...] = ()
 
     def __post_init__(self) -> None:
@@ -283,6 +299,10 @@ class SchedSettings:
         if self.max_work_stuck_us >= 0:
             return r
         return max(r, self.poll_round_max_us * _NS_PER_US)
+
+    @property
+    def tx_prefetch_recheck_ns(self) -> int:
+        return self.tx_prefetch_recheck_ms * 1_000_000
 
     @property
     def min_poll_period_ns(self) -> int:

@@ -8,10 +8,11 @@ thread only (between commands, never concurrently with them).
 from __future__ import annotations
 
 import collections
+import logging
 from typing import TYPE_CHECKING
 
 from virtio.errors import GuestError
-from virtio.kick import COp, Round, RoundBroken
+from virtio.kick import COp, Round, RoundBroken, set_tx_prefetch
 
 from .policy import Policy
 from .work import IDLE, POLLED, QUEUED, RUNNING, QueueState, QueueWork
@@ -22,9 +23,12 @@ if TYPE_CHECKING:
     from virtio.kick import Wait
 
     from .policy import SchedSettings
+    from .prefetch_tuner import PrefetchTuner
     from .work import WorkerStats
 
 __all__ = ["Serving"]
+
+log = logging.getLogger("vhostx.data")
 
 _DRAINED, _BUDGET = 0, 1
 _NOMINAL_PKT = 64  # bytes assumed for a batch that ran before any counter reading
@@ -35,6 +39,7 @@ class Serving:
     """Worker methods that serve queues; the attributes below are the Worker's."""
 
     if TYPE_CHECKING:
+        name: str
         settings: SchedSettings
         policy: Policy
         stats: WorkerStats
@@ -54,6 +59,8 @@ class Serving:
         _round_max_ns: int
         _coalesce_ns: int
         _wait: Wait
+        _prefetch: PrefetchTuner
+        _round_auto: list[int]
 
         def _collect(self, arrival: int, in_turn: bool = False) -> None: ...
         def _fail(self, q: QueueState, err: GuestError) -> None: ...
@@ -260,11 +267,46 @@ class Serving:
             op.set_budget(*self.policy.batch_budget(q))
             ops.append(op)
         rnd = Round(ops)
+        self._prefetch.abort()  # other rings: an exploration under way would mix them
+        auto: list[int] = []
         for i, q in enumerate(qs):
             rnd.set_idle_exit(i, self._idle_exit_ns(q))
             s = self.policy.settings_for(q)
             rnd.set_batch_wait(i, s.poll_batch_target, s.poll_batch_wait_max_ns)
-        self._round, self._round_qs = rnd, qs
+            if s.tx_prefetch == "auto":
+                auto.append(i)
+                set_tx_prefetch(ops[i], self._prefetch.applied)
+            else:
+                set_tx_prefetch(ops[i], s.tx_prefetch)
+        self._round, self._round_qs, self._round_auto = rnd, qs, auto
+
+    def _tune_prefetch(self, rnd: Round, res: list[int], now: int) -> None:
+        """Feed the round's packets on tx_prefetch-auto rings to the tuner; apply its hint."""
+        tuner = self._prefetch
+        was_exploring = tuner.exploring
+        hint = tuner.account(now, sum(res[5 * i + 3] for i in self._round_auto))
+        if hint is not None:
+            for i in self._round_auto:
+                set_tx_prefetch(rnd.ops[i], hint)
+        if was_exploring != tuner.exploring:
+            st = self.stats
+            st.prefetch_explorations = tuner.explorations
+            st.prefetch_switches = tuner.switches
+            st.prefetch_t0 = int(tuner.current == "t0")
+            if was_exploring:
+                log.log(logging.INFO if tuner.last_outcome == "switched" else logging.DEBUG,
+                        "%s: tx_prefetch auto: %s %s (%s)", self.name, tuner.last_outcome,
+                        tuner.current, ", ".join(f"{h} {r / 1e6:.2f} Mpps" for h, r in
+                                                 sorted(tuner.last_rates.items())))
+
+    def _apply_fixed_prefetch(self, q: QueueState) -> None:
+        """A kicked queue's ring takes its device's tx_prefetch unless that is auto (then it
+        keeps the hint it last had: nta at first, the tuner's while it was polled)."""
+        if q.kq is None:
+            return
+        mode = self.policy.settings_for(q).tx_prefetch
+        if mode != "auto":
+            set_tx_prefetch(q.kq.op, mode)
 
     def _idle_exit_ns(self, q: QueueState) -> int:
         """How long q may find nothing before an extended C round hands it back (0: never, it
@@ -293,6 +335,9 @@ class Serving:
             max_ns = self._round_max_ns
             if self._scan_every:
                 max_ns = max(self._round_ns, min(max_ns, self._next_scan - t0))
+        cap = self._prefetch.round_cap_ns(t0) if self._round_auto else None
+        if cap is not None and cap < max_ns:
+            max_ns = cap  # the tuner's epoch ends there
         try:
             rnd.run_until(_ROUND_MAX_PASSES, self._round_ns, max_ns, self._coalesce_ns,
                           self._wait)
@@ -330,6 +375,8 @@ class Serving:
                     idle.append(q)
         self.stats.empty_polls += empty_polls
         self.stats.rounds += 1
+        if self._round_auto and self._prefetch.due(now):
+            self._tune_prefetch(rnd, res, now)
         if broken is not None:
             bq = self._round_qs[broken.index]
             if bq in idle:

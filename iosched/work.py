@@ -181,12 +181,20 @@ class WorkerStats(_Counters):
         ("rounds", 0),  # C poll rounds (poll_round_us): all polled queues served in one C call
         ("round_ns", 0),  # time inside those C calls (the rest of busy_ns is Python around them)
         ("polling", 0),  # works currently polled
+        # tx_prefetch auto (iosched/prefetch_tuner.py): measurements of nta against t0, the
+        # ones that changed the hint, and the hint now (1: t0, 0: nta)
+        ("prefetch_explorations", 0),
+        ("prefetch_switches", 0),
+        ("prefetch_t0", 0),
     )
     works: int
     empty_polls: int
     rounds: int
     round_ns: int
     polling: int
+    prefetch_explorations: int
+    prefetch_switches: int
+    prefetch_t0: int
 
 
 class QueueState:

@@ -62,6 +62,7 @@ from virtio.kick import (
 )
 
 from .policy import Policy, SchedSettings, make_policy
+from .prefetch_tuner import PrefetchTuner
 from .serving import Serving
 from .work import IDLE, POLLED, QUEUED, QueueState, QueueWork, WorkerStats, WorkStats
 
@@ -115,6 +116,8 @@ class Worker(Serving):
         self._round_ns = 0
         self._round_max_ns = 0
         self._coalesce_ns = 0
+        self._round_auto: list[int] = []  # the round's ops under tx_prefetch auto
+        self._prefetch = PrefetchTuner(self.settings.tx_prefetch_recheck_ns)
         self._apply_settings_values()
         self._thread = threading.Thread(target=self._main, name=f"vhostx-{name}", daemon=True)
         self._thread.start()
@@ -223,9 +226,11 @@ class Worker(Serving):
         pol = self.policy
         poll_start = s.poll_start_rate if (s.polling and pol.polls) else 0
         self._wait.configure(max(0, poll_start), pol.multi_batch)
+        self._prefetch.configure(s.tx_prefetch_recheck_ns)
         for q in self._states.values():
             if q.kq is not None:
                 q.kq.set_budget(*pol.batch_budget(q))
+                self._apply_fixed_prefetch(q)
 
     def _attach(self, work: QueueWork) -> None:
         if work in self._states:
@@ -235,6 +240,7 @@ class Worker(Serving):
         self._next_id += 1
         if q.kq is not None:  # served in C on kicks: the wait watches its fds
             q.kq.set_budget(*self.policy.batch_budget(q))
+            self._apply_fixed_prefetch(q)
             self._wait.add(q.kq, q.ident)
             self._ids[q.ident] = q
         else:

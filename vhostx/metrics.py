@@ -76,6 +76,12 @@ _WORKER_METRICS: tuple[_Spec, ...] = (
      "C poll rounds: every polled queue of the worker served in one C call.", 1),
     ("round_ns", "worker_poll_round_seconds", "counter",
      "Time inside C poll rounds (the rest of the busy time is Python around them).", 1e-9),
+    ("prefetch_explorations", "worker_prefetch_explorations", "counter",
+     "tx_prefetch auto: measurements of the nta hint against t0.", 1),
+    ("prefetch_switches", "worker_prefetch_switches", "counter",
+     "tx_prefetch auto: measurements that changed the worker's hint.", 1),
+    ("prefetch_t0", "worker_prefetch_t0", "gauge",
+     "tx_prefetch auto: 1 while the worker's hint is t0, 0 while it is nta.", 1),
     ("works", "worker_works", "gauge", "Queue works currently attached to the worker.", 1),
     ("polling", "worker_polling", "gauge", "Queues the worker is currently polling.", 1),
 )

@@ -13,6 +13,7 @@ one). The scheduler (iosched) builds on these handles without knowing about port
   scheduling decision needs the caller.
 - `Round` / `RoundBroken`: many ops served in one C call (vx_round), for polled queues.
 - `SpinWindow`: a busy-poll window in a C cell, shared by queues and changed from any thread.
+- `set_tx_prefetch` / `tx_prefetch`: how the TX ring an op serves prefetches staged frames.
 
 Threads: a Wait, its KickQueues and a Round are used by the one worker thread that owns them
 (construction anywhere); `SpinWindow.ns` may be set from any thread; the counters may be read from
@@ -34,6 +35,7 @@ __all__ = [
     "KQ_PY",
     "KQ_RUN",
     "KQ_STATS_FIELDS",
+    "TX_PREFETCH_MODES",
     "WAIT_CMD",
     "WAIT_FDS",
     "WAIT_SCHED",
@@ -51,6 +53,8 @@ __all__ = [
     "Wait",
     "WaitReport",
     "now_ns",
+    "set_tx_prefetch",
+    "tx_prefetch",
 ]
 
 _U32_MAX = 0xFFFFFFFF
@@ -92,6 +96,33 @@ class COp(Protocol):
 
     def results(self) -> tuple[int, int, int, int, int]:
         """What the last Round did with it: (batches, found, full, packets, last_work_ns)."""
+
+
+# How a TX loop prefetches the frames it stages (vx_vq_set_tx_prefetch in vx_core.h).
+TX_PREFETCH_MODES: dict[str, int] = {
+    "nta": int(lib.VX_TX_PREFETCH_NTA),
+    "t0": int(lib.VX_TX_PREFETCH_T0),
+    "none": int(lib.VX_TX_PREFETCH_NONE),
+}
+_TX_PREFETCH_NAMES = {v: k for k, v in TX_PREFETCH_MODES.items()}
+
+
+def set_tx_prefetch(op: COp, mode: str) -> None:
+    """The frame prefetch of the ring `op` serves (its TX ring; an op without a ring: nothing):
+    "nta", "t0" or "none". From the thread that owns the ring."""
+    code = TX_PREFETCH_MODES.get(mode)
+    if code is None:
+        raise ConfigError(f"tx prefetch mode must be one of {sorted(TX_PREFETCH_MODES)}, "
+                          f"got {mode!r}")
+    vq = op.c_op.vq
+    if vq != ffi.NULL:
+        lib.vx_vq_set_tx_prefetch(vq, code)
+
+
+def tx_prefetch(op: COp) -> str | None:
+    """The frame prefetch of the ring `op` serves (None: it has no ring)."""
+    vq = op.c_op.vq
+    return None if vq == ffi.NULL else _TX_PREFETCH_NAMES[int(lib.vx_vq_tx_prefetch(vq))]
 
 
 def _budget(max_pkts: int, max_bytes: int) -> tuple[int, int]:

@@ -554,7 +554,7 @@ DEVICE_SCOPE = {
     "turn_max_bytes", "busy_poll_us", "busy_poll_max_us", "irq_mode", "irq_coalesce_frames",
     "irq_coalesce_us",
     "irq_adaptive_on_kpps", "irq_adaptive_off_kpps", "irq_adaptive_window_us",
-    "poll_batch_target", "poll_batch_wait_max",
+    "poll_batch_target", "poll_batch_wait_max", "tx_prefetch",
 }  # fmt: skip
 
 

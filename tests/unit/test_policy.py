@@ -181,7 +181,7 @@ def test_parameters_are_declared_beside_their_readers() -> None:
         "max_queue_stuck_us", "max_queue_stuck_size", "min_processed_data_limit",
         "max_processed_data_limit", "min_poll_rate", "turn_max_packets", "turn_max_bytes",
         "poll_round_us", "poll_round_max_us", "poll_batch_target", "poll_batch_wait_max",
-        "policy",
+        "tx_prefetch", "tx_prefetch_recheck", "policy",
     }  # fmt: skip
     assert {p.name for p in pool.PARAMS} == {
         "workers", "worker_cpus", "placement", "devices_per_worker", "max_workers"}

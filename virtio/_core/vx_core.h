@@ -197,6 +197,18 @@ void vx_pi_set_test_hook(void (*hook)(void *, uint32_t), void *arg);
 /* vq is written by two ops on different threads (a `source` port's echo_tx: RX_FILL and ECHO
  * with shared_rx): its pending, set_notify, signal and busy-poll lock it too. Control thread. */
 void vx_vq_set_shared(struct vx_vq *vq, int shared);
+/* How vq's TX loops prefetch the frames of a stage (vx_tx.h) before copying them: NTA (the
+ * default) keeps the driver's lines out of this core's L2, T0 keeps them, NONE does not
+ * prefetch. Which is faster depends on where the driver's core sits against ours (its next
+ * write to a line we hold waits for our copy to go); the worker measures it (iosched's
+ * tx_prefetch auto). Returns -1 (nothing set) for another mode. The owning worker's thread. */
+enum {
+    VX_TX_PREFETCH_NTA = 0,
+    VX_TX_PREFETCH_T0 = 1,
+    VX_TX_PREFETCH_NONE = 2,
+};
+int vx_vq_set_tx_prefetch(struct vx_vq *vq, uint32_t mode);
+uint32_t vx_vq_tx_prefetch(const struct vx_vq *vq);
 uint16_t vx_vq_last_avail_idx(const struct vx_vq *vq);
 uint16_t vx_vq_used_idx(const struct vx_vq *vq);
 const char *vx_vq_error(const struct vx_vq *vq);

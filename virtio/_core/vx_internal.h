@@ -131,6 +131,7 @@ struct vx_vq {
     uint16_t signalled_used; /* used->idx at the last interrupt decision */
     int signalled_valid;     /* a decision was made since start (signalled_used is meaningful) */
     uint32_t notify_policy;  /* enum vx_notify_policy */
+    uint32_t tx_prefetch;    /* VX_TX_PREFETCH_*: how TX loops prefetch staged frames */
     /* interrupt policy state (vx_used.c) */
     const struct vx_irq_config *irq_cfg; /* NULL: immediate */
     uint64_t irq_deadline;   /* a held interrupt is due at this CLOCK_MONOTONIC ns (0: none) */

@@ -135,6 +135,17 @@ int vx_vq_start(struct vx_vq *vq, const struct vx_mem *mem, void *desc, void *av
 }
 
 void vx_vq_set_call_fd(struct vx_vq *vq, int call_fd) { vq->call_fd = call_fd; }
+
+int vx_vq_set_tx_prefetch(struct vx_vq *vq, uint32_t mode)
+{
+    if (mode > VX_TX_PREFETCH_NONE)
+        return -1;
+    vq->tx_prefetch = mode;
+    return 0;
+}
+
+uint32_t vx_vq_tx_prefetch(const struct vx_vq *vq) { return vq->tx_prefetch; }
+
 uint16_t vx_vq_last_avail_idx(const struct vx_vq *vq) { return vq->last_avail_idx; }
 uint16_t vx_vq_used_idx(const struct vx_vq *vq) { return vq->used_idx; }
 const char *vx_vq_error(const struct vx_vq *vq) { return vq->broken ? vq->err : NULL; }

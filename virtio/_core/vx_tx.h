@@ -13,8 +13,9 @@
  *     translated), classify each (flat frame, scattered, malformed, oversize) and, when the stage
  *     holds more than one chain, prefetch the first bytes of each frame: the driver just wrote
  *     them on another core, and touching them right after the walk would stall on each line in
- *     turn (DPDK's vhost dequeue prefetches the same way); non-temporal, so that those lines
- *     do not stay in this core's L2 (see the prefetch). A scattered chain ends the stage: its
+ *     turn (DPDK's vhost dequeue prefetches the same way); non-temporal by default, so that
+ *     those lines do not stay in this core's L2, or as the ring's tx_prefetch says
+ *     (vx_vq_set_tx_prefetch; see the prefetch). A scattered chain ends the stage: its
  *     segments (tx->segs) are only valid until the next walk.
  *  2. act on the staged chains in avail order, and complete each (a used entry) after its action:
  *     used entries always keep the avail order (VIRTIO_F_IN_ORDER); a stage followed by more
@@ -139,6 +140,7 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
     if (A->begin)
         A->begin(ctx);
     const uint32_t hlen = tx->hdr_len;
+    const uint32_t pf = tx->tx_prefetch; /* VX_TX_PREFETCH_* */
     uint64_t bytes = 0, spin_left = spin_ns; /* bytes: of the frames sent in this call */
     uint32_t sent = 0;                        /* frames sent in this call (stats at the end) */
     int done = 0, walk_failed = 0, walk_missed = 0;
@@ -189,15 +191,24 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
                         it->kind = TX_SCATTERED;
                         break;
                     }
-                    if (A->stage > 1) {
-                        /* non-temporal (PREFETCHNTA): the frame is read once, and a line of
-                         * the driver's left in our L2 makes the driver's next write to it (its
-                         * next frame in that buffer) wait for an invalidation here. Guest TX
-                         * 64 B with 4 queue pairs, testpmd the bottleneck: 0.96x DPDK with NTA,
-                         * 0.79x with PREFETCHT0 (docs/benchmarks.md, 2026-12-02) */
-                        __builtin_prefetch(it->frame, 0, 0);
-                        if (len > VX_TX_PREFETCH_LINE)
-                            __builtin_prefetch(it->frame + VX_TX_PREFETCH_LINE, 0, 0);
+                    if (A->stage > 1 && pf != VX_TX_PREFETCH_NONE) {
+                        /* non-temporal (PREFETCHNTA, the default): the frame is read once,
+                         * and a line of the driver's left in our L2 makes the driver's next
+                         * write to it (its next frame in that buffer) wait for an
+                         * invalidation here. Which hint the driver's core pays least for
+                         * depends on the cache path between the two cores, so the worker
+                         * measures it (tx_prefetch auto): guest TX 64 B, 2 devices on an AMD
+                         * EPYC guest, 15.7 Mpps with T0 against 10.1 with NTA in one run, the
+                         * reverse in others (docs/benchmarks.md, 2026-12-03) */
+                        if (pf == VX_TX_PREFETCH_NTA) {
+                            __builtin_prefetch(it->frame, 0, 0);
+                            if (len > VX_TX_PREFETCH_LINE)
+                                __builtin_prefetch(it->frame + VX_TX_PREFETCH_LINE, 0, 0);
+                        } else {
+                            __builtin_prefetch(it->frame, 0, 3);
+                            if (len > VX_TX_PREFETCH_LINE)
+                                __builtin_prefetch(it->frame + VX_TX_PREFETCH_LINE, 0, 3);
+                        }
                     }
                     if (staged >= max_bytes)
                         break;
