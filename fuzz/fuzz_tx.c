@@ -3,6 +3,7 @@
  * lock), to-fd (writev into a non-blocking SOCK_SEQPACKET pair, and into a bad fd), and the L2
  * switch (a port of one RX queue sending to a port of two, flooding and learning).
  *
+ * Each step also sets the TX ring's frame prefetch hint (nta, t0, none) from its op byte.
  * Queues: 0 TX, 1 RX of the same device, 2 and 3 the RX queues of the other switch port; all in
  * one fuzzed guest memory (see fuzz_common.h), so RX buffers may alias the TX rings.
  */
@@ -46,6 +47,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         uint64_t bytes = arg & 0x80 ? 100u * (arg & 0x7F) : ~0ull;
         int r = 0;
         unsigned peer = 1;
+        vx_vq_set_tx_prefetch(tx, (uint32_t)(op / 9) % 3); /* the frame prefetch hint */
         switch (op % 9) {
         case 0:
             r = vx_net_tx_sink(tx, pkts, bytes, 0);
