@@ -165,7 +165,8 @@ TX_PREFETCH = Param(
     "how a TX batch prefetches the frames it is about to copy: nta (non-temporal: the driver's "
     "lines stay out of the worker's L2), t0 (kept), none, or auto: the worker measures nta "
     "against t0 on its polled rings every tx_prefetch_recheck and keeps the faster "
-    "(iosched/prefetch_tuner.py; rings served on kicks only use nta)",
+    "(iosched/prefetch_tuner.py; a ring served on kicks keeps the hint it last had, nta at "
+    "first)",
     choices=("auto", "nta", "t0", "none"), runtime=True, scope=Scope.DEVICE,
 )  # fmt: skip
 TX_PREFETCH_RECHECK = Param(

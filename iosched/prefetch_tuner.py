@@ -60,6 +60,7 @@ class PrefetchTuner:
         self.explorations = 0
         self.switches = 0
         self.aborts = 0
+        self.decisions = 0  # explorations that ran to their end (kept, switched or light)
         self._next_explore = 0  # CLOCK_MONOTONIC ns; 0: at the first traffic
         self._schedule: list[str] = []  # the exploration's epochs, in order (empty: holding)
         self._epoch = 0
@@ -135,6 +136,7 @@ class PrefetchTuner:
         other, cur = self._schedule[0], self.current
         other_rates = self._rates[0::2]
         cur_rates = self._rates[1::2]
+        self.decisions += 1
         self.last_rates = {other: statistics.median(other_rates),
                            cur: statistics.median(cur_rates)}
         if statistics.fmean(cur_rates) < self.min_pps:

@@ -67,6 +67,7 @@ def test_equal_rates_keep_the_current_hint():
     t = PrefetchTuner(2000 * MS)
     _drive(t, lambda h, now: 10e6, 0, 200 * MS)
     assert (t.current, t.applied, t.switches, t.explorations) == ("nta", "nta", 0, 1)
+    assert (t.decisions, t.aborts, t.last_outcome) == (1, 0, "kept")
 
 
 def test_a_gain_within_the_margin_is_not_a_switch():
@@ -217,15 +218,17 @@ def _streaming_worker(env: Env, settings: SchedSettings):
 def test_a_worker_under_auto_measures_and_its_rings_follow_its_hint(env):
     settings = SHARED.with_(poll_stop_idle_us=2000, tx_prefetch_recheck_ms=50)
     with _streaming_worker(env, settings) as (w, works, stop):
-        assert wait_until(lambda: w.stats.prefetch_explorations >= 2, timeout=20)
+        # an exploration may be dropped (a ring stopped polling on a loaded machine): wait for
+        # one that ran to its end
+        assert wait_until(lambda: w.submit(lambda: w._prefetch.decisions).result(2) >= 1,
+                          timeout=30)
 
         def settled() -> bool:  # in the worker's thread: between explorations, rings agree
             tuner = w._prefetch
             return not tuner.exploring and all(
                 tx_prefetch(wk.op) == tuner.applied == tuner.current for wk in works)
 
-        assert wait_until(lambda: w.submit(settled).result(2))
-        assert w.submit(lambda: w._prefetch.last_outcome).result(2) in ("kept", "switched")
+        assert wait_until(lambda: w.submit(settled).result(2), timeout=20)
         assert w.stats.prefetch_t0 == int(w.submit(lambda: w._prefetch.current).result(2) == "t0")
         stop.set()
         time.sleep(0.05)
