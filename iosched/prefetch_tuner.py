@@ -60,10 +60,8 @@ class PrefetchTuner:
         self.explorations = 0
         self.switches = 0
         self.aborts = 0
-        self.decisions = 0  # explorations that ran to their end (kept, switched or light)
         self._next_explore = 0  # CLOCK_MONOTONIC ns; 0: at the first traffic
         self._schedule: list[str] = []  # the exploration's epochs, in order (empty: holding)
-        self._epoch = 0
         self._epoch_start = 0
         self._epoch_pkts = 0
         self._rates: list[float] = []  # packets per second of each finished epoch
@@ -79,6 +77,11 @@ class PrefetchTuner:
     @property
     def exploring(self) -> bool:
         return bool(self._schedule)
+
+    @property
+    def decisions(self) -> int:
+        """Explorations that ran to their end (kept, switched or light)."""
+        return self.explorations - self.aborts - int(self.exploring)
 
     def due(self, now: int) -> bool:
         """Whether account() has anything to do at `now` (a worker skips counting otherwise)."""
@@ -101,7 +104,7 @@ class PrefetchTuner:
                 return None
             other = CANDIDATES[1] if self.current == CANDIDATES[0] else CANDIDATES[0]
             self._schedule = [other, self.current] * self.pairs
-            self._epoch, self._epoch_start, self._epoch_pkts = 0, now, 0
+            self._epoch_start, self._epoch_pkts = now, 0
             self._rates = []
             self.explorations += 1
             return self._apply(self._schedule[0])
@@ -112,10 +115,9 @@ class PrefetchTuner:
         if elapsed > 2 * self.epoch_ns:
             return self.abort()  # a gap with no rounds (the rings went idle): not a rate
         self._rates.append(self._epoch_pkts * _NS_PER_S / elapsed)
-        self._epoch += 1
         self._epoch_start, self._epoch_pkts = now, 0
-        if self._epoch < len(self._schedule):
-            return self._apply(self._schedule[self._epoch])
+        if len(self._rates) < len(self._schedule):  # the next epoch's hint
+            return self._apply(self._schedule[len(self._rates)])
         self._decide()
         self._schedule = []
         self._next_explore = now + self.recheck_ns
@@ -136,7 +138,6 @@ class PrefetchTuner:
         other, cur = self._schedule[0], self.current
         other_rates = self._rates[0::2]
         cur_rates = self._rates[1::2]
-        self.decisions += 1
         self.last_rates = {other: statistics.median(other_rates),
                            cur: statistics.median(cur_rates)}
         if statistics.fmean(cur_rates) < self.min_pps:
@@ -156,9 +157,3 @@ class PrefetchTuner:
             return None
         self.applied = hint
         return hint
-
-    def state(self) -> dict[str, object]:
-        """What a stats reader shows: the hint, whether exploring, counts."""
-        return {"hint": self.current, "exploring": self.exploring,
-                "explorations": self.explorations, "switches": self.switches,
-                "last_rates": dict(self.last_rates), "last_outcome": self.last_outcome}

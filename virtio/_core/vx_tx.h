@@ -35,6 +35,14 @@
 #define VX_TX_STAGE_MAX 32
 /* frames longer than this are prefetched a second cache line further */
 #define VX_TX_PREFETCH_LINE 64
+/* the first line or two of a staged frame, for reading; loc: __builtin_prefetch's locality
+ * (a constant: 0 non-temporal, 3 all levels) */
+#define TX_PREFETCH_FRAME(p, len, loc)                                                        \
+    do {                                                                                       \
+        __builtin_prefetch((p), 0, (loc));                                                     \
+        if ((len) > VX_TX_PREFETCH_LINE)                                                       \
+            __builtin_prefetch((p) + VX_TX_PREFETCH_LINE, 0, (loc));                           \
+    } while (0)
 /* what the walk found in one chain (struct tx_item.kind) */
 enum tx_kind {
     TX_FLAT = 0,      /* header and frame each in one buffer: hdr / frame pointers valid */
@@ -200,15 +208,10 @@ tx_run(struct vx_vq *tx, uint32_t max_pkts, uint64_t max_bytes, uint64_t spin_ns
                          * measures it (tx_prefetch auto): guest TX 64 B, 2 devices on an AMD
                          * EPYC guest, 15.7 Mpps with T0 against 10.1 with NTA in one run, the
                          * reverse in others (docs/benchmarks.md, 2026-12-03) */
-                        if (pf == VX_TX_PREFETCH_NTA) {
-                            __builtin_prefetch(it->frame, 0, 0);
-                            if (len > VX_TX_PREFETCH_LINE)
-                                __builtin_prefetch(it->frame + VX_TX_PREFETCH_LINE, 0, 0);
-                        } else {
-                            __builtin_prefetch(it->frame, 0, 3);
-                            if (len > VX_TX_PREFETCH_LINE)
-                                __builtin_prefetch(it->frame + VX_TX_PREFETCH_LINE, 0, 3);
-                        }
+                        if (pf == VX_TX_PREFETCH_NTA)
+                            TX_PREFETCH_FRAME(it->frame, len, 0);
+                        else
+                            TX_PREFETCH_FRAME(it->frame, len, 3);
                     }
                     if (staged >= max_bytes)
                         break;
