@@ -41,6 +41,7 @@ SOURCES = [
     "vx_drv.c",
     "vx_drvq.c",
     "vx_drvpair.c",
+    "vx_drvserve.c",
     "vx_iotlb.c",
 ]
 CFLAGS = ["-O2", "-fno-strict-aliasing", "-funroll-loops", "-std=gnu11", "-Wall"]

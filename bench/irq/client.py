@@ -6,17 +6,18 @@ posted-interrupt domain (virtio.driver.posted), and counting what it costs.
   negotiates VHOSTX_POSTED_IRQ and registers one domain holding every RX vring.
 - `stream(duration, rate_pps)`: frames spread round robin over the pairs at `rate_pps` in total,
   echoes received; 0: as fast as the driver goes, each pair kept at `window` frames in flight by
-  C driver turns (virtio.driver.pairs) of the pairs the notification path names. Returns
-  packets, elapsed time, the driver's syscalls and CPU.
+  C driver turns (virtio.driver.pairs) of the pairs the notification path names, the whole
+  driver loop in C by default (virtio.driver.serve; `loop="python"`: the notification path in
+  Python, one C call per wake-up). Returns packets, elapsed time, the driver's syscalls and CPU.
 - `pingpong(count)`: one frame in flight (pair i % N), the driver sleeping between; RTTs in ns.
 
 Syscalls counted are the driver's own on the notification path: kicks (eventfd writes), waits
 (epoll_wait over the per-queue eventfds, select() on the posted wake eventfd) and eventfd reads.
 `kicks` counts the first kind on its own: kicks are the driver-to-device direction, which the
 daemon's mode decides (a polling worker suppresses them), not the interrupt delivery mode.
-The driver's per-packet work is C's in every mode (unlimited streams: one C call per wake-up for
-every pair named; paced streams and ping-pong: C batches per pair, no Python object per frame):
-what differs between modes is the notification path.
+The driver's per-packet work is C's in every mode (unlimited streams: the C loop, or one C call
+per wake-up for every pair named; paced streams and ping-pong: C batches per pair, no Python
+object per frame): what differs between modes is the notification path.
 
 Threads: the thread that made the client (one driver thread, like a vCPU).
 """
@@ -33,10 +34,13 @@ from typing import Any
 
 from virtio.driver.pairs import PairTurns
 from virtio.driver.posted import PostedArea, PostedDomain, register
+from virtio.driver.serve import eventfd_server, posted_server
 from virtio.frontend import DEFAULT_PROTOCOL_FEATURES, NetDriver, VhostUserFrontend
 from virtio.vhost_user import ProtocolFeature as PF
 
-__all__ = ["IrqClient", "StreamResult"]
+__all__ = ["LOOPS", "IrqClient", "StreamResult"]
+
+LOOPS = ("c", "python")  # an unlimited stream's driver loop (IrqClient._unlimited)
 
 _TS = struct.Struct("<Q")
 _ETH = bytes.fromhex("525400000001" "020000000001" "0800")
@@ -139,11 +143,12 @@ class IrqClient:
         flen = len(self.frame)
         return [(data[: n * flen], lens[:n]) for n in range(window + 1)]
 
-    def stream(self, duration: float, rate_pps: int, *, window: int = 32) -> StreamResult:
+    def stream(self, duration: float, rate_pps: int, *, window: int = 32,
+               loop: str = "c", spin_us: int = 0) -> StreamResult:
         """Paced (`rate_pps` frames/s in total, round robin over the pairs, each pair keeping
-        at most `window` in flight) or unlimited (rate 0: `_unlimited`)."""
+        at most `window` in flight) or unlimited (rate 0: `_unlimited`, its driver `loop`)."""
         if not rate_pps:
-            return self._unlimited(duration, window)
+            return self._unlimited(duration, window, loop, spin_us)
         res = StreamResult()
         packs = self._packs(window)
         inflight = [0] * self.pairs
@@ -188,11 +193,17 @@ class IrqClient:
         self._drain(0.2)
         return res
 
-    def _unlimited(self, duration: float, window: int) -> StreamResult:
-        """Every pair kept at `window` frames in flight; the pairs the notification path names
-        get their driver turn in C (virtio.driver.pairs: reap, re-stock, top up, kick), all of
-        them in one call: what remains in Python is the notification path and one call per
-        wake-up, as in a driver whose per-packet work is native."""
+    def _unlimited(self, duration: float, window: int, loop: str, spin_us: int) -> StreamResult:
+        """Every pair kept at `window` frames in flight. The pairs the notification path names
+        get their driver turn in C (virtio.driver.pairs: reap, re-stock, top up, kick). `loop`
+        "c": the driver thread's whole loop is C's too (virtio.driver.serve: epoll_wait and
+        eventfd reads, or the posted bitmap and sleep protocol), the way a native driver runs;
+        "python": the notification path is this class's (`_ready_pairs`), one C call per
+        wake-up: its per-wake-up cost, not the notification mechanism, then sets the pace when
+        wake-ups carry few frames. `spin_us` (C loop, posted only): how long the driver keeps
+        taking an empty bitmap before the sleep protocol."""
+        if loop not in LOOPS:
+            raise ValueError(f"driver loop: allowed {LOOPS}, got {loop!r}")
         res = StreamResult()
         turns = PairTurns(self.drv, self.frame, window)
         sys0, k0, wk0, cpu0 = self.syscalls, self.kicks, self.wakeups, time.thread_time()
@@ -200,6 +211,17 @@ class IrqClient:
         end = start + duration
         turns.turn()
         now = start
+        if loop == "c":
+            rx = [2 * p for p in range(self.pairs)]
+            server = (posted_server(turns, self.dom, rx, spin_us=spin_us) if self.dom is not None
+                      else eventfd_server(turns, [self.fe.call_fds[v] for v in rx]))
+            try:
+                server.run(duration)
+            finally:
+                server.close()
+            now = time.monotonic()
+            self.syscalls += server.syscalls
+            self.wakeups += server.wakeups
         while now < end:
             ready = self._ready_pairs(min(0.05, end - now))
             if ready:

@@ -25,12 +25,14 @@ from typing import Any
 from bench.harness.system import dimensions, thread_times
 from bench.process import DaemonProcess
 
-from .client import IrqClient
+from .client import LOOPS, IrqClient
 
 __all__ = ["is_interrupts_scenario", "load", "run_scenario"]
 
 MODES = ("eventfd", "moderation", "adaptive", "posted")
 DEFAULT_WINDOW = 32  # frames in flight per queue pair in an unlimited stream
+# posted, unlimited, C loop: how long the driver re-takes an empty bitmap before it sleeps
+DEFAULT_POSTED_SPIN_US = 20
 
 
 def is_interrupts_scenario(path: Path) -> bool:
@@ -54,6 +56,12 @@ def load(path: Path) -> dict[str, Any]:
     ws = m.get("windows", [DEFAULT_WINDOW])
     if not ws or any(not isinstance(w, int) or not 1 <= w <= 128 for w in ws):
         raise ValueError(f"{path}: matrix.windows: a non-empty list, each 1..128, got {ws}")
+    loop = sc.get("run", {}).get("driver_loop", "c")
+    if loop not in LOOPS:
+        raise ValueError(f"{path}: run.driver_loop: allowed {LOOPS}, got {loop!r}")
+    spin = sc.get("run", {}).get("posted_spin_us", DEFAULT_POSTED_SPIN_US)
+    if not isinstance(spin, int) or isinstance(spin, bool) or not 0 <= spin <= 100_000:
+        raise ValueError(f"{path}: run.posted_spin_us: 0..100000, got {spin!r}")
     reps = sc.get("run", {}).get("unlimited_repeats", 1)
     if not isinstance(reps, int) or isinstance(reps, bool) or not 1 <= reps <= 20:
         raise ValueError(f"{path}: run.unlimited_repeats: 1..20, got {reps!r}")
@@ -98,13 +106,17 @@ def _stream_rec(client: IrqClient, daemon: DaemonProcess, run: dict[str, Any], r
                 window: int, daemon_mode: str, queues: int, mode: str) -> dict[str, Any]:
     """One stream run and its figures (the backend's counters and CPU around it)."""
     c0, s0 = _cpu(daemon.pid), _rx_counters(daemon.stats())
-    res = client.stream(float(run.get("duration", 3.0)), rate, window=window)
+    loop = str(run.get("driver_loop", "c"))
+    spin = int(run.get("posted_spin_us", DEFAULT_POSTED_SPIN_US)) if mode == "posted" else 0
+    res = client.stream(float(run.get("duration", 3.0)), rate, window=window, loop=loop,
+                        spin_us=spin)
     c1, s1 = _cpu(daemon.pid), _rx_counters(daemon.stats())
     pk = max(1, res.packets)
     notif = (s1["interrupts"] - s0["interrupts"]
              + s1.get("pi_notifications", 0) - s0.get("pi_notifications", 0))
     return {"kind": "stream", "daemon_mode": daemon_mode, "queues": queues,
             "mode": mode, "rate_pps": rate, "window": window,
+            **({"driver_loop": loop, "posted_spin_us": spin} if not rate else {}),
             **res.as_dict(),
             "throughput_pps": res.packets / max(res.elapsed_s, 1e-9),
             "notifications": notif, "notifications_per_pkt": notif / pk,

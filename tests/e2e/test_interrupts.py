@@ -178,9 +178,10 @@ def test_a_paced_source_never_exceeds_its_rate(daemon_factory) -> None:
         assert 1 <= got <= 2000 * elapsed * 1.1 + 256, (got, elapsed)
 
 
+@pytest.mark.parametrize("loop", ["c", "python"])
 @pytest.mark.parametrize("posted", [False, True], ids=["eventfd", "posted"])
 def test_guest_model_unlimited_stream_keeps_every_window_and_loses_nothing(daemon_factory,
-                                                                          posted) -> None:
+                                                                          posted, loop) -> None:
     from bench.irq.client import IrqClient
 
     d = daemon_factory(params=["mode=baseline"])
@@ -188,7 +189,7 @@ def test_guest_model_unlimited_stream_keeps_every_window_and_loses_nothing(daemo
     d.start()
     c = IrqClient(sock, 4, posted=posted)
     try:
-        res = c.stream(0.5, 0, window=8)
+        res = c.stream(0.5, 0, window=8, loop=loop)
     finally:
         c.close()
     assert res.packets > 100

@@ -45,6 +45,20 @@ def test_bad_unlimited_repeats_are_refused(tmp_path: Path, bad: str) -> None:
         load(p)
 
 
+@pytest.mark.parametrize(("key", "bad", "why"), [
+    ("driver_loop", '"rust"', r"run.driver_loop: allowed \('c', 'python'\)"),
+    ("posted_spin_us", "-1", r"run.posted_spin_us: 0\.\.100000"),
+    ("posted_spin_us", "100001", r"run.posted_spin_us: 0\.\.100000"),
+    ("posted_spin_us", "true", r"run.posted_spin_us: 0\.\.100000"),
+])
+def test_bad_driver_loop_settings_are_refused(tmp_path: Path, key: str, bad: str,
+                                              why: str) -> None:
+    p = tmp_path / "x.toml"
+    p.write_text(f'kind = "interrupts"\n[run]\n{key} = {bad}\n')
+    with pytest.raises(ValueError, match=why):
+        load(p)
+
+
 def _stream(dm: str, mode: str, pps: float, notif: float, sys: float, window: int = 32) -> dict:
     return {"kind": "stream", "daemon_mode": dm, "queues": 64, "rate_pps": 0, "mode": mode,
             "window": window,

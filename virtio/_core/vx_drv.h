@@ -137,4 +137,44 @@ int32_t vx_drvpair_turn(struct vx_drvpair *p);
 int64_t vx_drvpair_turns(struct vx_drvpair *pairs, const uint32_t *idx, uint32_t n,
                          uint32_t *err_pair);
 
+/* ==== a driver thread's whole loop (vx_drvserve.c; virtio.driver.serve) ==================== *
+ * A load generator's driver thread serving `npairs` vx_drvpair until a deadline, its
+ * notification path in C as well as its per-packet work: learn which pairs have RX completions,
+ * give those pairs their turn (vx_drvpair_turn), repeat. Two paths:
+ *  - eventfd (`pi` NULL): `epfd` is an epoll over the pairs' RX call eventfds made by
+ *    vx_drvserve_epoll (event data = the pair); a round is one epoll_wait and one read per
+ *    eventfd it names, then those pairs' turns;
+ *  - posted (`pi` set): a round takes the domain's request bitmap (vx_pi_take; bit b names pair
+ *    pair_of_bit[b], VX_DRVSERVE_NO_PAIR for none) and turns those pairs; an empty bitmap is
+ *    taken again for up to `spin_ns` (the driver still running, SN set: posts need no
+ *    notification), then the sleep protocol: vx_pi_prepare_sleep, and only if nothing is
+ *    pending a poll on `wake_fd` and its read, then vx_pi_running.
+ * A wait lasts at most `max_wait_ms` (and never past the deadline). Counters: `syscalls`
+ * (epoll_wait, poll, eventfd reads; kicks are the pairs'), `wakeups` (notifications seen:
+ * eventfd reads that found a count, posted wake-ups), `rounds`, `sleeps` (posted: polls).
+ * vx_drvserve_run returns frames received, or < 0: a vx_drvq error of pair `err_pair` (its
+ * err_ring says which ring), or, err_pair UINT32_MAX, -errno of a failed epoll_wait / poll
+ * (-EINVAL: no path set up). */
+enum { VX_DRVSERVE_NO_PAIR = 0xffff, VX_DRVSERVE_MAX_PAIRS = 128 };
+struct vx_drvserve {
+    struct vx_drvpair *pairs;
+    uint32_t npairs;          /* 1..VX_DRVSERVE_MAX_PAIRS */
+    uint32_t max_wait_ms;
+    uint32_t spin_ns;         /* posted path: how long an empty bitmap is re-taken */
+    const int32_t *call_fds;  /* eventfd path: the pairs' RX call eventfds, pair order */
+    int32_t epfd;             /* eventfd path: vx_drvserve_epoll's; -1 otherwise */
+    int32_t wake_fd;          /* posted path: the domain's wake eventfd */
+    struct vx_pi_desc *pi;    /* posted path: the domain's descriptor; NULL: eventfd path */
+    uint16_t pair_of_bit[256]; /* VX_PI_MAX_BITS */
+    uint32_t err_pair;
+    uint64_t syscalls;
+    uint64_t wakeups;
+    uint64_t rounds;
+    uint64_t sleeps;
+};
+/* epoll over call_fds[0..npairs) into s->epfd (the caller closes it); 0 or -errno. */
+int32_t vx_drvserve_epoll(struct vx_drvserve *s);
+/* Serve until CLOCK_MONOTONIC reaches until_ns. */
+int64_t vx_drvserve_run(struct vx_drvserve *s, uint64_t until_ns);
+
 #endif
