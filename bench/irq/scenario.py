@@ -107,7 +107,8 @@ def _stream_rec(client: IrqClient, daemon: DaemonProcess, run: dict[str, Any], r
     """One stream run and its figures (the backend's counters and CPU around it)."""
     c0, s0 = _cpu(daemon.pid), _rx_counters(daemon.stats())
     loop = str(run.get("driver_loop", "c"))
-    spin = int(run.get("posted_spin_us", DEFAULT_POSTED_SPIN_US)) if mode == "posted" else 0
+    spin = (int(run.get("posted_spin_us", DEFAULT_POSTED_SPIN_US))
+            if mode == "posted" and loop == "c" else 0)  # the C loop's posted path only
     res = client.stream(float(run.get("duration", 3.0)), rate, window=window, loop=loop,
                         spin_us=spin)
     c1, s1 = _cpu(daemon.pid), _rx_counters(daemon.stats())
