@@ -86,7 +86,8 @@ POLL_BATCH_TARGET = Param(
     "a polled queue whose batches carry a stream (8 items or more) is visited less often by "
     "its worker's C poll round, so that its batches grow towards this many items (at most half "
     "its ring): fewer ring lines moved between the driver's core and the worker's per item; a "
-    "smaller batch (ping-pong, light traffic) is visited at every pass again; 0 = off "
+    "smaller batch (ping-pong, light traffic) is visited at every pass again; a ring the "
+    "worker fills (guest RX) is never waited; 0 = off "
     "(docs/benchmarks.md, 2026-12-02: guest TX 64 B 1.16x / 0.97x DPDK with 2 / 4 queue "
     "pairs against 1.04x / 0.92x off)",
     unit="items", min=0, max=_RING_MAX, runtime=True, scope=Scope.DEVICE,
