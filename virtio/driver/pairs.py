@@ -74,11 +74,15 @@ class PairTurns:
         r = lib.vx_drvpair_turns(self._c, ffi.from_buffer("uint32_t[]", idx), len(idx),
                                  self._err)
         if r < 0:
-            p = int(self._err[0])
-            ring = int(self._c[p].err_ring)
-            q = self.drv.transport.queues[2 * p + ring]
-            raise RemoteProtocolError(f"queue {2 * p + ring}: {q._device_error(r)}")
+            raise self.error(int(self._err[0]), int(r))
         return int(r)
+
+    def error(self, pair: int, rc: int) -> RemoteProtocolError:
+        """The protocol error of `pair`'s failed turn (rc < 0: its vx_drvq return; the pair's
+        err_ring says which ring), naming the queue."""
+        ring = int(self._c[pair].err_ring)
+        q = self.drv.transport.queues[2 * pair + ring]
+        return RemoteProtocolError(f"queue {2 * pair + ring}: {q._device_error(rc)}")
 
     def inflight(self, pair: int) -> int:
         return int(self._c[pair].inflight)

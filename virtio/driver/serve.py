@@ -3,8 +3,8 @@
 one call eventfd per RX queue under one epoll (``eventfd_server``) or from a posted-interrupt
 domain (``posted_server``: the bitmap taken, re-taken for up to ``spin_us`` when empty, the
 wake eventfd slept on only after the sleep protocol; ``spin_us`` is the posted path's only: on
-the eventfd path every look is a syscall). Between the two only the notification path differs; the per-packet work is
-vx_drvpair's in both, and no Python runs until the deadline.
+the eventfd path every look is a syscall). Between the two only the notification path
+differs; the per-packet work is vx_drvpair's in both, and no Python runs until the deadline.
 
 ``PairServer.run(seconds)`` returns the frames received; ``syscalls`` (epoll_wait, poll,
 eventfd reads; the pairs' kicks are ``PairTurns.kicks``), ``wakeups``, ``rounds`` and
@@ -22,7 +22,7 @@ from typing import Any
 from virtio._vx_core import ffi, lib
 from virtio.driver.pairs import PairTurns
 from virtio.driver.posted import PostedDomain
-from virtio.errors import ConfigError, RemoteProtocolError
+from virtio.errors import ConfigError
 
 __all__ = ["PairServer", "eventfd_server", "posted_server"]
 
@@ -49,7 +49,7 @@ class PairServer:
         self._s.spin_ns = 1000 * spin_us
         self._s.epfd = -1
         self._s.wake_fd = -1
-        self._keep: list[Any] = []
+        self._call_fds: Any = None  # the eventfd path's fd array, kept alive with the loop
 
     def run(self, seconds: float) -> int:
         """Serve until `seconds` from now; frames received."""
@@ -59,9 +59,7 @@ class PairServer:
             p = int(self._s.err_pair)
             if p >= self.turns.pairs:  # the loop's own wait failed
                 raise OSError(-r, f"driver loop: {os.strerror(-r)}")
-            ring = int(self.turns._c[p].err_ring)
-            q = self.turns.drv.transport.queues[2 * p + ring]
-            raise RemoteProtocolError(f"queue {2 * p + ring}: {q._device_error(r)}")
+            raise self.turns.error(p, r)
         return r
 
     @property
@@ -94,9 +92,8 @@ def eventfd_server(turns: PairTurns, call_fds: Sequence[int], **kw: Any) -> Pair
         raise ConfigError("spin_us is the posted path's: on the eventfd path each look is an "
                           "epoll_wait")
     s = PairServer(turns, **kw)
-    fds = ffi.new("int32_t[]", list(call_fds))
-    s._keep.append(fds)
-    s._s.call_fds = fds
+    s._call_fds = ffi.new("int32_t[]", list(call_fds))
+    s._s.call_fds = s._call_fds
     r = int(lib.vx_drvserve_epoll(s._s))
     if r < 0:
         raise OSError(-r, f"epoll over the call eventfds: {os.strerror(-r)}")
